@@ -1,0 +1,1 @@
+//! Pure endpoint-picking domain: metrics parsing, request parsing, model rules, scheduling (no I/O).

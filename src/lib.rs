@@ -1,0 +1,5 @@
+//! inferlane: the actor shell and shared runtime behind the lora-sidecar, epp and vllm-sim binaries.
+
+pub mod actors;
+pub mod runtime;
+pub mod sim;
