@@ -311,7 +311,13 @@ mod tests {
         let res: Result<(), String> = supervise("t", RestartPolicy::default(), || {
             attempts += 1;
             let n = attempts;
-            async move { if n < 3 { Err(format!("fail {n}")) } else { Ok(()) } }
+            async move {
+                if n < 3 {
+                    Err(format!("fail {n}"))
+                } else {
+                    Ok(())
+                }
+            }
         })
         .await;
         assert!(res.is_ok());

@@ -340,7 +340,8 @@ impl Engine {
             // Everything is blocked (cannot happen with sane params, but never spin).
             return None;
         }
-        let decode = self.params.decode_base + self.params.decode_per_seq * self.running.len() as f64;
+        let decode =
+            self.params.decode_base + self.params.decode_per_seq * self.running.len() as f64;
         let duration =
             decode + self.params.prefill_per_token * f64::from(prefill_tokens) + load_cost;
         self.counters
@@ -518,16 +519,18 @@ mod tests {
                 .filter(|ev| matches!(ev, EngineEvent::FirstToken{id,..} | EngineEvent::Token{id,..} if *id == i))
                 .count();
             assert_eq!(tokens as u64, 3 + i);
-            assert!(events.contains(&EngineEvent::Finished {
-                id: i,
-                at: events
-                    .iter()
-                    .find_map(|ev| match ev {
-                        EngineEvent::Finished { id, at } if *id == i => Some(*at),
-                        _ => None,
-                    })
-                    .unwrap()
-            }));
+            assert!(
+                events.contains(&EngineEvent::Finished {
+                    id: i,
+                    at: events
+                        .iter()
+                        .find_map(|ev| match ev {
+                            EngineEvent::Finished { id, at } if *id == i => Some(*at),
+                            _ => None,
+                        })
+                        .unwrap()
+                })
+            );
         }
         assert!(!e.has_work());
         assert_eq!(e.kv_usage(), 0.0);

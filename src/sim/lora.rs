@@ -127,7 +127,7 @@ impl LoraRegistry {
                 "Both 'lora_name' and 'lora_path' must be provided.",
             ));
         }
-        if base_models.iter().any(|b| *b == name) {
+        if base_models.contains(&name) {
             return Err(ApiError::invalid_input(format!(
                 "The lora adapter '{name}' conflicts with the base model name."
             )));
@@ -153,7 +153,9 @@ impl LoraRegistry {
             int_id,
             created: now_unix,
         });
-        Ok(format!("Success: LoRA adapter '{name}' added successfully."))
+        Ok(format!(
+            "Success: LoRA adapter '{name}' added successfully."
+        ))
     }
 
     /// Unloads an adapter. Returns vLLM's plain-text success body.
@@ -195,7 +197,12 @@ pub fn write_fake_adapter(dir: &Path, rank: u32) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn load(r: &mut LoraRegistry, name: &str, path: &str, inplace: bool) -> Result<String, ApiError> {
+    fn load(
+        r: &mut LoraRegistry,
+        name: &str,
+        path: &str,
+        inplace: bool,
+    ) -> Result<String, ApiError> {
         r.load(
             LoadRequest {
                 lora_name: Some(name.into()),
@@ -227,19 +234,36 @@ mod tests {
         assert!(load(&mut r, "a1", good, true).is_ok());
         let e = load(&mut r, "ghost", "/nope", false).unwrap_err();
         assert_eq!((e.status, e.kind), (404, "NotFoundError"));
-        assert_eq!(e.message, "Loading lora ghost failed: No adapter found for /nope");
+        assert_eq!(
+            e.message,
+            "Loading lora ghost failed: No adapter found for /nope"
+        );
         let e = load(&mut r, "big", big.to_str().unwrap(), false).unwrap_err();
         assert_eq!((e.status, e.kind), (500, "InternalServerError"));
-        assert!(e.message.starts_with("Call to add_lora method failed: Worker failed with error 'LoRA rank 64"));
+        assert!(
+            e.message.starts_with(
+                "Call to add_lora method failed: Worker failed with error 'LoRA rank 64"
+            )
+        );
         let e = load(&mut r, "base", good, false).unwrap_err();
         assert_eq!(e.status, 400);
         assert_eq!(
-            r.unload(UnloadRequest { lora_name: Some("a1".into()), lora_int_id: None }).unwrap(),
+            r.unload(UnloadRequest {
+                lora_name: Some("a1".into()),
+                lora_int_id: None
+            })
+            .unwrap(),
             "Success: LoRA adapter 'a1' removed successfully."
         );
         let e = r
-            .unload(UnloadRequest { lora_name: Some("a1".into()), lora_int_id: None })
+            .unload(UnloadRequest {
+                lora_name: Some("a1".into()),
+                lora_int_id: None,
+            })
             .unwrap_err();
-        assert_eq!((e.status, e.message.as_str()), (404, "The lora adapter 'a1' cannot be found."));
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (404, "The lora adapter 'a1' cannot be found.")
+        );
     }
 }

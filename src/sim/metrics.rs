@@ -181,7 +181,11 @@ fn escape_label(v: &str) -> String {
 /// Formats a float the way Python's prometheus_client does (`24.0`, `1.79e+09`).
 pub fn go_float(d: f64) -> String {
     if d.is_infinite() {
-        return if d > 0.0 { "+Inf".into() } else { "-Inf".into() };
+        return if d > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        };
     }
     if d.is_nan() {
         return "NaN".into();
@@ -302,7 +306,10 @@ impl SimMetrics {
         self.observe("vllm:request_decode_time_seconds", f.decode);
         self.observe("vllm:request_inference_time_seconds", f.inference);
         self.observe("vllm:request_prompt_tokens", f64::from(f.prompt_tokens));
-        self.observe("vllm:request_generation_tokens", f64::from(f.generation_tokens));
+        self.observe(
+            "vllm:request_generation_tokens",
+            f64::from(f.generation_tokens),
+        );
         self.observe("vllm:request_params_max_tokens", f64::from(f.max_tokens));
         self.observe(
             "vllm:request_max_num_generation_tokens",
@@ -325,13 +332,7 @@ impl SimMetrics {
 
     /// Publishes the engine's live gauges and, with LoRA on, sets the current
     /// `lora_requests_info` series to `now_unix` (series are never removed, as in vLLM).
-    pub fn set_gauges(
-        &mut self,
-        g: Gauges,
-        running: &[String],
-        waiting: &[String],
-        now_unix: f64,
-    ) {
+    pub fn set_gauges(&mut self, g: Gauges, running: &[String], waiting: &[String], now_unix: f64) {
         self.gauges = g;
         if !self.enable_lora {
             return;
@@ -525,15 +526,21 @@ mod tests {
             "page has {lines} lines, real vLLM {real_lines}"
         );
         let model = "model_name=\"meta-llama/Llama-3.1-8B-Instruct\"";
-        assert!(page.contains(&format!("vllm:num_requests_running{{engine=\"0\",{model}}} 3.0")));
-        assert!(page.contains(&format!("vllm:num_requests_waiting{{engine=\"0\",{model}}} 2.0")));
+        assert!(page.contains(&format!(
+            "vllm:num_requests_running{{engine=\"0\",{model}}} 3.0"
+        )));
+        assert!(page.contains(&format!(
+            "vllm:num_requests_waiting{{engine=\"0\",{model}}} 2.0"
+        )));
         assert!(page.contains(&format!(
             "vllm:num_requests_waiting_by_reason{{engine=\"0\",{model},reason=\"deferred\"}} 1.0"
         )));
         assert!(page.contains(&format!(
             "vllm:num_requests_waiting_by_reason{{engine=\"0\",{model},reason=\"capacity\"}} 1.0"
         )));
-        assert!(page.contains(&format!("vllm:kv_cache_usage_perc{{engine=\"0\",{model}}} 0.25")));
+        assert!(page.contains(&format!(
+            "vllm:kv_cache_usage_perc{{engine=\"0\",{model}}} 0.25"
+        )));
         assert!(page.contains("vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"a1\",waiting_lora_adapters=\"a1\"} 1.795312418e+09"));
         assert!(page.contains("block_size=\"16\""));
         assert!(page.contains("num_gpu_blocks=\"1000\""));

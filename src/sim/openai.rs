@@ -102,7 +102,11 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<GenRequest, ApiError> {
     let model = match obj.get("model") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(ApiError::bad_request("model: Input should be a valid string")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "model: Input should be a valid string",
+            ));
+        }
     };
     let prompt = match api {
         Api::Completions => match obj.get("prompt") {
@@ -114,7 +118,10 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<GenRequest, ApiError> {
                 .iter()
                 .map(|m| {
                     let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-                    format!("<|{role}|>{}\n", m.get("content").map(text_of).unwrap_or_default())
+                    format!(
+                        "<|{role}|>{}\n",
+                        m.get("content").map(text_of).unwrap_or_default()
+                    )
                 })
                 .collect(),
             _ => return Err(ApiError::bad_request("messages: Field required")),
@@ -126,7 +133,9 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<GenRequest, ApiError> {
         .and_then(Value::as_u64)
         .map(|n| n.min(u64::from(u32::MAX)) as u32);
     if max_tokens == Some(0) {
-        return Err(ApiError::bad_request("max_tokens must be at least 1, got 0."));
+        return Err(ApiError::bad_request(
+            "max_tokens must be at least 1, got 0.",
+        ));
     }
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage = obj
@@ -251,9 +260,16 @@ mod tests {
         assert!(r.prompt.contains("hi"));
         let r = parse_request(Api::Completions, br#"{"model":"m","prompt":["a","b"]}"#).unwrap();
         assert_eq!(r.prompt, "a b");
-        assert_eq!(parse_request(Api::Completions, b"{nope").unwrap_err().status, 400);
         assert_eq!(
-            parse_request(Api::Chat, br#"{"model":"m"}"#).unwrap_err().message,
+            parse_request(Api::Completions, b"{nope")
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            parse_request(Api::Chat, br#"{"model":"m"}"#)
+                .unwrap_err()
+                .message,
             "messages: Field required"
         );
     }

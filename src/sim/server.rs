@@ -338,7 +338,8 @@ async fn models(State(state): State<Arc<SimState>>) -> Json<Value> {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("JSON decode error: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("JSON decode error: {e}")))
 }
 
 async fn load_adapter(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
@@ -350,11 +351,12 @@ async fn load_adapter(State(state): State<Arc<SimState>>, body: Bytes) -> Respon
         Err(e) => return error_response(&e),
     };
     let name = req.lora_name.clone().unwrap_or_default();
-    let res = state
-        .registry
-        .lock()
-        .expect("registry lock")
-        .load(req, &state.base_names, unix_now());
+    let res =
+        state
+            .registry
+            .lock()
+            .expect("registry lock")
+            .load(req, &state.base_names, unix_now());
     match res {
         Ok(msg) => {
             tracing::info!(adapter = %name, "loaded LoRA adapter");
@@ -419,7 +421,10 @@ async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error_response(&e),
     };
-    let model = req.model.clone().unwrap_or_else(|| state.base_names[0].clone());
+    let model = req
+        .model
+        .clone()
+        .unwrap_or_else(|| state.base_names[0].clone());
     let adapter = if state.base_names.contains(&model) {
         None
     } else if state
@@ -435,7 +440,9 @@ async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Response {
     };
     let fail_ppm = state.faults.failure_rate_ppm.load(Ordering::Relaxed);
     if fail_ppm > 0 && state.rng.lock().expect("rng").random_range(0..1_000_000) < fail_ppm {
-        return error_response(&ApiError::internal("Simulated failure (vllm-sim --failure-rate)."));
+        return error_response(&ApiError::internal(
+            "Simulated failure (vllm-sim --failure-rate).",
+        ));
     }
     let prompt_tokens = openai::count_tokens(&req.prompt);
     let max_tokens = req.max_tokens.unwrap_or(state.args.default_max_tokens);
@@ -479,7 +486,11 @@ async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Response {
         Api::Chat => "chatcmpl",
     };
     let meta = ResponseMeta {
-        id: format!("{prefix}-{:016x}{:016x}", seed, id.wrapping_mul(0x2545_f491_4f6c_dd1d)),
+        id: format!(
+            "{prefix}-{:016x}{:016x}",
+            seed,
+            id.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        ),
         created: unix_now(),
         model,
     };
@@ -561,7 +572,9 @@ async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Response {
                         return;
                     }
                 }
-                let _ = out_tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+                let _ = out_tx
+                    .send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
+                    .await;
                 return;
             }
         }
@@ -639,6 +652,9 @@ async fn restart(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
             st.faults.drop_connections.store(false, Ordering::Relaxed);
         });
     }
-    tracing::warn!(downtime_ms = req.downtime_ms, "simulated restart: runtime adapters forgotten");
+    tracing::warn!(
+        downtime_ms = req.downtime_ms,
+        "simulated restart: runtime adapters forgotten"
+    );
     Json(json!({"restarted": true, "downtime_ms": req.downtime_ms})).into_response()
 }

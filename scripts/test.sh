@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The README's test command: formatting, lints and every test in the workspace.
+# Works on a fresh machine with the Rust toolchain; installs the project-local Envoy first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+# Debug builds of the test binaries; two cores, so keep one build job per core.
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+if [ -x scripts/install-envoy.sh ]; then
+  scripts/install-envoy.sh
+fi
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
