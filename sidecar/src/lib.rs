@@ -1,1 +1,10 @@
-//! Pure LoRA-sync domain: config schema, validation and reconcile planning (no I/O).
+//! Pure LoRA-sync domain: config schema, validation, reconcile planning and answer classification (no I/O).
+
+pub mod classify;
+pub mod config;
+pub mod models;
+pub mod plan;
+
+pub use classify::{Outcome, classify_load, classify_unload};
+pub use config::{AdapterSpec, ConfigError, LoraConfig, Problem, parse};
+pub use plan::{Actual, AdapterOp, plan};
