@@ -82,6 +82,7 @@ pub fn init(args: &RuntimeArgs) -> Result<(), RuntimeError> {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_target(true)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .with_writer(std::io::stderr),
             )
             .try_init(),

@@ -80,6 +80,9 @@ pub struct SimArgs {
     /// Completion length when a request sets no max_tokens.
     #[arg(long, default_value_t = 16)]
     pub default_max_tokens: u32,
+    /// Wall time one `/v1/load_lora_adapter` call takes (a real vLLM load: ~10 ms to seconds).
+    #[arg(long, default_value_t = 10)]
+    pub lora_load_latency_ms: u64,
     /// Fraction of generation requests answered with a 500 (fault injection).
     #[arg(long, default_value_t = 0.0)]
     pub failure_rate: f64,

@@ -94,8 +94,19 @@ struct RestartRequest {
     downtime_ms: u64,
 }
 
+/// Counters of the LoRA admin surface, for tests that check what a client did.
+#[derive(Debug, Default)]
+struct AdminStats {
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
+    calls: AtomicU64,
+    /// Unix milliseconds of every load attempt, per adapter name.
+    load_attempts: Mutex<std::collections::BTreeMap<String, Vec<u64>>>,
+}
+
 struct SimState {
     args: SimArgs,
+    admin: AdminStats,
     base_names: Vec<String>,
     registry: Mutex<LoraRegistry>,
     preloaded: Vec<(String, String)>,
@@ -190,6 +201,7 @@ fn build_state(args: SimArgs) -> Result<SimState, SimError> {
         args.lora_info_style,
     ));
     Ok(SimState {
+        admin: AdminStats::default(),
         faults: Faults::new(args.failure_rate),
         rng: Mutex::new(SmallRng::seed_from_u64(args.seed)),
         base_names,
@@ -204,12 +216,15 @@ fn build_state(args: SimArgs) -> Result<SimState, SimError> {
 }
 
 fn router(state: Arc<SimState>) -> Router {
-    let api = Router::new()
+    let admin = Router::new()
         .route("/health", get(health))
-        .route("/version", get(version))
         .route("/v1/models", get(models))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
+        .layer(middleware::from_fn_with_state(state.clone(), admin_layer));
+    let api = Router::new()
+        .merge(admin)
+        .route("/version", get(version))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/metrics", get(metrics_page))
@@ -218,8 +233,30 @@ fn router(state: Arc<SimState>) -> Router {
     Router::new()
         .route("/sim/faults", get(get_faults).post(set_faults))
         .route("/sim/restart", post(restart))
+        .route("/sim/stats", get(stats))
         .merge(api)
         .with_state(state)
+}
+
+/// Counts concurrent calls to the admin routes (health, models, load, unload).
+async fn admin_layer(State(state): State<Arc<SimState>>, req: Request, next: Next) -> Response {
+    let a = &state.admin;
+    let now = a.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    a.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    a.calls.fetch_add(1, Ordering::Relaxed);
+    let resp = next.run(req).await;
+    a.in_flight.fetch_sub(1, Ordering::SeqCst);
+    resp
+}
+
+async fn stats(State(state): State<Arc<SimState>>) -> Json<Value> {
+    let a = &state.admin;
+    Json(json!({
+        "admin_calls": a.calls.load(Ordering::Relaxed),
+        "admin_max_in_flight": a.max_in_flight.load(Ordering::SeqCst),
+        "load_attempts": *a.load_attempts.lock().expect("stats lock"),
+        "adapters": state.registry.lock().expect("registry lock").adapters().len(),
+    }))
 }
 
 /// A body that fails at once, so hyper aborts the connection mid-response.
@@ -351,6 +388,21 @@ async fn load_adapter(State(state): State<Arc<SimState>>, body: Bytes) -> Respon
         Err(e) => return error_response(&e),
     };
     let name = req.lora_name.clone().unwrap_or_default();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    state
+        .admin
+        .load_attempts
+        .lock()
+        .expect("stats lock")
+        .entry(name.clone())
+        .or_default()
+        .push(now_ms);
+    if state.args.lora_load_latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(state.args.lora_load_latency_ms)).await;
+    }
     let res =
         state
             .registry

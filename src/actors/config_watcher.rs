@@ -1,0 +1,167 @@
+//! Watches the mounted ConfigMap directory (kubelet swaps a `..data` symlink) and publishes valid configs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use notify::{RecursiveMode, Watcher};
+
+use super::messages::{ConfigChanged, FileEvent};
+use crate::lora::metrics::SidecarMetrics;
+
+/// Settings of the watcher.
+#[derive(Debug, Clone)]
+pub struct WatcherOptions {
+    pub path: PathBuf,
+    pub validate: bool,
+    /// Quiet time after a file event before reading (bursts collapse into one read).
+    pub debounce: Duration,
+    /// Re-read on this period too, for filesystems whose events get lost.
+    pub poll_interval: Duration,
+}
+
+/// Owns the `notify` watcher; reads, parses and validates once per change; keeps the last good
+/// config in force when the file turns invalid.
+pub struct ConfigWatcher {
+    opts: WatcherOptions,
+    subscriber: Recipient<ConfigChanged>,
+    metrics: SidecarMetrics,
+    watcher: Option<notify::RecommendedWatcher>,
+    read_scheduled: bool,
+    last_bytes: Option<Vec<u8>>,
+    last_error: Option<String>,
+    generation: u64,
+}
+
+impl ConfigWatcher {
+    pub fn new(
+        opts: WatcherOptions,
+        subscriber: Recipient<ConfigChanged>,
+        metrics: SidecarMetrics,
+    ) -> Self {
+        Self {
+            opts,
+            subscriber,
+            metrics,
+            watcher: None,
+            read_scheduled: false,
+            last_bytes: None,
+            last_error: None,
+            generation: 0,
+        }
+    }
+
+    fn watch_dir(&self) -> PathBuf {
+        self.opts
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// Starts the notify watcher; retried from the poll tick until the directory exists.
+    fn ensure_watching(&mut self, ctx: &mut Context<Self>) {
+        if self.watcher.is_some() {
+            return;
+        }
+        let addr = ctx.address();
+        let dir = self.watch_dir();
+        let res = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
+            Ok(_) => addr.do_send(FileEvent),
+            Err(e) => {
+                tracing::warn!(error = %e, "config watch error; the periodic re-read covers it")
+            }
+        })
+        .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+        match res {
+            Ok(w) => {
+                tracing::info!(dir = %dir.display(), "watching config directory");
+                self.watcher = Some(w);
+            }
+            Err(e) => self.report_error(format!("cannot watch {}: {e}", dir.display())),
+        }
+    }
+
+    fn report_error(&mut self, error: String) {
+        self.metrics.config_valid.set(0);
+        // Logged once per distinct error, not on every re-read.
+        if self.last_error.as_deref() != Some(error.as_str()) {
+            self.metrics.config_errors.inc();
+            if self.generation > 0 {
+                tracing::error!(path = %self.opts.path.display(), %error, generation = self.generation, "config rejected; the last good config stays in force");
+            } else {
+                tracing::error!(path = %self.opts.path.display(), %error, "config rejected; no valid config yet, nothing will be changed on the server");
+            }
+            self.last_error = Some(error);
+        }
+    }
+
+    fn read(&mut self) {
+        let _span = tracing::info_span!("config_read", path = %self.opts.path.display()).entered();
+        let bytes = match std::fs::read(&self.opts.path) {
+            Ok(b) => b,
+            Err(e) => {
+                self.report_error(format!("cannot read {}: {e}", self.opts.path.display()));
+                return;
+            }
+        };
+        if self.last_bytes.as_deref() == Some(bytes.as_slice()) {
+            return;
+        }
+        self.last_bytes = Some(bytes.clone());
+        let text = String::from_utf8_lossy(&bytes);
+        match inferlane_sidecar::parse(&text, self.opts.validate) {
+            Ok(config) => {
+                self.generation += 1;
+                self.last_error = None;
+                self.metrics.config_valid.set(1);
+                self.metrics.config_generation.set(self.generation as i64);
+                for id in &config.conflicts {
+                    tracing::warn!(adapter = %id, "adapter is listed in both ensureExist and ensureNotExist; leaving it as it is");
+                }
+                tracing::info!(
+                    generation = self.generation,
+                    ensure_exist = config.ensure_exist.len(),
+                    ensure_not_exist = config.ensure_not_exist.len(),
+                    server = %config.base_url(),
+                    "config applied"
+                );
+                self.subscriber.do_send(ConfigChanged {
+                    config: Arc::new(config),
+                    generation: self.generation,
+                });
+            }
+            Err(e) => self.report_error(e.to_string()),
+        }
+    }
+}
+
+impl Actor for ConfigWatcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.ensure_watching(ctx);
+        self.read();
+        ctx.run_interval(self.opts.poll_interval, |act, ctx| {
+            act.ensure_watching(ctx);
+            act.read();
+        });
+    }
+}
+
+impl Handler<FileEvent> for ConfigWatcher {
+    type Result = ();
+
+    fn handle(&mut self, _: FileEvent, ctx: &mut Context<Self>) {
+        if self.read_scheduled {
+            return;
+        }
+        self.read_scheduled = true;
+        ctx.run_later(self.opts.debounce, |act, _| {
+            act.read_scheduled = false;
+            act.read();
+        });
+    }
+}

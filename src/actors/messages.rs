@@ -1,0 +1,35 @@
+//! Typed messages the actors exchange: commands (imperative names) and facts (past tense).
+
+use std::sync::Arc;
+
+use actix::Message;
+use inferlane_sidecar::LoraConfig;
+
+/// Fact: a new valid LoRA config is on disk (`generation` counts distinct valid versions).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ConfigChanged {
+    pub config: Arc<LoraConfig>,
+    pub generation: u64,
+}
+
+/// Why a reconcile was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Startup,
+    ConfigChanged,
+    Periodic,
+    Retry,
+}
+
+/// Command: bring the server to the desired state now (coalesced while one runs).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct ReconcileNow {
+    pub trigger: Trigger,
+}
+
+/// Fact: something changed in the watched config directory.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct FileEvent;

@@ -1,0 +1,607 @@
+//! Single-flight reconciler: drives vLLM's adapters to the config, with per-adapter backoff.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use arc_swap::ArcSwap;
+use backoff::backoff::Backoff;
+use futures::StreamExt;
+use inferlane_sidecar::models::parse_models;
+use inferlane_sidecar::{
+    Actual, AdapterOp, LoraConfig, Outcome, classify_load, classify_unload, plan,
+};
+use serde_json::json;
+use thiserror::Error;
+use tracing::Instrument;
+
+use super::messages::{ConfigChanged, ReconcileNow, Trigger};
+use crate::lora::metrics::{
+    AdapterErrorLabels, AdapterLabels, AdapterOpLabels, ResultLabels, SidecarMetrics,
+};
+
+/// Reconciler settings (flags).
+#[derive(Debug, Clone)]
+pub struct ReconcilerOptions {
+    pub health_check_timeout: Duration,
+    pub health_check_interval: Duration,
+    pub resync_interval: Duration,
+    pub http_timeout: Duration,
+    pub max_concurrent_ops: usize,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// Why a reconcile pass could not finish.
+#[derive(Debug, Error)]
+pub enum ReconcileError {
+    #[error("vLLM at {url} not healthy after {waited:?}: {last}")]
+    NotHealthy {
+        url: String,
+        waited: Duration,
+        last: String,
+    },
+    #[error("listing adapters at {url}: {message}")]
+    List { url: String, message: String },
+}
+
+/// What the request path (readiness probe) reads.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStatus {
+    /// Latches once every `ensureExist` adapter has been loaded: readiness gates start-up.
+    /// Afterwards a newly added adapter does not take the pod out of rotation (during a rollout
+    /// every pod would leave at once); the picker routes by which adapters a server has.
+    pub ready: bool,
+    /// Every `ensureExist` adapter is loaded right now.
+    pub in_sync: bool,
+    /// `ensureExist` adapters not (yet) loaded.
+    pub missing: Vec<String>,
+    /// Adapters currently failing, with their last error.
+    pub failing: BTreeMap<String, String>,
+    pub generation: u64,
+    pub server_healthy: bool,
+}
+
+#[derive(Debug)]
+struct AdapterRetry {
+    source: String,
+    failures: u32,
+    backoff: backoff::ExponentialBackoff,
+    next_attempt: Instant,
+    last_error: String,
+}
+
+/// Result of one pass, computed off the actor and applied back on it.
+struct PassReport {
+    results: Vec<(AdapterOp, Outcome)>,
+    actual_after: Actual,
+    deferred: Vec<String>,
+}
+
+/// The reconciler actor.
+pub struct Reconciler {
+    opts: ReconcilerOptions,
+    client: reqwest::Client,
+    config: Option<Arc<LoraConfig>>,
+    generation: u64,
+    running: bool,
+    pending: Option<Trigger>,
+    retries: HashMap<String, AdapterRetry>,
+    retry_timer: Option<SpawnHandle>,
+    status: Arc<ArcSwap<SyncStatus>>,
+    metrics: SidecarMetrics,
+    passes: u64,
+    was_healthy: Option<bool>,
+    last_actual: Option<Actual>,
+    ever_ready: bool,
+}
+
+impl Reconciler {
+    pub fn new(
+        opts: ReconcilerOptions,
+        client: reqwest::Client,
+        status: Arc<ArcSwap<SyncStatus>>,
+        metrics: SidecarMetrics,
+    ) -> Self {
+        Self {
+            opts,
+            client,
+            config: None,
+            generation: 0,
+            running: false,
+            pending: None,
+            retries: HashMap::new(),
+            retry_timer: None,
+            status,
+            metrics,
+            passes: 0,
+            was_healthy: None,
+            last_actual: None,
+            ever_ready: false,
+        }
+    }
+
+    fn new_backoff(&self) -> backoff::ExponentialBackoff {
+        backoff::ExponentialBackoff {
+            initial_interval: self.opts.retry_initial,
+            max_interval: self.opts.retry_max,
+            multiplier: 2.0,
+            randomization_factor: 0.2,
+            max_elapsed_time: None,
+            ..Default::default()
+        }
+    }
+
+    fn start_pass(&mut self, trigger: Trigger, ctx: &mut Context<Self>) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        if self.running {
+            // Coalesce: one follow-up pass, whatever the number of triggers.
+            self.pending = Some(self.pending.unwrap_or(trigger));
+            return;
+        }
+        self.running = true;
+        self.passes += 1;
+        self.metrics.reconcile_in_progress.set(1);
+        let now = Instant::now();
+        let deferred: Vec<String> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.next_attempt > now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let span = tracing::info_span!("reconcile", pass = self.passes, trigger = ?trigger, generation = self.generation, server = %config.base_url());
+        let client = self.client.clone();
+        let opts = self.opts.clone();
+        let started = Instant::now();
+        let fut = async move { run_pass(&client, &opts, &config, deferred).await }
+            .instrument(span.clone());
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let _entered = span.enter();
+            act.metrics
+                .reconcile_duration
+                .observe(started.elapsed().as_secs_f64());
+            act.metrics.reconcile_in_progress.set(0);
+            act.running = false;
+            act.finish_pass(res, ctx);
+            if let Some(t) = act.pending.take() {
+                act.start_pass(t, ctx);
+            }
+        }));
+    }
+
+    fn set_healthy(&mut self, healthy: bool) {
+        self.metrics.server_healthy.set(i64::from(healthy));
+        if self.was_healthy != Some(healthy) {
+            self.was_healthy = Some(healthy);
+        }
+    }
+
+    fn finish_pass(&mut self, res: Result<PassReport, ReconcileError>, ctx: &mut Context<Self>) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let report = match res {
+            Ok(r) => r,
+            Err(e) => {
+                let label = match e {
+                    ReconcileError::NotHealthy { .. } => "server_unhealthy",
+                    ReconcileError::List { .. } => "list_failed",
+                };
+                if self.was_healthy != Some(false) {
+                    tracing::warn!(error = %e, "reconcile could not reach vLLM; will retry on the next trigger");
+                } else {
+                    tracing::debug!(error = %e, "vLLM still unreachable");
+                }
+                self.set_healthy(false);
+                self.metrics
+                    .reconciles
+                    .get_or_create(&ResultLabels {
+                        result: label.into(),
+                    })
+                    .inc();
+                self.publish(&config);
+                return;
+            }
+        };
+        if self.was_healthy == Some(false) {
+            tracing::info!("vLLM reachable again");
+        }
+        self.set_healthy(true);
+        let mut all_ok = report.deferred.is_empty();
+        let now = Instant::now();
+        for (op, outcome) in &report.results {
+            let id = op.id().to_string();
+            let operation = match op {
+                AdapterOp::Load { inplace: true, .. } => "reload",
+                AdapterOp::Load { .. } => "load",
+                AdapterOp::Unload { .. } => "unload",
+            };
+            match outcome {
+                Outcome::Done | Outcome::AlreadySo => {
+                    if let Some(r) = self.retries.remove(&id) {
+                        tracing::info!(adapter = %id, after_failures = r.failures, "{operation} succeeded after earlier failures");
+                        self.clear_error_metric(&id, &r.last_error);
+                    } else if *outcome == Outcome::Done {
+                        tracing::info!(adapter = %id, "{operation} done");
+                    }
+                    self.metrics
+                        .adapter_consecutive_failures
+                        .get_or_create(&AdapterLabels {
+                            adapter_name: id.clone(),
+                        })
+                        .set(0);
+                }
+                Outcome::AdapterFailed { status, message }
+                | Outcome::ServerUnavailable { status, message } => {
+                    all_ok = false;
+                    let message = format!("{operation} failed ({status}): {message}");
+                    self.metrics
+                        .adapter_failures
+                        .get_or_create(&AdapterOpLabels {
+                            adapter_name: id.clone(),
+                            operation: operation.into(),
+                        })
+                        .inc();
+                    let source = match op {
+                        AdapterOp::Load { source, .. } => source.clone(),
+                        AdapterOp::Unload { .. } => String::new(),
+                    };
+                    let mut backoff = self.new_backoff();
+                    let entry = self.retries.entry(id.clone()).or_insert_with(|| {
+                        backoff.reset();
+                        AdapterRetry {
+                            source,
+                            failures: 0,
+                            backoff,
+                            next_attempt: now,
+                            last_error: String::new(),
+                        }
+                    });
+                    entry.failures += 1;
+                    let delay = entry.backoff.next_backoff().unwrap_or(self.opts.retry_max);
+                    entry.next_attempt = now + delay;
+                    let changed = entry.last_error != message;
+                    let old = std::mem::replace(&mut entry.last_error, message.clone());
+                    let failures = entry.failures;
+                    if changed {
+                        // Logged when the failure starts or changes, not on every retry.
+                        tracing::error!(adapter = %id, error = %message, retry_in_ms = delay.as_millis() as u64, "adapter failed; other adapters proceed");
+                        self.clear_error_metric(&id, &old);
+                        self.metrics
+                            .adapter_last_error
+                            .get_or_create(&AdapterErrorLabels {
+                                adapter_name: id.clone(),
+                                error: message.clone(),
+                            })
+                            .set(1);
+                    } else {
+                        tracing::debug!(adapter = %id, failures, retry_in_ms = delay.as_millis() as u64, "adapter still failing");
+                    }
+                    self.metrics
+                        .adapter_consecutive_failures
+                        .get_or_create(&AdapterLabels {
+                            adapter_name: id.clone(),
+                        })
+                        .set(i64::from(failures));
+                }
+            }
+        }
+        self.metrics
+            .reconciles
+            .get_or_create(&ResultLabels {
+                result: if all_ok { "success" } else { "partial" }.into(),
+            })
+            .inc();
+        self.last_actual = Some(report.actual_after);
+        self.publish(&config);
+        self.arm_retry_timer(ctx);
+    }
+
+    fn clear_error_metric(&self, id: &str, error: &str) {
+        if !error.is_empty() {
+            self.metrics.adapter_last_error.remove(&AdapterErrorLabels {
+                adapter_name: id.into(),
+                error: error.into(),
+            });
+        }
+    }
+
+    /// Wakes the reconciler when the earliest adapter retry is due.
+    fn arm_retry_timer(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.retry_timer.take() {
+            ctx.cancel_future(h);
+        }
+        let Some(next) = self.retries.values().map(|r| r.next_attempt).min() else {
+            return;
+        };
+        let delay = next.saturating_duration_since(Instant::now());
+        self.retry_timer = Some(ctx.run_later(delay, |act, ctx| {
+            act.retry_timer = None;
+            act.start_pass(Trigger::Retry, ctx);
+        }));
+    }
+
+    /// Publishes readiness and adapter status from the last listing the server gave.
+    fn publish(&mut self, config: &LoraConfig) {
+        let healthy = self.was_healthy == Some(true);
+        let actual = self.last_actual.as_ref();
+        let mut missing = Vec::new();
+        for a in &config.ensure_exist {
+            let loaded = actual.is_some_and(|act| act.adapters.get(&a.id) == Some(&a.source));
+            self.metrics
+                .adapter_status
+                .get_or_create(&AdapterLabels {
+                    adapter_name: a.id.clone(),
+                })
+                .set(i64::from(loaded));
+            if !loaded {
+                missing.push(a.id.clone());
+            }
+        }
+        for a in &config.ensure_not_exist {
+            let present = actual.is_some_and(|act| act.adapters.contains_key(&a.id));
+            self.metrics
+                .adapter_status
+                .get_or_create(&AdapterLabels {
+                    adapter_name: a.id.clone(),
+                })
+                .set(i64::from(present));
+        }
+        let in_sync = missing.is_empty() && actual.is_some() && healthy;
+        if in_sync && !self.ever_ready {
+            self.ever_ready = true;
+            tracing::info!("every ensureExist adapter is loaded; reporting ready");
+        }
+        self.metrics.ready.set(i64::from(self.ever_ready));
+        self.status.store(Arc::new(SyncStatus {
+            ready: self.ever_ready,
+            in_sync,
+            missing,
+            failing: self
+                .retries
+                .iter()
+                .map(|(k, v)| (k.clone(), v.last_error.clone()))
+                .collect(),
+            generation: self.generation,
+            server_healthy: healthy,
+        }));
+    }
+}
+
+/// One pass: wait for health, list once, apply the plan with bounded concurrency, confirm
+/// in-place reloads.
+async fn run_pass(
+    client: &reqwest::Client,
+    opts: &ReconcilerOptions,
+    config: &LoraConfig,
+    deferred: Vec<String>,
+) -> Result<PassReport, ReconcileError> {
+    let base = config.base_url();
+    wait_healthy(client, opts, &base).await?;
+    let actual = list_models(client, &base).await?;
+    let ops: Vec<AdapterOp> = plan(config, &actual)
+        .into_iter()
+        .filter(|op| !deferred.iter().any(|d| d == op.id()))
+        .collect();
+    let deferred: Vec<String> = deferred
+        .into_iter()
+        .filter(|d| plan(config, &actual).iter().any(|op| op.id() == d))
+        .collect();
+    if ops.is_empty() {
+        tracing::debug!(adapters = actual.adapters.len(), "in sync");
+        return Ok(PassReport {
+            results: Vec::new(),
+            actual_after: actual,
+            deferred,
+        });
+    }
+    let results: Vec<(AdapterOp, Outcome)> = futures::stream::iter(ops.into_iter().map(|op| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let outcome = execute(&client, &base, &op).await;
+            (op, outcome)
+        }
+    }))
+    .buffer_unordered(opts.max_concurrent_ops.max(1))
+    .collect()
+    .await;
+    let mut actual_after = actual.clone();
+    let mut results = results;
+    for (op, outcome) in &results {
+        if matches!(outcome, Outcome::Done | Outcome::AlreadySo) {
+            actual_after = inferlane_sidecar::plan::apply(&actual_after, std::slice::from_ref(op));
+        }
+    }
+    // An in-place reload is only trusted once the server reports the new root.
+    let reloaded = results
+        .iter()
+        .any(|(op, o)| matches!(op, AdapterOp::Load { inplace: true, .. }) && *o == Outcome::Done);
+    if reloaded {
+        let confirmed = list_models(client, &base).await?;
+        for (op, outcome) in results.iter_mut() {
+            if let AdapterOp::Load {
+                id,
+                source,
+                inplace: true,
+            } = op
+                && *outcome == Outcome::Done
+            {
+                let root = confirmed
+                    .adapters
+                    .get(id.as_str())
+                    .cloned()
+                    .unwrap_or_default();
+                if root != *source {
+                    *outcome = Outcome::AdapterFailed {
+                        status: 200,
+                        message: format!(
+                            "reloaded in place but the server reports root {root:?}, not {source:?}"
+                        ),
+                    };
+                }
+            }
+        }
+        actual_after = confirmed;
+    }
+    Ok(PassReport {
+        results,
+        actual_after,
+        deferred,
+    })
+}
+
+async fn wait_healthy(
+    client: &reqwest::Client,
+    opts: &ReconcilerOptions,
+    base: &str,
+) -> Result<(), ReconcileError> {
+    let url = format!("{base}/health");
+    let start = tokio::time::Instant::now();
+    let mut logged = false;
+    loop {
+        let last = match client.get(&url).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => format!("status {}", r.status()),
+            Err(e) => format!("{e}"),
+        };
+        if start.elapsed() + opts.health_check_interval > opts.health_check_timeout {
+            return Err(ReconcileError::NotHealthy {
+                url,
+                waited: start.elapsed(),
+                last,
+            });
+        }
+        if !logged {
+            tracing::info!(%url, error = %last, "waiting for vLLM to become healthy");
+            logged = true;
+        }
+        tokio::time::sleep(opts.health_check_interval).await;
+    }
+}
+
+async fn list_models(client: &reqwest::Client, base: &str) -> Result<Actual, ReconcileError> {
+    let url = format!("{base}/v1/models");
+    let err = |message: String| ReconcileError::List {
+        url: url.clone(),
+        message,
+    };
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(err(format!("status {}", resp.status())));
+    }
+    let body = resp.bytes().await.map_err(|e| err(e.to_string()))?;
+    parse_models(&body).map_err(|e| err(e.to_string()))
+}
+
+async fn execute(client: &reqwest::Client, base: &str, op: &AdapterOp) -> Outcome {
+    let (path, body) = match op {
+        AdapterOp::Load {
+            id,
+            source,
+            inplace,
+        } => (
+            "/v1/load_lora_adapter",
+            json!({"lora_name": id, "lora_path": source, "load_inplace": inplace}),
+        ),
+        AdapterOp::Unload { id } => ("/v1/unload_lora_adapter", json!({"lora_name": id})),
+    };
+    let res = client
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await;
+    let (status, text) = match res {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(e) => {
+            return Outcome::ServerUnavailable {
+                status: 0,
+                message: format!("request failed: {e}"),
+            };
+        }
+    };
+    match op {
+        AdapterOp::Load { .. } => classify_load(status, &text),
+        AdapterOp::Unload { .. } => classify_unload(status, &text),
+    }
+}
+
+impl Actor for Reconciler {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let every = self.opts.resync_interval;
+        ctx.run_interval(every, |act, ctx| act.start_pass(Trigger::Periodic, ctx));
+    }
+}
+
+impl Handler<ConfigChanged> for Reconciler {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConfigChanged, ctx: &mut Context<Self>) {
+        // A changed (or removed) adapter entry starts over: no stale backoff.
+        let cfg = &msg.config;
+        self.retries.retain(|id, r| {
+            let keep = cfg
+                .ensure_exist
+                .iter()
+                .any(|a| a.id == *id && a.source == r.source)
+                || (r.source.is_empty() && cfg.ensure_not_exist.iter().any(|a| a.id == *id));
+            if !keep {
+                self.metrics.adapter_last_error.remove(&AdapterErrorLabels {
+                    adapter_name: id.clone(),
+                    error: r.last_error.clone(),
+                });
+                self.metrics
+                    .adapter_consecutive_failures
+                    .get_or_create(&AdapterLabels {
+                        adapter_name: id.clone(),
+                    })
+                    .set(0);
+            }
+            keep
+        });
+        if let Some(old) = &self.config {
+            // Adapters no longer in the config are no longer ours to report.
+            for a in old.ensure_exist.iter().chain(old.ensure_not_exist.iter()) {
+                let listed = cfg
+                    .ensure_exist
+                    .iter()
+                    .chain(cfg.ensure_not_exist.iter())
+                    .any(|b| b.id == a.id);
+                if !listed {
+                    self.metrics.adapter_status.remove(&AdapterLabels {
+                        adapter_name: a.id.clone(),
+                    });
+                }
+            }
+        }
+        let trigger = if self.config.is_none() {
+            Trigger::Startup
+        } else {
+            Trigger::ConfigChanged
+        };
+        self.config = Some(msg.config.clone());
+        self.generation = msg.generation;
+        self.publish(&msg.config);
+        self.start_pass(trigger, ctx);
+    }
+}
+
+impl Handler<ReconcileNow> for Reconciler {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReconcileNow, ctx: &mut Context<Self>) {
+        self.start_pass(msg.trigger, ctx);
+    }
+}

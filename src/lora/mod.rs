@@ -1,0 +1,241 @@
+//! lora-sidecar wiring: flags, the status/metrics HTTP server, and actor start-up.
+
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use clap::Args;
+use serde_json::json;
+use thiserror::Error;
+
+use crate::actors::config_watcher::{ConfigWatcher, WatcherOptions};
+use crate::actors::reconciler::{Reconciler, ReconcilerOptions, SyncStatus};
+use metrics::SidecarMetrics;
+
+/// Errors that stop the sidecar from starting.
+#[derive(Debug, Error)]
+pub enum SidecarError {
+    #[error("cannot bind the metrics/health port {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Parses `5`, `5s`, `500ms`, `2m` (a bare number is seconds, as upstream's flags).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 5, 5s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}; use ms, s, m or h"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        other => Err(format!("expected true or false, got {other:?}")),
+    }
+}
+
+/// lora-sidecar flags (names and defaults compatible with upstream's manifests).
+#[derive(Debug, Clone, Args)]
+pub struct SidecarArgs {
+    /// The mounted ConfigMap file (`vLLMLoRAConfig`). Its directory is watched, so kubelet's
+    /// `..data` symlink swap is seen.
+    #[arg(
+        long,
+        env = "DYNAMIC_LORA_ROLLOUT_CONFIG",
+        default_value = "/config/configmap.yaml"
+    )]
+    pub config: PathBuf,
+    /// How long one reconcile waits for vLLM's /health to answer 200.
+    #[arg(long, default_value = "300", value_parser = parse_duration)]
+    pub health_check_timeout: Duration,
+    /// Pause between /health probes while waiting.
+    #[arg(long, default_value = "2", value_parser = parse_duration)]
+    pub health_check_interval: Duration,
+    /// Periodic resync: re-list the server and repair drift (e.g. a restarted vLLM).
+    #[arg(long, default_value = "5", value_parser = parse_duration)]
+    pub reconcile_trigger: Duration,
+    /// Validate the config beyond its structure (duplicates, empty ids, ports).
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub config_validation: bool,
+    /// Port for /metrics, /healthz and /readyz (0 picks a free one, printed on stdout).
+    #[arg(long, default_value_t = 8080)]
+    pub metrics_port: u16,
+    /// Address for the metrics/health server.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub metrics_host: String,
+    /// Timeout of every HTTP call to vLLM.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub http_timeout: Duration,
+    /// Load/unload calls in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrent_ops: usize,
+    /// First retry delay of a failing adapter (doubles, jittered).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub retry_initial_backoff: Duration,
+    /// Longest retry delay of a failing adapter.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub retry_max_backoff: Duration,
+    /// Quiet time after a file event before the config is re-read.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub debounce: Duration,
+    /// Re-read the config on this period too, in case file events are lost.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub config_poll_interval: Duration,
+}
+
+#[derive(Clone)]
+struct HttpState {
+    status: Arc<ArcSwap<SyncStatus>>,
+    metrics: SidecarMetrics,
+}
+
+async fn metrics_handler(State(s): State<HttpState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let st = s.status.load();
+    let body = json!({
+        "ready": st.ready,
+        "in_sync": st.in_sync,
+        "generation": st.generation,
+        "server_healthy": st.server_healthy,
+        "missing": st.missing,
+        "failing": st.failing,
+    })
+    .to_string();
+    let code = if st.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// A started sidecar.
+#[derive(Debug, Clone)]
+pub struct SidecarHandle {
+    pub http_addr: SocketAddr,
+}
+
+/// Starts the reconciler, the config watcher and the HTTP server. Must run inside an actix
+/// `System`.
+pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
+    let metrics = SidecarMetrics::new();
+    let status = Arc::new(ArcSwap::from_pointee(SyncStatus::default()));
+    let addr = format!("{}:{}", args.metrics_host, args.metrics_port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| SidecarError::Bind { addr, source })?;
+    let http_addr = listener.local_addr().map_err(|source| SidecarError::Bind {
+        addr: args.metrics_host.clone(),
+        source,
+    })?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState {
+            status: status.clone(),
+            metrics: metrics.clone(),
+        });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "status server stopped");
+        }
+    });
+    let client = reqwest::Client::builder()
+        .timeout(args.http_timeout)
+        .connect_timeout(args.http_timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(SidecarError::Client)?;
+    let reconciler = Reconciler::new(
+        ReconcilerOptions {
+            health_check_timeout: args.health_check_timeout,
+            health_check_interval: args.health_check_interval,
+            resync_interval: args.reconcile_trigger,
+            http_timeout: args.http_timeout,
+            max_concurrent_ops: args.max_concurrent_ops,
+            retry_initial: args.retry_initial_backoff,
+            retry_max: args.retry_max_backoff,
+        },
+        client,
+        status,
+        metrics.clone(),
+    )
+    .start();
+    ConfigWatcher::new(
+        WatcherOptions {
+            path: args.config.clone(),
+            validate: args.config_validation,
+            debounce: args.debounce,
+            poll_interval: args.config_poll_interval,
+        },
+        reconciler.recipient(),
+        metrics,
+    )
+    .start();
+    Ok(SidecarHandle { http_addr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+}

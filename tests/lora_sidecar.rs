@@ -1,0 +1,470 @@
+//! lora-sidecar against vllm-sim processes: rollouts, kubelet swaps, bad configs, outages, retries.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(15);
+
+async fn wait_ids(c: &reqwest::Client, addr: &str, want: &[&str]) {
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    wait_for(&format!("adapters {want:?} on {addr}"), T, || {
+        let c = c.clone();
+        let want = want.clone();
+        async move { (adapter_ids(&c, addr).await? == want).then_some(()) }
+    })
+    .await
+}
+
+async fn sidecar_metrics(c: &reqwest::Client, sidecar: &Proc) -> String {
+    c.get(format!("http://{}/metrics", sidecar.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn readyz(c: &reqwest::Client, sidecar: &Proc) -> (u16, Value) {
+    let r = c
+        .get(format!("http://{}/readyz", sidecar.addr))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+async fn sim_stats(c: &reqwest::Client, sim: &Proc) -> Value {
+    c.get(format!("http://{}/sim/stats", sim.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn rollout_story_with_readiness() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(&["--enable-lora", "--max-loras", "2"], tmp.path());
+    let port = port_of(&sim.addr);
+    let fr1 = adapter(tmp.path(), "food-review-1", 8);
+    let fr2 = adapter(tmp.path(), "food-review-2", 8);
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    dir.write(&lora_config(port, &[("food-review-1", &fr1)], &[]));
+    let sidecar = spawn_sidecar(&dir.file(), &[], tmp.path());
+    let c = client();
+
+    wait_ids(&c, &sim.addr, &["food-review-1"]).await;
+    wait_for("readyz 200", T, || {
+        let c = c.clone();
+        let s = &sidecar;
+        async move { (readyz(&c, s).await.0 == 200).then_some(()) }
+    })
+    .await;
+
+    // Add food-review-2: the pod is not ready until it is loaded.
+    dir.write(&lora_config(
+        port,
+        &[("food-review-1", &fr1), ("food-review-2", &fr2)],
+        &[],
+    ));
+    wait_ids(&c, &sim.addr, &["food-review-1", "food-review-2"]).await;
+
+    // Retire food-review-1.
+    dir.write(&lora_config(
+        port,
+        &[("food-review-2", &fr2)],
+        &[("food-review-1", &fr1)],
+    ));
+    wait_ids(&c, &sim.addr, &["food-review-2"]).await;
+
+    let page = sidecar_metrics(&c, &sidecar).await;
+    assert!(
+        page.contains("lora_syncer_adapter_status{adapter_name=\"food-review-2\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("lora_syncer_adapter_status{adapter_name=\"food-review-1\"} 0"),
+        "{page}"
+    );
+    assert!(page.contains("lora_syncer_config_generation 3"), "{page}");
+    assert!(page.contains("lora_syncer_ready 1"), "{page}");
+}
+
+#[tokio::test]
+async fn readiness_waits_for_adapters_and_foreign_adapters_are_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(
+        &["--enable-lora", "--lora-load-latency-ms", "300"],
+        tmp.path(),
+    );
+    let c = client();
+    // Someone else's adapter, loaded before the sidecar starts.
+    let foreign = adapter(tmp.path(), "foreign", 8);
+    c.post(format!("http://{}/v1/load_lora_adapter", sim.addr))
+        .json(&json!({"lora_name": "foreign", "lora_path": foreign}))
+        .send()
+        .await
+        .unwrap();
+    let a1 = adapter(tmp.path(), "a1", 8);
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    dir.write(&lora_config(port_of(&sim.addr), &[("a1", &a1)], &[]));
+    let sidecar = spawn_sidecar(&dir.file(), &[], tmp.path());
+    // The load takes 300 ms: meanwhile readiness is 503 naming the missing adapter.
+    wait_for("readyz 503 naming a1", T, || {
+        let c = c.clone();
+        let s = &sidecar;
+        async move {
+            let (code, body) = readyz(&c, s).await;
+            assert_ne!(code, 200, "ready before a1 was loaded: {body}");
+            (body["missing"] == json!(["a1"])).then_some(())
+        }
+    })
+    .await;
+    wait_ids(&c, &sim.addr, &["a1", "foreign"]).await;
+    wait_for("ready", T, || {
+        let c = c.clone();
+        let s = &sidecar;
+        async move { (readyz(&c, s).await.0 == 200).then_some(()) }
+    })
+    .await;
+    // Several resyncs later the foreign adapter is still there.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(adapter_ids(&c, &sim.addr).await.unwrap(), ["a1", "foreign"]);
+}
+
+#[tokio::test]
+async fn kubelet_symlink_swaps_are_never_missed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(
+        &["--enable-lora", "--lora-load-latency-ms", "1"],
+        tmp.path(),
+    );
+    let port = port_of(&sim.addr);
+    let a = adapter(tmp.path(), "a", 8);
+    let b = adapter(tmp.path(), "b", 8);
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    dir.write(&lora_config(port, &[("a", &a)], &[("b", &b)]));
+    // A slow periodic resync and poll, so only file events can explain quick convergence.
+    let sidecar = spawn_sidecar(
+        &dir.file(),
+        &[
+            "--reconcile-trigger",
+            "60s",
+            "--config-poll-interval",
+            "60s",
+        ],
+        tmp.path(),
+    );
+    let c = client();
+    wait_ids(&c, &sim.addr, &["a"]).await;
+    for i in 0..30 {
+        if i % 2 == 0 {
+            dir.write(&lora_config(port, &[("b", &b)], &[("a", &a)]));
+            wait_ids(&c, &sim.addr, &["b"]).await;
+        } else {
+            dir.write(&lora_config(port, &[("a", &a)], &[("b", &b)]));
+            wait_ids(&c, &sim.addr, &["a"]).await;
+        }
+    }
+    let page = sidecar_metrics(&c, &sidecar).await;
+    assert!(page.contains("lora_syncer_config_generation 31"), "{page}");
+}
+
+#[tokio::test]
+async fn invalid_config_keeps_last_good_and_is_logged_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(&["--enable-lora", "--max-loras", "2"], tmp.path());
+    let port = port_of(&sim.addr);
+    let a1 = adapter(tmp.path(), "a1", 8);
+    let a2 = adapter(tmp.path(), "a2", 8);
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    dir.write(&lora_config(port, &[("a1", &a1)], &[]));
+    let sidecar = spawn_sidecar(&dir.file(), &["--config-poll-interval", "50ms"], tmp.path());
+    let c = client();
+    wait_ids(&c, &sim.addr, &["a1"]).await;
+
+    dir.write("vLLMLoRAConfig:\n  ensureExist:\n    models:\n    - id: a2\n      sorce: /x\n");
+    wait_for("config_valid 0", T, || {
+        let c = c.clone();
+        let s = &sidecar;
+        async move {
+            sidecar_metrics(&c, s)
+                .await
+                .contains("lora_syncer_config_valid 0")
+                .then_some(())
+        }
+    })
+    .await;
+    // Many polls later: still the last good config in force, and the error logged once.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(adapter_ids(&c, &sim.addr).await.unwrap(), ["a1"]);
+    let logs = sidecar.logs();
+    assert_eq!(logs.matches("config rejected").count(), 1, "{logs}");
+    assert!(logs.contains("unknown field `sorce`"), "{logs}");
+    assert!(logs.contains("line 5"), "error names the line: {logs}");
+
+    dir.write(&lora_config(port, &[("a1", &a1), ("a2", &a2)], &[]));
+    wait_ids(&c, &sim.addr, &["a1", "a2"]).await;
+    let page = sidecar_metrics(&c, &sidecar).await;
+    assert!(page.contains("lora_syncer_config_valid 1"));
+    assert!(page.contains("lora_syncer_config_errors_total 1"), "{page}");
+}
+
+#[tokio::test]
+async fn invalid_first_config_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(&["--enable-lora"], tmp.path());
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    dir.write("vLLMLoRAConfig:\n  port: 0\n");
+    let sidecar = spawn_sidecar(&dir.file(), &[], tmp.path());
+    let c = client();
+    let (code, _) = readyz(&c, &sidecar).await;
+    assert_eq!(code, 503);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = sim_stats(&c, &sim).await;
+    assert_eq!(
+        stats["admin_calls"], 0,
+        "no fallback to a default host/port: {stats}"
+    );
+    assert!(sidecar.logs().contains("vLLMLoRAConfig.port"));
+}
+
+#[tokio::test]
+async fn server_down_at_start_then_restart_forgets_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Reserve a port, release it, and start the server on it only later.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let a1 = adapter(tmp.path(), "a1", 8);
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    dir.write(&lora_config(port, &[("a1", &a1)], &[]));
+    let sidecar = spawn_sidecar(&dir.file(), &[], tmp.path());
+    let c = client();
+    assert_eq!(readyz(&c, &sidecar).await.0, 503);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let port_s = port.to_string();
+    let sim = spawn_sim(&["--enable-lora", "--port", &port_s], tmp.path());
+    wait_ids(&c, &sim.addr, &["a1"]).await;
+
+    // vLLM restarts and forgets its adapters: the periodic resync restores them.
+    let r = c
+        .post(format!("http://{}/sim/restart", sim.addr))
+        .json(&json!({"downtime_ms": 300}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_ids(&c, &sim.addr, &["a1"]).await;
+    let page = sidecar_metrics(&c, &sidecar).await;
+    assert!(
+        page.contains("lora_syncer_adapter_status{adapter_name=\"a1\"} 1"),
+        "{page}"
+    );
+}
+
+fn gaps(times: &[u64]) -> Vec<i64> {
+    times
+        .windows(2)
+        .map(|w| w[1] as i64 - w[0] as i64)
+        .collect()
+}
+
+#[tokio::test]
+async fn bad_adapters_back_off_while_good_ones_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(
+        &[
+            "--enable-lora",
+            "--max-lora-rank",
+            "16",
+            "--lora-load-latency-ms",
+            "1",
+        ],
+        tmp.path(),
+    );
+    let good = adapter(tmp.path(), "good", 8);
+    let broken = adapter(tmp.path(), "broken", 64);
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    dir.write(&lora_config(
+        port_of(&sim.addr),
+        &[
+            ("ghost", "/no/such/adapter"),
+            ("broken", &broken),
+            ("good", &good),
+        ],
+        &[],
+    ));
+    let sidecar = spawn_sidecar(&dir.file(), &[], tmp.path());
+    let c = client();
+    wait_ids(&c, &sim.addr, &["good"]).await;
+
+    // Retries at growing intervals (100 ms doubling, ±20% jitter).
+    let attempts = wait_for("four attempts for each bad adapter", T, || {
+        let c = c.clone();
+        let sim = &sim;
+        async move {
+            let s = sim_stats(&c, sim).await;
+            let get = |n: &str| -> Vec<u64> {
+                s["load_attempts"][n]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default()
+            };
+            let (g, b) = (get("ghost"), get("broken"));
+            (g.len() >= 4 && b.len() >= 4).then_some((g, b))
+        }
+    })
+    .await;
+    for times in [&attempts.0, &attempts.1] {
+        let g = gaps(&times[..4]);
+        assert!(g[1] > g[0] && g[2] > g[1], "retry gaps must grow: {g:?}");
+        assert!(g[0] >= 60, "first retry after ~100 ms, got {g:?}");
+    }
+    assert_eq!(
+        sim_stats(&c, &sim).await["load_attempts"]["good"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let page = sidecar_metrics(&c, &sidecar).await;
+    assert!(
+        page.contains(
+            "lora_syncer_adapter_failures_total{adapter_name=\"ghost\",operation=\"load\"}"
+        ),
+        "{page}"
+    );
+    assert!(
+        page.contains("No adapter found for /no/such/adapter"),
+        "{page}"
+    );
+    assert!(
+        page.contains("LoRA rank 64 is greater than max_lora_rank 16"),
+        "{page}"
+    );
+    let (code, body) = readyz(&c, &sidecar).await;
+    assert_eq!(code, 503);
+    assert_eq!(body["missing"], json!(["ghost", "broken"]));
+    // Logged when the failure started, not on every retry.
+    let logs = sidecar.logs();
+    assert_eq!(
+        logs.matches("adapter failed; other adapters proceed")
+            .count(),
+        2,
+        "{logs}"
+    );
+
+    // Fixing the config resets the adapter's backoff and it loads at once.
+    let fixed = adapter(tmp.path(), "broken-fixed", 8);
+    dir.write(&lora_config(
+        port_of(&sim.addr),
+        &[("broken", &fixed), ("good", &good)],
+        &[],
+    ));
+    wait_ids(&c, &sim.addr, &["broken", "good"]).await;
+    wait_for("ready after fix", T, || {
+        let c = c.clone();
+        let s = &sidecar;
+        async move { (readyz(&c, s).await.0 == 200).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn burst_of_triggers_never_overlaps_reconciles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(
+        &[
+            "--enable-lora",
+            "--max-loras",
+            "4",
+            "--lora-load-latency-ms",
+            "40",
+        ],
+        tmp.path(),
+    );
+    let port = port_of(&sim.addr);
+    let paths: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("ad{i}"), adapter(tmp.path(), &format!("ad{i}"), 8)))
+        .collect();
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    let cfg = |n: usize| {
+        let items: Vec<(&str, &str)> = paths[..n]
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        lora_config(port, &items, &[])
+    };
+    dir.write(&cfg(1));
+    let sidecar = spawn_sidecar(
+        &dir.file(),
+        &[
+            "--max-concurrent-ops",
+            "1",
+            "--debounce",
+            "1ms",
+            "--reconcile-trigger",
+            "30ms",
+        ],
+        tmp.path(),
+    );
+    let c = client();
+    // Poll /sim/stats, not /v1/models: our own admin calls would count as concurrency.
+    let wait_count = |n: u64| {
+        let c = c.clone();
+        let sim = &sim;
+        async move {
+            wait_for(&format!("{n} adapters"), T, || {
+                let c = c.clone();
+                async move { (sim_stats(&c, sim).await["adapters"] == n).then_some(()) }
+            })
+            .await
+        }
+    };
+    wait_count(1).await;
+    // A burst: 40 config writes as fast as possible, plus a 30 ms resync timer.
+    for i in 0..40 {
+        dir.write(&cfg(1 + i % 6));
+    }
+    dir.write(&cfg(6));
+    wait_count(6).await;
+    let stats = sim_stats(&c, &sim).await;
+    assert_eq!(
+        stats["admin_max_in_flight"], 1,
+        "one call at a time means passes never overlapped: {stats}"
+    );
+    let page = sidecar_metrics(&c, &sidecar).await;
+    assert!(!page.contains("lora_syncer_reconcile_in_progress 2"));
+}
+
+#[tokio::test]
+async fn changed_source_is_reloaded_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(&["--enable-lora"], tmp.path());
+    let port = port_of(&sim.addr);
+    let v1 = adapter(tmp.path(), "v1", 8);
+    let v2 = adapter(tmp.path(), "v2", 8);
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    dir.write(&lora_config(port, &[("a", &v1)], &[]));
+    let _sidecar = spawn_sidecar(&dir.file(), &[], tmp.path());
+    let c = client();
+    wait_ids(&c, &sim.addr, &["a"]).await;
+    dir.write(&lora_config(port, &[("a", &v2)], &[]));
+    wait_for("root switched to v2", T, || {
+        let c = c.clone();
+        let sim = &sim;
+        let v2 = v2.clone();
+        async move { (adapters(&c, &sim.addr).await? == vec![("a".to_string(), v2)]).then_some(()) }
+    })
+    .await;
+}
