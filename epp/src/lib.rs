@@ -1,1 +1,13 @@
 //! Pure endpoint-picking domain: metrics parsing, request parsing, model rules, scheduling (no I/O).
+
+pub mod metrics;
+pub mod prefix;
+pub mod request;
+pub mod rules;
+pub mod scheduler;
+
+pub use metrics::{EndpointMetrics, EngineType, MetricsError};
+pub use prefix::PrefixIndex;
+pub use request::{ApiKind, ParsedRequest, RequestError};
+pub use rules::{ModelRules, Resolved, RuleError};
+pub use scheduler::{Candidate, ModelPresence, PickError, PickInput, SchedulerConfig, pick};

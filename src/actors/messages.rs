@@ -3,14 +3,22 @@
 use std::sync::Arc;
 
 use actix::Message;
-use inferlane_sidecar::LoraConfig;
 
-/// Fact: a new valid LoRA config is on disk (`generation` counts distinct valid versions).
-#[derive(Debug, Clone, Message)]
+/// Fact: a new valid config is on disk (`generation` counts distinct valid versions).
+#[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct ConfigChanged {
-    pub config: Arc<LoraConfig>,
+pub struct ConfigChanged<C: 'static> {
+    pub config: Arc<C>,
     pub generation: u64,
+}
+
+impl<C> Clone for ConfigChanged<C> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            generation: self.generation,
+        }
+    }
 }
 
 /// Why a reconcile was asked for.

@@ -1,6 +1,6 @@
 //! The actix I/O shell: one actor per concern, exchanging typed command and fact messages.
 
-pub mod config_watcher;
+pub mod file_watcher;
 pub mod messages;
 pub mod reconciler;
 pub mod sim_engine;

@@ -545,10 +545,10 @@ impl Actor for Reconciler {
     }
 }
 
-impl Handler<ConfigChanged> for Reconciler {
+impl Handler<ConfigChanged<LoraConfig>> for Reconciler {
     type Result = ();
 
-    fn handle(&mut self, msg: ConfigChanged, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: ConfigChanged<LoraConfig>, ctx: &mut Context<Self>) {
         // A changed (or removed) adapter entry starts over: no stale backoff.
         let cfg = &msg.config;
         self.retries.retain(|id, r| {

@@ -18,7 +18,7 @@ use clap::Args;
 use serde_json::json;
 use thiserror::Error;
 
-use crate::actors::config_watcher::{ConfigWatcher, WatcherOptions};
+use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::reconciler::{Reconciler, ReconcilerOptions, SyncStatus};
 use metrics::SidecarMetrics;
 
@@ -111,8 +111,9 @@ pub struct SidecarArgs {
     /// Longest retry delay of a failing adapter.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub retry_max_backoff: Duration,
-    /// Quiet time after a file event before the config is re-read.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    /// Quiet time after a file event before the config is re-read (kubelet's swap is one
+    /// atomic rename plus cleanup events, so a short window is enough).
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
     pub debounce: Duration,
     /// Re-read the config on this period too, in case file events are lost.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -212,7 +213,7 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
         metrics.clone(),
     )
     .start();
-    ConfigWatcher::new(
+    FileWatcher::<inferlane_sidecar::LoraConfig>::new(
         WatcherOptions {
             path: args.config.clone(),
             validate: args.config_validation,
@@ -220,10 +221,38 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
             poll_interval: args.config_poll_interval,
         },
         reconciler.recipient(),
-        metrics,
+        WatchMetrics {
+            valid: metrics.config_valid.clone(),
+            generation: metrics.config_generation.clone(),
+            errors: metrics.config_errors.clone(),
+        },
     )
     .start();
     Ok(SidecarHandle { http_addr })
+}
+
+impl WatchedConfig for inferlane_sidecar::LoraConfig {
+    type Error = inferlane_sidecar::ConfigError;
+
+    fn parse(text: &str, validate: bool) -> Result<Self, Self::Error> {
+        inferlane_sidecar::parse(text, validate)
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} ensureExist, {} ensureNotExist, server {}",
+            self.ensure_exist.len(),
+            self.ensure_not_exist.len(),
+            self.base_url()
+        )
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.conflicts
+            .iter()
+            .map(|id| format!("adapter {id:?} is listed in both ensureExist and ensureNotExist; leaving it as it is"))
+            .collect()
+    }
 }
 
 #[cfg(test)]

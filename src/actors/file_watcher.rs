@@ -1,4 +1,4 @@
-//! Watches the mounted ConfigMap directory (kubelet swaps a `..data` symlink) and publishes valid configs.
+//! Watches a config file's directory (kubelet swaps a `..data` symlink) and publishes each valid version once.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,8 +7,31 @@ use std::time::Duration;
 use actix::prelude::*;
 use notify::{RecursiveMode, Watcher};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
 use super::messages::{ConfigChanged, FileEvent};
-use crate::lora::metrics::SidecarMetrics;
+
+/// A config file format the watcher can parse and validate.
+pub trait WatchedConfig: Send + Sync + Sized + 'static {
+    type Error: std::fmt::Display;
+    /// Parses and validates the file's text.
+    fn parse(text: &str, validate: bool) -> Result<Self, Self::Error>;
+    /// One line for the "config applied" log.
+    fn summary(&self) -> String;
+    /// Things worth a warning in an otherwise valid config.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// The watcher's metrics: validity, generation, distinct errors.
+#[derive(Debug, Clone, Default)]
+pub struct WatchMetrics {
+    pub valid: Gauge,
+    pub generation: Gauge,
+    pub errors: Counter,
+}
 
 /// Settings of the watcher.
 #[derive(Debug, Clone)]
@@ -23,10 +46,10 @@ pub struct WatcherOptions {
 
 /// Owns the `notify` watcher; reads, parses and validates once per change; keeps the last good
 /// config in force when the file turns invalid.
-pub struct ConfigWatcher {
+pub struct FileWatcher<C: WatchedConfig> {
     opts: WatcherOptions,
-    subscriber: Recipient<ConfigChanged>,
-    metrics: SidecarMetrics,
+    subscriber: Recipient<ConfigChanged<C>>,
+    metrics: WatchMetrics,
     watcher: Option<notify::RecommendedWatcher>,
     read_scheduled: bool,
     last_bytes: Option<Vec<u8>>,
@@ -34,11 +57,11 @@ pub struct ConfigWatcher {
     generation: u64,
 }
 
-impl ConfigWatcher {
+impl<C: WatchedConfig> FileWatcher<C> {
     pub fn new(
         opts: WatcherOptions,
-        subscriber: Recipient<ConfigChanged>,
-        metrics: SidecarMetrics,
+        subscriber: Recipient<ConfigChanged<C>>,
+        metrics: WatchMetrics,
     ) -> Self {
         Self {
             opts,
@@ -85,10 +108,10 @@ impl ConfigWatcher {
     }
 
     fn report_error(&mut self, error: String) {
-        self.metrics.config_valid.set(0);
+        self.metrics.valid.set(0);
         // Logged once per distinct error, not on every re-read.
         if self.last_error.as_deref() != Some(error.as_str()) {
-            self.metrics.config_errors.inc();
+            self.metrics.errors.inc();
             if self.generation > 0 {
                 tracing::error!(path = %self.opts.path.display(), %error, generation = self.generation, "config rejected; the last good config stays in force");
             } else {
@@ -112,22 +135,16 @@ impl ConfigWatcher {
         }
         self.last_bytes = Some(bytes.clone());
         let text = String::from_utf8_lossy(&bytes);
-        match inferlane_sidecar::parse(&text, self.opts.validate) {
+        match C::parse(&text, self.opts.validate) {
             Ok(config) => {
                 self.generation += 1;
                 self.last_error = None;
-                self.metrics.config_valid.set(1);
-                self.metrics.config_generation.set(self.generation as i64);
-                for id in &config.conflicts {
-                    tracing::warn!(adapter = %id, "adapter is listed in both ensureExist and ensureNotExist; leaving it as it is");
+                self.metrics.valid.set(1);
+                self.metrics.generation.set(self.generation as i64);
+                for w in config.warnings() {
+                    tracing::warn!(warning = %w, "config accepted with a warning");
                 }
-                tracing::info!(
-                    generation = self.generation,
-                    ensure_exist = config.ensure_exist.len(),
-                    ensure_not_exist = config.ensure_not_exist.len(),
-                    server = %config.base_url(),
-                    "config applied"
-                );
+                tracing::info!(generation = self.generation, summary = %config.summary(), "config applied");
                 self.subscriber.do_send(ConfigChanged {
                     config: Arc::new(config),
                     generation: self.generation,
@@ -138,7 +155,7 @@ impl ConfigWatcher {
     }
 }
 
-impl Actor for ConfigWatcher {
+impl<C: WatchedConfig> Actor for FileWatcher<C> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
@@ -151,7 +168,7 @@ impl Actor for ConfigWatcher {
     }
 }
 
-impl Handler<FileEvent> for ConfigWatcher {
+impl<C: WatchedConfig> Handler<FileEvent> for FileWatcher<C> {
     type Result = ();
 
     fn handle(&mut self, _: FileEvent, ctx: &mut Context<Self>) {

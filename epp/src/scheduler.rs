@@ -1,0 +1,405 @@
+//! Filters, weighted scorers and the picker: which endpoint serves a request (pure, deterministic).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::metrics::EndpointMetrics;
+
+/// Scheduler knobs (the `EndpointPickerConfig`-style file sets them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SchedulerConfig {
+    pub queue_weight: f64,
+    pub kv_cache_weight: f64,
+    pub prefix_cache_weight: f64,
+    /// Used only when the target is a LoRA adapter.
+    pub lora_affinity_weight: f64,
+    /// Queue depth at which an endpoint counts as saturated.
+    pub queue_depth_threshold: f64,
+    /// KV cache usage at which an endpoint counts as saturated.
+    pub kv_cache_util_threshold: f64,
+    /// Metrics older than this count as saturated (seconds).
+    pub metrics_staleness_threshold: f64,
+    /// Extra endpoints returned after the best one, for the gateway to retry on.
+    pub fallbacks: usize,
+    /// Characters per prefix block (≈ 16 tokens of 4 characters).
+    pub prefix_block_chars: usize,
+    /// Longest prompt prefix considered, in blocks.
+    pub prefix_max_blocks: usize,
+    /// Entries the prefix index may hold (bounded memory, ~100 bytes each).
+    pub prefix_index_capacity: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            queue_weight: 2.0,
+            kv_cache_weight: 2.0,
+            prefix_cache_weight: 3.0,
+            lora_affinity_weight: 1.0,
+            queue_depth_threshold: 5.0,
+            kv_cache_util_threshold: 0.8,
+            metrics_staleness_threshold: 0.2,
+            fallbacks: 0,
+            prefix_block_chars: 64,
+            prefix_max_blocks: 8192,
+            prefix_index_capacity: 200_000,
+        }
+    }
+}
+
+/// Whether an endpoint serves the target model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelPresence {
+    Yes,
+    No,
+    /// Its model list has not been read yet.
+    Unknown,
+}
+
+/// One endpoint as the picker sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    pub id: u32,
+    pub metrics: Option<&'a EndpointMetrics>,
+    /// Seconds since the metrics were scraped.
+    pub metrics_age: f64,
+    pub healthy: bool,
+    pub has_model: ModelPresence,
+    /// Requests we sent it since its last scrape (bursts see them before the server reports).
+    pub dispatched_since_scrape: u64,
+}
+
+/// The request as the picker sees it.
+#[derive(Debug, Clone)]
+pub struct PickInput<'a> {
+    pub target: &'a str,
+    pub is_adapter: bool,
+    pub sheddable: bool,
+    /// Leading prompt blocks each endpoint has served (from the prefix index).
+    pub prefix_matches: &'a HashMap<u32, usize>,
+    pub total_blocks: usize,
+    /// Random value for tie-breaking.
+    pub tie_break: u64,
+}
+
+/// Why no endpoint was picked.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PickError {
+    #[error("the pool has no endpoints")]
+    NoEndpoints,
+    #[error("no endpoint of the pool is healthy")]
+    NoHealthyEndpoints,
+    #[error("model {0:?} is not loaded on any server of this pool")]
+    ModelUnavailable(String),
+    #[error("the pool is saturated; sheddable request dropped")]
+    Saturated,
+}
+
+impl PickError {
+    /// HTTP status the gateway answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            PickError::Saturated => 429,
+            _ => 503,
+        }
+    }
+}
+
+/// Saturation of one endpoint: `max(queue/threshold, kv/threshold)`; stale counts as 1.
+fn endpoint_saturation(cfg: &SchedulerConfig, c: &Candidate<'_>) -> f64 {
+    match c.metrics {
+        Some(m) if c.metrics_age <= cfg.metrics_staleness_threshold => {
+            let q = (m.waiting + c.dispatched_since_scrape as f64)
+                / cfg.queue_depth_threshold.max(1e-9);
+            let kv = m.kv_usage / cfg.kv_cache_util_threshold.max(1e-9);
+            q.max(kv)
+        }
+        _ => 1.0,
+    }
+}
+
+/// Mean saturation over endpoints; `>= 1` means saturated.
+pub fn pool_saturation(cfg: &SchedulerConfig, candidates: &[Candidate<'_>]) -> f64 {
+    if candidates.is_empty() {
+        return 1.0;
+    }
+    candidates
+        .iter()
+        .map(|c| endpoint_saturation(cfg, c))
+        .sum::<f64>()
+        / candidates.len() as f64
+}
+
+fn lora_score(m: Option<&EndpointMetrics>, target: &str) -> f64 {
+    let Some(m) = m else { return 0.5 };
+    let active = m.running_adapters.iter().any(|a| a == target);
+    if active {
+        return 1.0;
+    }
+    let waiting = m.waiting_adapters.iter().any(|a| a == target);
+    match m.max_lora {
+        Some(max) => {
+            let mut in_use: Vec<&str> = m.running_adapters.iter().map(String::as_str).collect();
+            for a in &m.waiting_adapters {
+                if !in_use.contains(&a.as_str()) {
+                    in_use.push(a);
+                }
+            }
+            if (in_use.len() as u32) < max {
+                0.8
+            } else if waiting {
+                0.6
+            } else {
+                0.0
+            }
+        }
+        None => 0.5,
+    }
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    (a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+}
+
+/// Picks endpoints for a request: indices into `candidates`, best first, followed by up to
+/// `cfg.fallbacks` alternatives.
+pub fn pick(
+    cfg: &SchedulerConfig,
+    candidates: &[Candidate<'_>],
+    input: &PickInput<'_>,
+) -> Result<Vec<usize>, PickError> {
+    if candidates.is_empty() {
+        return Err(PickError::NoEndpoints);
+    }
+    let healthy: Vec<usize> = (0..candidates.len())
+        .filter(|&i| candidates[i].healthy)
+        .collect();
+    if healthy.is_empty() {
+        return Err(PickError::NoHealthyEndpoints);
+    }
+    let with_model: Vec<usize> = healthy
+        .iter()
+        .copied()
+        .filter(|&i| candidates[i].has_model == ModelPresence::Yes)
+        .collect();
+    let eligible = if !with_model.is_empty() {
+        with_model
+    } else {
+        let unknown: Vec<usize> = healthy
+            .iter()
+            .copied()
+            .filter(|&i| candidates[i].has_model == ModelPresence::Unknown)
+            .collect();
+        if unknown.is_empty() {
+            return Err(PickError::ModelUnavailable(input.target.to_string()));
+        }
+        unknown
+    };
+    if input.sheddable {
+        let view: Vec<Candidate<'_>> = eligible.iter().map(|&i| candidates[i].clone()).collect();
+        if pool_saturation(cfg, &view) >= 1.0 {
+            return Err(PickError::Saturated);
+        }
+    }
+    let queue = |i: usize| -> f64 {
+        let c = &candidates[i];
+        c.metrics.map(|m| m.waiting).unwrap_or(0.0) + c.dispatched_since_scrape as f64
+    };
+    let (mut qmin, mut qmax) = (f64::INFINITY, f64::NEG_INFINITY);
+    for &i in &eligible {
+        let q = queue(i);
+        qmin = qmin.min(q);
+        qmax = qmax.max(q);
+    }
+    let mut scored: Vec<(f64, u64, usize)> = eligible
+        .iter()
+        .map(|&i| {
+            let c = &candidates[i];
+            let q = queue(i);
+            let queue_score = if qmax > qmin {
+                (qmax - q) / (qmax - qmin)
+            } else {
+                1.0
+            };
+            let kv_score = 1.0 - c.metrics.map(|m| m.kv_usage).unwrap_or(1.0).clamp(0.0, 1.0);
+            let prefix_score = if input.total_blocks > 0 {
+                *input.prefix_matches.get(&c.id).unwrap_or(&0) as f64 / input.total_blocks as f64
+            } else {
+                0.0
+            };
+            let mut score = cfg.queue_weight * queue_score
+                + cfg.kv_cache_weight * kv_score
+                + cfg.prefix_cache_weight * prefix_score;
+            if input.is_adapter {
+                score += cfg.lora_affinity_weight * lora_score(c.metrics, input.target);
+            }
+            (score, mix(u64::from(c.id), input.tie_break), i)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    Ok(scored
+        .into_iter()
+        .take(1 + cfg.fallbacks)
+        .map(|(_, _, i)| i)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(waiting: f64, kv: f64) -> EndpointMetrics {
+        EndpointMetrics {
+            waiting,
+            kv_usage: kv,
+            ..Default::default()
+        }
+    }
+
+    fn cand<'a>(id: u32, metrics: &'a EndpointMetrics) -> Candidate<'a> {
+        Candidate {
+            id,
+            metrics: Some(metrics),
+            metrics_age: 0.01,
+            healthy: true,
+            has_model: ModelPresence::Yes,
+            dispatched_since_scrape: 0,
+        }
+    }
+
+    fn input<'a>(prefix: &'a HashMap<u32, usize>) -> PickInput<'a> {
+        PickInput {
+            target: "base",
+            is_adapter: false,
+            sheddable: false,
+            prefix_matches: prefix,
+            total_blocks: 0,
+            tie_break: 1,
+        }
+    }
+
+    #[test]
+    fn prefers_short_queue_and_free_kv() {
+        let (a, b) = (m(5.0, 0.9), m(0.0, 0.1));
+        let p = HashMap::new();
+        let cfg = SchedulerConfig::default();
+        assert_eq!(
+            pick(&cfg, &[cand(1, &a), cand(2, &b)], &input(&p)).unwrap(),
+            [1]
+        );
+    }
+
+    #[test]
+    fn dispatched_requests_count_between_scrapes() {
+        let (a, b) = (m(0.0, 0.1), m(0.0, 0.1));
+        let p = HashMap::new();
+        let mut ca = cand(1, &a);
+        ca.dispatched_since_scrape = 3;
+        let cfg = SchedulerConfig::default();
+        assert_eq!(pick(&cfg, &[ca, cand(2, &b)], &input(&p)).unwrap(), [1]);
+    }
+
+    #[test]
+    fn prefix_affinity_wins_when_load_is_equal() {
+        let (a, b) = (m(1.0, 0.2), m(1.0, 0.2));
+        let p: HashMap<u32, usize> = [(2, 10)].into_iter().collect();
+        let mut inp = input(&p);
+        inp.total_blocks = 10;
+        let cfg = SchedulerConfig::default();
+        assert_eq!(pick(&cfg, &[cand(1, &a), cand(2, &b)], &inp).unwrap(), [1]);
+    }
+
+    #[test]
+    fn adapter_filter_and_affinity() {
+        let mut a = m(0.0, 0.1);
+        a.max_lora = Some(1);
+        a.running_adapters = vec!["other".into()];
+        let mut b = m(0.0, 0.1);
+        b.max_lora = Some(1);
+        b.running_adapters = vec!["fr".into()];
+        let p = HashMap::new();
+        let mut inp = input(&p);
+        inp.target = "fr";
+        inp.is_adapter = true;
+        let cfg = SchedulerConfig::default();
+        assert_eq!(pick(&cfg, &[cand(1, &a), cand(2, &b)], &inp).unwrap(), [1]);
+        // Only endpoints that registered the adapter are eligible.
+        let mut ca = cand(1, &a);
+        ca.has_model = ModelPresence::No;
+        let mut cb = cand(2, &b);
+        cb.has_model = ModelPresence::No;
+        assert_eq!(
+            pick(&cfg, &[ca.clone(), cb.clone()], &inp),
+            Err(PickError::ModelUnavailable("fr".into()))
+        );
+        cb.has_model = ModelPresence::Yes;
+        let (_, c) = (0, m(0.0, 0.0));
+        assert_eq!(
+            pick(
+                &cfg,
+                &[ca, cb, {
+                    let mut x = cand(3, &c);
+                    x.has_model = ModelPresence::No;
+                    x
+                }],
+                &inp
+            )
+            .unwrap(),
+            [1]
+        );
+    }
+
+    #[test]
+    fn sheddable_is_shed_when_saturated_and_stale_counts_as_saturated() {
+        let (a, b) = (m(10.0, 0.5), m(6.0, 0.5));
+        let p = HashMap::new();
+        let mut inp = input(&p);
+        inp.sheddable = true;
+        let cfg = SchedulerConfig::default();
+        assert_eq!(
+            pick(&cfg, &[cand(1, &a), cand(2, &b)], &inp),
+            Err(PickError::Saturated)
+        );
+        let idle = m(0.0, 0.0);
+        let mut stale = cand(1, &idle);
+        stale.metrics_age = 10.0;
+        assert_eq!(
+            pick(&cfg, &[stale.clone()], &inp),
+            Err(PickError::Saturated)
+        );
+        // Critical work is still served.
+        inp.sheddable = false;
+        assert_eq!(pick(&cfg, &[stale], &inp).unwrap(), [0]);
+    }
+
+    #[test]
+    fn unhealthy_and_empty() {
+        let a = m(0.0, 0.0);
+        let p = HashMap::new();
+        let cfg = SchedulerConfig::default();
+        assert_eq!(pick(&cfg, &[], &input(&p)), Err(PickError::NoEndpoints));
+        let mut c = cand(1, &a);
+        c.healthy = false;
+        assert_eq!(
+            pick(&cfg, &[c], &input(&p)),
+            Err(PickError::NoHealthyEndpoints)
+        );
+    }
+
+    #[test]
+    fn fallbacks_are_ordered() {
+        let (a, b, c) = (m(0.0, 0.0), m(2.0, 0.0), m(4.0, 0.0));
+        let p = HashMap::new();
+        let cfg = SchedulerConfig {
+            fallbacks: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            pick(&cfg, &[cand(1, &c), cand(2, &a), cand(3, &b)], &input(&p)).unwrap(),
+            [1, 2, 0]
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! Owner of pool membership and model rules; publishes the immutable snapshot the request path reads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use inferlane_epp::ModelRules;
+
+use super::messages::ConfigChanged;
+use super::scraper::{ScrapeOptions, Scraper, StopScraping};
+use crate::epp::config::{EndpointSpec, PoolFile};
+use crate::epp::metrics::EppMetrics;
+use crate::epp::state::{EndpointHandle, PoolSnapshot, Shared};
+
+/// Fact: discovery found this set of endpoints (replaces the previous set).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct EndpointsDiscovered(pub Vec<EndpointSpec>);
+
+/// Fact: the model rules changed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RulesChanged(pub ModelRules);
+
+/// The datastore actor.
+pub struct Datastore {
+    shared: Arc<Shared>,
+    client: reqwest::Client,
+    scrape: ScrapeOptions,
+    endpoints: HashMap<String, (Arc<EndpointHandle>, Addr<Scraper>)>,
+    rules: ModelRules,
+    next_id: u32,
+    generation: u64,
+    metrics: EppMetrics,
+    pool_name: String,
+}
+
+impl Datastore {
+    pub fn new(
+        shared: Arc<Shared>,
+        client: reqwest::Client,
+        scrape: ScrapeOptions,
+        metrics: EppMetrics,
+        pool_name: String,
+    ) -> Self {
+        Self {
+            shared,
+            client,
+            scrape,
+            endpoints: HashMap::new(),
+            rules: ModelRules::default(),
+            next_id: 1,
+            generation: 0,
+            metrics,
+            pool_name,
+        }
+    }
+
+    fn set_endpoints(&mut self, specs: Vec<EndpointSpec>) {
+        let wanted: HashMap<&str, &EndpointSpec> =
+            specs.iter().map(|s| (s.address.as_str(), s)).collect();
+        self.endpoints.retain(|addr, (h, scraper)| {
+            let keep = wanted
+                .get(addr.as_str())
+                .is_some_and(|s| s.engine == h.engine);
+            if !keep {
+                tracing::info!(endpoint = %addr, "endpoint left the pool");
+                scraper.do_send(StopScraping);
+            }
+            keep
+        });
+        for s in specs {
+            if self.endpoints.contains_key(&s.address) {
+                continue;
+            }
+            let handle = Arc::new(EndpointHandle::new(self.next_id, s.address.clone(), s.engine));
+            self.next_id += 1;
+            let scraper =
+                Scraper::new(handle.clone(), self.client.clone(), self.scrape.clone()).start();
+            tracing::info!(endpoint = %s.address, engine = ?s.engine, id = handle.id, "endpoint joined the pool");
+            self.endpoints.insert(s.address, (handle, scraper));
+        }
+    }
+
+    fn publish(&mut self) {
+        self.generation += 1;
+        let mut endpoints: Vec<Arc<EndpointHandle>> =
+            self.endpoints.values().map(|(h, _)| h.clone()).collect();
+        endpoints.sort_by_key(|h| h.id);
+        self.shared.snapshot.store(Arc::new(PoolSnapshot {
+            endpoints,
+            rules: self.rules.clone(),
+            generation: self.generation,
+        }));
+    }
+
+    /// Pool-level gauges, refreshed on a timer rather than per scrape.
+    fn update_gauges(&self) {
+        let snap = self.shared.snapshot.load();
+        let (mut n, mut kv, mut q) = (0i64, 0.0, 0.0);
+        for h in &snap.endpoints {
+            let Some(s) = h.scraped.load_full() else {
+                continue;
+            };
+            if !h.is_healthy() {
+                continue;
+            }
+            n += 1;
+            kv += s.metrics.kv_usage;
+            q += s.metrics.waiting;
+            self.metrics.set_pod_queue(&self.pool_name, &h.address, s.metrics.waiting);
+        }
+        self.metrics.set_pool(&self.pool_name, n, kv, q);
+    }
+}
+
+impl Actor for Datastore {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(Duration::from_secs(1), |act, _| act.update_gauges());
+    }
+}
+
+impl Handler<ConfigChanged<PoolFile>> for Datastore {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConfigChanged<PoolFile>, _ctx: &mut Context<Self>) {
+        let pool = &msg.config;
+        self.rules = pool.rules.clone();
+        self.set_endpoints(pool.endpoints.clone());
+        self.publish();
+    }
+}
+
+impl Handler<EndpointsDiscovered> for Datastore {
+    type Result = ();
+
+    fn handle(&mut self, msg: EndpointsDiscovered, _ctx: &mut Context<Self>) {
+        self.set_endpoints(msg.0);
+        self.publish();
+    }
+}
+
+impl Handler<RulesChanged> for Datastore {
+    type Result = ();
+
+    fn handle(&mut self, msg: RulesChanged, _ctx: &mut Context<Self>) {
+        self.rules = msg.0;
+        self.publish();
+    }
+}

@@ -1,0 +1,99 @@
+//! What the request path reads: an immutable pool snapshot of per-endpoint handles updated in place.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use inferlane_epp::{EndpointMetrics, EngineType, ModelRules, PrefixIndex, SchedulerConfig};
+
+/// Metrics of one scrape and when it was taken.
+#[derive(Debug, Clone)]
+pub struct Scraped {
+    pub metrics: EndpointMetrics,
+    pub at: Instant,
+}
+
+/// Models a server lists in `/v1/models`.
+#[derive(Debug, Clone, Default)]
+pub struct ServedModels {
+    pub base: HashSet<String>,
+    pub adapters: HashSet<String>,
+}
+
+impl ServedModels {
+    pub fn contains(&self, model: &str) -> bool {
+        self.base.contains(model) || self.adapters.contains(model)
+    }
+}
+
+/// One endpoint: identity is fixed, live fields are updated by its scraper in place, so a
+/// scrape never rebuilds the pool snapshot.
+#[derive(Debug)]
+pub struct EndpointHandle {
+    pub id: u32,
+    /// `ip:port`, as the gateway's ORIGINAL_DST cluster expects it.
+    pub address: String,
+    pub engine: EngineType,
+    pub scraped: ArcSwapOption<Scraped>,
+    pub models: ArcSwapOption<ServedModels>,
+    pub healthy: AtomicBool,
+    /// Requests we picked it for since its last scrape.
+    pub dispatched_since_scrape: AtomicU64,
+    /// Requests we picked it for that have not finished.
+    pub in_flight: AtomicU64,
+    /// Set when a request for a model got 404 here: the model list is re-read at once.
+    pub models_stale: AtomicBool,
+}
+
+impl EndpointHandle {
+    pub fn new(id: u32, address: String, engine: EngineType) -> Self {
+        Self {
+            id,
+            address,
+            engine,
+            scraped: ArcSwapOption::empty(),
+            models: ArcSwapOption::empty(),
+            // Optimistic until the first scrape says otherwise, so a fresh pool is usable.
+            healthy: AtomicBool::new(true),
+            dispatched_since_scrape: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            models_stale: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// The pool as of the last membership or rules change.
+#[derive(Debug, Default)]
+pub struct PoolSnapshot {
+    pub endpoints: Vec<Arc<EndpointHandle>>,
+    pub rules: ModelRules,
+    pub generation: u64,
+}
+
+/// State shared between the actors and the request path.
+#[derive(Debug)]
+pub struct Shared {
+    pub snapshot: ArcSwap<PoolSnapshot>,
+    pub scheduler: ArcSwap<SchedulerConfig>,
+    /// The only structure the request path writes besides the counters; one short lock per
+    /// request.
+    pub prefix: Mutex<PrefixIndex>,
+}
+
+impl Shared {
+    pub fn new(scheduler: SchedulerConfig) -> Self {
+        let cap = scheduler.prefix_index_capacity;
+        Self {
+            snapshot: ArcSwap::from_pointee(PoolSnapshot::default()),
+            scheduler: ArcSwap::from_pointee(scheduler),
+            prefix: Mutex::new(PrefixIndex::new(cap)),
+        }
+    }
+}
