@@ -40,20 +40,25 @@ write_cfg() { # kubelet-style swap
   ln -sfn "$(basename "$d")" "$R/config/..data_tmp" && mv -T "$R/config/..data_tmp" "$R/config/..data"
   [ -L "$R/config/configmap.yaml" ] || ln -s ..data/configmap.yaml "$R/config/configmap.yaml"
 }
-cfg() { printf 'vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: %s\n  ensureExist:\n    models:\n%s  ensureNotExist:\n    models:\n%s' "$PORT" "$1" "$2"; }
-item() { printf '    - id: %s\n      source: %s\n' "$1" "$R/$2"; }
+# cfg "id:dir id:dir" "id:dir": ensureExist and ensureNotExist lists.
+list() {
+  if [ -z "$1" ]; then echo "    models: []"; return; fi
+  echo "    models:"
+  for pair in $1; do echo "    - id: ${pair%%:*}"; echo "      source: $R/${pair#*:}"; done
+}
+cfg() { printf 'vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: %s\n  ensureExist:\n' "$PORT"; list "$1"; echo "  ensureNotExist:"; list "$2"; }
 ids() { curl -s "$BASE/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))'; }
 wait_ids() { for _ in $(seq 1 200); do [ "$(ids)" = "$1" ] && break; sleep 0.05; done; check "$2" "$(ids)" "$1"; }
 
-cfg "$(item a1 a1)" "" | write_cfg
+cfg "a1:a1" "" | write_cfg
 target/debug/lora-sidecar --config "$R/config/configmap.yaml" --metrics-host 127.0.0.1 --metrics-port 0 \
   --reconcile-trigger 1s > "$R/sidecar.out" 2> "$R/sidecar.log" &
 pids+=($!)
 wait_ids "a1" "start with a1"
-t0=$(date +%s%N); cfg "$(item a1 a1)$(item a2 a2)" "" | write_cfg; wait_ids "a1,a2" "add a2"
+t0=$(date +%s%N); cfg "a1:a1 a2:a2" "" | write_cfg; wait_ids "a1,a2" "add a2"
 echo "  swap -> listed: $(( ($(date +%s%N) - t0) / 1000000 )) ms"
-cfg "$(item a2 a2)" "$(item a1 a1)" | write_cfg; wait_ids "a2" "retire a1"
-cfg "$(item a2 a2)$(item big too-big)" "$(item a1 a1)" | write_cfg
+cfg "a2:a2" "a1:a1" | write_cfg; wait_ids "a2" "retire a1"
+cfg "a2:a2 big:too-big" "a1:a1" | write_cfg
 sleep 2
 check "bad adapter does not block others" "$(ids)" "a2"
 grep -q 'LoRA rank 16' "$R/sidecar.log" && echo "PASS rank error surfaced in logs" || { echo "FAIL rank error not in logs"; fail=1; }

@@ -74,7 +74,11 @@ impl Datastore {
             if self.endpoints.contains_key(&s.address) {
                 continue;
             }
-            let handle = Arc::new(EndpointHandle::new(self.next_id, s.address.clone(), s.engine));
+            let handle = Arc::new(EndpointHandle::new(
+                self.next_id,
+                s.address.clone(),
+                s.engine,
+            ));
             self.next_id += 1;
             let scraper =
                 Scraper::new(handle.clone(), self.client.clone(), self.scrape.clone()).start();
@@ -109,7 +113,8 @@ impl Datastore {
             n += 1;
             kv += s.metrics.kv_usage;
             q += s.metrics.waiting;
-            self.metrics.set_pod_queue(&self.pool_name, &h.address, s.metrics.waiting);
+            self.metrics
+                .set_pod_queue(&self.pool_name, &h.address, s.metrics.waiting);
         }
         self.metrics.set_pool(&self.pool_name, n, kv, q);
     }

@@ -1,6 +1,8 @@
 //! The actix I/O shell: one actor per concern, exchanging typed command and fact messages.
 
+pub mod datastore;
 pub mod file_watcher;
 pub mod messages;
 pub mod reconciler;
+pub mod scraper;
 pub mod sim_engine;

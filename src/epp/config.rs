@@ -178,7 +178,9 @@ struct RawPickerConfig {
 fn seconds(v: &serde_yaml::Value) -> Option<f64> {
     match v {
         serde_yaml::Value::Number(n) => n.as_f64(),
-        serde_yaml::Value::String(s) => crate::lora::parse_duration(s).ok().map(|d| d.as_secs_f64()),
+        serde_yaml::Value::String(s) => {
+            crate::lora::parse_duration(s).ok().map(|d| d.as_secs_f64())
+        }
         _ => None,
     }
 }
@@ -200,7 +202,10 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
     // A plugin name (or its type) -> type.
     let mut types: HashMap<String, String> = HashMap::new();
     for p in &raw.plugins {
-        types.insert(p.name.clone().unwrap_or_else(|| p.kind.clone()), p.kind.clone());
+        types.insert(
+            p.name.clone().unwrap_or_else(|| p.kind.clone()),
+            p.kind.clone(),
+        );
         if p.kind == "prefix-cache-scorer" {
             for (k, v) in &p.parameters {
                 let n = v.as_f64().or_else(|| v.as_u64().map(|x| x as f64));
@@ -214,7 +219,8 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
                         return Err(EppConfigError::Invalid {
                             field: format!("plugins[prefix-cache-scorer].parameters.{k}"),
                             message: "unknown parameter or not a number".into(),
-                            fix: "use blockSize (tokens), maxPrefixBlocksToMatch or indexCapacity".into(),
+                            fix: "use blockSize (tokens), maxPrefixBlocksToMatch or indexCapacity"
+                                .into(),
                         });
                     }
                 }
@@ -227,7 +233,10 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
         cfg.prefix_cache_weight = 0.0;
         cfg.lora_affinity_weight = 0.0;
         for (i, p) in profile.plugins.iter().enumerate() {
-            let kind = types.get(&p.plugin_ref).cloned().unwrap_or_else(|| p.plugin_ref.clone());
+            let kind = types
+                .get(&p.plugin_ref)
+                .cloned()
+                .unwrap_or_else(|| p.plugin_ref.clone());
             let w = p.weight.unwrap_or(1.0);
             match kind.as_str() {
                 "queue-scorer" => cfg.queue_weight = w,
@@ -263,8 +272,14 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
         cfg.fallbacks = f;
     }
     for (field, v) in [
-        ("saturationDetector.queueDepthThreshold", cfg.queue_depth_threshold),
-        ("saturationDetector.kvCacheUtilThreshold", cfg.kv_cache_util_threshold),
+        (
+            "saturationDetector.queueDepthThreshold",
+            cfg.queue_depth_threshold,
+        ),
+        (
+            "saturationDetector.kvCacheUtilThreshold",
+            cfg.kv_cache_util_threshold,
+        ),
     ] {
         if v <= 0.0 || !v.is_finite() {
             return Err(EppConfigError::Invalid {
@@ -289,7 +304,13 @@ mod tests {
         .unwrap();
         assert_eq!(p.endpoints.len(), 2);
         assert_eq!(p.endpoints[1].engine, EngineType::Sglang);
-        assert_eq!(p.rules.resolve("food-review", None, None, 0.95).unwrap().target, "food-review-2");
+        assert_eq!(
+            p.rules
+                .resolve("food-review", None, None, 0.95)
+                .unwrap()
+                .target,
+            "food-review-2"
+        );
         let e = PoolFile::parse("endpoints:\n- address: nope\n").unwrap_err();
         assert!(e.to_string().contains("endpoints[0].address"), "{e}");
         let e = PoolFile::parse("endpoints:\n- adress: 1.2.3.4:5\n").unwrap_err();
@@ -302,11 +323,18 @@ mod tests {
             "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: prefix-cache-scorer\n  parameters: {blockSize: 32}\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n    weight: 1\n  - pluginRef: prefix-cache-scorer\n    weight: 5\nsaturationDetector:\n  metricsStalenessThreshold: 500ms\n",
         )
         .unwrap();
-        assert_eq!((c.queue_weight, c.prefix_cache_weight, c.kv_cache_weight), (1.0, 5.0, 0.0));
+        assert_eq!(
+            (c.queue_weight, c.prefix_cache_weight, c.kv_cache_weight),
+            (1.0, 5.0, 0.0)
+        );
         assert_eq!(c.prefix_block_chars, 128);
         assert!((c.metrics_staleness_threshold - 0.5).abs() < 1e-9);
-        let e = parse_picker_config("schedulingProfiles:\n- plugins:\n  - pluginRef: magic\n").unwrap_err();
+        let e = parse_picker_config("schedulingProfiles:\n- plugins:\n  - pluginRef: magic\n")
+            .unwrap_err();
         assert!(e.to_string().contains("unknown plugin"), "{e}");
-        assert_eq!(parse_picker_config("{}").unwrap(), SchedulerConfig::default());
+        assert_eq!(
+            parse_picker_config("{}").unwrap(),
+            SchedulerConfig::default()
+        );
     }
 }

@@ -77,21 +77,60 @@ impl EppMetrics {
             pool_ready: Family::default(),
             pod_queue: Family::default(),
         };
-        r.register("inference_objective_request", "Requests per model and target model", m.requests.clone());
-        r.register("inference_objective_request_error", "Failed requests per model and error code", m.errors.clone());
-        r.register("inference_objective_input_tokens", "Prompt tokens per request", m.input_tokens.clone());
-        r.register("inference_objective_output_tokens", "Completion tokens per request", m.output_tokens.clone());
+        r.register(
+            "inference_objective_request",
+            "Requests per model and target model",
+            m.requests.clone(),
+        );
+        r.register(
+            "inference_objective_request_error",
+            "Failed requests per model and error code",
+            m.errors.clone(),
+        );
+        r.register(
+            "inference_objective_input_tokens",
+            "Prompt tokens per request",
+            m.input_tokens.clone(),
+        );
+        r.register(
+            "inference_objective_output_tokens",
+            "Completion tokens per request",
+            m.output_tokens.clone(),
+        );
         r.register(
             "inference_extension_scheduler_e2e_duration_seconds",
             "Time to pick an endpoint for one request",
             m.scheduler_e2e.clone(),
         );
-        r.register("inference_extension_picks", "Requests sent to each endpoint", m.picks.clone());
-        r.register("inference_pool_average_kv_cache_utilization", "Mean KV cache usage of ready endpoints", m.pool_kv.clone());
-        r.register("inference_pool_average_queue_size", "Mean waiting queue of ready endpoints", m.pool_queue.clone());
-        r.register("inference_pool_ready_pods", "Endpoints answering their metrics", m.pool_ready.clone());
-        r.register("inference_pool_per_pod_queue_size", "Waiting queue per endpoint", m.pod_queue.clone());
-        Self { registry: Arc::new(r), ..m }
+        r.register(
+            "inference_extension_picks",
+            "Requests sent to each endpoint",
+            m.picks.clone(),
+        );
+        r.register(
+            "inference_pool_average_kv_cache_utilization",
+            "Mean KV cache usage of ready endpoints",
+            m.pool_kv.clone(),
+        );
+        r.register(
+            "inference_pool_average_queue_size",
+            "Mean waiting queue of ready endpoints",
+            m.pool_queue.clone(),
+        );
+        r.register(
+            "inference_pool_ready_pods",
+            "Endpoints answering their metrics",
+            m.pool_ready.clone(),
+        );
+        r.register(
+            "inference_pool_per_pod_queue_size",
+            "Waiting queue per endpoint",
+            m.pod_queue.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            ..m
+        }
     }
 
     pub fn set_pool(&self, pool: &str, ready: i64, kv_sum: f64, queue_sum: f64) {
@@ -104,7 +143,10 @@ impl EppMetrics {
 
     pub fn set_pod_queue(&self, pool: &str, pod: &str, q: f64) {
         self.pod_queue
-            .get_or_create(&PodLabels { name: pool.into(), model_server_pod: pod.into() })
+            .get_or_create(&PodLabels {
+                name: pool.into(),
+                model_server_pod: pod.into(),
+            })
             .set(q);
     }
 

@@ -100,6 +100,8 @@ struct AdminStats {
     in_flight: std::sync::atomic::AtomicUsize,
     max_in_flight: std::sync::atomic::AtomicUsize,
     calls: AtomicU64,
+    /// Generation requests accepted, per model name.
+    requests_by_model: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Unix milliseconds of every load attempt, per adapter name.
     load_attempts: Mutex<std::collections::BTreeMap<String, Vec<u64>>>,
 }
@@ -255,6 +257,7 @@ async fn stats(State(state): State<Arc<SimState>>) -> Json<Value> {
         "admin_calls": a.calls.load(Ordering::Relaxed),
         "admin_max_in_flight": a.max_in_flight.load(Ordering::SeqCst),
         "load_attempts": *a.load_attempts.lock().expect("stats lock"),
+        "requests_by_model": *a.requests_by_model.lock().expect("stats lock"),
         "adapters": state.registry.lock().expect("registry lock").adapters().len(),
     }))
 }
@@ -507,6 +510,13 @@ async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Response {
             max_tokens
         )));
     }
+    *state
+        .admin
+        .requests_by_model
+        .lock()
+        .expect("stats lock")
+        .entry(model.clone())
+        .or_default() += 1;
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let seed = state.args.seed.wrapping_mul(1_000_003).wrapping_add(id);
     let block_chars = (state.args.block_size.max(1) * 4) as usize;

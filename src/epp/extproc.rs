@@ -1,0 +1,736 @@
+//! Envoy ext_proc server: one gRPC stream per HTTP request; picks from the snapshot, never a mailbox.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders,
+    ImmediateResponse, ProcessingRequest, ProcessingResponse, StreamedBodyResponse,
+    TrailersResponse, body_mutation, processing_request, processing_response,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value::Kind};
+use futures::Stream;
+use inferlane_epp::request::{self, ApiKind};
+use inferlane_epp::scheduler::{Candidate, ModelPresence, PickInput, pool_saturation};
+use inferlane_epp::{PickError, RuleError};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::metrics::{EndpointLabels, ErrorLabels, ModelLabels};
+use super::state::{EndpointHandle, Shared};
+use super::usage::UsageParser;
+use crate::epp::metrics::EppMetrics;
+
+/// Header carrying the decision to the gateway (and Envoy's ORIGINAL_DST cluster).
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+const LB_NAMESPACE: &str = "envoy.lb";
+const FULL_DUPLEX_STREAMED: i32 = 4;
+const STREAM_CHUNK: usize = 64 * 1024;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ExtProcOptions {
+    /// Largest request body accepted; larger gets 413.
+    pub max_body_bytes: usize,
+}
+
+/// The ext_proc service.
+#[derive(Clone)]
+pub struct ExtProc {
+    shared: Arc<Shared>,
+    opts: ExtProcOptions,
+    metrics: EppMetrics,
+}
+
+impl ExtProc {
+    pub fn new(shared: Arc<Shared>, opts: ExtProcOptions, metrics: EppMetrics) -> Self {
+        Self {
+            shared,
+            opts,
+            metrics,
+        }
+    }
+}
+
+type Tx = mpsc::Sender<Result<ProcessingResponse, Status>>;
+
+/// Decrements the endpoint's in-flight counter when the request's stream ends.
+struct InFlight(Arc<EndpointHandle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer sent instead of forwarding the request.
+#[derive(Debug)]
+struct Reject {
+    status: u16,
+    message: String,
+    code: &'static str,
+}
+
+impl Reject {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct RequestState {
+    headers: HashMap<String, String>,
+    full_duplex: bool,
+    body: Vec<u8>,
+    subset: Option<Vec<String>>,
+    requested_model: String,
+    target_model: String,
+    rewritten: bool,
+    in_flight: Option<InFlight>,
+    usage: Option<UsageParser>,
+    response_status: u16,
+}
+
+fn header_value(h: &HeaderValue) -> String {
+    if h.raw_value.is_empty() {
+        h.value.clone()
+    } else {
+        String::from_utf8_lossy(&h.raw_value).into_owned()
+    }
+}
+
+fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.into(),
+            // Envoy 1.40 reads raw_value; `value` would arrive empty.
+            raw_value: value.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> PbValue {
+    PbValue {
+        kind: Some(Kind::StringValue(s.into())),
+    }
+}
+
+fn lb_metadata(destination: &str) -> Struct {
+    let inner = Struct {
+        fields: [(DESTINATION_HEADER.to_string(), string_value(destination))]
+            .into_iter()
+            .collect(),
+    };
+    Struct {
+        fields: [(
+            LB_NAMESPACE.to_string(),
+            PbValue {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }
+}
+
+fn subset_hint(req: &ProcessingRequest) -> Option<Vec<String>> {
+    let md = req.metadata_context.as_ref()?;
+    let ns = md.filter_metadata.get(SUBSET_NAMESPACE)?;
+    let v = ns.fields.get(SUBSET_KEY)?;
+    match v.kind.as_ref()? {
+        Kind::ListValue(l) => Some(
+            l.values
+                .iter()
+                .filter_map(|v| match v.kind.as_ref()? {
+                    Kind::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Kind::StringValue(s) => Some(
+            s.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn immediate(r: &Reject) -> ProcessingResponse {
+    let body =
+        json!({"error": {"message": r.message, "type": r.code, "code": r.status}}).to_string();
+    ProcessingResponse {
+        response: Some(processing_response::Response::ImmediateResponse(
+            ImmediateResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(r.status),
+                }),
+                headers: Some(HeaderMutation {
+                    set_headers: vec![set_header("content-type", "application/json")],
+                    ..Default::default()
+                }),
+                body: body.into_bytes(),
+                details: format!("epp_{}", r.code),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn continue_headers() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestHeaders(
+            HeadersResponse::default(),
+        )),
+        ..Default::default()
+    }
+}
+
+/// The routing decision: where to send the request and how to change it.
+struct Decision {
+    destination: String,
+    extra_headers: Vec<HeaderValueOption>,
+    new_body: Option<Vec<u8>>,
+}
+
+impl ExtProc {
+    /// Picks for a request; the only shared writes are atomics and the prefix index.
+    fn decide(&self, st: &mut RequestState) -> Result<Decision, Reject> {
+        let started = Instant::now();
+        let path = st.headers.get(":path").cloned().unwrap_or_default();
+        let api = ApiKind::from_path(&path);
+        let snap = self.shared.snapshot.load();
+        let cfg = self.shared.scheduler.load();
+        let mut extra_headers = Vec::new();
+        if !st.headers.contains_key("x-request-id") {
+            let id = format!("{:032x}", rand::random::<u128>());
+            extra_headers.push(set_header("x-request-id", &id));
+        }
+        let parsed = if st.body.is_empty() {
+            None
+        } else {
+            Some(
+                request::parse_body(api, &st.body)
+                    .map_err(|e| Reject::new(400, "BadRequest", e.to_string()))?,
+            )
+        };
+        let (resolved, prompt) = match &parsed {
+            Some(p) => {
+                let objective = st
+                    .headers
+                    .get("x-gateway-inference-objective")
+                    .map(String::as_str);
+                let rewrite = st
+                    .headers
+                    .get("x-gateway-model-name-rewrite")
+                    .map(String::as_str);
+                let r = snap
+                    .rules
+                    .resolve(&p.model, objective, rewrite, rand::random::<f64>())
+                    .map_err(|e| match e {
+                        RuleError::UnknownModel(_) => {
+                            Reject::new(404, "ModelNotFound", e.to_string())
+                        }
+                        _ => Reject::new(400, "BadRequest", e.to_string()),
+                    })?;
+                (Some(r), p.prompt.as_str())
+            }
+            None => (None, ""),
+        };
+        let target = resolved.as_ref().map(|r| r.target.clone());
+        let endpoints: Vec<&Arc<EndpointHandle>> = match &st.subset {
+            Some(list) => {
+                if list.is_empty() {
+                    return Err(Reject::new(
+                        503,
+                        "ServiceUnavailable",
+                        "the gateway's subset hint lists no endpoints",
+                    ));
+                }
+                snap.endpoints
+                    .iter()
+                    .filter(|h| list.iter().any(|a| *a == h.address))
+                    .collect()
+            }
+            None => snap.endpoints.iter().collect(),
+        };
+        let now = Instant::now();
+        let scraped: Vec<_> = endpoints.iter().map(|h| h.scraped.load_full()).collect();
+        let models: Vec<_> = endpoints.iter().map(|h| h.models.load_full()).collect();
+        let is_adapter = target.as_ref().is_some_and(|t| {
+            models.iter().flatten().any(|m| m.adapters.contains(t))
+                && !models.iter().flatten().any(|m| m.base.contains(t))
+        });
+        let candidates: Vec<Candidate<'_>> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Candidate {
+                id: h.id,
+                metrics: scraped[i].as_ref().map(|s| &s.metrics),
+                metrics_age: scraped[i]
+                    .as_ref()
+                    .map(|s| now.duration_since(s.at).as_secs_f64())
+                    .unwrap_or(f64::INFINITY),
+                healthy: h.is_healthy(),
+                has_model: match (&target, &models[i]) {
+                    (None, _) => ModelPresence::Yes,
+                    (Some(_), None) => ModelPresence::Unknown,
+                    (Some(t), Some(m)) => {
+                        if m.contains(t) {
+                            ModelPresence::Yes
+                        } else {
+                            ModelPresence::No
+                        }
+                    }
+                },
+                dispatched_since_scrape: h.dispatched_since_scrape.load(Ordering::Relaxed),
+            })
+            .collect();
+        let seed = target.as_deref().unwrap_or("");
+        let blocks = if cfg.prefix_cache_weight > 0.0 {
+            request::prefix_blocks(seed, prompt, cfg.prefix_block_chars, cfg.prefix_max_blocks)
+        } else {
+            Vec::new()
+        };
+        let matches = if blocks.is_empty() {
+            HashMap::new()
+        } else {
+            self.shared
+                .prefix
+                .lock()
+                .expect("prefix lock")
+                .match_lengths(&blocks)
+        };
+        let input = PickInput {
+            target: seed,
+            is_adapter,
+            sheddable: resolved.as_ref().is_some_and(|r| r.sheddable()),
+            prefix_matches: &matches,
+            total_blocks: blocks.len(),
+            tie_break: rand::random(),
+        };
+        let picked = inferlane_epp::pick(&cfg, &candidates, &input).map_err(|e| {
+            let code = match e {
+                PickError::Saturated => "TooManyRequests",
+                _ => "ServiceUnavailable",
+            };
+            if matches!(e, PickError::Saturated) {
+                tracing::debug!(saturation = pool_saturation(&cfg, &candidates), "shedding");
+            }
+            Reject::new(e.status(), code, e.to_string())
+        })?;
+        let chosen = endpoints[picked[0]];
+        chosen
+            .dispatched_since_scrape
+            .fetch_add(1, Ordering::Relaxed);
+        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+        st.in_flight = Some(InFlight(chosen.clone()));
+        if !blocks.is_empty() {
+            self.shared
+                .prefix
+                .lock()
+                .expect("prefix lock")
+                .insert(&blocks, chosen.id);
+        }
+        let destination = picked
+            .iter()
+            .map(|&i| endpoints[i].address.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut new_body = None;
+        if let (Some(r), Some(p)) = (&resolved, &parsed) {
+            st.requested_model = r.requested.clone();
+            st.target_model = r.target.clone();
+            st.rewritten = r.rewritten();
+            if r.rewritten() {
+                let body = request::with_model(p, &r.target);
+                if !st.full_duplex {
+                    extra_headers.push(set_header("content-length", &body.len().to_string()));
+                }
+                new_body = Some(body);
+            }
+            self.metrics
+                .requests
+                .get_or_create(&ModelLabels {
+                    model_name: r.requested.clone(),
+                    target_model_name: r.target.clone(),
+                })
+                .inc();
+            st.usage = Some(UsageParser::default());
+        }
+        self.metrics
+            .picks
+            .get_or_create(&EndpointLabels {
+                endpoint: chosen.address.clone(),
+            })
+            .inc();
+        self.metrics
+            .scheduler_e2e
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(model = %st.requested_model, target = %st.target_model, endpoint = %destination, "picked");
+        Ok(Decision {
+            destination,
+            extra_headers,
+            new_body,
+        })
+    }
+
+    fn record_error(&self, st: &RequestState, status: u16) {
+        self.metrics
+            .errors
+            .get_or_create(&ErrorLabels {
+                model_name: st.requested_model.clone(),
+                target_model_name: st.target_model.clone(),
+                error_code: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// Answers for the request once its body (if any) is complete.
+    async fn route(&self, st: &mut RequestState, tx: &Tx) -> Result<bool, Status> {
+        match self.decide(st) {
+            Ok(d) => {
+                let mut set_headers = vec![set_header(DESTINATION_HEADER, &d.destination)];
+                set_headers.extend(d.extra_headers);
+                let mut remove_headers = Vec::new();
+                if st.full_duplex {
+                    // The body goes upstream chunked.
+                    remove_headers.push("content-length".to_string());
+                }
+                let common = CommonResponse {
+                    header_mutation: Some(HeaderMutation {
+                        set_headers,
+                        remove_headers,
+                    }),
+                    clear_route_cache: true,
+                    ..Default::default()
+                };
+                let metadata = Some(lb_metadata(&d.destination));
+                if st.full_duplex {
+                    send(
+                        tx,
+                        ProcessingResponse {
+                            response: Some(processing_response::Response::RequestHeaders(
+                                HeadersResponse {
+                                    response: Some(common),
+                                },
+                            )),
+                            dynamic_metadata: metadata,
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                    let body = d.new_body.unwrap_or_else(|| std::mem::take(&mut st.body));
+                    let chunks: Vec<&[u8]> = if body.is_empty() {
+                        vec![&[][..]]
+                    } else {
+                        body.chunks(STREAM_CHUNK).collect()
+                    };
+                    let n = chunks.len();
+                    for (i, c) in chunks.into_iter().enumerate() {
+                        send(
+                            tx,
+                            ProcessingResponse {
+                                response: Some(processing_response::Response::RequestBody(
+                                    BodyResponse {
+                                        response: Some(CommonResponse {
+                                            body_mutation: Some(BodyMutation {
+                                                mutation: Some(
+                                                    body_mutation::Mutation::StreamedResponse(
+                                                        StreamedBodyResponse {
+                                                            body: c.to_vec(),
+                                                            end_of_stream: i + 1 == n,
+                                                            ..Default::default()
+                                                        },
+                                                    ),
+                                                ),
+                                            }),
+                                            ..Default::default()
+                                        }),
+                                    },
+                                )),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    }
+                } else if st.body.is_empty() {
+                    // No body: the decision rides on the headers answer.
+                    send(
+                        tx,
+                        ProcessingResponse {
+                            response: Some(processing_response::Response::RequestHeaders(
+                                HeadersResponse {
+                                    response: Some(common),
+                                },
+                            )),
+                            dynamic_metadata: metadata,
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                } else {
+                    let mut common = common;
+                    if let Some(b) = d.new_body {
+                        common.body_mutation = Some(BodyMutation {
+                            mutation: Some(body_mutation::Mutation::Body(b)),
+                        });
+                    }
+                    send(
+                        tx,
+                        ProcessingResponse {
+                            response: Some(processing_response::Response::RequestBody(
+                                BodyResponse {
+                                    response: Some(common),
+                                },
+                            )),
+                            dynamic_metadata: metadata,
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                }
+                Ok(true)
+            }
+            Err(r) => {
+                self.record_error(st, r.status);
+                tracing::info!(status = r.status, reason = %r.message, path = %st.headers.get(":path").map(String::as_str).unwrap_or(""), "request rejected");
+                send(tx, immediate(&r)).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn handle_stream(
+        &self,
+        inbound: &mut Streaming<ProcessingRequest>,
+        tx: &Tx,
+    ) -> Result<(), Status> {
+        let mut st = RequestState::default();
+        loop {
+            let msg = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                // Envoy resets the stream once the HTTP exchange is over; that is the normal
+                // end of a request we already routed.
+                Err(e) if st.in_flight.is_some() => {
+                    tracing::trace!(error = %e, "gateway ended the stream");
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(req) = msg.request.as_ref() else {
+                continue;
+            };
+            match req {
+                processing_request::Request::RequestHeaders(h) => {
+                    st.full_duplex = msg
+                        .protocol_config
+                        .as_ref()
+                        .is_some_and(|p| p.request_body_mode == FULL_DUPLEX_STREAMED);
+                    read_headers(h, &mut st.headers);
+                    st.subset = subset_hint(&msg);
+                    if h.end_of_stream {
+                        if !self.route(&mut st, tx).await? {
+                            return Ok(());
+                        }
+                    } else if !st.full_duplex {
+                        send(tx, continue_headers()).await?;
+                    }
+                }
+                processing_request::Request::RequestBody(b) => {
+                    if st.body.len() + b.body.len() > self.opts.max_body_bytes {
+                        let r = Reject::new(
+                            413,
+                            "PayloadTooLarge",
+                            format!(
+                                "request body larger than {} bytes (--max-body-bytes)",
+                                self.opts.max_body_bytes
+                            ),
+                        );
+                        self.record_error(&st, 413);
+                        send(tx, immediate(&r)).await?;
+                        return Ok(());
+                    }
+                    st.body.extend_from_slice(&b.body);
+                    if b.end_of_stream && !self.route(&mut st, tx).await? {
+                        return Ok(());
+                    }
+                }
+                processing_request::Request::RequestTrailers(_) => {
+                    if st.in_flight.is_none() && !self.route(&mut st, tx).await? {
+                        return Ok(());
+                    }
+                    send(
+                        tx,
+                        ProcessingResponse {
+                            response: Some(processing_response::Response::RequestTrailers(
+                                TrailersResponse::default(),
+                            )),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                }
+                processing_request::Request::ResponseHeaders(h) => {
+                    let mut hs = HashMap::new();
+                    read_headers(h, &mut hs);
+                    st.response_status =
+                        hs.get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+                    if st.response_status >= 400 {
+                        self.record_error(&st, st.response_status);
+                        if st.response_status == 404
+                            && let Some(f) = &st.in_flight
+                        {
+                            // The server no longer has the model: re-read its list now.
+                            f.0.models_stale.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    let mut common = CommonResponse::default();
+                    if st.rewritten {
+                        // The body changes size when the model name is put back.
+                        common.header_mutation = Some(HeaderMutation {
+                            remove_headers: vec!["content-length".into()],
+                            ..Default::default()
+                        });
+                    }
+                    send(
+                        tx,
+                        ProcessingResponse {
+                            response: Some(processing_response::Response::ResponseHeaders(
+                                HeadersResponse {
+                                    response: Some(common),
+                                },
+                            )),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                }
+                processing_request::Request::ResponseBody(b) => {
+                    let mut out = None;
+                    if let Some(u) = st.usage.as_mut() {
+                        u.feed(&b.body);
+                        if st.rewritten {
+                            out = Some(super::usage::restore_model(
+                                &b.body,
+                                &st.target_model,
+                                &st.requested_model,
+                            ));
+                        }
+                    }
+                    if b.end_of_stream
+                        && let Some(u) = st.usage.take()
+                        && let Some((prompt, completion)) = u.finish()
+                    {
+                        let l = ModelLabels {
+                            model_name: st.requested_model.clone(),
+                            target_model_name: st.target_model.clone(),
+                        };
+                        self.metrics
+                            .input_tokens
+                            .get_or_create(&l)
+                            .observe(prompt as f64);
+                        self.metrics
+                            .output_tokens
+                            .get_or_create(&l)
+                            .observe(completion as f64);
+                    }
+                    let common = CommonResponse {
+                        body_mutation: out.map(|b| BodyMutation {
+                            mutation: Some(body_mutation::Mutation::Body(b)),
+                        }),
+                        ..Default::default()
+                    };
+                    send(
+                        tx,
+                        ProcessingResponse {
+                            response: Some(processing_response::Response::ResponseBody(
+                                BodyResponse {
+                                    response: Some(common),
+                                },
+                            )),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                }
+                processing_request::Request::ResponseTrailers(_) => {
+                    send(
+                        tx,
+                        ProcessingResponse {
+                            response: Some(processing_response::Response::ResponseTrailers(
+                                TrailersResponse::default(),
+                            )),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_headers(h: &HttpHeaders, out: &mut HashMap<String, String>) {
+    if let Some(map) = &h.headers {
+        for hv in &map.headers {
+            out.insert(hv.key.to_ascii_lowercase(), header_value(hv));
+        }
+    }
+}
+
+async fn send(tx: &Tx, resp: ProcessingResponse) -> Result<(), Status> {
+    tx.send(Ok(resp))
+        .await
+        .map_err(|_| Status::cancelled("gateway closed the stream"))
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProc {
+    type ProcessStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(
+            async move {
+                if let Err(status) = this.handle_stream(&mut inbound, &tx).await {
+                    // Never end a stream silently: Envoy would forward the request without a pick.
+                    if status.code() != tonic::Code::Cancelled {
+                        tracing::warn!(error = %status, "ext_proc stream failed");
+                    }
+                    let _ = tx.send(Err(status)).await;
+                }
+            }
+            .instrument(tracing::debug_span!("ext_proc")),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

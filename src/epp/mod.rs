@@ -1,0 +1,272 @@
+//! epp wiring: flags, the ext_proc and health gRPC servers, the metrics server, actor start-up.
+
+pub mod config;
+pub mod extproc;
+pub mod metrics;
+pub mod state;
+pub mod usage;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use clap::Args;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use thiserror::Error;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::actors::datastore::Datastore;
+use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatcherOptions};
+use crate::actors::scraper::ScrapeOptions;
+use crate::lora::parse_duration;
+use config::PoolFile;
+use extproc::{ExtProc, ExtProcOptions};
+use metrics::EppMetrics;
+use state::Shared;
+
+/// Errors that stop the EPP from starting.
+#[derive(Debug, Error)]
+pub enum EppError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read --config-file {path}: {source}")]
+    ReadConfig {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--config-file {path}: {source}")]
+    Config {
+        path: String,
+        #[source]
+        source: config::EppConfigError,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    #[error("no endpoint source: give --pool-file (standalone mode)")]
+    NoDiscovery,
+}
+
+/// epp flags (upstream-compatible names where upstream has them).
+#[derive(Debug, Clone, Args)]
+pub struct EppArgs {
+    /// ext_proc gRPC port.
+    #[arg(long, default_value_t = 9002)]
+    pub grpc_port: u16,
+    /// gRPC health port (services `liveness`, `readiness`, the ExternalProcessor).
+    #[arg(long, default_value_t = 9003)]
+    pub grpc_health_port: u16,
+    /// Prometheus metrics port.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Address every server binds.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: String,
+    /// The InferencePool this EPP serves (labels metrics).
+    #[arg(long, default_value = "default-pool")]
+    pub pool_name: String,
+    #[arg(long, default_value = "default")]
+    pub pool_namespace: String,
+    /// EndpointPickerConfig file (scorer weights, saturation thresholds).
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// Standalone mode: YAML file with the pool's endpoints and model rules, watched live.
+    #[arg(long, env = "EPP_POOL_FILE")]
+    pub pool_file: Option<PathBuf>,
+    /// Metrics scrape period per endpoint.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub refresh_metrics_interval: Duration,
+    /// Period for re-reading each endpoint's /v1/models (adapter availability).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub refresh_models_interval: Duration,
+    /// Timeout of one scrape.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub scrape_timeout: Duration,
+    /// Largest request body accepted (413 above).
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// Addresses the servers bound (ports may have been 0).
+#[derive(Debug, Clone)]
+pub struct EppHandle {
+    pub grpc: SocketAddr,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+async fn bind(
+    what: &'static str,
+    host: &str,
+    port: u16,
+) -> Result<tokio::net::TcpListener, EppError> {
+    let addr = format!("{host}:{port}");
+    tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| EppError::Bind { what, addr, source })
+}
+
+async fn metrics_page(State(m): State<EppMetrics>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}
+
+/// Starts the EPP. Must run inside an actix `System`.
+pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
+    let scheduler = match &args.config_file {
+        Some(p) => {
+            let path = p.display().to_string();
+            let text = std::fs::read_to_string(p).map_err(|source| EppError::ReadConfig {
+                path: path.clone(),
+                source,
+            })?;
+            config::parse_picker_config(&text)
+                .map_err(|source| EppError::Config { path, source })?
+        }
+        None => inferlane_epp::SchedulerConfig::default(),
+    };
+    let pool_file = args.pool_file.clone().ok_or(EppError::NoDiscovery)?;
+    let shared = Arc::new(Shared::new(scheduler));
+    let metrics = EppMetrics::new();
+
+    let grpc = bind("ext_proc gRPC", &args.bind_address, args.grpc_port).await?;
+    let health = bind("gRPC health", &args.bind_address, args.grpc_health_port).await?;
+    let metrics_l = bind("metrics", &args.bind_address, args.metrics_port).await?;
+    let handle = EppHandle {
+        grpc: grpc.local_addr().map_err(|source| EppError::Bind {
+            what: "ext_proc gRPC",
+            addr: args.bind_address.clone(),
+            source,
+        })?,
+        health: health.local_addr().map_err(|source| EppError::Bind {
+            what: "gRPC health",
+            addr: args.bind_address.clone(),
+            source,
+        })?,
+        metrics: metrics_l.local_addr().map_err(|source| EppError::Bind {
+            what: "metrics",
+            addr: args.bind_address.clone(),
+            source,
+        })?,
+    };
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(2)
+        .connect_timeout(args.scrape_timeout)
+        .build()
+        .map_err(EppError::Client)?;
+    let datastore = Datastore::new(
+        shared.clone(),
+        client,
+        ScrapeOptions {
+            metrics_interval: args.refresh_metrics_interval,
+            models_interval: args.refresh_models_interval,
+            timeout: args.scrape_timeout,
+        },
+        metrics.clone(),
+        args.pool_name.clone(),
+    )
+    .start();
+    FileWatcher::<PoolFile>::new(
+        WatcherOptions {
+            path: pool_file,
+            validate: true,
+            debounce: Duration::from_millis(10),
+            poll_interval: Duration::from_secs(10),
+        },
+        datastore.recipient(),
+        WatchMetrics::default(),
+    )
+    .start();
+
+    let svc = ExternalProcessorServer::new(ExtProc::new(
+        shared.clone(),
+        ExtProcOptions {
+            max_body_bytes: args.max_body_bytes,
+        },
+        metrics.clone(),
+    ))
+    // A buffered body arrives in one message; allow it past tonic's 4 MiB default.
+    .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
+    tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(TcpListenerStream::new(grpc))
+            .await
+        {
+            tracing::error!(error = %e, "ext_proc server stopped");
+        }
+    });
+
+    let (reporter, health_svc) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status("readiness", ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_service_status(
+            "envoy.service.ext_proc.v3.ExternalProcessor",
+            ServingStatus::NotServing,
+        )
+        .await;
+    tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(health_svc)
+            .serve_with_incoming(TcpListenerStream::new(health))
+            .await
+        {
+            tracing::error!(error = %e, "health server stopped");
+        }
+    });
+    // Ready once the pool has been read.
+    let shared_r = shared.clone();
+    tokio::spawn(async move {
+        let mut ready = false;
+        loop {
+            let now = shared_r.snapshot.load().generation > 0;
+            if now != ready {
+                ready = now;
+                let s = if ready {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                reporter.set_service_status("readiness", s).await;
+                reporter
+                    .set_service_status("envoy.service.ext_proc.v3.ExternalProcessor", s)
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .with_state(metrics);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_l, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(handle)
+}
