@@ -12,6 +12,7 @@ pub fn bin(name: &str) -> PathBuf {
     match name {
         "vllm-sim" => PathBuf::from(env!("CARGO_BIN_EXE_vllm-sim")),
         "lora-sidecar" => PathBuf::from(env!("CARGO_BIN_EXE_lora-sidecar")),
+        "epp" => PathBuf::from(env!("CARGO_BIN_EXE_epp")),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -294,4 +295,192 @@ pub fn spawn_sidecar(config: &Path, extra: &[&str], log_dir: &Path) -> Proc {
 /// The port of an `ip:port` address.
 pub fn port_of(addr: &str) -> u16 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A running EPP and its addresses.
+pub struct Epp {
+    pub proc: Proc,
+    pub grpc: String,
+    pub metrics: String,
+    pub health: String,
+}
+
+/// Starts an EPP in standalone mode on `pool_file` (ephemeral ports on 127.0.0.1).
+pub fn spawn_epp(pool_file: &Path, extra: &[&str], log_dir: &Path) -> Epp {
+    let pool = pool_file.to_string_lossy().into_owned();
+    let defaults = [
+        "--pool-file",
+        pool.as_str(),
+        "--bind-address",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--grpc-health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--refresh-metrics-interval",
+        "50ms",
+        "--refresh-models-interval",
+        "200ms",
+        "--pool-name",
+        "test-pool",
+    ];
+    let args = with_defaults(&defaults, extra);
+    let proc = spawn_with_marker(&bin("epp"), &args, &[], "EPP_LISTENING", log_dir);
+    let field = |k: &str| -> String {
+        proc.addr
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let (grpc, metrics, health) = (field("grpc"), field("metrics"), field("health"));
+    Epp {
+        proc,
+        grpc,
+        metrics,
+        health,
+    }
+}
+
+/// The project-local Envoy (installed by scripts/install-envoy.sh).
+pub fn envoy_bin() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy");
+    assert!(
+        p.exists(),
+        "Envoy is not installed: run scripts/install-envoy.sh"
+    );
+    p
+}
+
+/// How Envoy talks to the EPP.
+pub struct EnvoyOptions<'a> {
+    pub epp_port: u16,
+    pub full_duplex: bool,
+    pub fail_open: bool,
+    /// Extra HTTP filters (YAML list items, 10-space indented) put before ext_proc.
+    pub extra_filters: &'a str,
+}
+
+/// A running Envoy and its listener port.
+pub struct Envoy {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+/// Starts Envoy from deploy/envoy/envoy-epp.yaml.tmpl on an ephemeral port.
+pub async fn spawn_envoy(o: &EnvoyOptions<'_>, dir: &Path) -> Envoy {
+    let tmpl = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy-epp.yaml.tmpl"),
+    )
+    .unwrap();
+    let mut cfg = tmpl
+        .replace("${LISTEN_PORT}", "0")
+        .replace("${EPP_PORT}", &o.epp_port.to_string())
+        .replace(
+            "${BODY_MODE}",
+            if o.full_duplex {
+                "FULL_DUPLEX_STREAMED"
+            } else {
+                "BUFFERED"
+            },
+        )
+        .replace(
+            "${TRAILER_MODE}",
+            if o.full_duplex { "SEND" } else { "SKIP" },
+        )
+        .replace(
+            "${FAILURE_MODE_ALLOW}",
+            if o.fail_open { "true" } else { "false" },
+        );
+    if !o.extra_filters.is_empty() {
+        cfg = cfg.replacen(
+            "          - name: envoy.filters.http.ext_proc",
+            &format!(
+                "{}\n          - name: envoy.filters.http.ext_proc",
+                o.extra_filters.trim_end()
+            ),
+            1,
+        );
+    }
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let cfg_path = dir.join(format!("envoy-{n}.yaml"));
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let admin_path = dir.join(format!("envoy-admin-{n}.txt"));
+    let log = dir.join(format!("envoy-{n}.log"));
+    let child = Command::new(envoy_bin())
+        .args([
+            "-c",
+            cfg_path.to_str().unwrap(),
+            "--use-dynamic-base-id",
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+            "--admin-address-path",
+            admin_path.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn envoy");
+    let proc = Proc {
+        child,
+        addr: String::new(),
+        stderr_log: log,
+    };
+    let c = client();
+    let port = wait_for("envoy listener", Duration::from_secs(30), || {
+        let c = c.clone();
+        let admin_path = admin_path.clone();
+        async move {
+            let admin = std::fs::read_to_string(&admin_path).ok()?;
+            let v: serde_json::Value = c
+                .get(format!("http://{}/listeners?format=json", admin.trim()))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"].as_u64()
+        }
+    })
+    .await;
+    Envoy {
+        proc,
+        port: port as u16,
+    }
+}
+
+/// A sim's request counts by model (from /sim/stats).
+pub async fn sim_requests(
+    c: &reqwest::Client,
+    sim: &Proc,
+) -> std::collections::BTreeMap<String, u64> {
+    let v: serde_json::Value = c
+        .get(format!("http://{}/sim/stats", sim.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["requests_by_model"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Total generation requests a sim accepted.
+pub async fn sim_total(c: &reqwest::Client, sim: &Proc) -> u64 {
+    sim_requests(c, sim).await.values().sum()
 }

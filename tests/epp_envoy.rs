@@ -1,0 +1,474 @@
+//! End to end through a real Envoy: client -> Envoy -> ext_proc (epp) -> the chosen vllm-sim.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const BASE: &str = "meta-llama/Llama-3.1-8B-Instruct";
+const T: Duration = Duration::from_secs(20);
+
+struct Fleet {
+    sims: Vec<Proc>,
+    epp: Epp,
+    envoy: Envoy,
+    dir: tempfile::TempDir,
+    c: reqwest::Client,
+}
+
+struct FleetOptions<'a> {
+    sims: usize,
+    sim_flags: &'a [&'a str],
+    /// Adapters to load per sim index.
+    adapters: &'a [(&'a str, &'a [usize])],
+    models_yaml: &'a str,
+    full_duplex: bool,
+    fail_open: bool,
+    /// Index of the only sim the gateway's subset hint allows.
+    subset: Option<usize>,
+    epp_flags: &'a [&'a str],
+}
+
+impl Default for FleetOptions<'_> {
+    fn default() -> Self {
+        Self {
+            sims: 2,
+            sim_flags: &["--enable-lora", "--max-loras", "2", "--time-scale", "0.1"],
+            adapters: &[],
+            models_yaml: "",
+            full_duplex: false,
+            fail_open: false,
+            subset: None,
+            epp_flags: &[],
+        }
+    }
+}
+
+fn pool_yaml(sims: &[Proc], models: &str) -> String {
+    let mut s = String::from("pool: {name: test-pool}\nendpoints:\n");
+    for p in sims {
+        s.push_str(&format!("- address: {}\n", p.addr));
+    }
+    s.push_str(models);
+    s
+}
+
+async fn load(c: &reqwest::Client, sim: &Proc, name: &str, path: &str) {
+    let r = c
+        .post(format!("http://{}/v1/load_lora_adapter", sim.addr))
+        .json(&json!({"lora_name": name, "lora_path": path}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+impl Fleet {
+    async fn start(o: FleetOptions<'_>) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let c = client();
+        let sims: Vec<Proc> = (0..o.sims)
+            .map(|_| spawn_sim(o.sim_flags, dir.path()))
+            .collect();
+        for (name, on) in o.adapters {
+            let path = adapter(dir.path(), name, 8);
+            for &i in *on {
+                load(&c, &sims[i], name, &path).await;
+            }
+        }
+        let pool_file = dir.path().join("pool.yaml");
+        std::fs::write(&pool_file, pool_yaml(&sims, o.models_yaml)).unwrap();
+        let epp = spawn_epp(&pool_file, o.epp_flags, dir.path());
+        // The gateway names allowed endpoints in envoy.lb.subset_hint; a set_metadata filter
+        // plays that gateway.
+        let filter = o.subset.map(|i| format!(
+            "          - name: envoy.filters.http.set_metadata\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config\n              metadata:\n              - metadata_namespace: envoy.lb.subset_hint\n                value:\n                  x-gateway-destination-endpoint-subset: [\"{}\"]\n",
+            sims[i].addr
+        ));
+        let envoy = spawn_envoy(
+            &EnvoyOptions {
+                epp_port: port_of(&epp.grpc),
+                full_duplex: o.full_duplex,
+                fail_open: o.fail_open,
+                extra_filters: filter.as_deref().unwrap_or(""),
+            },
+            dir.path(),
+        )
+        .await;
+        let f = Fleet {
+            sims,
+            epp,
+            envoy,
+            dir,
+            c,
+        };
+        let n = f.sims.len();
+        let fr = &f;
+        wait_for("the EPP to see every endpoint", T, || async move {
+            let page = fr.epp_metrics().await;
+            (metric(&page, "inference_pool_ready_pods{name=\"test-pool\"}")? as usize == n)
+                .then_some(())
+        })
+        .await;
+        f
+    }
+
+    async fn epp_metrics(&self) -> String {
+        self.c
+            .get(format!("http://{}/metrics", self.epp.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.envoy.port)
+    }
+
+    async fn complete(&self, body: Value) -> (u16, String) {
+        let r = self
+            .c
+            .post(self.url("/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.text().await.unwrap())
+    }
+
+    async fn totals(&self) -> Vec<u64> {
+        let mut v = Vec::new();
+        for s in &self.sims {
+            v.push(sim_total(&self.c, s).await);
+        }
+        v
+    }
+}
+
+#[tokio::test]
+async fn routes_through_envoy_and_rejects_bad_bodies() {
+    let f = Fleet::start(FleetOptions::default()).await;
+    for i in 0..20 {
+        let (s, body) = f
+            .complete(json!({"model": BASE, "prompt": format!("hello {i}"), "max_tokens": 2}))
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["model"], BASE);
+    }
+    let totals = f.totals().await;
+    assert_eq!(totals.iter().sum::<u64>(), 20, "{totals:?}");
+
+    let r =
+        f.c.post(f.url("/v1/completions"))
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{v}"
+    );
+    let (s, body) = f.complete(json!({"prompt": "x"})).await;
+    assert_eq!(s, 400);
+    assert!(body.contains("no \\\"model\\\" field"), "{body}");
+    // No body at all: picked on the headers message.
+    let r = f.c.get(f.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // A model no server has: a clear 503 instead of a server's 404.
+    let (s, body) = f
+        .complete(json!({"model": "nobody-has-this", "prompt": "x"}))
+        .await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("not loaded on any server"), "{body}");
+    let page = f.epp_metrics().await;
+    assert!(
+        page.contains(&format!("inference_objective_request_total{{model_name=\"{BASE}\",target_model_name=\"{BASE}\"}} 2")),
+        "{page}"
+    );
+}
+
+const SPLIT: &str = "models:\n- modelName: food-review\n  criticality: Critical\n  targetModels:\n  - {name: food-review-1, weight: 90}\n  - {name: food-review-2, weight: 10}\n";
+
+#[tokio::test]
+async fn weighted_split_and_adapter_availability_full_duplex() {
+    let f = Fleet::start(FleetOptions {
+        sims: 3,
+        adapters: &[("food-review-1", &[0, 1, 2]), ("food-review-2", &[0])],
+        models_yaml: SPLIT,
+        full_duplex: true,
+        ..Default::default()
+    })
+    .await;
+    let n = 200;
+    for i in 0..n {
+        let (s, body) = f
+            .complete(
+                json!({"model": "food-review", "prompt": format!("review {i}"), "max_tokens": 1}),
+            )
+            .await;
+        assert_eq!(s, 200, "request {i}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["model"], "food-review",
+            "the client's model name comes back"
+        );
+    }
+    let mut fr1 = 0;
+    let mut fr2_by_sim = Vec::new();
+    for s in &f.sims {
+        let r = sim_requests(&f.c, s).await;
+        fr1 += r.get("food-review-1").copied().unwrap_or(0);
+        fr2_by_sim.push(r.get("food-review-2").copied().unwrap_or(0));
+    }
+    let fr2: u64 = fr2_by_sim.iter().sum();
+    assert_eq!(fr1 + fr2, n);
+    // Binomial(200, 0.9): mean 180, sd 4.2; accept +-3.5 sd.
+    assert!((165..=195).contains(&fr1), "food-review-1 got {fr1} of {n}");
+    assert_eq!(
+        fr2_by_sim[1] + fr2_by_sim[2],
+        0,
+        "food-review-2 only where it is loaded: {fr2_by_sim:?}"
+    );
+}
+
+#[tokio::test]
+async fn sse_streams_through_with_usage_counted() {
+    let f = Fleet::start(FleetOptions::default()).await;
+    let r = f
+        .c
+        .post(f.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                      "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/event-stream; charset=utf-8"
+    );
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(
+        text.matches("data: ").count(),
+        8,
+        "role + 5 tokens + usage + DONE: {text}"
+    );
+    wait_for("usage in EPP metrics", T, || async {
+        let page = f.epp_metrics().await;
+        let key = format!("inference_objective_output_tokens_sum{{model_name=\"{BASE}\",target_model_name=\"{BASE}\"}}");
+        (metric(&page, &key)? == 5.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dead_server_is_taken_out_and_put_back() {
+    let mut f = Fleet::start(FleetOptions::default()).await;
+    let dead_addr = f.sims[1].addr.clone();
+    let dead = f.sims.remove(1);
+    drop(dead); // killed
+    // Two scrape intervals (2 x 50 ms) and some slack for a loaded machine.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    for i in 0..20 {
+        let (s, body) = f
+            .complete(json!({"model": BASE, "prompt": format!("p{i}"), "max_tokens": 1}))
+            .await;
+        assert_eq!(s, 200, "request {i} after the kill: {body}");
+    }
+    assert_eq!(sim_total(&f.c, &f.sims[0]).await, 20);
+    // The server comes back on the same address and gets traffic again.
+    let port = port_of(&dead_addr).to_string();
+    let back = spawn_sim(
+        &["--enable-lora", "--time-scale", "0.1", "--port", &port],
+        f.dir.path(),
+    );
+    wait_for("the recovered server to receive requests", T, || async {
+        let (s, _) = f
+            .complete(json!({"model": BASE, "prompt": "again", "max_tokens": 1}))
+            .await;
+        assert_eq!(s, 200);
+        (sim_total(&f.c, &back).await > 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn spoofed_destination_is_never_honoured_and_failure_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let secret = spawn_sim(&["--time-scale", "0.1"], dir.path());
+    for fail_open in [false, true] {
+        let f = Fleet::start(FleetOptions {
+            sims: 1,
+            fail_open,
+            ..Default::default()
+        })
+        .await;
+        let r =
+            f.c.post(f.url("/v1/completions"))
+                .header("x-gateway-destination-endpoint", &secret.addr)
+                .json(&json!({"model": BASE, "prompt": "x", "max_tokens": 1}))
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sim_total(&f.c, &f.sims[0]).await, 1);
+        // EPP down.
+        let Fleet { epp, .. } = &f;
+        let mut child = std::process::Command::new("kill")
+            .arg(epp.proc.child.id().to_string())
+            .spawn()
+            .unwrap();
+        child.wait().unwrap();
+        let r =
+            f.c.post(f.url("/v1/completions"))
+                .header("x-gateway-destination-endpoint", &secret.addr)
+                .json(&json!({"model": BASE, "prompt": "x", "max_tokens": 1}))
+                .send()
+                .await
+                .unwrap();
+        let s = r.status().as_u16();
+        if fail_open {
+            // Fail-open with ORIGINAL_DST and no (stripped) header: 503, never the client's pick.
+            assert_eq!(s, 503);
+        } else {
+            assert!(s >= 500, "fail-closed answers an error, got {s}");
+            assert_ne!(s, 200);
+        }
+    }
+    assert_eq!(
+        sim_total(&c, &secret).await,
+        0,
+        "the spoofed endpoint never got a request"
+    );
+}
+
+#[tokio::test]
+async fn subset_hint_is_honoured() {
+    let f = Fleet::start(FleetOptions {
+        sims: 3,
+        subset: Some(1),
+        ..Default::default()
+    })
+    .await;
+    for i in 0..15 {
+        let (s, body) = f
+            .complete(json!({"model": BASE, "prompt": format!("s{i}"), "max_tokens": 1}))
+            .await;
+        assert_eq!(s, 200, "{body}");
+    }
+    assert_eq!(
+        f.totals().await,
+        [0, 15, 0],
+        "every request went to the allowed endpoint"
+    );
+}
+
+#[tokio::test]
+async fn sheddable_requests_get_429_when_saturated_and_critical_are_served() {
+    let f = Fleet::start(FleetOptions {
+        sims: 2,
+        sim_flags: &["--max-num-seqs", "1", "--decode-base-ms", "20"],
+        models_yaml: "models:\n- modelName: batch\n  criticality: Sheddable\n  targetModels: [{name: meta-llama/Llama-3.1-8B-Instruct}]\n",
+        ..Default::default()
+    })
+    .await;
+    // Fill both servers' queues directly (7 each, threshold 5).
+    let mut load = Vec::new();
+    for s in &f.sims {
+        for _ in 0..7 {
+            let c = f.c.clone();
+            let url = format!("http://{}/v1/completions", s.addr);
+            load.push(tokio::spawn(async move {
+                c.post(url)
+                    .json(&json!({"model": BASE, "prompt": "fill", "max_tokens": 50}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            }));
+        }
+    }
+    // The servers report the queues before we ask the EPP anything.
+    for s in &f.sims {
+        wait_for("a full queue", T, || async {
+            let page =
+                f.c.get(format!("http://{}/metrics", s.addr))
+                    .send()
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+            let key = format!("vllm:num_requests_waiting{{engine=\"0\",model_name=\"{BASE}\"}}");
+            (metric(&page, &key)? >= 5.0).then_some(())
+        })
+        .await;
+    }
+    wait_for("a sheddable request to be shed", T, || async {
+        let (s, body) = f
+            .complete(json!({"model": "batch", "prompt": "x", "max_tokens": 1}))
+            .await;
+        if s == 429 {
+            assert!(body.contains("saturated"), "{body}");
+            return Some(());
+        }
+        None
+    })
+    .await;
+    // Critical work is still routed (it queues behind the load).
+    let (s, body) = f
+        .complete(json!({"model": BASE, "prompt": "critical", "max_tokens": 1}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let page = f.epp_metrics().await;
+    assert!(page.contains("error_code=\"429\""), "{page}");
+    for l in load {
+        assert_eq!(l.await.unwrap().unwrap(), 200);
+    }
+}
+
+#[tokio::test]
+async fn live_adapter_rollout_never_404s() {
+    let f = Fleet::start(FleetOptions {
+        sims: 3,
+        adapters: &[("fr-new", &[0])],
+        ..Default::default()
+    })
+    .await;
+    let path = adapter(f.dir.path(), "fr-new-weights", 8);
+    let mut statuses = Vec::new();
+    for i in 0..60 {
+        if i == 20 {
+            load(&f.c, &f.sims[1], "fr-new", &path).await;
+        }
+        if i == 35 {
+            load(&f.c, &f.sims[2], "fr-new", &path).await;
+        }
+        let (s, _) = f
+            .complete(json!({"model": "fr-new", "prompt": format!("r{i}"), "max_tokens": 1}))
+            .await;
+        statuses.push(s);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let first = sim_requests(&f.c, &f.sims[0]).await;
+    assert!(first.get("fr-new").copied().unwrap_or(0) >= 20);
+    // Once loaded everywhere, the others take traffic too.
+    let later: u64 = sim_total(&f.c, &f.sims[1]).await + sim_total(&f.c, &f.sims[2]).await;
+    assert!(later > 0, "the newly loaded servers got traffic");
+}
