@@ -20,6 +20,11 @@ pub struct SimArgs {
     /// Port to bind; 0 picks a free one (printed on stdout as `VLLM_SIM_LISTENING <addr>`).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Independent simulated servers in this process (ports --port, --port+1, ...; all
+    /// ephemeral with --port 0), each printed on its own `VLLM_SIM_LISTENING` line. For fleets
+    /// in benchmarks; a real vLLM is one server per process.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u16,
     /// Base model path or hub id (reported as the base model's `root`).
     #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
     pub model: String,

@@ -1,0 +1,111 @@
+//! Criterion benches of the request-path pieces: metrics parsing, body parsing, prefix matching, picking.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use inferlane_epp::request::{self, ApiKind};
+use inferlane_epp::scheduler::{Candidate, ModelPresence, PickInput};
+use inferlane_epp::{EndpointMetrics, EngineType, PrefixIndex, SchedulerConfig, pick};
+
+const PAGE: &str = include_str!("../../tests/data/vllm-0.32-metrics-sample.txt");
+
+fn metrics_parse(c: &mut Criterion) {
+    c.bench_function("parse real vLLM 0.32 page (608 lines)", |b| {
+        b.iter(|| inferlane_epp::metrics::parse(EngineType::Vllm, black_box(PAGE)).unwrap())
+    });
+}
+
+fn chat_body(prompt_chars: usize) -> Vec<u8> {
+    let prompt: String = "You are a helpful assistant. "
+        .chars()
+        .cycle()
+        .take(prompt_chars)
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "model": "food-review-1",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 100,
+    }))
+    .unwrap()
+}
+
+fn body_and_prefix(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request");
+    for size in [1_000usize, 400_000] {
+        let body = chat_body(size);
+        g.bench_with_input(BenchmarkId::new("parse_body", size), &body, |b, body| {
+            b.iter(|| request::parse_body(ApiKind::ChatCompletions, black_box(body)).unwrap())
+        });
+        let parsed = request::parse_body(ApiKind::ChatCompletions, &body).unwrap();
+        g.bench_with_input(
+            BenchmarkId::new("prefix_blocks", size),
+            &parsed.prompt,
+            |b, p| b.iter(|| request::prefix_blocks("food-review-1", black_box(p), 64, 8192)),
+        );
+        // An index where 100 endpoints each served a different 400 KB prompt, plus this one.
+        let mut idx = PrefixIndex::new(200_000);
+        for e in 0..100u32 {
+            let other = format!("{e} {}", parsed.prompt);
+            idx.insert(
+                &request::prefix_blocks("food-review-1", &other, 64, 8192)[..1000.min(size / 64)],
+                e,
+            );
+        }
+        let blocks = request::prefix_blocks("food-review-1", &parsed.prompt, 64, 8192);
+        idx.insert(&blocks, 7);
+        g.bench_with_input(
+            BenchmarkId::new("prefix_match", size),
+            &blocks,
+            |b, blocks| b.iter(|| idx.match_lengths(black_box(blocks))),
+        );
+    }
+    g.finish();
+}
+
+fn picking(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pick");
+    for n in [10usize, 100, 1000] {
+        let metrics: Vec<EndpointMetrics> = (0..n)
+            .map(|i| EndpointMetrics {
+                waiting: (i % 7) as f64,
+                running: (i % 5) as f64,
+                kv_usage: (i % 10) as f64 / 10.0,
+                max_lora: Some(4),
+                running_adapters: vec![format!("a{}", i % 20), "food-review-1".into()],
+                ..Default::default()
+            })
+            .collect();
+        let cands: Vec<Candidate<'_>> = metrics
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Candidate {
+                id: i as u32,
+                metrics: Some(m),
+                metrics_age: 0.01,
+                healthy: true,
+                has_model: ModelPresence::Yes,
+                dispatched_since_scrape: (i % 3) as u64,
+            })
+            .collect();
+        let prefix: HashMap<u32, usize> = (0..n as u32).step_by(3).map(|i| (i, 5)).collect();
+        let cfg = SchedulerConfig::default();
+        g.bench_with_input(BenchmarkId::from_parameter(n), &cands, |b, cands| {
+            b.iter(|| {
+                let input = PickInput {
+                    target: "food-review-1",
+                    is_adapter: true,
+                    sheddable: true,
+                    prefix_matches: &prefix,
+                    total_blocks: 10,
+                    tie_break: 42,
+                };
+                pick(&cfg, black_box(cands), &input).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, metrics_parse, body_and_prefix, picking);
+criterion_main!(benches);
