@@ -1,54 +1,161 @@
 #!/usr/bin/env bash
-# The README's main command: a local fleet of vllm-sim servers with adapters, sample requests, metrics.
+# The README's main command: three vllm-sim servers, each with a lora-sidecar, the EPP and a
+# real Envoy; sends the seeds' requests through Envoy and shows where each one went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked --bins
-BIN=target/release
-DEMO=.demo
+scripts/install-envoy.sh >/dev/null
+cargo build --release --locked --bins 2>&1 | tail -1
+BIN=$PWD/target/release
+DEMO=$PWD/.demo
 rm -rf "$DEMO" && mkdir -p "$DEMO/adapters"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
+BASE=meta-llama/Llama-3.1-8B-Instruct
 
-# Adapter directories as vLLM expects them (peft layout).
+wait_line() { # file prefix -> rest of the first line starting with prefix
+  for _ in $(seq 1 300); do
+    local v; v=$(sed -n "s/^$2 //p" "$1" | head -1)
+    [ -n "$v" ] && { echo "$v"; return; }
+    sleep 0.1
+  done
+  echo "no '$2' in $1; see the logs in $DEMO" >&2; exit 1
+}
+
+# Adapter directories as peft writes them.
 for a in food-review-1 food-review-2; do
   mkdir -p "$DEMO/adapters/$a"
   echo '{"peft_type":"LORA","r":8,"lora_alpha":16}' > "$DEMO/adapters/$a/adapter_config.json"
   printf 'weights' > "$DEMO/adapters/$a/adapter_model.safetensors"
 done
 
-start_sim() { # name, extra flags...
-  local name=$1; shift
-  VLLM_ALLOW_RUNTIME_LORA_UPDATING=true "$BIN/vllm-sim" --host 127.0.0.1 --port 0 \
-    --enable-lora --max-loras 2 --max-num-seqs 8 "$@" >"$DEMO/$name.out" 2>"$DEMO/$name.log" &
+echo "== 1. three model servers (vllm-sim, 8 sequences each, 2 LoRA slots)"
+SIMS=()
+for i in 1 2 3; do
+  VLLM_ALLOW_RUNTIME_LORA_UPDATING=true "$BIN/vllm-sim" --host 127.0.0.1 --port 0 --enable-lora \
+    --max-loras 2 --max-num-seqs 8 --time-scale 0.2 --seed "$i" >"$DEMO/sim$i.out" 2>"$DEMO/sim$i.log" &
   pids+=($!)
-  for _ in $(seq 1 100); do
-    addr=$(sed -n 's/^VLLM_SIM_LISTENING //p' "$DEMO/$name.out")
-    [ -n "$addr" ] && { echo "$addr"; return; }
-    sleep 0.1
+  SIMS+=("$(wait_line "$DEMO/sim$i.out" VLLM_SIM_LISTENING)")
+done
+echo "   ${SIMS[*]}"
+
+echo "== 2. a lora-sidecar per server, each watching its ConfigMap-style directory"
+for i in 1 2 3; do
+  port=${SIMS[$((i-1))]##*:}
+  mkdir -p "$DEMO/config$i/..v1"
+  {
+    echo "vLLMLoRAConfig:"
+    echo "  name: demo-$i"
+    echo "  host: 127.0.0.1"
+    echo "  port: $port"
+    echo "  defaultBaseModel: $BASE"
+    echo "  ensureExist:"
+    echo "    models:"
+    echo "    - id: food-review-1"
+    echo "      source: $DEMO/adapters/food-review-1"
+    if [ "$i" != 3 ]; then
+      echo "    - id: food-review-2"
+      echo "      source: $DEMO/adapters/food-review-2"
+    fi
+  } > "$DEMO/config$i/..v1/configmap.yaml"
+  ln -s ..v1 "$DEMO/config$i/..data"
+  ln -s ..data/configmap.yaml "$DEMO/config$i/configmap.yaml"
+  "$BIN/lora-sidecar" --config "$DEMO/config$i/configmap.yaml" --metrics-host 127.0.0.1 --metrics-port 0 \
+    >"$DEMO/sidecar$i.out" 2>"$DEMO/sidecar$i.log" &
+  pids+=($!)
+  status=$(wait_line "$DEMO/sidecar$i.out" LORA_SIDECAR_LISTENING)
+  for _ in $(seq 1 100); do curl -sf "http://$status/readyz" >/dev/null && break; sleep 0.1; done
+  echo "   sidecar $i ready: $(curl -s "http://$status/readyz")"
+done
+
+echo "== 3. the EPP (standalone pool file) and Envoy in front"
+cat > "$DEMO/pool.yaml" <<EOF
+pool: {name: vllm-llama3-8b-instruct}
+endpoints:
+$(for s in "${SIMS[@]}"; do echo "- address: $s"; done)
+models:
+- modelName: food-review
+  criticality: Standard
+  targetModels:
+  - {name: food-review-1, weight: 90}
+  - {name: food-review-2, weight: 10}
+- modelName: batch-summaries
+  criticality: Sheddable
+  targetModels:
+  - {name: $BASE}
+EOF
+"$BIN/epp" --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
+  --pool-name vllm-llama3-8b-instruct --pool-file "$DEMO/pool.yaml" >"$DEMO/epp.out" 2>"$DEMO/epp.log" &
+pids+=($!)
+EPP=$(wait_line "$DEMO/epp.out" EPP_LISTENING)
+EPP_GRPC=$(echo "$EPP" | sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p')
+EPP_METRICS=$(echo "$EPP" | sed -n 's/.*metrics=\([^ ]*\).*/\1/p')
+sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP_GRPC/; s/\${BODY_MODE}/BUFFERED/; s/\${TRAILER_MODE}/SKIP/; s/\${FAILURE_MODE_ALLOW}/false/" \
+  deploy/envoy/envoy-epp.yaml.tmpl > "$DEMO/envoy.yaml"
+.venv/bin/envoy -c "$DEMO/envoy.yaml" --use-dynamic-base-id --concurrency 1 -l warning \
+  --admin-address-path "$DEMO/envoy.admin" >"$DEMO/envoy.log" 2>&1 &
+pids+=($!)
+GW=""
+for _ in $(seq 1 100); do
+  if [ -s "$DEMO/envoy.admin" ]; then
+    GW=$(curl -s "http://$(cat "$DEMO/envoy.admin")/listeners?format=json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])' 2>/dev/null || true)
+    [ -n "$GW" ] && break
+  fi
+  sleep 0.1
+done
+[ -n "$GW" ] || { echo "Envoy did not start; see $DEMO/envoy.log" >&2; exit 1; }
+GW=http://127.0.0.1:$GW
+for _ in $(seq 1 100); do
+  curl -s "http://$EPP_METRICS/metrics" | grep -q 'inference_pool_ready_pods{name="vllm-llama3-8b-instruct"} 3' && break
+  sleep 0.1
+done
+echo "   EPP $EPP, gateway $GW"
+
+stats() { # prints per-server requests by model
+  for i in 1 2 3; do
+    printf '   server %s (%s): ' "$i" "${SIMS[$((i-1))]}"
+    curl -s "http://${SIMS[$((i-1))]}/sim/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests_by_model"])'
   done
-  echo "vllm-sim $name did not start; see $DEMO/$name.log" >&2; exit 1
 }
 
-declare -A SIMS
-for i in 1 2 3; do SIMS[sim$i]=$(start_sim "sim$i"); done
-echo "fleet: ${SIMS[*]}"
+echo "== 4. the base model, 12 requests through the gateway"
+for n in $(seq 1 12); do
+  curl -s -o /dev/null -w '%{http_code} ' "$GW/v1/completions" -H 'content-type: application/json' \
+    -d "{\"model\":\"$BASE\",\"prompt\":\"Tell me about request $n\",\"max_tokens\":4}"
+done; echo; stats
 
-echo "== load food-review-1 on sim1 and sim2 through vLLM's runtime LoRA API"
-for s in sim1 sim2; do
-  curl -sS -X POST "http://${SIMS[$s]}/v1/load_lora_adapter" -H 'content-type: application/json' \
-    -d "{\"lora_name\":\"food-review-1\",\"lora_path\":\"$PWD/$DEMO/adapters/food-review-1\"}"; echo
+echo "== 5. food-review: 100 requests split 90/10 between food-review-1 and food-review-2 (food-review-2 is not on server 3)"
+for n in $(seq 1 100); do
+  curl -s -o /dev/null "$GW/v1/chat/completions" -H 'content-type: application/json' \
+    -d "{\"model\":\"food-review\",\"messages\":[{\"role\":\"user\",\"content\":\"Review $n: the soup was cold\"}],\"max_tokens\":2}"
 done
-echo "== /v1/models on sim1"
-curl -sS "http://${SIMS[sim1]}/v1/models" | python3 -c 'import json,sys; [print("  ", m["id"], "parent=", m["parent"], "root=", m["root"]) for m in json.load(sys.stdin)["data"]]'
-echo "== chat completion for the adapter"
-curl -sS "http://${SIMS[sim1]}/v1/chat/completions" -H 'content-type: application/json' \
-  -d '{"model":"food-review-1","messages":[{"role":"user","content":"Review: the soup was cold."}],"max_tokens":8}'; echo
-echo "== streaming chat with usage"
-curl -sSN "http://${SIMS[sim2]}/v1/chat/completions" -H 'content-type: application/json' \
-  -d '{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"stream":true,"stream_options":{"include_usage":true}}'
-echo "== an unknown adapter on sim3 (never loaded there)"
-curl -sS "http://${SIMS[sim3]}/v1/completions" -H 'content-type: application/json' -d '{"model":"food-review-1","prompt":"x"}'; echo
-echo "== routing-relevant metrics of sim1"
-curl -sS "http://${SIMS[sim1]}/metrics" | grep -E '^vllm:(num_requests_(running|waiting)|kv_cache_usage_perc|lora_requests_info|prefix_cache_hits_total)'
-echo "demo done; logs in $DEMO/"
+stats
+echo "   a response carries the name the client sent:"
+curl -s "$GW/v1/chat/completions" -H 'content-type: application/json' \
+  -d '{"model":"food-review","messages":[{"role":"user","content":"Is the pasta good?"}],"max_tokens":6}' | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  ", r["model"], "->", r["choices"][0]["message"]["content"])'
+
+echo "== 6. streaming (SSE) through the gateway, usage included"
+curl -sN "$GW/v1/chat/completions" -H 'content-type: application/json' \
+  -d "{\"model\":\"$BASE\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":3,\"stream\":true,\"stream_options\":{\"include_usage\":true}}" | sed 's/^/   /'
+
+echo "== 7. bad requests get a 4xx with a message"
+curl -s -w '  (%{http_code})\n' "$GW/v1/completions" -d '{not json' | sed 's/^/   /'
+curl -s -w '  (%{http_code})\n' "$GW/v1/completions" -d '{"prompt":"no model"}' | sed 's/^/   /'
+curl -s -w '  (%{http_code})\n' "$GW/v1/completions" -d '{"model":"nobody-serves-this","prompt":"x"}' | sed 's/^/   /'
+
+echo "== 8. saturate the pool, then send sheddable (batch-summaries) and critical work"
+fill=()
+for s in "${SIMS[@]}"; do
+  for _ in $(seq 1 16); do
+    curl -s -o /dev/null "http://$s/v1/completions" -d "{\"model\":\"$BASE\",\"prompt\":\"fill\",\"max_tokens\":80}" &
+    fill+=($!)
+  done
+done
+sleep 1
+echo "   sheddable: $(curl -s -w ' (%{http_code})' "$GW/v1/completions" -d '{"model":"batch-summaries","prompt":"summarize","max_tokens":2}')"
+echo "   critical:  $(curl -s -o /dev/null -w '%{http_code}' "$GW/v1/completions" -d "{\"model\":\"$BASE\",\"prompt\":\"urgent\",\"max_tokens\":2}") (queued behind the load, still served)"
+wait "${fill[@]}" 2>/dev/null || true
+
+echo "== 9. EPP metrics (excerpt)"
+curl -s "http://$EPP_METRICS/metrics" | grep -E '^inference_(objective_request_total|objective_request_error_total|pool_ready_pods|extension_picks_total)' | sed 's/^/   /'
+echo "demo done; logs in .demo/"

@@ -4,6 +4,7 @@ pub mod config;
 pub mod extproc;
 pub mod metrics;
 pub mod state;
+pub mod tls;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -26,7 +27,7 @@ use tonic_health::ServingStatus;
 use crate::actors::datastore::Datastore;
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatcherOptions};
 use crate::actors::scraper::ScrapeOptions;
-use crate::lora::parse_duration;
+use crate::lora::{parse_bool, parse_duration};
 use config::PoolFile;
 use extproc::{ExtProc, ExtProcOptions};
 use metrics::EppMetrics;
@@ -56,6 +57,8 @@ pub enum EppError {
     },
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("no endpoint source: give --pool-file (standalone mode)")]
     NoDiscovery,
 }
@@ -95,6 +98,13 @@ pub struct EppArgs {
     /// Timeout of one scrape.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub scrape_timeout: Duration,
+    /// Serve ext_proc over TLS (as upstream, on by default; gateways connect without verifying).
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub secure_serving: bool,
+    /// Directory with `tls.crt` and `tls.key` for --secure-serving (re-read when they change);
+    /// without it a self-signed certificate is generated at start.
+    #[arg(long)]
+    pub cert_path: Option<PathBuf>,
     /// Largest request body accepted (413 above).
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -206,15 +216,29 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     ))
     // A buffered body arrives in one message; allow it past tonic's 4 MiB default.
     .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
-    tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(TcpListenerStream::new(grpc))
-            .await
-        {
-            tracing::error!(error = %e, "ext_proc server stopped");
-        }
-    });
+    if args.secure_serving {
+        let acceptor = tls::acceptor(args.cert_path.as_deref(), Duration::from_secs(10))?;
+        let incoming = tls::incoming(grpc, acceptor);
+        tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!(error = %e, "ext_proc server stopped");
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(TcpListenerStream::new(grpc))
+                .await
+            {
+                tracing::error!(error = %e, "ext_proc server stopped");
+            }
+        });
+    }
 
     let (reporter, health_svc) = tonic_health::server::health_reporter();
     reporter

@@ -62,7 +62,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn parse_bool(s: &str) -> Result<bool, String> {
+/// Parses `true`/`false` (and 1/0, yes/no, on/off) for flags written `--flag=false`.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),

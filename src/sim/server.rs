@@ -517,6 +517,14 @@ async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Response {
         .expect("stats lock")
         .entry(model.clone())
         .or_default() += 1;
+    let kv_tokens = u64::from(state.args.num_gpu_blocks) * u64::from(state.args.block_size);
+    if u64::from(prompt_tokens) + u64::from(max_tokens) > kv_tokens {
+        // It could never be scheduled; a real vLLM refuses to start with such a max_model_len.
+        return error_response(&ApiError::bad_request(format!(
+            "The request needs {} tokens of KV cache but the server has {kv_tokens} (--num-gpu-blocks x --block-size).",
+            u64::from(prompt_tokens) + u64::from(max_tokens)
+        )));
+    }
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let seed = state.args.seed.wrapping_mul(1_000_003).wrapping_add(id);
     let block_chars = (state.args.block_size.max(1) * 4) as usize;

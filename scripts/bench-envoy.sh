@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Load run through a real Envoy: Envoy direct (client sets the destination header) vs Envoy +
+# EPP (BUFFERED and FULL_DUPLEX_STREAMED), same upstream fleet, same run. Prints a Markdown
+# table with req/s, latency percentiles and EPP CPU per request. Needs wrk (apt-get install wrk).
+# Usage: scripts/bench-envoy.sh [seconds=10] [connections=16] [body_bytes=110]
+# Env: UPSTREAMS (default 4) simulated servers; VARY=1 makes every prompt distinct (fills the
+# prefix index). EPP CPU per request subtracts the EPP's idle (scraping) CPU measured first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DUR=${1:-10}; CONN=${2:-16}; BODY_BYTES=${3:-110}; UPSTREAMS=${UPSTREAMS:-4}
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install -y wrk" >&2; exit 1; }
+scripts/install-envoy.sh >/dev/null
+cargo build --release --locked --bin epp --bin vllm-sim 2>&1 | tail -1
+B=target/release
+W=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
+trap cleanup EXIT
+
+# Instant servers (time-scale 0): the run measures the gateway, not the model.
+"$B/vllm-sim" --host 127.0.0.1 --port 0 --replicas "$UPSTREAMS" --time-scale 0 --default-max-tokens 1 --max-model-len 1000000 --num-gpu-blocks 200000 >"$W/sim.out" 2>"$W/sim.log" &
+pids+=($!)
+for _ in $(seq 300); do [ "$(grep -c LISTENING "$W/sim.out" || true)" = "$UPSTREAMS" ] && break; sleep 0.1; done
+mapfile -t SIMS < <(sed -n 's/^VLLM_SIM_LISTENING //p' "$W/sim.out")
+{ echo "pool: {name: bench}"; echo "endpoints:"; for s in "${SIMS[@]}"; do echo "- address: $s"; done; } >"$W/pool.yaml"
+
+"$B/epp" --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
+  --pool-file "$W/pool.yaml" --log-filter warn >"$W/epp.out" 2>"$W/epp.log" &
+EPP_PID=$!; pids+=($EPP_PID)
+for _ in $(seq 100); do grep -q EPP_LISTENING "$W/epp.out" && break; sleep 0.1; done
+EPP_PORT=$(sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p' "$W/epp.out")
+
+start_envoy() { # name template body_mode trailer_mode -> sets PORT
+  local n=$1
+  sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP_PORT/; s/\${BODY_MODE}/$3/; s/\${TRAILER_MODE}/$4/; s/\${FAILURE_MODE_ALLOW}/false/" \
+    "deploy/envoy/$2" >"$W/$n.yaml"
+  .venv/bin/envoy -c "$W/$n.yaml" --use-dynamic-base-id --concurrency 1 -l error \
+    --admin-address-path "$W/$n.admin" >"$W/$n.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do
+    if [ -s "$W/$n.admin" ]; then
+      port=$(curl -s "http://$(cat "$W/$n.admin")/listeners?format=json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])' 2>/dev/null || true)
+      [ -n "$port" ] && { PORT=$port; return; }
+    fi
+    sleep 0.1
+  done
+  echo "envoy $n did not start" >&2; exit 1
+}
+start_envoy direct envoy-direct.yaml.tmpl BUFFERED SKIP; DIRECT=$PORT
+start_envoy buffered envoy-epp.yaml.tmpl BUFFERED SKIP; BUF=$PORT
+start_envoy duplex envoy-epp.yaml.tmpl FULL_DUPLEX_STREAMED SEND; DUPLEX=$PORT
+
+# A chat body of about BODY_BYTES bytes; the direct run rotates the destination header itself.
+python3 - "$BODY_BYTES" >"$W/body.json" <<'PY'
+import json, sys
+n = int(sys.argv[1])
+b = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": ""}], "max_tokens": 1}
+pad = max(0, n - len(json.dumps(b)))
+b["messages"][0]["content"] = ("hello world " * (pad // 12 + 1))[:pad]
+print(json.dumps(b), end="")
+PY
+cat >"$W/post.lua" <<LUA
+local f = io.open("$W/body.json"); local body = f:read("*a"); f:close()
+local sims = { $(printf '"%s",' "${SIMS[@]}") }
+local i = 0
+request = function()
+  i = i + 1
+  local h = { ["content-type"] = "application/json" }
+  if os.getenv("DIRECT") then h["x-gateway-destination-endpoint"] = sims[(i % #sims) + 1] end
+  if os.getenv("VARY") then
+    return wrk.format("POST", "/v1/chat/completions", h, string.gsub(body, '"content": "', '"content": "' .. i .. math.random(1000000) .. ' ', 1))
+  end
+  return wrk.format("POST", "/v1/chat/completions", h, body)
+end
+LUA
+
+ticks() { awk '{print $14+$15}' "/proc/$EPP_PID/stat"; }
+# The EPP's own cost while idle: scraping every endpoint every 50 ms.
+sleep 1
+i0=$(ticks); sleep "$DUR"; i1=$(ticks)
+IDLE_TPS=$(python3 -c "print(($i1-$i0)/$DUR)")
+run() { # label port direct?
+  local t0; t0=$(ticks)
+  local out; out=$(DIRECT=$3 wrk -t1 -c"$CONN" -d"${DUR}s" --latency -s "$W/post.lua" "http://127.0.0.1:$2" 2>&1)
+  local t1; t1=$(ticks)
+  local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  local p50; p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  local p99; p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  local non2xx; non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  local cpu_us="-"
+  [ -z "$3" ] && cpu_us=$(python3 -c "print(round(max(0, ($t1-$t0) - $IDLE_TPS*$DUR)*10000/max(1,$reqs),1))")
+  echo "| $1 | $rps | $p50 | $p99 | ${non2xx:-0} | $cpu_us |"
+  echo "$rps" >"$W/$1.rps"
+}
+echo "Envoy 1.40, ${CONN} connections, ${DUR} s each, ${BODY_BYTES}-byte chat bodies${VARY:+ (distinct prompts)}, ${UPSTREAMS} upstreams (vllm-sim --time-scale 0)"
+echo "EPP idle (scraping ${UPSTREAMS} endpoints every 50 ms): $(python3 -c "print(round($IDLE_TPS/100, 3))") cores"
+echo
+echo "| setup | req/s | p50 | p99 | non-2xx | EPP CPU us/req |"
+echo "|---|---|---|---|---|---|"
+run envoy-direct "$DIRECT" 1
+run envoy+epp-buffered "$BUF" ""
+run envoy+epp-full-duplex "$DUPLEX" ""
+echo
+echo "EPP resident memory after the runs: $(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$EPP_PID/status"), peak $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' "/proc/$EPP_PID/status")"
+python3 - "$W" <<'PY'
+import sys
+w = sys.argv[1]
+d = float(open(f"{w}/envoy-direct.rps").read())
+for m in ["envoy+epp-buffered", "envoy+epp-full-duplex"]:
+    r = float(open(f"{w}/{m}.rps").read())
+    print(f"\n{m}: {100*r/d:.0f}% of Envoy direct (target >= 45%)", end="")
+print()
+PY
