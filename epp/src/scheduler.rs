@@ -26,7 +26,7 @@ pub struct SchedulerConfig {
     pub fallbacks: usize,
     /// Characters per prefix block (≈ 16 tokens of 4 characters).
     pub prefix_block_chars: usize,
-    /// Longest prompt prefix considered, in blocks.
+    /// Longest prompt prefix considered, in blocks (upstream default 256: the first 16 KiB).
     pub prefix_max_blocks: usize,
     /// Entries the prefix index may hold (bounded memory, ~100 bytes each).
     pub prefix_index_capacity: usize,
@@ -44,7 +44,7 @@ impl Default for SchedulerConfig {
             metrics_staleness_threshold: 0.2,
             fallbacks: 0,
             prefix_block_chars: 64,
-            prefix_max_blocks: 8192,
+            prefix_max_blocks: 256,
             prefix_index_capacity: 200_000,
         }
     }

@@ -198,6 +198,18 @@ fn immediate(r: &Reject) -> ProcessingResponse {
     }
 }
 
+fn reply(r: processing_response::Response) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(r),
+        ..Default::default()
+    }
+}
+
+fn with_metadata(mut r: ProcessingResponse, md: Option<Struct>) -> ProcessingResponse {
+    r.dynamic_metadata = md;
+    r
+}
+
 fn continue_headers() -> ProcessingResponse {
     ProcessingResponse {
         response: Some(processing_response::Response::RequestHeaders(
@@ -430,15 +442,14 @@ impl ExtProc {
                 if st.full_duplex {
                     send(
                         tx,
-                        ProcessingResponse {
-                            response: Some(processing_response::Response::RequestHeaders(
+                        with_metadata(
+                            reply(processing_response::Response::RequestHeaders(
                                 HeadersResponse {
                                     response: Some(common),
                                 },
                             )),
-                            dynamic_metadata: metadata,
-                            ..Default::default()
-                        },
+                            metadata,
+                        ),
                     )
                     .await?;
                     let body = d.new_body.unwrap_or_else(|| std::mem::take(&mut st.body));
@@ -451,27 +462,20 @@ impl ExtProc {
                     for (i, c) in chunks.into_iter().enumerate() {
                         send(
                             tx,
-                            ProcessingResponse {
-                                response: Some(processing_response::Response::RequestBody(
-                                    BodyResponse {
-                                        response: Some(CommonResponse {
-                                            body_mutation: Some(BodyMutation {
-                                                mutation: Some(
-                                                    body_mutation::Mutation::StreamedResponse(
-                                                        StreamedBodyResponse {
-                                                            body: c.to_vec(),
-                                                            end_of_stream: i + 1 == n,
-                                                            ..Default::default()
-                                                        },
-                                                    ),
-                                                ),
-                                            }),
-                                            ..Default::default()
-                                        }),
-                                    },
-                                )),
-                                ..Default::default()
-                            },
+                            reply(processing_response::Response::RequestBody(BodyResponse {
+                                response: Some(CommonResponse {
+                                    body_mutation: Some(BodyMutation {
+                                        mutation: Some(body_mutation::Mutation::StreamedResponse(
+                                            StreamedBodyResponse {
+                                                body: c.to_vec(),
+                                                end_of_stream: i + 1 == n,
+                                                ..Default::default()
+                                            },
+                                        )),
+                                    }),
+                                    ..Default::default()
+                                }),
+                            })),
                         )
                         .await?;
                     }
@@ -479,15 +483,14 @@ impl ExtProc {
                     // No body: the decision rides on the headers answer.
                     send(
                         tx,
-                        ProcessingResponse {
-                            response: Some(processing_response::Response::RequestHeaders(
+                        with_metadata(
+                            reply(processing_response::Response::RequestHeaders(
                                 HeadersResponse {
                                     response: Some(common),
                                 },
                             )),
-                            dynamic_metadata: metadata,
-                            ..Default::default()
-                        },
+                            metadata,
+                        ),
                     )
                     .await?;
                 } else {
@@ -499,15 +502,12 @@ impl ExtProc {
                     }
                     send(
                         tx,
-                        ProcessingResponse {
-                            response: Some(processing_response::Response::RequestBody(
-                                BodyResponse {
-                                    response: Some(common),
-                                },
-                            )),
-                            dynamic_metadata: metadata,
-                            ..Default::default()
-                        },
+                        with_metadata(
+                            reply(processing_response::Response::RequestBody(BodyResponse {
+                                response: Some(common),
+                            })),
+                            metadata,
+                        ),
                     )
                     .await?;
                 }
@@ -584,12 +584,9 @@ impl ExtProc {
                     }
                     send(
                         tx,
-                        ProcessingResponse {
-                            response: Some(processing_response::Response::RequestTrailers(
-                                TrailersResponse::default(),
-                            )),
-                            ..Default::default()
-                        },
+                        reply(processing_response::Response::RequestTrailers(
+                            TrailersResponse::default(),
+                        )),
                     )
                     .await?;
                 }
@@ -617,14 +614,11 @@ impl ExtProc {
                     }
                     send(
                         tx,
-                        ProcessingResponse {
-                            response: Some(processing_response::Response::ResponseHeaders(
-                                HeadersResponse {
-                                    response: Some(common),
-                                },
-                            )),
-                            ..Default::default()
-                        },
+                        reply(processing_response::Response::ResponseHeaders(
+                            HeadersResponse {
+                                response: Some(common),
+                            },
+                        )),
                     )
                     .await?;
                 }
@@ -665,26 +659,18 @@ impl ExtProc {
                     };
                     send(
                         tx,
-                        ProcessingResponse {
-                            response: Some(processing_response::Response::ResponseBody(
-                                BodyResponse {
-                                    response: Some(common),
-                                },
-                            )),
-                            ..Default::default()
-                        },
+                        reply(processing_response::Response::ResponseBody(BodyResponse {
+                            response: Some(common),
+                        })),
                     )
                     .await?;
                 }
                 processing_request::Request::ResponseTrailers(_) => {
                     send(
                         tx,
-                        ProcessingResponse {
-                            response: Some(processing_response::Response::ResponseTrailers(
-                                TrailersResponse::default(),
-                            )),
-                            ..Default::default()
-                        },
+                        reply(processing_response::Response::ResponseTrailers(
+                            TrailersResponse::default(),
+                        )),
                     )
                     .await?;
                 }
