@@ -147,11 +147,19 @@ echo "== 8. saturate the pool, then send sheddable (batch-summaries) and critica
 fill=()
 for s in "${SIMS[@]}"; do
   for _ in $(seq 1 16); do
-    curl -s -o /dev/null "http://$s/v1/completions" -d "{\"model\":\"$BASE\",\"prompt\":\"fill\",\"max_tokens\":80}" &
+    curl -s -o /dev/null "http://$s/v1/completions" -d "{\"model\":\"$BASE\",\"prompt\":\"fill\",\"max_tokens\":1000}" &
     fill+=($!)
   done
 done
-sleep 1
+# Wait until every server reports a queue above the EPP's threshold (5).
+for s in "${SIMS[@]}"; do
+  for _ in $(seq 1 100); do
+    q=$(curl -s "http://$s/metrics" | awk '/^vllm:num_requests_waiting\{/ {print int($2)}')
+    [ "${q:-0}" -ge 6 ] && break
+    sleep 0.05
+  done
+done
+sleep 0.1 # one scrape interval, so the EPP has seen it
 echo "   sheddable: $(curl -s -w ' (%{http_code})' "$GW/v1/completions" -d '{"model":"batch-summaries","prompt":"summarize","max_tokens":2}')"
 echo "   critical:  $(curl -s -o /dev/null -w '%{http_code}' "$GW/v1/completions" -d "{\"model\":\"$BASE\",\"prompt\":\"urgent\",\"max_tokens\":2}") (queued behind the load, still served)"
 wait "${fill[@]}" 2>/dev/null || true

@@ -244,8 +244,17 @@ async fn weighted_split_and_adapter_availability_full_duplex() {
 }
 
 #[tokio::test]
-async fn sse_streams_through_with_usage_counted() {
-    let f = Fleet::start(FleetOptions::default()).await;
+async fn sse_streams_through_with_usage_counted_and_body_limit() {
+    let f = Fleet::start(FleetOptions {
+        epp_flags: &["--max-body-bytes", "4000"],
+        ..Default::default()
+    })
+    .await;
+    let (s, body) = f
+        .complete(json!({"model": BASE, "prompt": "x".repeat(5000), "max_tokens": 1}))
+        .await;
+    assert_eq!(s, 413, "{body}");
+    assert!(body.contains("--max-body-bytes"), "{body}");
     let r = f
         .c
         .post(f.url("/v1/chat/completions"))
