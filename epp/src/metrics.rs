@@ -164,9 +164,31 @@ pub fn parse(engine: EngineType, text: &str) -> Result<EndpointMetrics, MetricsE
     let (mut seen_waiting, mut seen_kv) = (false, false);
     let mut kv_rank = usize::MAX;
     let mut newest_lora = f64::NEG_INFINITY;
+    // First byte after the prefix of every wanted family: most lines of a real page are
+    // histogram buckets of other families and are rejected on that byte alone.
+    let mut wanted = [false; 256];
+    for n in names
+        .waiting
+        .iter()
+        .chain(names.running)
+        .chain(names.kv)
+        .chain([
+            &names.waiting_by_reason,
+            &names.lora_info,
+            &names.cache_info,
+        ])
+    {
+        if let Some(&b) = n.as_bytes().get(prefix.len()) {
+            wanted[usize::from(b)] = true;
+        }
+    }
     for (i, line) in text.lines().enumerate() {
         if !line.starts_with(prefix) {
             continue;
+        }
+        match line.as_bytes().get(prefix.len()) {
+            Some(&b) if wanted[usize::from(b)] => {}
+            _ => continue,
         }
         let name_end = line.find(['{', ' ']).unwrap_or(line.len());
         let name = &line[..name_end];

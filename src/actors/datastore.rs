@@ -26,7 +26,6 @@ pub struct RulesChanged(pub ModelRules);
 /// The datastore actor.
 pub struct Datastore {
     shared: Arc<Shared>,
-    client: reqwest::Client,
     scrape: ScrapeOptions,
     endpoints: HashMap<String, (Arc<EndpointHandle>, Addr<Scraper>)>,
     rules: ModelRules,
@@ -39,14 +38,12 @@ pub struct Datastore {
 impl Datastore {
     pub fn new(
         shared: Arc<Shared>,
-        client: reqwest::Client,
         scrape: ScrapeOptions,
         metrics: EppMetrics,
         pool_name: String,
     ) -> Self {
         Self {
             shared,
-            client,
             scrape,
             endpoints: HashMap::new(),
             rules: ModelRules::default(),
@@ -80,8 +77,7 @@ impl Datastore {
                 s.engine,
             ));
             self.next_id += 1;
-            let scraper =
-                Scraper::new(handle.clone(), self.client.clone(), self.scrape.clone()).start();
+            let scraper = Scraper::new(handle.clone(), self.scrape.clone()).start();
             tracing::info!(endpoint = %s.address, engine = ?s.engine, id = handle.id, "endpoint joined the pool");
             self.endpoints.insert(s.address, (handle, scraper));
         }

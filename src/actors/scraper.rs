@@ -1,4 +1,8 @@
-//! One actor per endpoint: scrapes `/metrics` on a short period and `/v1/models` on a longer one.
+//! One actor per endpoint: owns the endpoint's scrape loop (`/metrics` often, `/v1/models` less often).
+//!
+//! The loop itself runs as one long-lived task on the tokio worker pool, next to its kept-alive
+//! connection, and writes results straight into the endpoint's handle: a scrape costs no
+//! actor message and no cross-thread hop. The actor owns the task's lifetime.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -6,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use inferlane_sidecar::models::parse_models;
+use tokio::task::JoinHandle;
 
+use crate::epp::scrape_http::ScrapeClient;
 use crate::epp::state::{EndpointHandle, Scraped, ServedModels};
 
 /// Scrape settings.
@@ -22,80 +28,63 @@ pub struct ScrapeOptions {
 #[rtype(result = "()")]
 pub struct StopScraping;
 
-/// Scrapes one endpoint and writes the results into its [`EndpointHandle`] in place.
+/// Owns one endpoint's scrape loop.
 pub struct Scraper {
     handle: Arc<EndpointHandle>,
-    client: reqwest::Client,
     opts: ScrapeOptions,
-    metrics_busy: bool,
-    models_busy: bool,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Scraper {
+    pub fn new(handle: Arc<EndpointHandle>, opts: ScrapeOptions) -> Self {
+        Self {
+            handle,
+            opts,
+            task: None,
+        }
+    }
+}
+
+/// The scrape loop of one endpoint.
+struct ScrapeLoop {
+    handle: Arc<EndpointHandle>,
+    opts: ScrapeOptions,
+    metrics: ScrapeClient,
+    models: ScrapeClient,
     last_models: Option<Instant>,
     failures: u32,
 }
 
-enum ScrapeResult {
-    Metrics(Result<inferlane_epp::EndpointMetrics, String>),
-    Models(Result<ServedModels, String>),
-}
-
-impl Scraper {
-    pub fn new(handle: Arc<EndpointHandle>, client: reqwest::Client, opts: ScrapeOptions) -> Self {
-        Self {
-            handle,
-            client,
-            opts,
-            metrics_busy: false,
-            models_busy: false,
-            last_models: None,
-            failures: 0,
+impl ScrapeLoop {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.opts.metrics_interval);
+        // A slow scrape delays the next one instead of causing a burst.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.scrape_metrics().await;
+            let due = self
+                .last_models
+                .is_none_or(|t| t.elapsed() >= self.opts.models_interval)
+                || self.handle.models_stale.swap(false, Ordering::Relaxed);
+            if due {
+                self.last_models = Some(Instant::now());
+                self.scrape_models().await;
+            }
         }
     }
 
-    fn tick(&mut self, ctx: &mut Context<Self>) {
-        if !self.metrics_busy {
-            self.metrics_busy = true;
-            let url = format!("http://{}/metrics", self.handle.address);
-            let client = self.client.clone();
-            let engine = self.handle.engine;
-            let timeout = self.opts.timeout;
-            let fut = async move {
-                let text = fetch(&client, &url, timeout).await?;
-                inferlane_epp::metrics::parse(engine, &text).map_err(|e| e.to_string())
-            };
-            ctx.spawn(fut.into_actor(self).map(|res, act, _| {
-                act.metrics_busy = false;
-                act.apply(ScrapeResult::Metrics(res));
-            }));
-        }
-        let models_due = self
-            .last_models
-            .is_none_or(|t| t.elapsed() >= self.opts.models_interval)
-            || self.handle.models_stale.swap(false, Ordering::Relaxed);
-        if models_due && !self.models_busy {
-            self.models_busy = true;
-            self.last_models = Some(Instant::now());
-            let url = format!("http://{}/v1/models", self.handle.address);
-            let client = self.client.clone();
-            let timeout = self.opts.timeout;
-            let fut = async move {
-                let text = fetch(&client, &url, timeout).await?;
-                let actual = parse_models(text.as_bytes()).map_err(|e| e.to_string())?;
-                Ok(ServedModels {
-                    base: actual.base_models.into_iter().collect(),
-                    adapters: actual.adapters.into_keys().collect(),
-                })
-            };
-            ctx.spawn(fut.into_actor(self).map(|res, act, _| {
-                act.models_busy = false;
-                act.apply(ScrapeResult::Models(res));
-            }));
-        }
-    }
-
-    fn apply(&mut self, res: ScrapeResult) {
+    async fn scrape_metrics(&mut self) {
+        let engine = self.handle.engine;
+        let res = match self.metrics.get("/metrics", self.opts.timeout).await {
+            Ok(body) => std::str::from_utf8(&body)
+                .map_err(|e| e.to_string())
+                .and_then(|t| inferlane_epp::metrics::parse(engine, t).map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
         let h = &self.handle;
         match res {
-            ScrapeResult::Metrics(Ok(m)) => {
+            Ok(m) => {
                 h.scraped.store(Some(Arc::new(Scraped {
                     metrics: m,
                     at: Instant::now(),
@@ -106,41 +95,51 @@ impl Scraper {
                 }
                 self.failures = 0;
             }
-            ScrapeResult::Metrics(Err(e)) => {
+            Err(e) => {
                 self.failures += 1;
                 if h.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(endpoint = %h.address, error = %e, "scrape failed; endpoint taken out of the pool until it answers");
                 }
             }
-            ScrapeResult::Models(Ok(m)) => {
-                h.models.store(Some(Arc::new(m)));
-            }
-            ScrapeResult::Models(Err(e)) => {
-                tracing::debug!(endpoint = %h.address, error = %e, "model list failed");
+        }
+    }
+
+    async fn scrape_models(&mut self) {
+        let res = match self.models.get("/v1/models", self.opts.timeout).await {
+            Ok(body) => parse_models(&body).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match res {
+            Ok(actual) => self.handle.models.store(Some(Arc::new(ServedModels {
+                base: actual.base_models.into_iter().collect(),
+                adapters: actual.adapters.into_keys().collect(),
+            }))),
+            Err(e) => {
+                tracing::debug!(endpoint = %self.handle.address, error = %e, "model list failed")
             }
         }
     }
 }
 
-async fn fetch(client: &reqwest::Client, url: &str, timeout: Duration) -> Result<String, String> {
-    let resp = client
-        .get(url)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("{url}: status {}", resp.status()));
-    }
-    resp.text().await.map_err(|e| e.to_string())
-}
-
 impl Actor for Scraper {
     type Context = Context<Self>;
 
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        self.tick(ctx);
-        ctx.run_interval(self.opts.metrics_interval, |act, ctx| act.tick(ctx));
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        let lp = ScrapeLoop {
+            handle: self.handle.clone(),
+            opts: self.opts.clone(),
+            metrics: ScrapeClient::new(self.handle.address.clone()),
+            models: ScrapeClient::new(self.handle.address.clone()),
+            last_models: None,
+            failures: 0,
+        };
+        self.task = Some(tokio::spawn(lp.run()));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod extproc;
 pub mod metrics;
+pub mod scrape_http;
 pub mod state;
 pub mod tls;
 pub mod usage;
@@ -55,8 +56,6 @@ pub enum EppError {
         #[source]
         source: config::EppConfigError,
     },
-    #[error("cannot build the HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("no endpoint source: give --pool-file (standalone mode)")]
@@ -178,14 +177,8 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         })?,
     };
 
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(2)
-        .connect_timeout(args.scrape_timeout)
-        .build()
-        .map_err(EppError::Client)?;
     let datastore = Datastore::new(
         shared.clone(),
-        client,
         ScrapeOptions {
             metrics_interval: args.refresh_metrics_interval,
             models_interval: args.refresh_models_interval,
