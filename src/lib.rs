@@ -1,6 +1,7 @@
 //! inferlane: the actor shell and shared runtime behind the lora-sidecar, epp and vllm-sim binaries.
 
 pub mod actors;
+pub mod bbr;
 pub mod epp;
 pub mod lora;
 pub mod runtime;

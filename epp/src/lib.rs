@@ -1,5 +1,6 @@
 //! Pure endpoint-picking domain: metrics parsing, request parsing, model rules, scheduling (no I/O).
 
+pub mod bbr;
 pub mod metrics;
 pub mod prefix;
 pub mod request;

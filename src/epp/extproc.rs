@@ -64,7 +64,7 @@ impl ExtProc {
     }
 }
 
-type Tx = mpsc::Sender<Result<ProcessingResponse, Status>>;
+pub(crate) type Tx = mpsc::Sender<Result<ProcessingResponse, Status>>;
 
 /// Decrements the endpoint's in-flight counter when the request's stream ends.
 struct InFlight(Arc<EndpointHandle>);
@@ -115,7 +115,7 @@ fn header_value(h: &HeaderValue) -> String {
     }
 }
 
-fn set_header(key: &str, value: &str) -> HeaderValueOption {
+pub(crate) fn set_header(key: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.into(),
@@ -198,7 +198,7 @@ fn immediate(r: &Reject) -> ProcessingResponse {
     }
 }
 
-fn reply(r: processing_response::Response) -> ProcessingResponse {
+pub(crate) fn reply(r: processing_response::Response) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(r),
         ..Default::default()
@@ -210,7 +210,7 @@ fn with_metadata(mut r: ProcessingResponse, md: Option<Struct>) -> ProcessingRes
     r
 }
 
-fn continue_headers() -> ProcessingResponse {
+pub(crate) fn continue_headers() -> ProcessingResponse {
     ProcessingResponse {
         response: Some(processing_response::Response::RequestHeaders(
             HeadersResponse::default(),
@@ -680,7 +680,7 @@ impl ExtProc {
     }
 }
 
-fn read_headers(h: &HttpHeaders, out: &mut HashMap<String, String>) {
+pub(crate) fn read_headers(h: &HttpHeaders, out: &mut HashMap<String, String>) {
     if let Some(map) = &h.headers {
         for hv in &map.headers {
             out.insert(hv.key.to_ascii_lowercase(), header_value(hv));
@@ -688,7 +688,7 @@ fn read_headers(h: &HttpHeaders, out: &mut HashMap<String, String>) {
     }
 }
 
-async fn send(tx: &Tx, resp: ProcessingResponse) -> Result<(), Status> {
+pub(crate) async fn send(tx: &Tx, resp: ProcessingResponse) -> Result<(), Status> {
     tx.send(Ok(resp))
         .await
         .map_err(|_| Status::cancelled("gateway closed the stream"))

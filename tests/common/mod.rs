@@ -13,6 +13,7 @@ pub fn bin(name: &str) -> PathBuf {
         "vllm-sim" => PathBuf::from(env!("CARGO_BIN_EXE_vllm-sim")),
         "lora-sidecar" => PathBuf::from(env!("CARGO_BIN_EXE_lora-sidecar")),
         "epp" => PathBuf::from(env!("CARGO_BIN_EXE_epp")),
+        "bbr" => PathBuf::from(env!("CARGO_BIN_EXE_bbr")),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -404,6 +405,11 @@ pub async fn spawn_envoy(o: &EnvoyOptions<'_>, dir: &Path) -> Envoy {
             1,
         );
     }
+    spawn_envoy_config(&cfg, dir).await
+}
+
+/// Starts Envoy on a ready config whose listener port is 0; returns once it listens.
+pub async fn spawn_envoy_config(cfg: &str, dir: &Path) -> Envoy {
     let n = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -483,4 +489,42 @@ pub async fn sim_requests(
 /// Total generation requests a sim accepted.
 pub async fn sim_total(c: &reqwest::Client, sim: &Proc) -> u64 {
     sim_requests(c, sim).await.values().sum()
+}
+
+/// The contents of a file under deploy/.
+pub fn deploy_file(rel: &str) -> String {
+    std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy")
+            .join(rel),
+    )
+    .unwrap()
+}
+
+/// Starts bbr on `mapping`; returns it and its gRPC address.
+pub fn spawn_bbr(mapping: &Path, log_dir: &Path) -> (Proc, String) {
+    let m = mapping.to_string_lossy().into_owned();
+    let p = spawn_with_marker(
+        &bin("bbr"),
+        &[
+            "--mapping-file",
+            &m,
+            "--bind-address",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--grpc-health-port",
+            "0",
+        ],
+        &[],
+        "BBR_LISTENING",
+        log_dir,
+    );
+    let grpc = p
+        .addr
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap()
+        .to_string();
+    (p, grpc)
 }

@@ -1,0 +1,391 @@
+//! Body-based routing: a gateway-level ext_proc server that names the base model in headers so HTTPRoutes can pick the pool.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use arc_swap::ArcSwap;
+use clap::Args;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
+    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation, processing_request,
+    processing_response,
+};
+use futures::Stream;
+use inferlane_epp::bbr::{BaseModelMap, BbrError, parse_mapping};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use tonic_health::ServingStatus;
+
+use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
+use crate::actors::messages::ConfigChanged;
+use crate::epp::extproc::{Tx, continue_headers, read_headers, reply, send, set_header};
+use crate::epp::tls;
+use crate::lora::parse_bool;
+
+/// Header naming the model the client asked for.
+pub const MODEL_HEADER: &str = "x-gateway-model-name";
+/// Header naming its base model (empty when unknown); HTTPRoutes match on it.
+pub const BASE_MODEL_HEADER: &str = "x-gateway-base-model-name";
+const FULL_DUPLEX_STREAMED: i32 = 4;
+const STREAM_CHUNK: usize = 64 * 1024;
+
+/// Errors that stop BBR from starting.
+#[derive(Debug, Error)]
+pub enum BbrStartError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// bbr flags.
+#[derive(Debug, Clone, Args)]
+pub struct BbrArgs {
+    /// ext_proc gRPC port.
+    #[arg(long, default_value_t = 9004)]
+    pub grpc_port: u16,
+    /// gRPC health port.
+    #[arg(long, default_value_t = 9005)]
+    pub grpc_health_port: u16,
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: String,
+    /// Mapping file: `baseModels: [{baseModel, adapters}]`, or ConfigMaps labelled
+    /// `inference.networking.k8s.io/bbr-managed: "true"` (multi-document YAML). Watched live.
+    #[arg(long, env = "BBR_MAPPING_FILE")]
+    pub mapping_file: PathBuf,
+    /// Serve ext_proc over TLS (self-signed unless --cert-path).
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub secure_serving: bool,
+    #[arg(long)]
+    pub cert_path: Option<PathBuf>,
+    /// Largest request body read.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// A validated mapping file.
+#[derive(Debug, Clone)]
+pub struct MappingFile(pub BaseModelMap);
+
+impl WatchedConfig for MappingFile {
+    type Error = BbrError;
+
+    fn parse(text: &str, _validate: bool) -> Result<Self, Self::Error> {
+        Ok(MappingFile(BaseModelMap::new(&parse_mapping(text)?)?))
+    }
+
+    fn summary(&self) -> String {
+        format!("{} model names mapped to base models", self.0.len())
+    }
+}
+
+/// Receives new mappings and publishes them for the request path.
+struct MappingStore(Arc<ArcSwap<BaseModelMap>>);
+
+impl Actor for MappingStore {
+    type Context = Context<Self>;
+}
+
+impl Handler<ConfigChanged<MappingFile>> for MappingStore {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConfigChanged<MappingFile>, _: &mut Context<Self>) {
+        self.0.store(Arc::new(msg.config.0.clone()));
+    }
+}
+
+#[derive(Clone)]
+struct Bbr {
+    map: Arc<ArcSwap<BaseModelMap>>,
+    max_body: usize,
+}
+
+fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct M {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<M>(body)
+        .ok()?
+        .model
+        .filter(|m| !m.is_empty())
+}
+
+impl Bbr {
+    fn mutation(&self, body: &[u8]) -> HeaderMutation {
+        let mut m = HeaderMutation::default();
+        match model_of(body) {
+            Some(model) => {
+                let base = self.map.load().base_of(&model).unwrap_or("").to_string();
+                if base.is_empty() {
+                    tracing::debug!(%model, "no base model known for this model");
+                }
+                m.set_headers.push(set_header(MODEL_HEADER, &model));
+                m.set_headers.push(set_header(BASE_MODEL_HEADER, &base));
+            }
+            // No model: leave routing alone; the pool's EPP answers the 400.
+            None => m.remove_headers = vec![MODEL_HEADER.into(), BASE_MODEL_HEADER.into()],
+        }
+        m
+    }
+
+    async fn handle(
+        &self,
+        inbound: &mut Streaming<ProcessingRequest>,
+        tx: &Tx,
+    ) -> Result<(), Status> {
+        let mut body = Vec::new();
+        let mut full_duplex = false;
+        let mut answered = false;
+        loop {
+            let msg = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(_) if answered => break,
+                Err(e) => return Err(e),
+            };
+            let Some(req) = msg.request.as_ref() else {
+                continue;
+            };
+            match req {
+                processing_request::Request::RequestHeaders(h) => {
+                    full_duplex = msg
+                        .protocol_config
+                        .as_ref()
+                        .is_some_and(|p| p.request_body_mode == FULL_DUPLEX_STREAMED);
+                    let mut hs = std::collections::HashMap::new();
+                    read_headers(h, &mut hs);
+                    if h.end_of_stream || !full_duplex {
+                        send(tx, continue_headers()).await?;
+                        answered = h.end_of_stream;
+                    }
+                }
+                processing_request::Request::RequestBody(b) => {
+                    if body.len() + b.body.len() <= self.max_body {
+                        body.extend_from_slice(&b.body);
+                    }
+                    if !b.end_of_stream {
+                        continue;
+                    }
+                    let common = CommonResponse {
+                        header_mutation: Some(self.mutation(&body)),
+                        clear_route_cache: true,
+                        ..Default::default()
+                    };
+                    if full_duplex {
+                        send(
+                            tx,
+                            reply(processing_response::Response::RequestHeaders(
+                                HeadersResponse {
+                                    response: Some(common),
+                                },
+                            )),
+                        )
+                        .await?;
+                        let chunks: Vec<&[u8]> = if body.is_empty() {
+                            vec![&[][..]]
+                        } else {
+                            body.chunks(STREAM_CHUNK).collect()
+                        };
+                        let n = chunks.len();
+                        for (i, c) in chunks.into_iter().enumerate() {
+                            let r = CommonResponse {
+                                body_mutation: Some(BodyMutation {
+                                    mutation: Some(body_mutation::Mutation::StreamedResponse(
+                                        StreamedBodyResponse {
+                                            body: c.to_vec(),
+                                            end_of_stream: i + 1 == n,
+                                            ..Default::default()
+                                        },
+                                    )),
+                                }),
+                                ..Default::default()
+                            };
+                            send(
+                                tx,
+                                reply(processing_response::Response::RequestBody(BodyResponse {
+                                    response: Some(r),
+                                })),
+                            )
+                            .await?;
+                        }
+                    } else {
+                        send(
+                            tx,
+                            reply(processing_response::Response::RequestBody(BodyResponse {
+                                response: Some(common),
+                            })),
+                        )
+                        .await?;
+                    }
+                    answered = true;
+                }
+                processing_request::Request::RequestTrailers(_) => {
+                    send(
+                        tx,
+                        reply(processing_response::Response::RequestTrailers(
+                            TrailersResponse::default(),
+                        )),
+                    )
+                    .await?;
+                }
+                processing_request::Request::ResponseHeaders(_) => {
+                    send(
+                        tx,
+                        reply(processing_response::Response::ResponseHeaders(
+                            HeadersResponse::default(),
+                        )),
+                    )
+                    .await?;
+                }
+                processing_request::Request::ResponseBody(_) => {
+                    send(
+                        tx,
+                        reply(processing_response::Response::ResponseBody(
+                            BodyResponse::default(),
+                        )),
+                    )
+                    .await?;
+                }
+                processing_request::Request::ResponseTrailers(_) => {
+                    send(
+                        tx,
+                        reply(processing_response::Response::ResponseTrailers(
+                            TrailersResponse::default(),
+                        )),
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for Bbr {
+    type ProcessStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(status) = this.handle(&mut inbound, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Bound addresses.
+#[derive(Debug, Clone)]
+pub struct BbrHandle {
+    pub grpc: SocketAddr,
+    pub health: SocketAddr,
+}
+
+async fn bind(
+    what: &'static str,
+    host: &str,
+    port: u16,
+) -> Result<(tokio::net::TcpListener, SocketAddr), BbrStartError> {
+    let addr = format!("{host}:{port}");
+    let l = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| BbrStartError::Bind {
+            what,
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| BbrStartError::Bind { what, addr, source })?;
+    Ok((l, local))
+}
+
+/// Starts BBR. Must run inside an actix `System`.
+pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
+    let map = Arc::new(ArcSwap::from_pointee(BaseModelMap::default()));
+    let store = MappingStore(map.clone()).start();
+    FileWatcher::<MappingFile>::new(
+        WatcherOptions {
+            path: args.mapping_file.clone(),
+            validate: true,
+            debounce: Duration::from_millis(10),
+            poll_interval: Duration::from_secs(10),
+        },
+        store.recipient(),
+        WatchMetrics::default(),
+    )
+    .start();
+    let (grpc, grpc_addr) = bind("ext_proc gRPC", &args.bind_address, args.grpc_port).await?;
+    let (health, health_addr) =
+        bind("gRPC health", &args.bind_address, args.grpc_health_port).await?;
+    let svc = ExternalProcessorServer::new(Bbr {
+        map,
+        max_body: args.max_body_bytes,
+    })
+    .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
+    let router = tonic::transport::Server::builder().add_service(svc);
+    if args.secure_serving {
+        let incoming = tls::incoming(
+            grpc,
+            tls::acceptor(args.cert_path.as_deref(), Duration::from_secs(10))?,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "bbr server stopped");
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming(TcpListenerStream::new(grpc))
+                .await
+            {
+                tracing::error!(error = %e, "bbr server stopped");
+            }
+        });
+    }
+    let (reporter, health_svc) = tonic_health::server::health_reporter();
+    for s in [
+        "liveness",
+        "readiness",
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+    ] {
+        reporter.set_service_status(s, ServingStatus::Serving).await;
+    }
+    tokio::spawn(async move {
+        let _keep = reporter;
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(health_svc)
+            .serve_with_incoming(TcpListenerStream::new(health))
+            .await
+        {
+            tracing::error!(error = %e, "bbr health server stopped");
+        }
+    });
+    Ok(BbrHandle {
+        grpc: grpc_addr,
+        health: health_addr,
+    })
+}

@@ -1,0 +1,207 @@
+//! Two InferencePools behind one Envoy: bbr names the base model, each pool's EPP picks inside it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const LLAMA: &str = "meta-llama/Llama-3.1-8B-Instruct";
+const DEEPSEEK: &str = "deepseek-ai/DeepSeek-R1";
+
+const MAPPING: &str = r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: llama-models
+  labels: {inference.networking.k8s.io/bbr-managed: "true"}
+data:
+  baseModel: meta-llama/Llama-3.1-8B-Instruct
+  adapters: |
+    - food-review-1
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: deepseek-models
+  labels: {inference.networking.k8s.io/bbr-managed: "true"}
+data:
+  baseModel: deepseek-ai/DeepSeek-R1
+  adapters: |
+    - ski-resorts
+    - movie-critique
+"#;
+
+#[tokio::test]
+async fn every_request_lands_in_the_right_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let c = client();
+    let flags = ["--enable-lora", "--max-loras", "2", "--time-scale", "0.1"];
+    let llama: Vec<Proc> = (0..2).map(|_| spawn_sim(&flags, d)).collect();
+    let mut ds_flags = flags.to_vec();
+    ds_flags.extend_from_slice(&["--model", DEEPSEEK]);
+    let deepseek: Vec<Proc> = (0..2).map(|_| spawn_sim(&ds_flags, d)).collect();
+    let fr = adapter(d, "food-review-1", 8);
+    for s in &llama {
+        load_adapter(&c, s, "food-review-1", &fr).await;
+    }
+    for name in ["ski-resorts", "movie-critique"] {
+        let p = adapter(d, name, 8);
+        for s in &deepseek {
+            load_adapter(&c, s, name, &p).await;
+        }
+    }
+    let pool = |sims: &[Proc], name: &str| {
+        let mut y = format!("pool: {{name: {name}}}\nendpoints:\n");
+        for s in sims {
+            y.push_str(&format!("- address: {}\n", s.addr));
+        }
+        let f = d.join(format!("{name}.yaml"));
+        std::fs::write(&f, y).unwrap();
+        f
+    };
+    let epp_a = spawn_epp(&pool(&llama, "llama"), &["--pool-name", "llama"], d);
+    let epp_b = spawn_epp(
+        &pool(&deepseek, "deepseek"),
+        &["--pool-name", "deepseek"],
+        d,
+    );
+    let mapping = d.join("bbr.yaml");
+    std::fs::write(&mapping, MAPPING).unwrap();
+    let (_bbr, bbr_grpc) = spawn_bbr(&mapping, d);
+    let cfg = deploy_file("envoy/envoy-bbr-two-pools.yaml.tmpl")
+        .replace("${LISTEN_PORT}", "0")
+        .replace("${BBR_PORT}", &port_of(&bbr_grpc).to_string())
+        .replace("${EPP_A_PORT}", &port_of(&epp_a.grpc).to_string())
+        .replace("${EPP_B_PORT}", &port_of(&epp_b.grpc).to_string())
+        .replace("${BASE_A}", LLAMA)
+        .replace("${BASE_B}", DEEPSEEK);
+    let envoy = spawn_envoy_config(&cfg, d).await;
+    let url = format!("http://127.0.0.1:{}/v1/completions", envoy.port);
+
+    // Both EPPs know their servers' models before traffic.
+    for (epp, n) in [(&epp_a, "llama"), (&epp_b, "deepseek")] {
+        wait_for("pool ready", Duration::from_secs(20), || async {
+            let page = c
+                .get(format!("http://{}/metrics", epp.metrics))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (metric(&page, &format!("inference_pool_ready_pods{{name=\"{n}\"}}"))? == 2.0)
+                .then_some(())
+        })
+        .await;
+    }
+    let models = [
+        LLAMA,
+        "food-review-1",
+        DEEPSEEK,
+        "ski-resorts",
+        "movie-critique",
+    ];
+    for round in 0..4 {
+        for m in models {
+            let r = c
+                .post(&url)
+                .json(&json!({"model": m, "prompt": format!("{m} {round}"), "max_tokens": 1}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap();
+            assert_eq!(status, 200, "{m}: {body}");
+        }
+    }
+    let mut llama_counts = std::collections::BTreeMap::new();
+    for s in &llama {
+        for (k, v) in sim_requests(&c, s).await {
+            *llama_counts.entry(k).or_insert(0) += v;
+        }
+    }
+    let mut ds_counts = std::collections::BTreeMap::new();
+    for s in &deepseek {
+        for (k, v) in sim_requests(&c, s).await {
+            *ds_counts.entry(k).or_insert(0) += v;
+        }
+    }
+    assert_eq!(
+        llama_counts,
+        [(LLAMA.to_string(), 4), ("food-review-1".to_string(), 4)]
+            .into_iter()
+            .collect()
+    );
+    assert_eq!(
+        ds_counts,
+        [
+            (DEEPSEEK.to_string(), 4),
+            ("movie-critique".to_string(), 4),
+            ("ski-resorts".to_string(), 4)
+        ]
+        .into_iter()
+        .collect()
+    );
+    // A model no pool serves, and a client trying to pick the pool itself.
+    let r = c
+        .post(&url)
+        .json(&json!({"model": "nobody", "prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c
+        .post(&url)
+        .header("x-gateway-base-model-name", DEEPSEEK)
+        .json(&json!({"model": "food-review-1", "prompt": "x", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let llama_total: u64 = sim_total(&c, &llama[0]).await + sim_total(&c, &llama[1]).await;
+    assert_eq!(llama_total, 9, "the client's header is replaced by bbr's");
+}
+
+async fn load_adapter(c: &reqwest::Client, sim: &Proc, name: &str, path: &str) {
+    let r = c
+        .post(format!("http://{}/v1/load_lora_adapter", sim.addr))
+        .json(&json!({"lora_name": name, "lora_path": path}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn conflicting_mapping_is_rejected_naming_both_base_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let mapping = dir.path().join("bbr.yaml");
+    std::fs::write(
+        &mapping,
+        "baseModels:\n- baseModel: a\n  adapters: [shared]\n- baseModel: b\n  adapters: [shared]\n",
+    )
+    .unwrap();
+    let (bbr, _) = spawn_bbr(&mapping, dir.path());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = bbr.logs();
+        if logs.contains("config rejected") {
+            assert!(
+                logs.contains("\\\"shared\\\"") || logs.contains("\"shared\""),
+                "{logs}"
+            );
+            assert!(
+                logs.contains("base model \\\"a\\\"") || logs.contains("base model \"a\""),
+                "{logs}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rejection logged: {logs}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
