@@ -2,6 +2,7 @@
 
 pub mod actors;
 pub mod bbr;
+pub mod crds;
 pub mod epp;
 pub mod lora;
 pub mod runtime;

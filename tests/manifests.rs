@@ -1,0 +1,218 @@
+//! deploy/ checks: CRD YAML equals what the types generate; every manifest survives a typed round trip.
+
+use std::path::{Path, PathBuf};
+
+use inferlane::crds;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+fn deploy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+#[test]
+fn checked_in_crds_match_the_types() {
+    let update = std::env::var("UPDATE_CRDS").is_ok();
+    for (name, yaml) in crds::crd_files() {
+        let path = deploy().join("crds").join(name);
+        if update {
+            std::fs::write(&path, &yaml).unwrap();
+            continue;
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == yaml,
+            "{} differs from the Rust types; regenerate with `UPDATE_CRDS=1 cargo test --test manifests`",
+            path.display()
+        );
+    }
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "yaml")
+            && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        {
+            out.push(p);
+        }
+    }
+}
+
+/// Deserialises into `T` and back; anything the type does not know (a misspelled field) is lost
+/// and shows up as a difference.
+fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<(), String> {
+    let typed: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    let mut diffs = Vec::new();
+    diff("", doc, &back, &mut diffs);
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(diffs.join("; "))
+    }
+}
+
+fn diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                match y.get(k) {
+                    Some(w) => diff(&format!("{path}.{k}"), v, w, out),
+                    None => out.push(format!(
+                        "{path}.{k} was dropped (unknown or misspelled field)"
+                    )),
+                }
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                diff(&format!("{path}[{i}]"), v, w, out);
+            }
+        }
+        // YAML numbers vs. strings (quantities, int-or-string) compare by text.
+        _ if a.to_string().trim_matches('"') == b.to_string().trim_matches('"') => {}
+        _ => out.push(format!("{path}: {a} became {b}")),
+    }
+}
+
+#[test]
+fn every_manifest_survives_a_typed_round_trip() {
+    let mut files = Vec::new();
+    yaml_files(&deploy(), &mut files);
+    assert!(!files.is_empty());
+    let mut checked = 0;
+    let mut errors = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: Value = match serde_yaml::Value::deserialize(doc).map(serde_json::to_value) {
+                Ok(Ok(v)) => v,
+                other => panic!("{}: not YAML: {other:?}", f.display()),
+            };
+            if v.is_null() {
+                continue;
+            }
+            let kind = v["kind"].as_str().unwrap_or_default().to_string();
+            let api = v["apiVersion"].as_str().unwrap_or_default().to_string();
+            let res = match (api.as_str(), kind.as_str()) {
+                ("apps/v1", "Deployment") => round_trip::<Deployment>(&v),
+                ("v1", "Service") => round_trip::<Service>(&v),
+                ("v1", "ConfigMap") => round_trip::<ConfigMap>(&v),
+                ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(&v),
+                ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(&v),
+                ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(&v),
+                ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                    round_trip::<CustomResourceDefinition>(&v)
+                }
+                ("inference.networking.k8s.io/v1", "InferencePool") => {
+                    round_trip::<crds::v1::InferencePool>(&v)
+                }
+                ("inference.networking.x-k8s.io/v1alpha2", "InferencePool") => {
+                    round_trip::<crds::v1alpha2::InferencePool>(&v)
+                }
+                ("inference.networking.x-k8s.io/v1alpha2", "InferenceModel") => {
+                    round_trip::<crds::v1alpha2::InferenceModel>(&v)
+                }
+                ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective") => {
+                    round_trip::<crds::v1alpha2::InferenceObjective>(&v)
+                }
+                // Gateway API objects have no Rust types here; check the basics only.
+                ("gateway.networking.k8s.io/v1", _) => {
+                    if v["metadata"]["name"].is_string() && v["spec"].is_object() {
+                        Ok(())
+                    } else {
+                        Err("needs metadata.name and spec".into())
+                    }
+                }
+                _ => Err(format!("no check for {api} {kind}; add one")),
+            };
+            checked += 1;
+            if let Err(e) = res {
+                errors.push(format!("{} ({kind}): {e}", f.display()));
+            }
+        }
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    assert!(checked >= 10, "only {checked} documents checked");
+}
+
+#[test]
+fn service_ports_point_at_container_ports() {
+    let mut files = Vec::new();
+    yaml_files(&deploy(), &mut files);
+    let mut services = Vec::new();
+    let mut deployments = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: Value =
+                serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
+            match v["kind"].as_str() {
+                Some("Service") => services.push(serde_json::from_value::<Service>(v).unwrap()),
+                Some("Deployment") => {
+                    deployments.push(serde_json::from_value::<Deployment>(v).unwrap())
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(!services.is_empty());
+    for s in &services {
+        let spec = s.spec.as_ref().unwrap();
+        let selector = spec.selector.clone().unwrap_or_default();
+        let pods: Vec<_> = deployments
+            .iter()
+            .filter_map(|d| d.spec.as_ref()?.template.spec.as_ref().map(|p| (d, p)))
+            .filter(|(d, _)| {
+                let labels = d
+                    .spec
+                    .as_ref()
+                    .unwrap()
+                    .template
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.labels.clone())
+                    .unwrap_or_default();
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .collect();
+        let name = s.metadata.name.clone().unwrap_or_default();
+        assert!(!pods.is_empty(), "Service {name} selects no Deployment");
+        for port in spec.ports.clone().unwrap_or_default() {
+            let target = port.target_port.clone();
+            let found = pods.iter().any(|(_, p)| {
+                p.containers
+                    .iter()
+                    .chain(p.init_containers.iter().flatten())
+                    .any(|c| {
+                        c.ports.iter().flatten().any(|cp| match &target {
+                            Some(
+                                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                                    n,
+                                ),
+                            ) => cp.name.as_deref() == Some(n.as_str()),
+                            Some(
+                                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n),
+                            ) => cp.container_port == *n,
+                            None => cp.container_port == port.port,
+                        })
+                    })
+            });
+            assert!(
+                found,
+                "Service {name} port {} has no matching container port",
+                port.port
+            );
+        }
+    }
+}
+
+use serde::Deserialize;
