@@ -216,3 +216,39 @@ fn service_ports_point_at_container_ports() {
 }
 
 use serde::Deserialize;
+
+#[test]
+fn epp_rbac_grants_what_discovery_watches() {
+    let text = std::fs::read_to_string(deploy().join("epp/epp.yaml")).unwrap();
+    let mut roles = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
+        if v["kind"] == "Role" {
+            roles.push(serde_json::from_value::<Role>(v).unwrap());
+        }
+    }
+    assert_eq!(roles.len(), 1);
+    let rules = roles[0].rules.clone().unwrap_or_default();
+    for (group, resource) in inferlane::actors::kube_discovery::WATCHED {
+        for verb in ["list", "watch"] {
+            let granted = rules.iter().any(|r| {
+                r.api_groups.iter().flatten().any(|g| g == group)
+                    && r.resources.iter().flatten().any(|x| x == resource)
+                    && r.verbs.iter().any(|v| v == verb)
+            });
+            assert!(
+                granted,
+                "the EPP Role does not grant {verb} on {group}/{resource}"
+            );
+        }
+    }
+    // Least privilege: read-only.
+    for r in &rules {
+        for v in &r.verbs {
+            assert!(
+                ["get", "list", "watch"].contains(&v.as_str()),
+                "write verb {v} granted"
+            );
+        }
+    }
+}

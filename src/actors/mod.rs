@@ -2,6 +2,7 @@
 
 pub mod datastore;
 pub mod file_watcher;
+pub mod kube_discovery;
 pub mod messages;
 pub mod reconciler;
 pub mod scraper;

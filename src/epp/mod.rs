@@ -27,6 +27,7 @@ use tonic_health::ServingStatus;
 
 use crate::actors::datastore::Datastore;
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatcherOptions};
+use crate::actors::kube_discovery::{KubeDiscovery, PoolTarget};
 use crate::actors::scraper::ScrapeOptions;
 use crate::lora::{parse_bool, parse_duration};
 use config::PoolFile;
@@ -58,8 +59,8 @@ pub enum EppError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
-    #[error("no endpoint source: give --pool-file (standalone mode)")]
-    NoDiscovery,
+    #[error("Kubernetes client (set KUBECONFIG or run in a pod, or use --pool-file): {0}")]
+    Kube(#[source] kube::Error),
 }
 
 /// epp flags (upstream-compatible names where upstream has them).
@@ -85,7 +86,12 @@ pub struct EppArgs {
     /// EndpointPickerConfig file (scorer weights, saturation thresholds).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
+    /// API group of the InferencePool: `inference.networking.k8s.io` (v1) or
+    /// `inference.networking.x-k8s.io` (v1alpha2).
+    #[arg(long, default_value = "inference.networking.k8s.io")]
+    pub pool_group: String,
     /// Standalone mode: YAML file with the pool's endpoints and model rules, watched live.
+    /// Without it the EPP watches the InferencePool, its pods and models in Kubernetes.
     #[arg(long, env = "EPP_POOL_FILE")]
     pub pool_file: Option<PathBuf>,
     /// Metrics scrape period per endpoint.
@@ -138,6 +144,21 @@ async fn metrics_page(State(m): State<EppMetrics>) -> impl IntoResponse {
     )
 }
 
+/// What the picker sees: endpoints (with health) and model names, for operators and tests.
+async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let snap = shared.snapshot.load();
+    let endpoints: Vec<serde_json::Value> = snap
+        .endpoints
+        .iter()
+        .map(|h| serde_json::json!({"address": h.address, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy()}))
+        .collect();
+    let mut models: Vec<&str> = snap.rules.model_names().collect();
+    models.sort_unstable();
+    axum::Json(
+        serde_json::json!({"generation": snap.generation, "endpoints": endpoints, "models": models}),
+    )
+}
+
 /// Starts the EPP. Must run inside an actix `System`.
 pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     let scheduler = match &args.config_file {
@@ -152,7 +173,6 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         }
         None => inferlane_epp::SchedulerConfig::default(),
     };
-    let pool_file = args.pool_file.clone().ok_or(EppError::NoDiscovery)?;
     let shared = Arc::new(Shared::new(scheduler));
     let metrics = EppMetrics::new();
 
@@ -188,17 +208,34 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         args.pool_name.clone(),
     )
     .start();
-    FileWatcher::<PoolFile>::new(
-        WatcherOptions {
-            path: pool_file,
-            validate: true,
-            debounce: Duration::from_millis(10),
-            poll_interval: Duration::from_secs(10),
-        },
-        datastore.recipient(),
-        WatchMetrics::default(),
-    )
-    .start();
+    match args.pool_file.clone() {
+        Some(pool_file) => {
+            FileWatcher::<PoolFile>::new(
+                WatcherOptions {
+                    path: pool_file,
+                    validate: true,
+                    debounce: Duration::from_millis(10),
+                    poll_interval: Duration::from_secs(10),
+                },
+                datastore.recipient(),
+                WatchMetrics::default(),
+            )
+            .start();
+        }
+        None => {
+            let client = kube::Client::try_default().await.map_err(EppError::Kube)?;
+            KubeDiscovery::new(
+                client,
+                PoolTarget {
+                    namespace: args.pool_namespace.clone(),
+                    name: args.pool_name.clone(),
+                    group: args.pool_group.clone(),
+                },
+                datastore,
+            )
+            .start();
+        }
+    }
 
     let svc = ExternalProcessorServer::new(ExtProc::new(
         shared.clone(),
@@ -279,7 +316,12 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
 
     let app = Router::new()
         .route("/metrics", get(metrics_page))
-        .with_state(metrics);
+        .with_state(metrics)
+        .merge(
+            Router::new()
+                .route("/debug/pool", get(debug_pool))
+                .with_state(shared.clone()),
+        );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(metrics_l, app).await {
             tracing::error!(error = %e, "metrics server stopped");
