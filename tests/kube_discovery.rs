@@ -295,58 +295,91 @@ async fn expect(c: &reqwest::Client, epp: &Epp, what: &str, eps: &[&str], models
     .await;
 }
 
+fn kubeconfig(dir: &std::path::Path, addr: &str) -> String {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{addr}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u, namespace: default}}\ncurrent-context: c\n"),
+    )
+    .unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn spawn_kube_epp(dir: &std::path::Path, kc: &str, extra: &[&str]) -> Epp {
+    let mut args = vec![
+        "--bind-address",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--grpc-health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--pool-name",
+        "llama",
+        "--pool-namespace",
+        "default",
+    ];
+    args.extend_from_slice(extra);
+    let proc = spawn_with_marker(
+        &bin("epp"),
+        &args,
+        &[("KUBECONFIG", kc)],
+        "EPP_LISTENING",
+        dir,
+    );
+    let field = |k: &str| {
+        proc.addr
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let (grpc, metrics, health) = (field("grpc"), field("metrics"), field("health"));
+    Epp {
+        proc,
+        grpc,
+        metrics,
+        health,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_selector_mode_needs_no_inference_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    api.put(PODS, pod("a", "vllm", "127.0.0.5", true));
+    api.put(PODS, pod("b", "other", "127.0.0.6", true));
+    let epp = spawn_kube_epp(
+        dir.path(),
+        &kc,
+        &["--endpoint-selector", "app=vllm", "--target-ports", "9000"],
+    );
+    let c = client();
+    expect(&c, &epp, "pods selected by label", &["127.0.0.5:9000"], &[]).await;
+    api.put(PODS, pod("b", "vllm", "127.0.0.6", true));
+    expect(
+        &c,
+        &epp,
+        "relabelled pod joins",
+        &["127.0.0.5:9000", "127.0.0.6:9000"],
+        &[],
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_follows_pods_pools_and_models_through_outages() {
     let dir = tempfile::tempdir().unwrap();
     let api = FakeApi::new();
     let addr = start_fake(api.clone()).await;
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{addr}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u, namespace: default}}\ncurrent-context: c\n"),
-    )
-    .unwrap();
+    let kc = kubeconfig(dir.path(), &addr);
     api.put(POOLS, pool("llama"));
     api.put(PODS, pod("p1", "llama", "127.0.0.2", false));
     api.put(PODS, pod("other", "deepseek", "127.0.0.9", true));
-    let kc = kubeconfig.to_string_lossy().into_owned();
-    let epp = {
-        let args = [
-            "--bind-address",
-            "127.0.0.1",
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--pool-name",
-            "llama",
-            "--pool-namespace",
-            "default",
-        ];
-        let proc = spawn_with_marker(
-            &bin("epp"),
-            &args,
-            &[("KUBECONFIG", kc.as_str())],
-            "EPP_LISTENING",
-            dir.path(),
-        );
-        let field = |k: &str| {
-            proc.addr
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .unwrap()
-                .to_string()
-        };
-        let (grpc, metrics, health) = (field("grpc"), field("metrics"), field("health"));
-        Epp {
-            proc,
-            grpc,
-            metrics,
-            health,
-        }
-    };
+    let epp = spawn_kube_epp(dir.path(), &kc, &[]);
     let c = client();
 
     // A pod that is not Ready is not an endpoint; one of another app never is.

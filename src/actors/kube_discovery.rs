@@ -10,7 +10,7 @@ use actix::prelude::*;
 use futures::StreamExt;
 use inferlane_epp::EngineType;
 use inferlane_epp::rules::{
-    Criticality, ModelRule, ModelRules, Objective, TargetModel, UnknownModelPolicy,
+    Criticality, ModelRule, ModelRules, Objective, RewriteRule, TargetModel, UnknownModelPolicy,
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::WatchStreamExt;
@@ -33,6 +33,7 @@ pub const WATCHED: &[(&str, &str)] = &[
     ("inference.networking.x-k8s.io", "inferencepools"),
     ("inference.networking.x-k8s.io", "inferencemodels"),
     ("inference.networking.x-k8s.io", "inferenceobjectives"),
+    ("inference.networking.x-k8s.io", "inferencemodelrewrites"),
 ];
 
 /// Which InferencePool to serve.
@@ -42,7 +43,12 @@ pub struct PoolTarget {
     pub name: String,
     /// `inference.networking.k8s.io` (v1) or `inference.networking.x-k8s.io` (v1alpha2).
     pub group: String,
+    /// Standalone on Kubernetes: select pods by these labels and ports, no InferencePool.
+    pub endpoint_selector: Option<EndpointSelector>,
 }
+
+/// Pod labels and ports that make endpoints without an InferencePool.
+pub type EndpointSelector = (BTreeMap<String, String>, Vec<i32>);
 
 /// The pool's selector and ports, whatever its API version.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -105,6 +111,7 @@ enum KubeEvent {
     Pod(Box<Event<Pod>>),
     Model(Event<v1alpha2::InferenceModel>),
     Objective(Event<v1alpha2::InferenceObjective>),
+    Rewrite(Event<v1alpha2::InferenceModelRewrite>),
     Error(String),
 }
 
@@ -122,6 +129,7 @@ pub struct KubeDiscovery {
     pods: Tracked<Pod>,
     models: Tracked<v1alpha2::InferenceModel>,
     objectives: Tracked<v1alpha2::InferenceObjective>,
+    rewrites: Tracked<v1alpha2::InferenceModelRewrite>,
     last_endpoints: Option<Vec<EndpointSpec>>,
     last_rules: Option<ModelRules>,
     errors_logged: bool,
@@ -138,6 +146,7 @@ impl KubeDiscovery {
             pods: Tracked::new(),
             models: Tracked::new(),
             objectives: Tracked::new(),
+            rewrites: Tracked::new(),
             last_endpoints: None,
             last_rules: None,
             errors_logged: false,
@@ -145,6 +154,12 @@ impl KubeDiscovery {
     }
 
     fn pool(&self) -> Option<PoolView> {
+        if let Some((selector, ports)) = &self.target.endpoint_selector {
+            return Some(PoolView {
+                selector: selector.clone(),
+                ports: ports.clone(),
+            });
+        }
         if self.target.group == "inference.networking.x-k8s.io" {
             let p = self.pools_v1alpha2.objects.get(&self.target.name)?;
             Some(PoolView {
@@ -233,7 +248,25 @@ impl KubeDiscovery {
                 priority: o.spec.priority.unwrap_or(0),
             })
             .collect();
-        match ModelRules::new(models, objectives, Vec::new(), UnknownModelPolicy::Route) {
+        let rewrites: Vec<RewriteRule> = self
+            .rewrites
+            .objects
+            .values()
+            .filter(|r| r.spec.pool_ref.name == *pool)
+            .flat_map(|r| r.spec.rules.iter())
+            .map(|rule| RewriteRule {
+                matches: rule.matches.iter().map(|m| m.model.value.clone()).collect(),
+                targets: rule
+                    .targets
+                    .iter()
+                    .map(|t| TargetModel {
+                        name: t.model_rewrite.clone(),
+                        weight: t.weight.map(|w| w.max(0) as u32),
+                    })
+                    .collect(),
+            })
+            .collect();
+        match ModelRules::new(models, objectives, rewrites, UnknownModelPolicy::Route) {
             Ok(rules) => {
                 if self.last_rules.as_ref() != Some(&rules) {
                     tracing::info!(models = rules.model_names().count(), "model rules changed");
@@ -294,8 +327,7 @@ impl Actor for KubeDiscovery {
             )
             .boxed()
         };
-        let streams = futures::stream::select_all(vec![
-            pool_stream,
+        let mut streams = vec![
             watch(
                 Api::<Pod>::namespaced(self.client.clone(), ns),
                 watcher::Config::default(),
@@ -314,8 +346,18 @@ impl Actor for KubeDiscovery {
                 KubeEvent::Objective,
             )
             .boxed(),
-        ]);
-        ctx.add_stream(streams);
+            watch(
+                Api::<v1alpha2::InferenceModelRewrite>::namespaced(self.client.clone(), ns),
+                watcher::Config::default(),
+                KubeEvent::Rewrite,
+            )
+            .boxed(),
+        ];
+        // Standalone on Kubernetes (--endpoint-selector): no InferencePool to watch.
+        if self.target.endpoint_selector.is_none() {
+            streams.push(pool_stream);
+        }
+        ctx.add_stream(futures::stream::select_all(streams));
     }
 }
 
@@ -327,6 +369,7 @@ impl StreamHandler<KubeEvent> for KubeDiscovery {
             KubeEvent::Pod(e) => (self.pods.apply(*e), false),
             KubeEvent::Model(e) => (false, self.models.apply(e)),
             KubeEvent::Objective(e) => (false, self.objectives.apply(e)),
+            KubeEvent::Rewrite(e) => (false, self.rewrites.apply(e)),
             KubeEvent::Error(e) => {
                 // The watcher retries with backoff; the last known state stays in force.
                 if !self.errors_logged {

@@ -27,7 +27,7 @@ use tonic_health::ServingStatus;
 
 use crate::actors::datastore::Datastore;
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatcherOptions};
-use crate::actors::kube_discovery::{KubeDiscovery, PoolTarget};
+use crate::actors::kube_discovery::{EndpointSelector, KubeDiscovery, PoolTarget};
 use crate::actors::scraper::ScrapeOptions;
 use crate::lora::{parse_bool, parse_duration};
 use config::PoolFile;
@@ -59,6 +59,8 @@ pub enum EppError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("{0}")]
+    Selector(String),
     #[error("Kubernetes client (set KUBECONFIG or run in a pod, or use --pool-file): {0}")]
     Kube(#[source] kube::Error),
 }
@@ -90,6 +92,13 @@ pub struct EppArgs {
     /// `inference.networking.x-k8s.io` (v1alpha2).
     #[arg(long, default_value = "inference.networking.k8s.io")]
     pub pool_group: String,
+    /// Standalone on Kubernetes: select pods by labels (`app=vllm,tier=gpu`) instead of
+    /// watching an InferencePool; needs --target-ports.
+    #[arg(long)]
+    pub endpoint_selector: Option<String>,
+    /// Ports of each selected pod that are endpoints (with --endpoint-selector), e.g. `8000,8001`.
+    #[arg(long, value_delimiter = ',')]
+    pub target_ports: Vec<i32>,
     /// Standalone mode: YAML file with the pool's endpoints and model rules, watched live.
     /// Without it the EPP watches the InferencePool, its pods and models in Kubernetes.
     #[arg(long, env = "EPP_POOL_FILE")]
@@ -142,6 +151,31 @@ async fn metrics_page(State(m): State<EppMetrics>) -> impl IntoResponse {
         )],
         m.encode(),
     )
+}
+
+fn endpoint_selector(args: &EppArgs) -> Result<Option<EndpointSelector>, EppError> {
+    let Some(sel) = &args.endpoint_selector else {
+        return Ok(None);
+    };
+    let mut labels = std::collections::BTreeMap::new();
+    for part in sel.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                labels.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            _ => {
+                return Err(EppError::Selector(format!(
+                    "--endpoint-selector {sel:?}: {part:?} is not key=value"
+                )));
+            }
+        }
+    }
+    if labels.is_empty() || args.target_ports.is_empty() {
+        return Err(EppError::Selector(
+            "--endpoint-selector needs at least one key=value label and --target-ports".into(),
+        ));
+    }
+    Ok(Some((labels, args.target_ports.clone())))
 }
 
 /// What the picker sees: endpoints (with health) and model names, for operators and tests.
@@ -230,6 +264,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
                     namespace: args.pool_namespace.clone(),
                     name: args.pool_name.clone(),
                     group: args.pool_group.clone(),
+                    endpoint_selector: endpoint_selector(&args)?,
                 },
                 datastore,
             )
