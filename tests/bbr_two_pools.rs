@@ -205,3 +205,70 @@ fn conflicting_mapping_is_rejected_naming_both_base_models() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_mode_watches_labelled_configmaps() {
+    use common::fake_api::*;
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    let label = json!({"inference.networking.k8s.io/bbr-managed": "true"});
+    api.put(
+        CONFIGMAPS,
+        configmap(
+            "llama",
+            label.clone(),
+            json!({"baseModel": LLAMA, "adapters": "- food-review-1\n"}),
+        ),
+    );
+    api.put(
+        CONFIGMAPS,
+        configmap("unlabelled", json!({}), json!({"baseModel": "ignored"})),
+    );
+    let bbr = spawn_with_marker(
+        &bin("bbr"),
+        &[
+            "--bind-address",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--grpc-health-port",
+            "0",
+            "--namespace",
+            "default",
+        ],
+        &[("KUBECONFIG", kc.as_str())],
+        "BBR_LISTENING",
+        dir.path(),
+    );
+    let applied = |n: usize| {
+        let bbr = &bbr;
+        async move {
+            wait_for("mapping applied", Duration::from_secs(20), || async {
+                (bbr.logs().matches("config applied").count() >= n).then_some(())
+            })
+            .await
+        }
+    };
+    applied(1).await;
+    assert!(
+        bbr.logs().contains("2 model names mapped"),
+        "{}",
+        bbr.logs()
+    );
+    api.put(
+        CONFIGMAPS,
+        configmap(
+            "deepseek",
+            label,
+            json!({"baseModel": DEEPSEEK, "adapters": "- ski-resorts\n- movie-critique\n"}),
+        ),
+    );
+    applied(2).await;
+    assert!(
+        bbr.logs().contains("5 model names mapped"),
+        "{}",
+        bbr.logs()
+    );
+}

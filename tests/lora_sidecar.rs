@@ -468,3 +468,53 @@ async fn changed_source_is_reloaded_in_place() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_mode_reads_the_config_through_the_api() {
+    use common::fake_api::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(&["--enable-lora", "--max-loras", "2"], tmp.path());
+    let port = port_of(&sim.addr);
+    let a1 = adapter(tmp.path(), "a1", 8);
+    let a2 = adapter(tmp.path(), "a2", 8);
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(tmp.path(), &addr);
+    let cm = |text: String| configmap("adapters", json!({}), json!({"configmap.yaml": text}));
+    api.put(CONFIGMAPS, cm(lora_config(port, &[("a1", &a1)], &[])));
+    let args = [
+        "--configmap",
+        "default/adapters",
+        "--metrics-host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--reconcile-trigger",
+        "200ms",
+        "--health-check-interval",
+        "50ms",
+    ];
+    let _sidecar = spawn_with_marker(
+        &bin("lora-sidecar"),
+        &args,
+        &[("KUBECONFIG", kc.as_str())],
+        "LORA_SIDECAR_LISTENING",
+        tmp.path(),
+    );
+    let c = client();
+    wait_ids(&c, &sim.addr, &["a1"]).await;
+    // An edit through the API applies; an invalid edit keeps the last good config.
+    api.put(
+        CONFIGMAPS,
+        cm(lora_config(port, &[("a1", &a1), ("a2", &a2)], &[])),
+    );
+    wait_ids(&c, &sim.addr, &["a1", "a2"]).await;
+    api.put(CONFIGMAPS, cm("vLLMLoRAConfig: [".into()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(adapter_ids(&c, &sim.addr).await.unwrap(), ["a1", "a2"]);
+    api.put(
+        CONFIGMAPS,
+        cm(lora_config(port, &[("a2", &a2)], &[("a1", &a1)])),
+    );
+    wait_ids(&c, &sim.addr, &["a2"]).await;
+}

@@ -1,5 +1,6 @@
 //! The actix I/O shell: one actor per concern, exchanging typed command and fact messages.
 
+pub mod configmap_watcher;
 pub mod datastore;
 pub mod file_watcher;
 pub mod kube_discovery;

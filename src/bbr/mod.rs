@@ -25,6 +25,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 
+use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
 use crate::epp::extproc::{Tx, continue_headers, read_headers, reply, send, set_header};
@@ -50,6 +51,8 @@ pub enum BbrStartError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("Kubernetes client (set KUBECONFIG, run in a pod, or give --mapping-file): {0}")]
+    Kube(#[source] kube::Error),
 }
 
 /// bbr flags.
@@ -65,8 +68,12 @@ pub struct BbrArgs {
     pub bind_address: String,
     /// Mapping file: `baseModels: [{baseModel, adapters}]`, or ConfigMaps labelled
     /// `inference.networking.k8s.io/bbr-managed: "true"` (multi-document YAML). Watched live.
+    /// Without it, bbr watches the labelled ConfigMaps of --namespace through the API.
     #[arg(long, env = "BBR_MAPPING_FILE")]
-    pub mapping_file: PathBuf,
+    pub mapping_file: Option<PathBuf>,
+    /// Namespace whose `bbr-managed` ConfigMaps are watched (without --mapping-file).
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
     /// Serve ext_proc over TLS (self-signed unless --cert-path).
     #[arg(long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub secure_serving: bool,
@@ -326,17 +333,36 @@ async fn bind(
 pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
     let map = Arc::new(ArcSwap::from_pointee(BaseModelMap::default()));
     let store = MappingStore(map.clone()).start();
-    FileWatcher::<MappingFile>::new(
-        WatcherOptions {
-            path: args.mapping_file.clone(),
-            validate: true,
-            debounce: Duration::from_millis(10),
-            poll_interval: Duration::from_secs(10),
-        },
-        store.recipient(),
-        WatchMetrics::default(),
-    )
-    .start();
+    match &args.mapping_file {
+        Some(path) => {
+            FileWatcher::<MappingFile>::new(
+                WatcherOptions {
+                    path: path.clone(),
+                    validate: true,
+                    debounce: Duration::from_millis(10),
+                    poll_interval: Duration::from_secs(10),
+                },
+                store.recipient(),
+                WatchMetrics::default(),
+            )
+            .start();
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(BbrStartError::Kube)?;
+            ConfigMapWatcher::<MappingFile>::new(
+                client,
+                ConfigMapSource::Labelled {
+                    namespace: args.namespace.clone(),
+                    selector: format!("{}=true", inferlane_epp::bbr::BBR_LABEL),
+                },
+                store.recipient(),
+                WatchMetrics::default(),
+            )
+            .start();
+        }
+    }
     let (grpc, grpc_addr) = bind("ext_proc gRPC", &args.bind_address, args.grpc_port).await?;
     let (health, health_addr) =
         bind("gRPC health", &args.bind_address, args.grpc_health_port).await?;

@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
     runtime::run_system(&cli.runtime, "bbr", || async move {
         let h = bbr::start(cli.bbr.clone()).await?;
         println!("BBR_LISTENING grpc={} health={}", h.grpc, h.health);
-        tracing::info!(grpc = %h.grpc, health = %h.health, mapping = %cli.bbr.mapping_file.display(), "bbr started");
+        tracing::info!(grpc = %h.grpc, health = %h.health, "bbr started");
         runtime::shutdown_signal().await;
         Ok(())
     })

@@ -18,6 +18,7 @@ use clap::Args;
 use serde_json::json;
 use thiserror::Error;
 
+use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::reconciler::{Reconciler, ReconcilerOptions, SyncStatus};
 use metrics::SidecarMetrics;
@@ -33,6 +34,10 @@ pub enum SidecarError {
     },
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    #[error("--configmap {0}")]
+    ConfigMapSpec(String),
+    #[error("Kubernetes client for --configmap (set KUBECONFIG or run in a pod): {0}")]
+    Kube(#[source] kube::Error),
 }
 
 /// Parses `5`, `5s`, `500ms`, `2m` (a bare number is seconds, as upstream's flags).
@@ -82,6 +87,13 @@ pub struct SidecarArgs {
         default_value = "/config/configmap.yaml"
     )]
     pub config: PathBuf,
+    /// Read the config from this ConfigMap (`namespace/name`) through the Kubernetes API
+    /// instead of a mounted file (needs get/list/watch on configmaps).
+    #[arg(long)]
+    pub configmap: Option<String>,
+    /// Data key holding the config in --configmap.
+    #[arg(long, default_value = "configmap.yaml")]
+    pub configmap_key: String,
     /// How long one reconcile waits for vLLM's /health to answer 200.
     #[arg(long, default_value = "300", value_parser = parse_duration)]
     pub health_check_timeout: Duration,
@@ -214,21 +226,40 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
         metrics.clone(),
     )
     .start();
-    FileWatcher::<inferlane_sidecar::LoraConfig>::new(
-        WatcherOptions {
-            path: args.config.clone(),
-            validate: args.config_validation,
-            debounce: args.debounce,
-            poll_interval: args.config_poll_interval,
-        },
-        reconciler.recipient(),
-        WatchMetrics {
-            valid: metrics.config_valid.clone(),
-            generation: metrics.config_generation.clone(),
-            errors: metrics.config_errors.clone(),
-        },
-    )
-    .start();
+    let watch_metrics = WatchMetrics {
+        valid: metrics.config_valid.clone(),
+        generation: metrics.config_generation.clone(),
+        errors: metrics.config_errors.clone(),
+    };
+    match &args.configmap {
+        Some(spec) => {
+            let source = ConfigMapSource::named(spec, &args.configmap_key)
+                .map_err(SidecarError::ConfigMapSpec)?;
+            let client = kube::Client::try_default()
+                .await
+                .map_err(SidecarError::Kube)?;
+            ConfigMapWatcher::<inferlane_sidecar::LoraConfig>::new(
+                client,
+                source,
+                reconciler.recipient(),
+                watch_metrics,
+            )
+            .start();
+        }
+        None => {
+            FileWatcher::<inferlane_sidecar::LoraConfig>::new(
+                WatcherOptions {
+                    path: args.config.clone(),
+                    validate: args.config_validation,
+                    debounce: args.debounce,
+                    poll_interval: args.config_poll_interval,
+                },
+                reconciler.recipient(),
+                watch_metrics,
+            )
+            .start();
+        }
+    }
     Ok(SidecarHandle { http_addr })
 }
 

@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: spawn our binaries on loopback, wait on conditions.
 #![allow(dead_code)]
 
+pub mod fake_api;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

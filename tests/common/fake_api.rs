@@ -1,0 +1,260 @@
+//! An in-process fake Kubernetes API server speaking real list/watch JSON, for kube code tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+#[derive(Clone, Debug)]
+pub struct Ev {
+    rv: u64,
+    key: String,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+pub struct Store {
+    rv: u64,
+    objects: BTreeMap<(String, String), Value>,
+    log: Vec<Ev>,
+    /// Watches from before this resourceVersion get 410 Gone.
+    compacted: u64,
+}
+
+/// A fake API server: objects per resource, resourceVersions, list, watch (replay + live),
+/// 410 Gone for compacted versions, and an outage switch.
+#[derive(Clone)]
+pub struct FakeApi {
+    pub store: Arc<Mutex<Store>>,
+    pub tx: broadcast::Sender<Ev>,
+    pub down: Arc<AtomicBool>,
+    /// Requests answered 503 while down.
+    pub refused: Arc<std::sync::atomic::AtomicU64>,
+    pub down_tx: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+pub fn key_of(group: &str, version: &str, plural: &str) -> String {
+    format!("{group}/{version}/{plural}")
+}
+
+impl FakeApi {
+    pub fn new() -> Self {
+        let (tx, _) = broadcast::channel(1024);
+        Self {
+            store: Arc::new(Mutex::new(Store {
+                rv: 100,
+                ..Default::default()
+            })),
+            tx,
+            down: Arc::new(AtomicBool::new(false)),
+            refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            down_tx: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    pub fn put(&self, key: &str, mut object: Value) {
+        let mut s = self.store.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let kind = if s
+            .objects
+            .insert((key.into(), name), object.clone())
+            .is_some()
+        {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let ev = Ev {
+            rv,
+            key: key.into(),
+            kind,
+            object,
+        };
+        s.log.push(ev.clone());
+        let _ = self.tx.send(ev);
+    }
+
+    pub fn delete(&self, key: &str, name: &str) {
+        let mut s = self.store.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        if let Some(mut object) = s.objects.remove(&(key.to_string(), name.to_string())) {
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let ev = Ev {
+                rv,
+                key: key.into(),
+                kind: "DELETED",
+                object,
+            };
+            s.log.push(ev.clone());
+            let _ = self.tx.send(ev);
+        }
+    }
+
+    /// Forget history: every open watch resumes with 410 Gone and has to relist.
+    pub fn compact(&self) {
+        let mut s = self.store.lock().unwrap();
+        s.compacted = s.rv + 1;
+        s.log.clear();
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        self.down_tx.send_replace(down);
+    }
+}
+
+fn matches_field(object: &Value, q: &BTreeMap<String, String>) -> bool {
+    match q
+        .get("fieldSelector")
+        .and_then(|f| f.strip_prefix("metadata.name="))
+    {
+        Some(n) => object["metadata"]["name"] == n,
+        None => true,
+    }
+}
+
+async fn handle(api: FakeApi, key: String, kind: String, q: BTreeMap<String, String>) -> Response {
+    if api.down.load(Ordering::SeqCst) {
+        api.refused.fetch_add(1, Ordering::SeqCst);
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    if !watch {
+        let s = api.store.lock().unwrap();
+        let items: Vec<Value> = s
+            .objects
+            .iter()
+            .filter(|((k, _), o)| *k == key && matches_field(o, &q))
+            .map(|(_, o)| o.clone())
+            .collect();
+        let body = json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": {"resourceVersion": s.rv.to_string()}, "items": items});
+        return axum::Json(body).into_response();
+    }
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (replay, gone, mut rx) = {
+        let s = api.store.lock().unwrap();
+        let gone = from < s.compacted;
+        let replay: Vec<Ev> = s
+            .log
+            .iter()
+            .filter(|e| e.rv > from && e.key == key)
+            .cloned()
+            .collect();
+        (replay, gone, api.tx.subscribe())
+    };
+    let mut down = api.down_tx.subscribe();
+    let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let line = |v: Value| Ok(Bytes::from(format!("{v}\n")));
+    tokio::spawn(async move {
+        if gone {
+            let status = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}});
+            let _ = tx.send(line(status)).await;
+            return;
+        }
+        for e in replay {
+            if matches_field(&e.object, &q)
+                && tx
+                    .send(line(json!({"type": e.kind, "object": e.object})))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Ok(e) if e.key == key && e.rv > from && matches_field(&e.object, &q) => {
+                        if tx.send(line(json!({"type": e.kind, "object": e.object}))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                },
+                _ = down.changed() => {
+                    if *down.borrow() {
+                        // The API server went away: the connection breaks.
+                        let _ = tx.send(Err(std::io::Error::other("api server down"))).await;
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Response::new(Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(body_rx),
+    ))
+}
+
+async fn core(
+    State(api): State<FakeApi>,
+    Path((_ns, plural)): Path<(String, String)>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    let kind = match plural.as_str() {
+        "pods" => "Pod",
+        "configmaps" => "ConfigMap",
+        _ => "Unknown",
+    };
+    handle(api, key_of("", "v1", &plural), kind.into(), q).await
+}
+
+async fn grouped(
+    State(api): State<FakeApi>,
+    Path((group, version, _ns, plural)): Path<(String, String, String, String)>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    handle(api, key_of(&group, &version, &plural), plural.clone(), q).await
+}
+
+pub async fn start_fake(api: FakeApi) -> String {
+    let app = Router::new()
+        .route("/api/v1/namespaces/{ns}/{plural}", get(core))
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{plural}",
+            get(grouped),
+        )
+        .with_state(api);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    addr
+}
+
+/// A kubeconfig file pointing at the fake server; returns its path.
+pub fn kubeconfig(dir: &std::path::Path, addr: &str) -> String {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{addr}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u, namespace: default}}\ncurrent-context: c\n"),
+    )
+    .unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Resource key of ConfigMaps.
+pub const CONFIGMAPS: &str = "/v1/configmaps";
+
+/// A ConfigMap object.
+pub fn configmap(name: &str, labels: Value, data: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"name": name, "namespace": "default", "labels": labels}, "data": data})
+}
