@@ -228,3 +228,56 @@ async fn discovery_follows_pods_pools_and_models_through_outages() {
     api.put(PODS, terminating);
     expect(&c, &epp, "terminating pod removed", &[], &[]).await;
 }
+
+async fn is_leader(c: &reqwest::Client, epp: &Epp) -> Option<bool> {
+    let v: Value = c
+        .get(format!("http://{}/debug/pool", epp.metrics))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v["leader"].as_bool()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_at_a_time_and_takeover_when_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    api.put(POOLS, pool("llama"));
+    let ha = [
+        "--ha-enable-leader-election",
+        "--lease-duration",
+        "2s",
+        "--lease-renew-interval",
+        "200ms",
+    ];
+    let a = spawn_kube_epp(dir.path(), &kc, &ha);
+    let b = spawn_kube_epp(dir.path(), &kc, &ha);
+    let c = client();
+    let (a_leads, _) = wait_for("exactly one leader", Duration::from_secs(20), || async {
+        let (x, y) = (is_leader(&c, &a).await?, is_leader(&c, &b).await?);
+        (x != y).then_some((x, y))
+    })
+    .await;
+    // It stays that way over several renewals.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (x, y) = (
+            is_leader(&c, &a).await.unwrap(),
+            is_leader(&c, &b).await.unwrap(),
+        );
+        assert!(x != y, "two leaders or none: {x} {y}");
+    }
+    let (dead, survivor) = if a_leads { (a, b) } else { (b, a) };
+    drop(dead);
+    wait_for(
+        "the survivor to take over after the lease expires",
+        Duration::from_secs(20),
+        || async { is_leader(&c, &survivor).await?.then_some(()) },
+    )
+    .await;
+}

@@ -4,6 +4,7 @@ pub mod configmap_watcher;
 pub mod datastore;
 pub mod file_watcher;
 pub mod kube_discovery;
+pub mod leader;
 pub mod messages;
 pub mod reconciler;
 pub mod scraper;

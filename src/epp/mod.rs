@@ -28,6 +28,7 @@ use tonic_health::ServingStatus;
 use crate::actors::datastore::Datastore;
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatcherOptions};
 use crate::actors::kube_discovery::{EndpointSelector, KubeDiscovery, PoolTarget};
+use crate::actors::leader::{LeaderElector, LeaseOptions};
 use crate::actors::scraper::ScrapeOptions;
 use crate::lora::{parse_bool, parse_duration};
 use config::PoolFile;
@@ -119,6 +120,16 @@ pub struct EppArgs {
     /// without it a self-signed certificate is generated at start.
     #[arg(long)]
     pub cert_path: Option<PathBuf>,
+    /// Several replicas: only the holder of a coordination.k8s.io Lease reports ready (the
+    /// others keep scraping, ready to take over). Without it replicas run active-active.
+    #[arg(long)]
+    pub ha_enable_leader_election: bool,
+    /// Lease duration: a dead leader is replaced after this long.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the lease is renewed or tried.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub lease_renew_interval: Duration,
     /// Largest request body accepted (413 above).
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -189,7 +200,8 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let mut models: Vec<&str> = snap.rules.model_names().collect();
     models.sort_unstable();
     axum::Json(
-        serde_json::json!({"generation": snap.generation, "endpoints": endpoints, "models": models}),
+        serde_json::json!({"generation": snap.generation, "endpoints": endpoints, "models": models,
+                           "leader": shared.is_leader.load(std::sync::atomic::Ordering::SeqCst)}),
     )
 }
 
@@ -258,6 +270,27 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         }
         None => {
             let client = kube::Client::try_default().await.map_err(EppError::Kube)?;
+            if args.ha_enable_leader_election {
+                let identity = format!(
+                    "{}-{:08x}",
+                    std::env::var("POD_NAME")
+                        .or_else(|_| std::env::var("HOSTNAME"))
+                        .unwrap_or_else(|_| "epp".into()),
+                    rand::random::<u32>()
+                );
+                LeaderElector::new(
+                    client.clone(),
+                    LeaseOptions {
+                        namespace: args.pool_namespace.clone(),
+                        name: format!("{}-epp-leader", args.pool_name),
+                        identity,
+                        lease_duration: args.lease_duration,
+                        renew_every: args.lease_renew_interval,
+                    },
+                    shared.is_leader.clone(),
+                )
+                .start();
+            }
             KubeDiscovery::new(
                 client,
                 PoolTarget {
@@ -329,10 +362,13 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     });
     // Ready once the pool has been read.
     let shared_r = shared.clone();
+    let leader_election = args.ha_enable_leader_election;
     tokio::spawn(async move {
         let mut ready = false;
         loop {
-            let now = shared_r.snapshot.load().generation > 0;
+            let now = shared_r.snapshot.load().generation > 0
+                && (!leader_election
+                    || shared_r.is_leader.load(std::sync::atomic::Ordering::SeqCst));
             if now != ready {
                 ready = now;
                 let s = if ready {

@@ -85,6 +85,8 @@ pub struct Shared {
     /// The only structure the request path writes besides the counters; one short lock per
     /// request.
     pub prefix: Mutex<PrefixIndex>,
+    /// Set by the leader elector (only used with --ha-enable-leader-election).
+    pub is_leader: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -94,6 +96,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(PoolSnapshot::default()),
             scheduler: ArcSwap::from_pointee(scheduler),
             prefix: Mutex::new(PrefixIndex::new(cap)),
+            is_leader: Arc::new(AtomicBool::new(false)),
         }
     }
 }

@@ -225,12 +225,101 @@ async fn grouped(
     handle(api, key_of(&group, &version, &plural), plural.clone(), q).await
 }
 
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        axum::Json(
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                          "message": message, "reason": reason, "code": code}),
+        ),
+    )
+        .into_response()
+}
+
+async fn get_one(
+    State(api): State<FakeApi>,
+    Path((group, version, _ns, plural, name)): Path<(String, String, String, String, String)>,
+) -> Response {
+    if api.down.load(Ordering::SeqCst) {
+        return status(503, "ServiceUnavailable", "down");
+    }
+    let s = api.store.lock().unwrap();
+    match s
+        .objects
+        .get(&(key_of(&group, &version, &plural), name.clone()))
+    {
+        Some(o) => axum::Json(o.clone()).into_response(),
+        None => status(404, "NotFound", &format!("{plural} {name:?} not found")),
+    }
+}
+
+async fn create(
+    State(api): State<FakeApi>,
+    Path((group, version, _ns, plural)): Path<(String, String, String, String)>,
+    axum::Json(obj): axum::Json<Value>,
+) -> Response {
+    let key = key_of(&group, &version, &plural);
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if api
+        .store
+        .lock()
+        .unwrap()
+        .objects
+        .contains_key(&(key.clone(), name.clone()))
+    {
+        return status(
+            409,
+            "AlreadyExists",
+            &format!("{plural} {name:?} already exists"),
+        );
+    }
+    api.put(&key, obj);
+    let s = api.store.lock().unwrap();
+    (
+        StatusCode::CREATED,
+        axum::Json(s.objects[&(key, name)].clone()),
+    )
+        .into_response()
+}
+
+async fn replace(
+    State(api): State<FakeApi>,
+    Path((group, version, _ns, plural, name)): Path<(String, String, String, String, String)>,
+    axum::Json(obj): axum::Json<Value>,
+) -> Response {
+    let key = key_of(&group, &version, &plural);
+    {
+        let s = api.store.lock().unwrap();
+        let current = s
+            .objects
+            .get(&(key.clone(), name.clone()))
+            .map(|o| o["metadata"]["resourceVersion"].clone());
+        if current != Some(obj["metadata"]["resourceVersion"].clone()) {
+            return status(
+                409,
+                "Conflict",
+                "the object has been modified; please apply your changes to the latest version and try again",
+            );
+        }
+    }
+    api.put(&key, obj);
+    let s = api.store.lock().unwrap();
+    axum::Json(s.objects[&(key, name)].clone()).into_response()
+}
+
 pub async fn start_fake(api: FakeApi) -> String {
     let app = Router::new()
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
+            get(get_one).put(replace),
+        )
         .route("/api/v1/namespaces/{ns}/{plural}", get(core))
         .route(
             "/apis/{group}/{version}/namespaces/{ns}/{plural}",
-            get(grouped),
+            get(grouped).post(create),
         )
         .with_state(api);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
