@@ -242,12 +242,25 @@ fn epp_rbac_grants_what_discovery_watches() {
             );
         }
     }
-    // Least privilege: read-only.
+    for verb in inferlane::actors::leader::LEASE_VERBS {
+        let granted = rules.iter().any(|r| {
+            r.api_groups
+                .iter()
+                .flatten()
+                .any(|g| g == "coordination.k8s.io")
+                && r.resources.iter().flatten().any(|x| x == "leases")
+                && r.verbs.iter().any(|v| v == verb)
+        });
+        assert!(granted, "the EPP Role does not grant {verb} on leases");
+    }
+    // Least privilege: read-only, except the leader-election lease.
     for r in &rules {
+        let lease = r.resources.iter().flatten().all(|x| x == "leases");
         for v in &r.verbs {
             assert!(
-                ["get", "list", "watch"].contains(&v.as_str()),
-                "write verb {v} granted"
+                ["get", "list", "watch"].contains(&v.as_str()) || lease,
+                "write verb {v} granted on {:?}",
+                r.resources
             );
         }
     }
