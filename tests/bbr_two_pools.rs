@@ -164,16 +164,6 @@ async fn every_request_lands_in_the_right_pool() {
     assert_eq!(llama_total, 9, "the client's header is replaced by bbr's");
 }
 
-async fn load_adapter(c: &reqwest::Client, sim: &Proc, name: &str, path: &str) {
-    let r = c
-        .post(format!("http://{}/v1/load_lora_adapter", sim.addr))
-        .json(&json!({"lora_name": name, "lora_path": path}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-}
-
 #[test]
 fn conflicting_mapping_is_rejected_naming_both_base_models() {
     let dir = tempfile::tempdir().unwrap();

@@ -55,16 +55,6 @@ fn pool_yaml(sims: &[Proc], models: &str) -> String {
     s
 }
 
-async fn load(c: &reqwest::Client, sim: &Proc, name: &str, path: &str) {
-    let r = c
-        .post(format!("http://{}/v1/load_lora_adapter", sim.addr))
-        .json(&json!({"lora_name": name, "lora_path": path}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-}
-
 impl Fleet {
     async fn start(o: FleetOptions<'_>) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
@@ -75,7 +65,7 @@ impl Fleet {
         for (name, on) in o.adapters {
             let path = adapter(dir.path(), name, 8);
             for &i in *on {
-                load(&c, &sims[i], name, &path).await;
+                load_adapter(&c, &sims[i], name, &path).await;
             }
         }
         let pool_file = dir.path().join("pool.yaml");
@@ -471,10 +461,10 @@ async fn live_adapter_rollout_never_404s() {
     let mut statuses = Vec::new();
     for i in 0..60 {
         if i == 20 {
-            load(&f.c, &f.sims[1], "fr-new", &path).await;
+            load_adapter(&f.c, &f.sims[1], "fr-new", &path).await;
         }
         if i == 35 {
-            load(&f.c, &f.sims[2], "fr-new", &path).await;
+            load_adapter(&f.c, &f.sims[2], "fr-new", &path).await;
         }
         let (s, _) = f
             .complete(json!({"model": "fr-new", "prompt": format!("r{i}"), "max_tokens": 1}))

@@ -67,42 +67,9 @@ async fn expect(c: &reqwest::Client, epp: &Epp, what: &str, eps: &[&str], models
 }
 
 fn spawn_kube_epp(dir: &std::path::Path, kc: &str, extra: &[&str]) -> Epp {
-    let mut args = vec![
-        "--bind-address",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--pool-name",
-        "llama",
-        "--pool-namespace",
-        "default",
-    ];
+    let mut args = vec!["--pool-name", "llama", "--pool-namespace", "default"];
     args.extend_from_slice(extra);
-    let proc = spawn_with_marker(
-        &bin("epp"),
-        &args,
-        &[("KUBECONFIG", kc)],
-        "EPP_LISTENING",
-        dir,
-    );
-    let field = |k: &str| {
-        proc.addr
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap()
-            .to_string()
-    };
-    let (grpc, metrics, health) = (field("grpc"), field("metrics"), field("health"));
-    Epp {
-        proc,
-        grpc,
-        metrics,
-        health,
-    }
+    spawn_epp_with(&args, &[("KUBECONFIG", kc)], dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

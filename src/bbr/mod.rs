@@ -13,9 +13,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
-    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation, processing_request,
-    processing_response,
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
+    ProcessingResponse, TrailersResponse, processing_request, processing_response,
 };
 use futures::Stream;
 use inferlane_epp::bbr::{BaseModelMap, BbrError, parse_mapping};
@@ -28,7 +27,9 @@ use tonic_health::ServingStatus;
 use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
-use crate::epp::extproc::{Tx, continue_headers, read_headers, reply, send, set_header};
+use crate::epp::extproc::{
+    Tx, continue_headers, read_headers, reply, send, send_streamed_body, set_header,
+};
 use crate::epp::tls;
 use crate::lora::parse_bool;
 
@@ -37,7 +38,6 @@ pub const MODEL_HEADER: &str = "x-gateway-model-name";
 /// Header naming its base model (empty when unknown); HTTPRoutes match on it.
 pub const BASE_MODEL_HEADER: &str = "x-gateway-base-model-name";
 const FULL_DUPLEX_STREAMED: i32 = 4;
-const STREAM_CHUNK: usize = 64 * 1024;
 
 /// Errors that stop BBR from starting.
 #[derive(Debug, Error)]
@@ -203,33 +203,7 @@ impl Bbr {
                             )),
                         )
                         .await?;
-                        let chunks: Vec<&[u8]> = if body.is_empty() {
-                            vec![&[][..]]
-                        } else {
-                            body.chunks(STREAM_CHUNK).collect()
-                        };
-                        let n = chunks.len();
-                        for (i, c) in chunks.into_iter().enumerate() {
-                            let r = CommonResponse {
-                                body_mutation: Some(BodyMutation {
-                                    mutation: Some(body_mutation::Mutation::StreamedResponse(
-                                        StreamedBodyResponse {
-                                            body: c.to_vec(),
-                                            end_of_stream: i + 1 == n,
-                                            ..Default::default()
-                                        },
-                                    )),
-                                }),
-                                ..Default::default()
-                            };
-                            send(
-                                tx,
-                                reply(processing_response::Response::RequestBody(BodyResponse {
-                                    response: Some(r),
-                                })),
-                            )
-                            .await?;
-                        }
+                        send_streamed_body(tx, &body).await?;
                     } else {
                         send(
                             tx,

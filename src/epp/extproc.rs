@@ -453,32 +453,7 @@ impl ExtProc {
                     )
                     .await?;
                     let body = d.new_body.unwrap_or_else(|| std::mem::take(&mut st.body));
-                    let chunks: Vec<&[u8]> = if body.is_empty() {
-                        vec![&[][..]]
-                    } else {
-                        body.chunks(STREAM_CHUNK).collect()
-                    };
-                    let n = chunks.len();
-                    for (i, c) in chunks.into_iter().enumerate() {
-                        send(
-                            tx,
-                            reply(processing_response::Response::RequestBody(BodyResponse {
-                                response: Some(CommonResponse {
-                                    body_mutation: Some(BodyMutation {
-                                        mutation: Some(body_mutation::Mutation::StreamedResponse(
-                                            StreamedBodyResponse {
-                                                body: c.to_vec(),
-                                                end_of_stream: i + 1 == n,
-                                                ..Default::default()
-                                            },
-                                        )),
-                                    }),
-                                    ..Default::default()
-                                }),
-                            })),
-                        )
-                        .await?;
-                    }
+                    send_streamed_body(tx, &body).await?;
                 } else if st.body.is_empty() {
                     // No body: the decision rides on the headers answer.
                     send(
@@ -686,6 +661,39 @@ pub(crate) fn read_headers(h: &HttpHeaders, out: &mut HashMap<String, String>) {
             out.insert(hv.key.to_ascii_lowercase(), header_value(hv));
         }
     }
+}
+
+/// Answers a FULL_DUPLEX_STREAMED request body: the (possibly rewritten) body echoed back in
+/// <= 64 KiB `streamed_response` chunks, the last one marked end of stream.
+pub(crate) async fn send_streamed_body(tx: &Tx, body: &[u8]) -> Result<(), Status> {
+    let chunks: Vec<&[u8]> = if body.is_empty() {
+        vec![&[][..]]
+    } else {
+        body.chunks(STREAM_CHUNK).collect()
+    };
+    let n = chunks.len();
+    for (i, c) in chunks.into_iter().enumerate() {
+        let r = CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::StreamedResponse(
+                    StreamedBodyResponse {
+                        body: c.to_vec(),
+                        end_of_stream: i + 1 == n,
+                        ..Default::default()
+                    },
+                )),
+            }),
+            ..Default::default()
+        };
+        send(
+            tx,
+            reply(processing_response::Response::RequestBody(BodyResponse {
+                response: Some(r),
+            })),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn send(tx: &Tx, resp: ProcessingResponse) -> Result<(), Status> {

@@ -311,9 +311,16 @@ pub struct Epp {
 /// Starts an EPP in standalone mode on `pool_file` (ephemeral ports on 127.0.0.1).
 pub fn spawn_epp(pool_file: &Path, extra: &[&str], log_dir: &Path) -> Epp {
     let pool = pool_file.to_string_lossy().into_owned();
+    let args = with_defaults(
+        &["--pool-file", pool.as_str(), "--pool-name", "test-pool"],
+        extra,
+    );
+    spawn_epp_with(&args, &[], log_dir)
+}
+
+/// Starts an EPP on ephemeral loopback ports with fast scrapes; `extra` overrides defaults.
+pub fn spawn_epp_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Epp {
     let defaults = [
-        "--pool-file",
-        pool.as_str(),
         "--bind-address",
         "127.0.0.1",
         "--grpc-port",
@@ -326,11 +333,9 @@ pub fn spawn_epp(pool_file: &Path, extra: &[&str], log_dir: &Path) -> Epp {
         "50ms",
         "--refresh-models-interval",
         "200ms",
-        "--pool-name",
-        "test-pool",
     ];
     let args = with_defaults(&defaults, extra);
-    let proc = spawn_with_marker(&bin("epp"), &args, &[], "EPP_LISTENING", log_dir);
+    let proc = spawn_with_marker(&bin("epp"), &args, env, "EPP_LISTENING", log_dir);
     let field = |k: &str| -> String {
         proc.addr
             .split_whitespace()
@@ -345,6 +350,17 @@ pub fn spawn_epp(pool_file: &Path, extra: &[&str], log_dir: &Path) -> Epp {
         metrics,
         health,
     }
+}
+
+/// Loads an adapter on a sim through vLLM's runtime LoRA API.
+pub async fn load_adapter(c: &reqwest::Client, sim: &Proc, name: &str, path: &str) {
+    let r = c
+        .post(format!("http://{}/v1/load_lora_adapter", sim.addr))
+        .json(&serde_json::json!({"lora_name": name, "lora_path": path}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 /// The project-local Envoy (installed by scripts/install-envoy.sh).
