@@ -148,7 +148,8 @@ async fn handle(api: FakeApi, key: String, kind: String, q: BTreeMap<String, Str
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let (replay, gone, mut rx) = {
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let (replay, gone, mut rx, now_rv) = {
         let s = api.store.lock().unwrap();
         let gone = from < s.compacted;
         let replay: Vec<Ev> = s
@@ -157,8 +158,10 @@ async fn handle(api: FakeApi, key: String, kind: String, q: BTreeMap<String, Str
             .filter(|e| e.rv > from && e.key == key)
             .cloned()
             .collect();
-        (replay, gone, api.tx.subscribe())
+        (replay, gone, api.tx.subscribe(), s.rv)
     };
+    // A BOOKMARK carries only a resourceVersion: progress without an object change.
+    let bookmark = move |rv: u64| json!({"type": "BOOKMARK", "object": {"kind": kind.clone(), "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}}});
     let mut down = api.down_tx.subscribe();
     let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let line = |v: Value| Ok(Bytes::from(format!("{v}\n")));
@@ -178,11 +181,20 @@ async fn handle(api: FakeApi, key: String, kind: String, q: BTreeMap<String, Str
                 return;
             }
         }
+        if bookmarks && tx.send(line(bookmark(now_rv))).await.is_err() {
+            return;
+        }
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Ok(e) if e.key == key && e.rv > from && matches_field(&e.object, &q) => {
                         if tx.send(line(json!({"type": e.kind, "object": e.object}))).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Progress elsewhere in the store: tell bookmark-aware watchers.
+                    Ok(e) if bookmarks => {
+                        if tx.send(line(bookmark(e.rv))).await.is_err() {
                             return;
                         }
                     }
