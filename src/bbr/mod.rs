@@ -31,7 +31,7 @@ use crate::epp::extproc::{
     Tx, continue_headers, read_headers, reply, send, send_streamed_body, set_header,
 };
 use crate::epp::tls;
-use crate::lora::parse_bool;
+use crate::runtime::parse_bool;
 
 /// Header naming the model the client asked for.
 pub const MODEL_HEADER: &str = "x-gateway-model-name";

@@ -178,9 +178,9 @@ struct RawPickerConfig {
 fn seconds(v: &serde_yaml::Value) -> Option<f64> {
     match v {
         serde_yaml::Value::Number(n) => n.as_f64(),
-        serde_yaml::Value::String(s) => {
-            crate::lora::parse_duration(s).ok().map(|d| d.as_secs_f64())
-        }
+        serde_yaml::Value::String(s) => crate::runtime::parse_duration(s)
+            .ok()
+            .map(|d| d.as_secs_f64()),
         _ => None,
     }
 }

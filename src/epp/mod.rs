@@ -30,7 +30,7 @@ use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatcherOptions};
 use crate::actors::kube_discovery::{EndpointSelector, KubeDiscovery, PoolTarget};
 use crate::actors::leader::{LeaderElector, LeaseOptions};
 use crate::actors::scraper::ScrapeOptions;
-use crate::lora::{parse_bool, parse_duration};
+use crate::runtime::{parse_bool, parse_duration};
 use config::PoolFile;
 use extproc::{ExtProc, ExtProcOptions};
 use metrics::EppMetrics;

@@ -21,6 +21,7 @@ use thiserror::Error;
 use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::reconciler::{Reconciler, ReconcilerOptions, SyncStatus};
+use crate::runtime::{parse_bool, parse_duration};
 use metrics::SidecarMetrics;
 
 /// Errors that stop the sidecar from starting.
@@ -38,42 +39,6 @@ pub enum SidecarError {
     ConfigMapSpec(String),
     #[error("Kubernetes client for --configmap (set KUBECONFIG or run in a pod): {0}")]
     Kube(#[source] kube::Error),
-}
-
-/// Parses `5`, `5s`, `500ms`, `2m` (a bare number is seconds, as upstream's flags).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 5, 5s, 500ms, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {s:?}; use ms, s, m or h"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a valid duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Parses `true`/`false` (and 1/0, yes/no, on/off) for flags written `--flag=false`.
-pub fn parse_bool(s: &str) -> Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        other => Err(format!("expected true or false, got {other:?}")),
-    }
 }
 
 /// lora-sidecar flags (names and defaults compatible with upstream's manifests).
@@ -284,19 +249,5 @@ impl WatchedConfig for inferlane_sidecar::LoraConfig {
             .iter()
             .map(|id| format!("adapter {id:?} is listed in both ensureExist and ensureNotExist; leaving it as it is"))
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("x").is_err());
     }
 }
