@@ -55,6 +55,7 @@ impl Datastore {
     }
 
     fn set_endpoints(&mut self, specs: Vec<EndpointSpec>) {
+        let (metrics, pool_name) = (&self.metrics, self.pool_name.as_str());
         let wanted: HashMap<&str, &EndpointSpec> =
             specs.iter().map(|s| (s.address.as_str(), s)).collect();
         self.endpoints.retain(|addr, (h, scraper)| {
@@ -64,6 +65,7 @@ impl Datastore {
             if !keep {
                 tracing::info!(endpoint = %addr, "endpoint left the pool");
                 scraper.do_send(StopScraping);
+                metrics.forget_pod(pool_name, addr);
             }
             keep
         });

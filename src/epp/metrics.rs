@@ -150,6 +150,14 @@ impl EppMetrics {
             .set(q);
     }
 
+    /// Drops the per-endpoint series of an endpoint that left the pool.
+    pub fn forget_pod(&self, pool: &str, pod: &str) {
+        self.pod_queue.remove(&PodLabels {
+            name: pool.into(),
+            model_server_pod: pod.into(),
+        });
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
