@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
-    ProcessingResponse, TrailersResponse, processing_request, processing_response,
+    ProcessingResponse, processing_request, processing_response,
 };
 use futures::Stream;
 use inferlane_epp::bbr::{BaseModelMap, BbrError, parse_mapping};
@@ -28,7 +28,7 @@ use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
 use crate::epp::extproc::{
-    Tx, continue_headers, read_headers, reply, send, send_streamed_body, set_header,
+    Tx, continue_headers, pass_through, read_headers, reply, send, send_streamed_body, set_header,
 };
 use crate::epp::tls;
 use crate::runtime::parse_bool;
@@ -215,42 +215,8 @@ impl Bbr {
                     }
                     answered = true;
                 }
-                processing_request::Request::RequestTrailers(_) => {
-                    send(
-                        tx,
-                        reply(processing_response::Response::RequestTrailers(
-                            TrailersResponse::default(),
-                        )),
-                    )
-                    .await?;
-                }
-                processing_request::Request::ResponseHeaders(_) => {
-                    send(
-                        tx,
-                        reply(processing_response::Response::ResponseHeaders(
-                            HeadersResponse::default(),
-                        )),
-                    )
-                    .await?;
-                }
-                processing_request::Request::ResponseBody(_) => {
-                    send(
-                        tx,
-                        reply(processing_response::Response::ResponseBody(
-                            BodyResponse::default(),
-                        )),
-                    )
-                    .await?;
-                }
-                processing_request::Request::ResponseTrailers(_) => {
-                    send(
-                        tx,
-                        reply(processing_response::Response::ResponseTrailers(
-                            TrailersResponse::default(),
-                        )),
-                    )
-                    .await?;
-                }
+                // bbr only reads request bodies; any other phase passes unchanged.
+                other => send(tx, pass_through(other)).await?,
             }
         }
         Ok(())

@@ -210,6 +210,20 @@ fn with_metadata(mut r: ProcessingResponse, md: Option<Struct>) -> ProcessingRes
     r
 }
 
+/// The empty answer for a phase: continue unchanged.
+pub(crate) fn pass_through(req: &processing_request::Request) -> ProcessingResponse {
+    use processing_request::Request as Rq;
+    use processing_response::Response as Rs;
+    reply(match req {
+        Rq::RequestHeaders(_) => Rs::RequestHeaders(HeadersResponse::default()),
+        Rq::ResponseHeaders(_) => Rs::ResponseHeaders(HeadersResponse::default()),
+        Rq::RequestBody(_) => Rs::RequestBody(BodyResponse::default()),
+        Rq::ResponseBody(_) => Rs::ResponseBody(BodyResponse::default()),
+        Rq::RequestTrailers(_) => Rs::RequestTrailers(TrailersResponse::default()),
+        Rq::ResponseTrailers(_) => Rs::ResponseTrailers(TrailersResponse::default()),
+    })
+}
+
 pub(crate) fn continue_headers() -> ProcessingResponse {
     ProcessingResponse {
         response: Some(processing_response::Response::RequestHeaders(
@@ -557,13 +571,7 @@ impl ExtProc {
                     if st.in_flight.is_none() && !self.route(&mut st, tx).await? {
                         return Ok(());
                     }
-                    send(
-                        tx,
-                        reply(processing_response::Response::RequestTrailers(
-                            TrailersResponse::default(),
-                        )),
-                    )
-                    .await?;
+                    send(tx, pass_through(req)).await?;
                 }
                 processing_request::Request::ResponseHeaders(h) => {
                     let mut hs = HashMap::new();
@@ -641,13 +649,7 @@ impl ExtProc {
                     .await?;
                 }
                 processing_request::Request::ResponseTrailers(_) => {
-                    send(
-                        tx,
-                        reply(processing_response::Response::ResponseTrailers(
-                            TrailersResponse::default(),
-                        )),
-                    )
-                    .await?;
+                    send(tx, pass_through(req)).await?;
                 }
             }
         }
