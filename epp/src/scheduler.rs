@@ -30,6 +30,9 @@ pub struct SchedulerConfig {
     pub prefix_max_blocks: usize,
     /// Entries the prefix index may hold (bounded memory, ~100 bytes each).
     pub prefix_index_capacity: usize,
+    /// When no server lists the requested model, route anyway (servers that load adapters on
+    /// first use, e.g. vLLM with a LoRA resolver) instead of answering 503.
+    pub adapter_load_on_demand: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -46,6 +49,7 @@ impl Default for SchedulerConfig {
             prefix_block_chars: 64,
             prefix_max_blocks: 256,
             prefix_index_capacity: 200_000,
+            adapter_load_on_demand: false,
         }
     }
 }
@@ -193,10 +197,13 @@ pub fn pick(
             .copied()
             .filter(|&i| candidates[i].has_model == ModelPresence::Unknown)
             .collect();
-        if unknown.is_empty() {
+        if !unknown.is_empty() {
+            unknown
+        } else if cfg.adapter_load_on_demand {
+            healthy
+        } else {
             return Err(PickError::ModelUnavailable(input.target.to_string()));
         }
-        unknown
     };
     if input.sheddable {
         let view: Vec<Candidate<'_>> = eligible.iter().map(|&i| candidates[i].clone()).collect();
@@ -334,6 +341,17 @@ mod tests {
         assert_eq!(
             pick(&cfg, &[ca.clone(), cb.clone()], &inp),
             Err(PickError::ModelUnavailable("fr".into()))
+        );
+        let on_demand = SchedulerConfig {
+            adapter_load_on_demand: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            pick(&on_demand, &[ca.clone(), cb.clone()], &inp)
+                .unwrap()
+                .len(),
+            1,
+            "load on demand routes even when no server lists the adapter"
         );
         cb.has_model = ModelPresence::Yes;
         let (_, c) = (0, m(0.0, 0.0));

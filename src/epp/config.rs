@@ -173,6 +173,9 @@ struct RawPickerConfig {
     saturation_detector: Saturation,
     #[serde(default)]
     fallbacks: Option<usize>,
+    /// Route requests for a model no server lists (servers load adapters on first use).
+    #[serde(default)]
+    adapter_load_on_demand: Option<bool>,
 }
 
 fn seconds(v: &serde_yaml::Value) -> Option<f64> {
@@ -271,6 +274,9 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
     if let Some(f) = raw.fallbacks {
         cfg.fallbacks = f;
     }
+    if let Some(d) = raw.adapter_load_on_demand {
+        cfg.adapter_load_on_demand = d;
+    }
     for (field, v) in [
         (
             "saturationDetector.queueDepthThreshold",
@@ -320,7 +326,7 @@ mod tests {
     #[test]
     fn picker_config() {
         let c = parse_picker_config(
-            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: prefix-cache-scorer\n  parameters: {blockSize: 32}\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n    weight: 1\n  - pluginRef: prefix-cache-scorer\n    weight: 5\nsaturationDetector:\n  metricsStalenessThreshold: 500ms\n",
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: prefix-cache-scorer\n  parameters: {blockSize: 32}\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n    weight: 1\n  - pluginRef: prefix-cache-scorer\n    weight: 5\nsaturationDetector:\n  metricsStalenessThreshold: 500ms\nadapterLoadOnDemand: true\n",
         )
         .unwrap();
         assert_eq!(
@@ -328,6 +334,7 @@ mod tests {
             (1.0, 5.0, 0.0)
         );
         assert_eq!(c.prefix_block_chars, 128);
+        assert!(c.adapter_load_on_demand);
         assert!((c.metrics_staleness_threshold - 0.5).abs() < 1e-9);
         let e = parse_picker_config("schedulingProfiles:\n- plugins:\n  - pluginRef: magic\n")
             .unwrap_err();
