@@ -216,20 +216,9 @@ async fn api_mode_watches_labelled_configmaps() {
         CONFIGMAPS,
         configmap("unlabelled", json!({}), json!({"baseModel": "ignored"})),
     );
-    let bbr = spawn_with_marker(
-        &bin("bbr"),
-        &[
-            "--bind-address",
-            "127.0.0.1",
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--namespace",
-            "default",
-        ],
+    let (bbr, _) = spawn_bbr_with(
+        &["--namespace", "default"],
         &[("KUBECONFIG", kc.as_str())],
-        "BBR_LISTENING",
         dir.path(),
     );
     let applied = |n: usize| {

@@ -32,15 +32,19 @@ fn model(name: &str, pool: &str) -> Value {
            "spec": {"modelName": name, "criticality": "Standard", "poolRef": {"name": pool}}})
 }
 
-async fn seen(c: &reqwest::Client, epp: &Epp) -> Option<(Vec<String>, Vec<String>)> {
-    let v: Value = c
-        .get(format!("http://{}/debug/pool", epp.metrics))
+/// What the EPP's picker sees (`GET /debug/pool`).
+async fn debug_pool(c: &reqwest::Client, epp: &Epp) -> Option<Value> {
+    c.get(format!("http://{}/debug/pool", epp.metrics))
         .send()
         .await
         .ok()?
         .json()
         .await
-        .ok()?;
+        .ok()
+}
+
+async fn seen(c: &reqwest::Client, epp: &Epp) -> Option<(Vec<String>, Vec<String>)> {
+    let v = debug_pool(c, epp).await?;
     let eps = v["endpoints"]
         .as_array()?
         .iter()
@@ -197,14 +201,7 @@ async fn discovery_follows_pods_pools_and_models_through_outages() {
 }
 
 async fn is_leader(c: &reqwest::Client, epp: &Epp) -> Option<bool> {
-    let v: Value = c
-        .get(format!("http://{}/debug/pool", epp.metrics))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+    let v = debug_pool(c, epp).await?;
     v["leader"].as_bool()
 }
 

@@ -482,23 +482,9 @@ async fn configmap_mode_reads_the_config_through_the_api() {
     let kc = kubeconfig(tmp.path(), &addr);
     let cm = |text: String| configmap("adapters", json!({}), json!({"configmap.yaml": text}));
     api.put(CONFIGMAPS, cm(lora_config(port, &[("a1", &a1)], &[])));
-    let args = [
-        "--configmap",
-        "default/adapters",
-        "--metrics-host",
-        "127.0.0.1",
-        "--metrics-port",
-        "0",
-        "--reconcile-trigger",
-        "200ms",
-        "--health-check-interval",
-        "50ms",
-    ];
-    let _sidecar = spawn_with_marker(
-        &bin("lora-sidecar"),
-        &args,
+    let _sidecar = spawn_sidecar_with(
+        &["--configmap", "default/adapters"],
         &[("KUBECONFIG", kc.as_str())],
-        "LORA_SIDECAR_LISTENING",
         tmp.path(),
     );
     let c = client();

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,13 +13,11 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
-    ProcessingResponse, processing_request, processing_response,
+    processing_request, processing_response,
 };
-use futures::Stream;
 use inferlane_epp::bbr::{BaseModelMap, BbrError, parse_mapping};
 use thiserror::Error;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 
@@ -28,7 +25,8 @@ use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
 use crate::epp::extproc::{
-    Tx, continue_headers, pass_through, read_headers, reply, send, send_streamed_body, set_header,
+    ResponseStream, Tx, continue_headers, pass_through, read_headers, reply, send,
+    send_streamed_body, set_header, spawn_processor,
 };
 use crate::epp::tls;
 use crate::runtime::parse_bool;
@@ -225,21 +223,18 @@ impl Bbr {
 
 #[tonic::async_trait]
 impl ExternalProcessor for Bbr {
-    type ProcessStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+    type ProcessStream = ResponseStream;
 
     async fn process(
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
-        tokio::spawn(async move {
-            if let Err(status) = this.handle(&mut inbound, &tx).await {
-                let _ = tx.send(Err(status)).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(spawn_processor(
+            tracing::debug_span!("bbr"),
+            move |tx| async move { this.handle(&mut inbound, &tx).await },
+        ))
     }
 }
 

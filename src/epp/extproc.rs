@@ -453,7 +453,9 @@ impl ExtProc {
                     ..Default::default()
                 };
                 let metadata = Some(lb_metadata(&d.destination));
-                if st.full_duplex {
+                if st.full_duplex || st.body.is_empty() {
+                    // Full duplex holds the headers answer for the decision; a request without
+                    // a body gets it on the headers message.
                     send(
                         tx,
                         with_metadata(
@@ -466,22 +468,10 @@ impl ExtProc {
                         ),
                     )
                     .await?;
-                    let body = d.new_body.unwrap_or_else(|| std::mem::take(&mut st.body));
-                    send_streamed_body(tx, &body).await?;
-                } else if st.body.is_empty() {
-                    // No body: the decision rides on the headers answer.
-                    send(
-                        tx,
-                        with_metadata(
-                            reply(processing_response::Response::RequestHeaders(
-                                HeadersResponse {
-                                    response: Some(common),
-                                },
-                            )),
-                            metadata,
-                        ),
-                    )
-                    .await?;
+                    if st.full_duplex {
+                        let body = d.new_body.unwrap_or_else(|| std::mem::take(&mut st.body));
+                        send_streamed_body(tx, &body).await?;
+                    }
                 } else {
                     let mut common = common;
                     if let Some(b) = d.new_body {
@@ -704,29 +694,48 @@ pub(crate) async fn send(tx: &Tx, resp: ProcessingResponse) -> Result<(), Status
         .map_err(|_| Status::cancelled("gateway closed the stream"))
 }
 
+/// The stream type both ext_proc services answer with.
+pub(crate) type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+/// Runs one ext_proc stream's handler on the worker pool and returns its answers as the
+/// response stream. A handler error ends the stream with that gRPC status: never silently,
+/// or Envoy would forward the request without a decision.
+pub(crate) fn spawn_processor<F, Fut>(span: tracing::Span, run: F) -> Response<ResponseStream>
+where
+    F: FnOnce(Tx) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    let err_tx = tx.clone();
+    let fut = run(tx);
+    tokio::spawn(
+        async move {
+            if let Err(status) = fut.await {
+                if status.code() != tonic::Code::Cancelled {
+                    tracing::warn!(error = %status, "ext_proc stream failed");
+                }
+                let _ = err_tx.send(Err(status)).await;
+            }
+        }
+        .instrument(span),
+    );
+    Response::new(Box::pin(ReceiverStream::new(rx)))
+}
+
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProc {
-    type ProcessStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+    type ProcessStream = ResponseStream;
 
     async fn process(
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
-        tokio::spawn(
-            async move {
-                if let Err(status) = this.handle_stream(&mut inbound, &tx).await {
-                    // Never end a stream silently: Envoy would forward the request without a pick.
-                    if status.code() != tonic::Code::Cancelled {
-                        tracing::warn!(error = %status, "ext_proc stream failed");
-                    }
-                    let _ = tx.send(Err(status)).await;
-                }
-            }
-            .instrument(tracing::debug_span!("ext_proc")),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(spawn_processor(
+            tracing::debug_span!("ext_proc"),
+            move |tx| async move { this.handle_stream(&mut inbound, &tx).await },
+        ))
     }
 }

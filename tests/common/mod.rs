@@ -261,9 +261,14 @@ pub async fn adapter_ids(c: &reqwest::Client, addr: &str) -> Option<Vec<String>>
 /// Starts a lora-sidecar on `config` with fast test timings plus `extra` flags.
 pub fn spawn_sidecar(config: &Path, extra: &[&str], log_dir: &Path) -> Proc {
     let config = config.to_string_lossy().into_owned();
+    let mut args = vec!["--config", config.as_str()];
+    args.extend_from_slice(extra);
+    spawn_sidecar_with(&args, &[], log_dir)
+}
+
+/// Starts a lora-sidecar with fast test timings; `extra` overrides defaults.
+pub fn spawn_sidecar_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Proc {
     let defaults = [
-        "--config",
-        config.as_str(),
         "--metrics-host",
         "127.0.0.1",
         "--metrics-port",
@@ -289,7 +294,7 @@ pub fn spawn_sidecar(config: &Path, extra: &[&str], log_dir: &Path) -> Proc {
     spawn_with_marker(
         &bin("lora-sidecar"),
         &args,
-        &[],
+        env,
         "LORA_SIDECAR_LISTENING",
         log_dir,
     )
@@ -522,22 +527,21 @@ pub fn deploy_file(rel: &str) -> String {
 /// Starts bbr on `mapping`; returns it and its gRPC address.
 pub fn spawn_bbr(mapping: &Path, log_dir: &Path) -> (Proc, String) {
     let m = mapping.to_string_lossy().into_owned();
-    let p = spawn_with_marker(
-        &bin("bbr"),
-        &[
-            "--mapping-file",
-            &m,
-            "--bind-address",
-            "127.0.0.1",
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-        ],
-        &[],
-        "BBR_LISTENING",
-        log_dir,
-    );
+    spawn_bbr_with(&["--mapping-file", &m], &[], log_dir)
+}
+
+/// Starts bbr on ephemeral loopback ports with `extra` flags; returns it and its gRPC address.
+pub fn spawn_bbr_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> (Proc, String) {
+    let defaults = [
+        "--bind-address",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--grpc-health-port",
+        "0",
+    ];
+    let args = with_defaults(&defaults, extra);
+    let p = spawn_with_marker(&bin("bbr"), &args, env, "BBR_LISTENING", log_dir);
     let grpc = p
         .addr
         .split_whitespace()
