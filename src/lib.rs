@@ -2,6 +2,7 @@
 
 pub mod actors;
 pub mod bbr;
+pub mod bench;
 pub mod crds;
 pub mod epp;
 pub mod lora;

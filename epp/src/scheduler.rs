@@ -33,6 +33,19 @@ pub struct SchedulerConfig {
     /// When no server lists the requested model, route anyway (servers that load adapters on
     /// first use, e.g. vLLM with a LoRA resolver) instead of answering 503.
     pub adapter_load_on_demand: bool,
+    /// How the winner is chosen among the endpoints that pass the filters.
+    pub picker: PickerKind,
+}
+
+/// Upstream's pickers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PickerKind {
+    /// Highest weighted score wins; ties broken at random.
+    #[default]
+    MaxScore,
+    /// Uniformly random among the eligible endpoints (scores ignored): a baseline.
+    Random,
 }
 
 impl Default for SchedulerConfig {
@@ -50,6 +63,7 @@ impl Default for SchedulerConfig {
             prefix_max_blocks: 256,
             prefix_index_capacity: 200_000,
             adapter_load_on_demand: false,
+            picker: PickerKind::MaxScore,
         }
     }
 }
@@ -210,6 +224,18 @@ pub fn pick(
         if pool_saturation(cfg, &view) >= 1.0 {
             return Err(PickError::Saturated);
         }
+    }
+    if cfg.picker == PickerKind::Random {
+        let mut order: Vec<(u64, usize)> = eligible
+            .iter()
+            .map(|&i| (mix(u64::from(candidates[i].id), input.tie_break), i))
+            .collect();
+        order.sort_unstable();
+        return Ok(order
+            .into_iter()
+            .take(1 + cfg.fallbacks)
+            .map(|(_, i)| i)
+            .collect());
     }
     let queue = |i: usize| -> f64 {
         let c = &candidates[i];
@@ -405,6 +431,27 @@ mod tests {
             pick(&cfg, &[c], &input(&p)),
             Err(PickError::NoHealthyEndpoints)
         );
+    }
+
+    #[test]
+    fn random_picker_ignores_scores_but_not_filters() {
+        let (busy, idle) = (m(50.0, 0.9), m(0.0, 0.0));
+        let p = HashMap::new();
+        let cfg = SchedulerConfig {
+            picker: PickerKind::Random,
+            ..Default::default()
+        };
+        let mut wins = [0usize; 3];
+        for t in 0..300u64 {
+            let mut inp = input(&p);
+            inp.tie_break = t.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut gone = cand(3, &idle);
+            gone.healthy = false;
+            let i = pick(&cfg, &[cand(1, &busy), cand(2, &idle), gone], &inp).unwrap()[0];
+            wins[i] += 1;
+        }
+        assert_eq!(wins[2], 0, "unhealthy endpoints stay filtered");
+        assert!(wins[0] > 100 && wins[1] > 100, "{wins:?}");
     }
 
     #[test]

@@ -246,7 +246,9 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
                 "kv-cache-utilization-scorer" | "kv-cache-scorer" => cfg.kv_cache_weight = w,
                 "prefix-cache-scorer" => cfg.prefix_cache_weight = w,
                 "lora-affinity-scorer" => cfg.lora_affinity_weight = w,
-                "max-score-picker" | "random-picker" | "single-profile-handler" => {}
+                "random-picker" => cfg.picker = inferlane_epp::scheduler::PickerKind::Random,
+                "max-score-picker" => cfg.picker = inferlane_epp::scheduler::PickerKind::MaxScore,
+                "single-profile-handler" => {}
                 other => {
                     return Err(EppConfigError::Invalid {
                         field: format!("schedulingProfiles[0].plugins[{i}].pluginRef"),

@@ -1,0 +1,468 @@
+//! Starts and stops the processes of one benchmark run: the vllm-sim fleet, the EPP and Envoy.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::workload::{BASE_MODEL, Policy, Workload};
+
+/// A process of the run could not be started.
+#[derive(Debug, Error)]
+pub enum FleetError {
+    #[error("{what}: cannot start {bin}: {source}; fix: {fix}")]
+    Spawn {
+        what: &'static str,
+        bin: String,
+        source: std::io::Error,
+        fix: &'static str,
+    },
+    #[error("{what} did not become ready within {secs} s (log: {log})")]
+    NotReady {
+        what: &'static str,
+        secs: u64,
+        log: String,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub sim: PathBuf,
+    pub epp: PathBuf,
+    pub envoy: PathBuf,
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn spawn(
+    what: &'static str,
+    bin: &Path,
+    args: &[String],
+    log: PathBuf,
+    fix: &'static str,
+) -> Result<Child, FleetError> {
+    let err = std::fs::File::create(&log).map_err(|source| FleetError::Write {
+        path: log.display().to_string(),
+        source,
+    })?;
+    Command::new(bin)
+        .args(args)
+        .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| FleetError::Spawn {
+            what,
+            bin: bin.display().to_string(),
+            source,
+            fix,
+        })
+}
+
+/// Reads stdout lines until `want` lines start with `marker`; returns their remainders.
+async fn read_markers(
+    child: &mut Child,
+    what: &'static str,
+    marker: &str,
+    want: usize,
+    log: &Path,
+) -> Result<Vec<String>, FleetError> {
+    let not_ready = || FleetError::NotReady {
+        what,
+        secs: 30,
+        log: log.display().to_string(),
+    };
+    let out = child.stdout.take().ok_or_else(not_ready)?;
+    let mut lines = BufReader::new(out).lines();
+    let mut found = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while found.len() < want {
+        match tokio::time::timeout_at(deadline, lines.next_line()).await {
+            Ok(Ok(Some(l))) => {
+                if let Some(rest) = l.strip_prefix(marker) {
+                    found.push(rest.trim().to_string());
+                }
+            }
+            _ => return Err(not_ready()),
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(found)
+}
+
+/// The simulated servers of one run.
+#[derive(Debug)]
+pub struct SimFleet {
+    pub proc: Proc,
+    pub addrs: Vec<String>,
+}
+
+/// The vllm-sim flags every policy's fleet runs with (the latency model is the same for all).
+pub fn sim_args(w: &Workload, servers: usize, adapters_dir: &Path) -> Vec<String> {
+    let f = &w.fleet;
+    let mut a: Vec<String> = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--log-filter",
+        "warn",
+        "--model",
+        BASE_MODEL,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut push = |k: &str, v: String| {
+        a.push(k.into());
+        a.push(v);
+    };
+    push("--replicas", servers.to_string());
+    push("--max-num-seqs", f.max_num_seqs.to_string());
+    push("--max-loras", f.max_loras.to_string());
+    push("--num-gpu-blocks", f.num_gpu_blocks.to_string());
+    push("--time-scale", f.time_scale.to_string());
+    push("--seed", w.seed.to_string());
+    a.push("--enable-prompt-tokens-details".into());
+    let classes = w.class_models();
+    if !classes.is_empty() {
+        a.push("--served-model-name".into());
+        a.push(BASE_MODEL.into());
+        a.extend(classes.into_iter().map(|(m, _)| m));
+    }
+    let adapters = w.adapters();
+    if !adapters.is_empty() {
+        a.push("--enable-lora".into());
+        a.push("--lora-modules".into());
+        a.extend(
+            adapters
+                .iter()
+                .map(|n| format!("{n}={}", adapters_dir.join(n).display())),
+        );
+    }
+    a.extend(f.extra_args.iter().cloned());
+    a
+}
+
+pub async fn start_fleet(
+    bins: &Binaries,
+    w: &Workload,
+    servers: usize,
+    dir: &Path,
+) -> Result<SimFleet, FleetError> {
+    // Adapter directories as vLLM expects them (config + weights file), shared by the fleet.
+    let adapters_dir = dir.join("adapters");
+    for n in w.adapters() {
+        let d = adapters_dir.join(&n);
+        let files = [
+            (
+                "adapter_config.json",
+                r#"{"r": 8, "lora_alpha": 16, "peft_type": "LORA"}"#,
+            ),
+            ("adapter_model.safetensors", ""),
+        ];
+        for (f, text) in files {
+            let p = d.join(f);
+            std::fs::create_dir_all(&d)
+                .and_then(|_| std::fs::write(&p, text))
+                .map_err(|source| FleetError::Write {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+        }
+    }
+    let log = dir.join("vllm-sim.log");
+    let mut child = spawn(
+        "vllm-sim fleet",
+        &bins.sim,
+        &sim_args(w, servers, &adapters_dir),
+        log.clone(),
+        "build it: cargo build --release --bin vllm-sim",
+    )?;
+    let addrs = read_markers(
+        &mut child,
+        "vllm-sim fleet",
+        "VLLM_SIM_LISTENING",
+        servers,
+        &log,
+    )
+    .await?;
+    Ok(SimFleet {
+        proc: Proc { child, log },
+        addrs,
+    })
+}
+
+/// The standalone pool file for the EPP: the fleet plus the workload's model rules.
+pub fn pool_file(w: &Workload, addrs: &[String]) -> String {
+    let mut s = format!("pool: {{name: {}}}\nendpoints:\n", w.name);
+    for a in addrs {
+        s.push_str(&format!("- address: {a}\n"));
+    }
+    let classes = w.class_models();
+    if !classes.is_empty() {
+        s.push_str("models:\n");
+        for (m, c) in classes {
+            s.push_str(&format!("- modelName: {m}\n  criticality: {c}\n"));
+        }
+    }
+    s
+}
+
+/// A running EPP.
+#[derive(Debug)]
+pub struct Epp {
+    pub proc: Proc,
+    pub grpc_port: u16,
+    pub metrics: String,
+}
+
+pub async fn start_epp(
+    bins: &Binaries,
+    w: &Workload,
+    policy: Policy,
+    addrs: &[String],
+    dir: &Path,
+) -> Result<Epp, FleetError> {
+    let write = |name: &str, text: &str| -> Result<PathBuf, FleetError> {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|source| FleetError::Write {
+            path: p.display().to_string(),
+            source,
+        })?;
+        Ok(p)
+    };
+    let pool = write("pool.yaml", &pool_file(w, addrs))?;
+    let mut args: Vec<String> = [
+        "--bind-address",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--grpc-health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--log-filter",
+        "warn",
+        "--pool-name",
+        &w.name,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push("--pool-file".into());
+    args.push(pool.display().to_string());
+    if let Some(cfg) = policy.picker_config() {
+        let p = write("picker.yaml", cfg)?;
+        args.push("--config-file".into());
+        args.push(p.display().to_string());
+    }
+    let log = dir.join("epp.log");
+    let mut child = spawn(
+        "EPP",
+        &bins.epp,
+        &args,
+        log.clone(),
+        "build it: cargo build --release --bin epp",
+    )?;
+    let line = read_markers(&mut child, "EPP", "EPP_LISTENING", 1, &log).await?;
+    let field = |k: &str| -> Option<String> {
+        line[0]
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
+    };
+    let not_ready = || FleetError::NotReady {
+        what: "EPP",
+        secs: 30,
+        log: log.display().to_string(),
+    };
+    let grpc_port = field("grpc")
+        .and_then(|g| g.rsplit(':').next().and_then(|p| p.parse().ok()))
+        .ok_or_else(not_ready)?;
+    let metrics = field("metrics").ok_or_else(not_ready)?;
+    let epp = Epp {
+        proc: Proc { child, log },
+        grpc_port,
+        metrics,
+    };
+    // Ready when every endpoint has been scraped.
+    let want = addrs.len() as f64;
+    let ok = poll(Duration::from_secs(30), || async {
+        let text = reqwest::get(format!("http://{}/metrics", epp.metrics))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with("inference_pool_ready_pods"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .filter(|n| *n >= want)
+    })
+    .await;
+    ok.ok_or_else(|| FleetError::NotReady {
+        what: "EPP (all endpoints scraped)",
+        secs: 30,
+        log: epp.proc.log.display().to_string(),
+    })?;
+    Ok(epp)
+}
+
+/// Polls `f` every 50 ms until it yields a value or `within` passes.
+pub async fn poll<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const EPP_TEMPLATE: &str = include_str!("../../deploy/envoy/envoy-epp.yaml.tmpl");
+const RR_TEMPLATE: &str = include_str!("../../deploy/envoy/envoy-round-robin.yaml.tmpl");
+const VHOST: &str = "            - name: inference\n              domains: [\"*\"]\n";
+
+/// Envoy's bootstrap for a policy: the EPP gateway (BUFFERED, fail-closed) or, for
+/// round-robin, a STATIC cluster of the fleet. Both report the upstream they used in
+/// `x-bench-upstream` so the harness can measure the load spread.
+pub fn envoy_config(epp_port: Option<u16>, addrs: &[String]) -> String {
+    let cfg = match epp_port {
+        Some(port) => EPP_TEMPLATE
+            .replace("${LISTEN_PORT}", "0")
+            .replace("${EPP_PORT}", &port.to_string())
+            .replace("${BODY_MODE}", "BUFFERED")
+            .replace("${TRAILER_MODE}", "SKIP")
+            .replace("${FAILURE_MODE_ALLOW}", "false"),
+        None => {
+            let mut eps = String::new();
+            for a in addrs {
+                let (host, port) = a.rsplit_once(':').unwrap_or((a, "80"));
+                eps.push_str(&format!(
+                    "        - endpoint:\n            address:\n              socket_address: {{ address: {host}, port_value: {port} }}\n"
+                ));
+            }
+            RR_TEMPLATE
+                .replace("${LISTEN_PORT}", "0")
+                .replace("${ENDPOINTS}\n", &eps)
+        }
+    };
+    cfg.replacen(
+        VHOST,
+        &format!("{VHOST}              response_headers_to_add:\n              - header: {{ key: x-bench-upstream, value: \"%UPSTREAM_HOST%\" }}\n"),
+        1,
+    )
+}
+
+/// A running Envoy.
+#[derive(Debug)]
+pub struct Envoy {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+pub async fn start_envoy(bins: &Binaries, config: &str, dir: &Path) -> Result<Envoy, FleetError> {
+    let cfg = dir.join("envoy.yaml");
+    std::fs::write(&cfg, config).map_err(|source| FleetError::Write {
+        path: cfg.display().to_string(),
+        source,
+    })?;
+    let admin = dir.join("envoy.admin");
+    let log = dir.join("envoy.log");
+    let args: Vec<String> = vec![
+        "-c".into(),
+        cfg.display().to_string(),
+        "--use-dynamic-base-id".into(),
+        "--concurrency".into(),
+        "1".into(),
+        "-l".into(),
+        "warning".into(),
+        "--admin-address-path".into(),
+        admin.display().to_string(),
+    ];
+    let child = spawn(
+        "Envoy",
+        &bins.envoy,
+        &args,
+        log.clone(),
+        "install it: scripts/install-envoy.sh (or pass --envoy PATH)",
+    )?;
+    let port = poll(Duration::from_secs(30), || async {
+        let a = std::fs::read_to_string(&admin).ok()?;
+        let v: serde_json::Value =
+            reqwest::get(format!("http://{}/listeners?format=json", a.trim()))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+        v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+            .as_u64()
+            .map(|p| p as u16)
+    })
+    .await
+    .ok_or_else(|| FleetError::NotReady {
+        what: "Envoy",
+        secs: 30,
+        log: log.display().to_string(),
+    })?;
+    Ok(Envoy {
+        proc: Proc { child, log },
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_configs_carry_the_upstream_header() {
+        let addrs = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let rr = envoy_config(None, &addrs);
+        assert!(rr.contains("lb_policy: ROUND_ROBIN"));
+        assert!(rr.contains("port_value: 2 }"));
+        assert!(rr.contains("x-bench-upstream"));
+        let epp = envoy_config(Some(9), &addrs);
+        assert!(epp.contains("port_value: 9 }"));
+        assert!(epp.contains("x-bench-upstream"));
+        assert!(!epp.contains("${"), "every placeholder filled");
+        assert!(!rr.contains("${"), "every placeholder filled");
+    }
+}

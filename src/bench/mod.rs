@@ -1,0 +1,213 @@
+//! route-bench: the routing-quality benchmark (vllm-sim fleet, EPP, Envoy, open-loop load).
+
+pub mod driver;
+pub mod fleet;
+pub mod report;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use thiserror::Error;
+use tracing::Instrument;
+
+use fleet::{Binaries, FleetError};
+use report::{ReportError, RunSummary};
+use workload::{Policy, Workload, WorkloadError};
+
+/// route-bench flags.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Workload files (see bench/workloads/).
+    #[arg(required = true)]
+    pub workloads: Vec<PathBuf>,
+    /// Directory for results (requests.csv, summary.json/.csv/.md, SVG plots).
+    #[arg(long, default_value = "target/route-bench")]
+    pub out: PathBuf,
+    /// Envoy binary.
+    #[arg(long, default_value = ".venv/bin/envoy")]
+    pub envoy: PathBuf,
+    /// Directory holding the vllm-sim and epp binaries (default: next to this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Override the workloads' rates (comma-separated req/s).
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
+    /// Override the workloads' policies (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = parse_policy)]
+    pub policies: Vec<Policy>,
+    /// Override the run length in seconds (the warm-up shrinks to a tenth of it).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Override the fleet size.
+    #[arg(long)]
+    pub servers: Option<usize>,
+    /// Longest a single request may take before it counts as an error, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub request_timeout: u64,
+}
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    match s {
+        "round-robin" => Ok(Policy::RoundRobin),
+        "random" => Ok(Policy::Random),
+        "least-queue" => Ok(Policy::LeastQueue),
+        "default" => Ok(Policy::Default),
+        other => Err(format!(
+            "unknown policy {other:?}: use round-robin, random, least-queue or default"
+        )),
+    }
+}
+
+/// The benchmark failed.
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
+    move |source| BenchError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn binaries(args: &BenchArgs) -> Binaries {
+    let dir = args.bin_dir.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("."))
+    });
+    Binaries {
+        sim: dir.join("vllm-sim"),
+        epp: dir.join("epp"),
+        envoy: args.envoy.clone(),
+    }
+}
+
+fn apply_overrides(mut w: Workload, args: &BenchArgs) -> Workload {
+    if !args.rates.is_empty() {
+        w.rates = args.rates.clone();
+        w.headline_rate = None;
+    }
+    if !args.policies.is_empty() {
+        w.policies = args.policies.clone();
+    }
+    if let Some(d) = args.duration {
+        w.duration_s = d;
+        w.warmup_s = d / 10.0;
+    }
+    if let Some(s) = args.servers {
+        w.fleet.servers = s.max(1);
+    }
+    w
+}
+
+/// One policy at one rate on a fresh fleet.
+async fn run_one(
+    bins: &Binaries,
+    w: &Workload,
+    policy: Policy,
+    plan: Vec<workload::Planned>,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<Vec<driver::Outcome>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let fleet = fleet::start_fleet(bins, w, w.fleet.servers, dir).await?;
+    let epp = match policy {
+        Policy::RoundRobin => None,
+        _ => Some(fleet::start_epp(bins, w, policy, &fleet.addrs, dir).await?),
+    };
+    let cfg = fleet::envoy_config(epp.as_ref().map(|e| e.grpc_port), &fleet.addrs);
+    let envoy = fleet::start_envoy(bins, &cfg, dir).await?;
+    let base = format!("http://127.0.0.1:{}", envoy.port);
+    let outcomes = driver::run(plan, &base, timeout).await;
+    drop(envoy);
+    drop(epp);
+    drop(fleet);
+    Ok(outcomes)
+}
+
+/// Runs every workload and writes the results under `args.out`. Returns the summaries.
+pub async fn run(args: BenchArgs) -> Result<Vec<RunSummary>, BenchError> {
+    let bins = binaries(&args);
+    std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;
+    let csv_path = args.out.join("requests.csv");
+    let mut csv = format!("{}\n", report::REQUESTS_HEADER);
+    let mut all: Vec<RunSummary> = Vec::new();
+    let mut md = String::from("## Routing-quality benchmark results\n\n");
+    let timeout = Duration::from_secs(args.request_timeout);
+    for path in &args.workloads {
+        let w = apply_overrides(Workload::load(path)?, &args);
+        let mut runs = Vec::new();
+        let mut ttfts: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for &rate in &w.rates {
+            let plan = workload::plan(&w, rate);
+            for &policy in &w.policies {
+                let span = tracing::info_span!("run", workload = %w.name, policy = policy.name(), rate, requests = plan.len());
+                let dir = args
+                    .out
+                    .join(&w.name)
+                    .join(format!("{}-{rate}", policy.name()));
+                let outcomes = run_one(&bins, &w, policy, plan.clone(), &dir, timeout)
+                    .instrument(span.clone())
+                    .await?;
+                let s = report::summarize(&w, policy.name(), rate, &outcomes);
+                span.in_scope(|| {
+                    tracing::info!(
+                        ok = s.ok,
+                        shed = s.shed,
+                        errors = s.errors,
+                        ttft_p90_ms = s.ttft_p90.map(|x| x * 1e3),
+                        tokens_per_s = s.output_tokens_per_s,
+                        prefix_hit = s.prefix_hit_rate,
+                        "run done"
+                    )
+                });
+                if rate == w.headline() {
+                    let mut t: Vec<f64> = outcomes
+                        .iter()
+                        .filter(|o| o.at >= w.warmup_s && o.status == 200)
+                        .filter_map(|o| o.ttft)
+                        .collect();
+                    t.sort_by(f64::total_cmp);
+                    ttfts.insert(policy.name().into(), t);
+                }
+                csv.push_str(&report::requests_csv(
+                    &w.name,
+                    policy.name(),
+                    rate,
+                    &outcomes,
+                ));
+                std::fs::write(&csv_path, &csv).map_err(io(&csv_path))?;
+                runs.push(s.clone());
+                all.push(s);
+                let partial = format!("{md}{}", report::markdown(&w, &runs));
+                report::write_summaries(&args.out, &all, &partial)?;
+            }
+        }
+        let plots = report::plots(&args.out, &w, &runs, &ttfts)?;
+        md.push_str(&report::markdown(&w, &runs));
+        md.push_str(&format!(
+            "\nCommand: `route-bench {}` (seed {}); plots: {}\n\n",
+            path.display(),
+            w.seed,
+            plots.join(", ")
+        ));
+        report::write_summaries(&args.out, &all, &md)?;
+    }
+    Ok(all)
+}
