@@ -35,6 +35,11 @@ pub struct SchedulerConfig {
     pub adapter_load_on_demand: bool,
     /// How the winner is chosen among the endpoints that pass the filters.
     pub picker: PickerKind,
+    /// LoRA affinity filter (used with the LoRA affinity scorer): an adapter request goes to
+    /// an endpoint already running the adapter, else to one with a free LoRA slot, as long as
+    /// that endpoint's queue (waiting + dispatched since scrape) is below this depth; only when
+    /// none qualifies do all endpoints compete on score. 0 turns the filter off.
+    pub lora_affinity_queue_threshold: f64,
 }
 
 /// Upstream's pickers.
@@ -55,7 +60,7 @@ impl Default for SchedulerConfig {
             kv_cache_weight: 2.0,
             prefix_cache_weight: 3.0,
             lora_affinity_weight: 1.0,
-            queue_depth_threshold: 5.0,
+            queue_depth_threshold: 1.0,
             kv_cache_util_threshold: 0.8,
             metrics_staleness_threshold: 0.2,
             fallbacks: 0,
@@ -64,6 +69,7 @@ impl Default for SchedulerConfig {
             prefix_index_capacity: 200_000,
             adapter_load_on_demand: false,
             picker: PickerKind::MaxScore,
+            lora_affinity_queue_threshold: 2.0,
         }
     }
 }
@@ -149,6 +155,23 @@ pub fn pool_saturation(cfg: &SchedulerConfig, candidates: &[Candidate<'_>]) -> f
         .map(|c| endpoint_saturation(cfg, c))
         .sum::<f64>()
         / candidates.len() as f64
+}
+
+/// Where an adapter request would run at once: 0 = the adapter is in the running batch, 1 = a
+/// LoRA slot is free, 2 = it would wait for a slot (or the endpoint's metrics say nothing).
+fn lora_tier(m: Option<&EndpointMetrics>, target: &str) -> u8 {
+    let Some(m) = m else { return 2 };
+    if m.running_adapters.iter().any(|a| a == target) {
+        return 0;
+    }
+    let Some(max) = m.max_lora else { return 2 };
+    let mut in_use: Vec<&str> = m.running_adapters.iter().map(String::as_str).collect();
+    for a in &m.waiting_adapters {
+        if !in_use.contains(&a.as_str()) {
+            in_use.push(a);
+        }
+    }
+    if (in_use.len() as u32) < max { 1 } else { 2 }
 }
 
 fn lora_score(m: Option<&EndpointMetrics>, target: &str) -> f64 {
@@ -240,6 +263,37 @@ pub fn pick(
     let queue = |i: usize| -> f64 {
         let c = &candidates[i];
         c.metrics.map(|m| m.waiting).unwrap_or(0.0) + c.dispatched_since_scrape as f64
+    };
+    // LoRA affinity filter: upstream only scores affinity, and a min-max normalised queue
+    // score of weight 2 outvotes it on a one-request difference, so adapters spread over every
+    // server and each batch is starved by the max-loras limit. Keep each adapter where it runs
+    // (or where a slot is free) while that server has room, and spill only when it has not.
+    let eligible = if input.is_adapter
+        && cfg.lora_affinity_weight > 0.0
+        && cfg.lora_affinity_queue_threshold > 0.0
+    {
+        let mut best = 2u8;
+        let tiers: Vec<u8> = eligible
+            .iter()
+            .map(|&i| {
+                let c = &candidates[i];
+                let tier = if queue(i) < cfg.lora_affinity_queue_threshold {
+                    lora_tier(c.metrics, input.target)
+                } else {
+                    2
+                };
+                best = best.min(tier);
+                tier
+            })
+            .collect();
+        eligible
+            .iter()
+            .zip(tiers)
+            .filter(|&(_, t)| t == best)
+            .map(|(&i, _)| i)
+            .collect()
+    } else {
+        eligible
     };
     let (mut qmin, mut qmax) = (f64::INFINITY, f64::NEG_INFINITY);
     for &i in &eligible {
@@ -431,6 +485,38 @@ mod tests {
             pick(&cfg, &[c], &input(&p)),
             Err(PickError::NoHealthyEndpoints)
         );
+    }
+
+    #[test]
+    fn lora_affinity_filter_keeps_an_adapter_where_it_runs_until_that_server_is_busy() {
+        let lora = |waiting: f64, kv: f64, running: &[&str]| {
+            let mut x = m(waiting, kv);
+            x.max_lora = Some(2);
+            x.running_adapters = running.iter().map(|s| s.to_string()).collect();
+            x
+        };
+        let runs_it = lora(1.0, 0.5, &["fr", "other"]);
+        let free_slot = lora(0.0, 0.0, &["other"]);
+        let full = lora(0.0, 0.0, &["x", "y"]);
+        let p = HashMap::new();
+        let mut inp = input(&p);
+        inp.target = "fr";
+        inp.is_adapter = true;
+        let cfg = SchedulerConfig::default();
+        let cands = [cand(1, &full), cand(2, &free_slot), cand(3, &runs_it)];
+        // Scores alone would pick the idle endpoints; affinity keeps the adapter batched.
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [2]);
+        // Its server's queue reached the threshold: spill to a free slot, never to a full one.
+        let busy = lora(2.0, 0.5, &["fr", "other"]);
+        let cands = [cand(1, &full), cand(2, &free_slot), cand(3, &busy)];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [1]);
+        // Turned off: plain scoring.
+        let off = SchedulerConfig {
+            lora_affinity_queue_threshold: 0.0,
+            ..Default::default()
+        };
+        let cands = [cand(1, &full), cand(2, &free_slot), cand(3, &runs_it)];
+        assert_ne!(pick(&off, &cands, &inp).unwrap(), [2]);
     }
 
     #[test]

@@ -319,10 +319,7 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         });
     } else {
         tokio::spawn(async move {
-            if let Err(e) = router
-                .serve_with_incoming(TcpListenerStream::new(grpc))
-                .await
-            {
+            if let Err(e) = router.serve_with_incoming(tls::plain_incoming(grpc)).await {
                 tracing::error!(error = %e, "bbr server stopped");
             }
         });

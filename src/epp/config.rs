@@ -209,6 +209,22 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
             p.name.clone().unwrap_or_else(|| p.kind.clone()),
             p.kind.clone(),
         );
+        if p.kind == "lora-affinity-scorer" {
+            for (k, v) in &p.parameters {
+                match (k.as_str(), v.as_f64()) {
+                    ("affinityQueueThreshold", Some(n)) if n >= 0.0 => {
+                        cfg.lora_affinity_queue_threshold = n
+                    }
+                    _ => {
+                        return Err(EppConfigError::Invalid {
+                            field: format!("plugins[lora-affinity-scorer].parameters.{k}"),
+                            message: "unknown parameter or not a non-negative number".into(),
+                            fix: "use affinityQueueThreshold (queue depth; 0 turns the affinity filter off)".into(),
+                        });
+                    }
+                }
+            }
+        }
         if p.kind == "prefix-cache-scorer" {
             for (k, v) in &p.parameters {
                 let n = v.as_f64().or_else(|| v.as_u64().map(|x| x as f64));
@@ -253,7 +269,7 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
                     return Err(EppConfigError::Invalid {
                         field: format!("schedulingProfiles[0].plugins[{i}].pluginRef"),
                         message: format!("unknown plugin {other:?}"),
-                        fix: "use queue-scorer, kv-cache-utilization-scorer, prefix-cache-scorer, lora-affinity-scorer or max-score-picker".into(),
+                        fix: "use queue-scorer, kv-cache-utilization-scorer, prefix-cache-scorer, lora-affinity-scorer, max-score-picker or random-picker".into(),
                     });
                 }
             }
@@ -344,6 +360,18 @@ mod tests {
         assert_eq!(
             parse_picker_config("{}").unwrap(),
             SchedulerConfig::default()
+        );
+        let r = parse_picker_config("plugins:\n- type: lora-affinity-scorer\n  parameters: {affinityQueueThreshold: 4}\nschedulingProfiles:\n- plugins:\n  - pluginRef: random-picker\n").unwrap();
+        assert_eq!(r.picker, inferlane_epp::scheduler::PickerKind::Random);
+        assert_eq!(r.lora_affinity_queue_threshold, 4.0);
+        let e = parse_picker_config(
+            "plugins:\n- type: lora-affinity-scorer\n  parameters: {affinityQueueThreshold: -1}\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("plugins[lora-affinity-scorer].parameters.affinityQueueThreshold"),
+            "{e}"
         );
     }
 }

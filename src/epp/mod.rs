@@ -330,7 +330,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         tokio::spawn(async move {
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming(TcpListenerStream::new(grpc))
+                .serve_with_incoming(tls::plain_incoming(grpc))
                 .await
             {
                 tracing::error!(error = %e, "ext_proc server stopped");

@@ -109,7 +109,20 @@ fn spawn_reloader(r: Arc<Resolver>, cert: PathBuf, key: PathBuf, every: Duration
     });
 }
 
-/// Accepted TLS connections, handshakes done off the accept loop.
+/// Accepted plaintext connections with Nagle off (see [`incoming`]); tonic only sets
+/// TCP_NODELAY on listeners it binds itself.
+pub fn plain_incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = Result<TcpStream, std::io::Error>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
+        r.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    })
+}
+
+/// Accepted TLS connections (Nagle off), handshakes done off the accept loop.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -125,6 +138,9 @@ pub fn incoming(
                     continue;
                 }
             };
+            // gRPC writes small frames: with Nagle on, each answer waits for the peer's
+            // delayed ACK (~40 ms on Linux) whenever a previous segment is unacknowledged.
+            let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
