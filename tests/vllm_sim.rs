@@ -511,3 +511,28 @@ async fn fault_injection_and_restart() {
     .await;
     assert_eq!(s, 404);
 }
+
+#[tokio::test]
+async fn priority_needs_priority_scheduling_as_in_vllm() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let body = json!({"model": BASE, "prompt": "hi", "max_tokens": 2, "priority": 1});
+    let fcfs = spawn_sim(&[], dir.path());
+    let (status, _, text) = post(&c, &fcfs.addr, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("Got priority 1 but Priority scheduling is not enabled."),
+        "{text}"
+    );
+    let (status, _, _) = post(
+        &c,
+        &fcfs.addr,
+        "/v1/completions",
+        json!({"model": BASE, "prompt": "hi", "max_tokens": 2, "priority": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "priority 0 is always accepted");
+    let prio = spawn_sim(&["--scheduling-policy", "priority"], dir.path());
+    let (status, _, text) = post(&c, &prio.addr, "/v1/completions", body).await;
+    assert_eq!(status, 200, "{text}");
+}

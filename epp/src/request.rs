@@ -114,9 +114,18 @@ pub fn parse_body(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, RequestErr
 
 /// The body with `model` replaced (key order kept).
 pub fn with_model(req: &ParsedRequest, model: &str) -> Vec<u8> {
+    rewrite(req, model, None)
+}
+
+/// The body with `model` replaced and, when given, vLLM's `priority` field set (lower runs
+/// earlier on a server started with `--scheduling-policy priority`).
+pub fn rewrite(req: &ParsedRequest, model: &str, priority: Option<i64>) -> Vec<u8> {
     let mut v = req.body.clone();
     if let Some(o) = v.as_object_mut() {
         o.insert("model".into(), Value::String(model.to_string()));
+        if let Some(p) = priority {
+            o.insert("priority".into(), Value::from(p));
+        }
     }
     serde_json::to_vec(&v).unwrap_or_default()
 }
@@ -207,6 +216,10 @@ mod tests {
         assert_eq!(
             String::from_utf8(with_model(&r, "b")).unwrap(),
             r#"{"model":"b","prompt":"p","max_tokens":3}"#
+        );
+        assert_eq!(
+            String::from_utf8(rewrite(&r, "a", Some(-1))).unwrap(),
+            r#"{"model":"a","prompt":"p","max_tokens":3,"priority":-1}"#
         );
     }
 

@@ -40,6 +40,15 @@ pub struct SchedulerConfig {
     /// that endpoint's queue (waiting + dispatched since scrape) is below this depth; only when
     /// none qualifies do all endpoints compete on score. 0 turns the filter off.
     pub lora_affinity_queue_threshold: f64,
+    /// The model servers run vLLM's `--scheduling-policy priority`: forward each request's
+    /// priority in the body (`priority: -objective priority`, so Critical runs first and
+    /// Sheddable last). Off by default: a server in FCFS mode rejects a non-zero priority.
+    pub forward_priority: bool,
+    /// Requests running or queued per endpoint at which it counts as saturated (0 = unused).
+    /// Set it a little under the servers' `--max-num-seqs` to shed sheddable work while batch
+    /// slots are still free for critical requests (vLLM never preempts a running request for
+    /// a more urgent waiting one, so a full batch makes critical work wait for a slot).
+    pub running_requests_threshold: f64,
 }
 
 /// Upstream's pickers.
@@ -70,6 +79,8 @@ impl Default for SchedulerConfig {
             adapter_load_on_demand: false,
             picker: PickerKind::MaxScore,
             lora_affinity_queue_threshold: 2.0,
+            forward_priority: false,
+            running_requests_threshold: 0.0,
         }
     }
 }
@@ -139,7 +150,13 @@ fn endpoint_saturation(cfg: &SchedulerConfig, c: &Candidate<'_>) -> f64 {
             let q = (m.waiting + c.dispatched_since_scrape as f64)
                 / cfg.queue_depth_threshold.max(1e-9);
             let kv = m.kv_usage / cfg.kv_cache_util_threshold.max(1e-9);
-            q.max(kv)
+            let busy = if cfg.running_requests_threshold > 0.0 {
+                (m.running + m.waiting + c.dispatched_since_scrape as f64)
+                    / cfg.running_requests_threshold
+            } else {
+                0.0
+            };
+            q.max(kv).max(busy)
         }
         _ => 1.0,
     }
@@ -466,6 +483,18 @@ mod tests {
         stale.metrics_age = 10.0;
         assert_eq!(
             pick(&cfg, &[stale.clone()], &inp),
+            Err(PickError::Saturated)
+        );
+        // Full batches count when the running threshold is set.
+        let mut full = m(0.0, 0.1);
+        full.running = 7.0;
+        let running = SchedulerConfig {
+            running_requests_threshold: 7.0,
+            ..Default::default()
+        };
+        assert!(pick(&cfg, &[cand(1, &full)], &inp).is_ok());
+        assert_eq!(
+            pick(&running, &[cand(1, &full)], &inp),
             Err(PickError::Saturated)
         );
         // Critical work is still served.

@@ -153,6 +153,10 @@ pub fn sim_args(w: &Workload, servers: usize, adapters_dir: &Path) -> Vec<String
     push("--time-scale", f.time_scale.to_string());
     push("--seed", w.seed.to_string());
     a.push("--enable-prompt-tokens-details".into());
+    if w.priority_scheduling {
+        a.push("--scheduling-policy".into());
+        a.push("priority".into());
+    }
     let classes = w.class_models();
     if !classes.is_empty() {
         a.push("--served-model-name".into());
@@ -281,8 +285,8 @@ pub async fn start_epp(
     .collect();
     args.push("--pool-file".into());
     args.push(pool.display().to_string());
-    if let Some(cfg) = policy.picker_config() {
-        let p = write("picker.yaml", cfg)?;
+    if let Some(cfg) = policy.picker_config(w.priority_scheduling, &w.epp_config_extra) {
+        let p = write("picker.yaml", &cfg)?;
         args.push("--config-file".into());
         args.push(p.display().to_string());
     }

@@ -60,8 +60,24 @@ impl Policy {
         }
     }
 
-    /// The EndpointPickerConfig the EPP runs with (`None`: no EPP or built-in defaults).
-    pub fn picker_config(self) -> Option<&'static str> {
+    /// The EndpointPickerConfig the EPP runs with (`None`: no EPP, or built-in defaults).
+    pub fn picker_config(self, forward_priority: bool, extra: &str) -> Option<String> {
+        if self == Policy::RoundRobin {
+            return None;
+        }
+        let mut cfg = self
+            .profile()
+            .unwrap_or("kind: EndpointPickerConfig\n")
+            .to_string();
+        if forward_priority {
+            cfg.push_str("forwardPriority: true\n");
+        }
+        cfg.push_str(extra.trim_end());
+        cfg.push('\n');
+        (self.profile().is_some() || forward_priority || !extra.trim().is_empty()).then_some(cfg)
+    }
+
+    fn profile(self) -> Option<&'static str> {
         match self {
             Policy::RoundRobin | Policy::Default => None,
             Policy::Random => Some(
@@ -223,6 +239,14 @@ pub struct Workload {
     pub headline_rate: Option<f64>,
     #[serde(default = "all_policies")]
     pub policies: Vec<Policy>,
+    /// The servers run vLLM's `--scheduling-policy priority` and every EPP profile forwards
+    /// request priorities (`forwardPriority`); round-robin sends none (FCFS among equals).
+    #[serde(default)]
+    pub priority_scheduling: bool,
+    /// EndpointPickerConfig YAML added to every EPP profile's file (deployment facts such as
+    /// the servers' batch size; the same for every EPP policy).
+    #[serde(default)]
+    pub epp_config_extra: String,
     pub traffic: Traffic,
 }
 

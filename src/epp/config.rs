@@ -153,6 +153,7 @@ struct PluginDef {
 struct Saturation {
     queue_depth_threshold: Option<f64>,
     kv_cache_util_threshold: Option<f64>,
+    running_requests_threshold: Option<f64>,
     /// Seconds, or a string like `200ms`.
     metrics_staleness_threshold: Option<serde_yaml::Value>,
 }
@@ -176,6 +177,9 @@ struct RawPickerConfig {
     /// Route requests for a model no server lists (servers load adapters on first use).
     #[serde(default)]
     adapter_load_on_demand: Option<bool>,
+    /// The servers run `--scheduling-policy priority`: forward request priorities.
+    #[serde(default)]
+    forward_priority: Option<bool>,
 }
 
 fn seconds(v: &serde_yaml::Value) -> Option<f64> {
@@ -282,6 +286,16 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
     if let Some(k) = s.kv_cache_util_threshold {
         cfg.kv_cache_util_threshold = k;
     }
+    if let Some(r) = s.running_requests_threshold {
+        if !(r.is_finite() && r >= 0.0) {
+            return Err(EppConfigError::Invalid {
+                field: "saturationDetector.runningRequestsThreshold".into(),
+                message: format!("{r} must be a non-negative number"),
+                fix: "use a little under the servers' --max-num-seqs, or 0 to turn it off".into(),
+            });
+        }
+        cfg.running_requests_threshold = r;
+    }
     if let Some(v) = &s.metrics_staleness_threshold {
         cfg.metrics_staleness_threshold = seconds(v).ok_or_else(|| EppConfigError::Invalid {
             field: "saturationDetector.metricsStalenessThreshold".into(),
@@ -294,6 +308,9 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
     }
     if let Some(d) = raw.adapter_load_on_demand {
         cfg.adapter_load_on_demand = d;
+    }
+    if let Some(f) = raw.forward_priority {
+        cfg.forward_priority = f;
     }
     for (field, v) in [
         (

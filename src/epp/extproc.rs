@@ -389,8 +389,10 @@ impl ExtProc {
             st.requested_model = r.requested.clone();
             st.target_model = r.target.clone();
             st.rewritten = r.rewritten();
-            if r.rewritten() {
-                let body = request::with_model(p, &r.target);
+            let priority =
+                (cfg.forward_priority && r.priority != 0).then(|| -i64::from(r.priority));
+            if r.rewritten() || priority.is_some() {
+                let body = request::rewrite(p, &r.target, priority);
                 if !st.full_duplex {
                     extra_headers.push(set_header("content-length", &body.len().to_string()));
                 }

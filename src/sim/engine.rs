@@ -30,6 +30,9 @@ pub struct EngineParams {
     pub decode_per_seq: f64,
     /// Cost of bringing an adapter into a GPU LoRA slot on first use.
     pub lora_load: f64,
+    /// vLLM `--scheduling-policy priority`: waiting requests ordered by priority (lower
+    /// first), KV-pressure preemption takes the lowest priority (then newest) first.
+    pub priority_scheduling: bool,
 }
 
 impl Default for EngineParams {
@@ -44,6 +47,7 @@ impl Default for EngineParams {
             decode_base: 0.008,
             decode_per_seq: 0.000_15,
             lora_load: 0.02,
+            priority_scheduling: false,
         }
     }
 }
@@ -59,6 +63,8 @@ pub struct EngineRequest {
     pub prompt_blocks: Vec<u64>,
     pub max_tokens: u32,
     pub arrival: f64,
+    /// vLLM `priority` (lower runs earlier); only used with priority scheduling.
+    pub priority: i64,
 }
 
 /// Something a request observes at the end of a step.
@@ -170,17 +176,29 @@ impl Engine {
 
     /// Queues a request.
     pub fn submit(&mut self, req: EngineRequest) {
-        self.waiting.push_back(Seq {
-            req,
-            generated: 0,
-            admitted_at: None,
-            first_token_at: None,
-            last_token_at: None,
-            started: false,
-            cached_tokens: 0,
-            preemptions: 0,
-            wait_reason: WaitReason::Capacity,
-        });
+        // Behind every request of the same or a more urgent priority (FIFO within a level).
+        let at = if self.params.priority_scheduling {
+            self.waiting
+                .iter()
+                .position(|w| w.req.priority > req.priority)
+                .unwrap_or(self.waiting.len())
+        } else {
+            self.waiting.len()
+        };
+        self.waiting.insert(
+            at,
+            Seq {
+                req,
+                generated: 0,
+                admitted_at: None,
+                first_token_at: None,
+                last_token_at: None,
+                started: false,
+                cached_tokens: 0,
+                preemptions: 0,
+                wait_reason: WaitReason::Capacity,
+            },
+        );
     }
 
     /// Drops a request (client went away). Returns whether it was known.
@@ -424,12 +442,33 @@ impl Engine {
         // Growth may overflow the KV cache: preempt the newest sequences until it fits.
         let mut used: u32 = keep.iter().map(|s| self.blocks_for(s.len() + 1)).sum();
         while used > self.params.num_gpu_blocks && keep.len() > 1 {
-            let mut victim = keep.pop().expect("len > 1");
+            let at = if self.params.priority_scheduling {
+                // The least urgent, newest among equals (keep is in admission order).
+                let mut at = keep.len() - 1;
+                for (i, q) in keep.iter().enumerate() {
+                    if q.req.priority >= keep[at].req.priority {
+                        at = i;
+                    }
+                }
+                at
+            } else {
+                keep.len() - 1
+            };
+            let mut victim = keep.remove(at);
             used -= self.blocks_for(victim.len() + 1);
             victim.preemptions += 1;
             victim.wait_reason = WaitReason::Capacity;
             self.counters.preemptions += 1;
-            self.waiting.push_front(victim);
+            let back = if self.params.priority_scheduling {
+                // Ahead of its own level (it arrived earlier), behind more urgent ones.
+                self.waiting
+                    .iter()
+                    .position(|w| w.req.priority >= victim.req.priority)
+                    .unwrap_or(self.waiting.len())
+            } else {
+                0
+            };
+            self.waiting.insert(back, victim);
         }
         self.running = keep;
         events
@@ -486,6 +525,7 @@ mod tests {
             prompt_blocks: block_hashes(seed, prompt, 64),
             max_tokens,
             arrival: 0.0,
+            priority: 0,
         }
     }
 
@@ -558,6 +598,34 @@ mod tests {
             t_last > 2.0 * t_light,
             "queued request TTFT {t_last} should exceed 2x the unloaded {t_light}"
         );
+    }
+
+    #[test]
+    fn priority_scheduling_runs_urgent_requests_first() {
+        let run = |priority_scheduling: bool| {
+            let mut e = Engine::new(EngineParams {
+                max_num_seqs: 1,
+                priority_scheduling,
+                ..Default::default()
+            });
+            for (id, priority) in [(1, 0), (2, 5), (3, 5), (4, -1)] {
+                e.submit(EngineRequest {
+                    priority,
+                    ..req(id, None, "p", 2)
+                });
+            }
+            let ev = run_to_completion(&mut e, 0.0, 100);
+            let mut order: Vec<(f64, u64)> =
+                (1..=4).map(|id| (first_token(&ev, id).0, id)).collect();
+            order.sort_by(|a, b| a.0.total_cmp(&b.0));
+            order.into_iter().map(|(_, id)| id).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            run(true),
+            [4, 1, 2, 3],
+            "lower priority value first, FIFO within a level"
+        );
+        assert_eq!(run(false), [1, 2, 3, 4], "fcfs ignores priorities");
     }
 
     #[test]

@@ -58,6 +58,11 @@ pub struct SimArgs {
     /// KV cache size in blocks.
     #[arg(long, alias = "num-gpu-blocks-override", default_value_t = 2048)]
     pub num_gpu_blocks: u32,
+    /// `fcfs` or `priority`: with `priority` the waiting queue is ordered by the request's
+    /// `priority` (lower first) and KV pressure preempts the lowest priority first; with
+    /// `fcfs` a non-zero `priority` is a 400, as in vLLM.
+    #[arg(long, value_enum, default_value_t = SchedulingPolicy::Fcfs)]
+    pub scheduling_policy: SchedulingPolicy,
     /// Prefill token budget per engine step.
     #[arg(long, default_value_t = 8192)]
     pub max_num_batched_tokens: u32,
@@ -100,6 +105,13 @@ pub struct SimArgs {
     pub allow_runtime_lora_updating: bool,
 }
 
+/// vLLM's `--scheduling-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchedulingPolicy {
+    Fcfs,
+    Priority,
+}
+
 fn parse_env_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -131,6 +143,7 @@ impl SimArgs {
             decode_base: self.decode_base_ms * 1e-3 * s,
             decode_per_seq: self.decode_ms_per_seq * 1e-3 * s,
             lora_load: self.lora_load_ms * 1e-3 * s,
+            priority_scheduling: self.scheduling_policy == SchedulingPolicy::Priority,
         }
     }
 }

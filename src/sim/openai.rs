@@ -76,6 +76,8 @@ pub struct GenRequest {
     pub max_tokens: Option<u32>,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's `priority` (lower runs earlier; non-zero needs `--scheduling-policy priority`).
+    pub priority: i64,
 }
 
 fn text_of(v: &Value) -> String {
@@ -143,6 +145,12 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<GenRequest, ApiError> {
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let priority = match obj.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| ApiError::bad_request("priority: Input should be a valid integer"))?,
+    };
     Ok(GenRequest {
         api,
         model,
@@ -150,6 +158,7 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<GenRequest, ApiError> {
         max_tokens,
         stream,
         include_usage,
+        priority,
     })
 }
 

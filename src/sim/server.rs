@@ -499,6 +499,12 @@ async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Response {
             "Simulated failure (vllm-sim --failure-rate).",
         ));
     }
+    if req.priority != 0 && state.args.scheduling_policy != super::SchedulingPolicy::Priority {
+        return error_response(&ApiError::bad_request(format!(
+            "Got priority {} but Priority scheduling is not enabled.",
+            req.priority
+        )));
+    }
     let prompt_tokens = openai::count_tokens(&req.prompt);
     let max_tokens = req.max_tokens.unwrap_or(state.args.default_max_tokens);
     if u64::from(prompt_tokens) + u64::from(max_tokens) > u64::from(state.args.max_model_len) {
@@ -540,6 +546,7 @@ async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Response {
         prompt_blocks,
         max_tokens,
         arrival: 0.0,
+        priority: req.priority,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     state.engine.do_send(Submit {
