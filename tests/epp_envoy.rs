@@ -334,6 +334,22 @@ async fn spoofed_destination_is_never_honoured_and_failure_modes() {
             .spawn()
             .unwrap();
         child.wait().unwrap();
+        // The signal is asynchronous: wait until the EPP has exited (a zombie until reaped), or
+        // a request could still be picked by the dying process on Envoy's open connection.
+        let stat = format!("/proc/{}/stat", epp.proc.child.id());
+        wait_for("EPP exited", Duration::from_secs(10), || {
+            let gone = std::fs::read_to_string(&stat)
+                .map(|t| {
+                    t.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true);
+            async move { gone.then_some(()) }
+        })
+        .await;
         let r =
             f.c.post(f.url("/v1/completions"))
                 .header("x-gateway-destination-endpoint", &secret.addr)

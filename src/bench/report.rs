@@ -322,6 +322,7 @@ fn line_plot(
     x_label: &str,
     y_label: &str,
     series: &[(String, Vec<(f64, f64)>)],
+    markers: bool,
 ) -> Result<(), ReportError> {
     let (mut x_max, mut y_max) = (0.0f64, 0.0f64);
     for (_, pts) in series {
@@ -354,9 +355,11 @@ fn line_plot(
             .map_err(|e| plot_err(path, e))?
             .label(name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(|e| plot_err(path, e))?;
+        if markers {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| plot_err(path, e))?;
+        }
     }
     chart
         .configure_series_labels()
@@ -383,10 +386,13 @@ pub fn plots(
         .filter_map(|p| {
             let t = ttfts.get(p)?;
             let n = t.len().max(1) as f64;
+            // At most ~200 points a curve keeps the SVG small.
+            let step = t.len().div_ceil(200).max(1);
             Some((
                 p.clone(),
                 t.iter()
                     .enumerate()
+                    .filter(|(i, _)| i % step == 0 || i + 1 == t.len())
                     .map(|(i, &x)| (x * 1000.0, (i + 1) as f64 / n))
                     .collect(),
             ))
@@ -399,6 +405,7 @@ pub fn plots(
         "TTFT (ms)",
         "fraction of requests",
         &cdf,
+        false,
     )?;
     written.push(name);
     let by_rate = |f: &dyn Fn(&RunSummary) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
@@ -422,6 +429,7 @@ pub fn plots(
         "offered load (req/s)",
         "output tokens/s",
         &by_rate(&|r| Some(r.output_tokens_per_s)),
+        true,
     )?;
     written.push(name);
     let name = format!("{}-ttft-p90.svg", w.name);
@@ -431,6 +439,7 @@ pub fn plots(
         "offered load (req/s)",
         "p90 TTFT (ms)",
         &by_rate(&|r| r.ttft_p90.map(|x| x * 1000.0)),
+        true,
     )?;
     written.push(name);
     Ok(written)

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, LogNormal, Zipf};
 use serde::{Deserialize, Serialize};
@@ -516,10 +517,18 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
                 .collect();
             // (tenant, conversation) -> history so far.
             let mut convs: HashMap<(usize, usize), Vec<serde_json::Value>> = HashMap::new();
+            // The first arrivals visit every tenant once (in a seeded order), so a warm-up
+            // long enough for `tenants` arrivals leaves no first-seen tenant in the figures.
+            let mut first: Vec<usize> = (0..*tenants).collect();
+            first.shuffle(&mut rng);
             times
                 .into_iter()
-                .map(|at| {
-                    let t = rng.random_range(0..*tenants);
+                .enumerate()
+                .map(|(n, at)| {
+                    let t = first
+                        .get(n)
+                        .copied()
+                        .unwrap_or_else(|| rng.random_range(0..*tenants));
                     let c = rng.random_range(0..*conversations_per_tenant);
                     let hist = convs.entry((t, c)).or_default();
                     if hist.len() as u32 > 2 * (turns - 1) {
@@ -632,6 +641,9 @@ mod tests {
         };
         let distinct: std::collections::HashSet<String> = p.iter().map(|x| sys(&x.body)).collect();
         assert_eq!(distinct.len(), 3);
+        let firsts: std::collections::HashSet<String> =
+            p[..3].iter().map(|x| sys(&x.body)).collect();
+        assert_eq!(firsts.len(), 3, "the first arrivals visit every tenant");
         let longest = p
             .iter()
             .map(|x| {
