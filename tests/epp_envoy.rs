@@ -495,3 +495,46 @@ async fn live_adapter_rollout_never_404s() {
     let later: u64 = sim_total(&f.c, &f.sims[1]).await + sim_total(&f.c, &f.sims[2]).await;
     assert!(later > 0, "the newly loaded servers got traffic");
 }
+
+#[tokio::test]
+async fn forward_priority_writes_vllm_priorities_into_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("picker.yaml");
+    std::fs::write(&cfg, "kind: EndpointPickerConfig\nforwardPriority: true\n").unwrap();
+    let cfg = cfg.to_string_lossy().into_owned();
+    let models = "models:\n- modelName: chat-critical\n  criticality: Critical\n  targetModels: [{name: meta-llama/Llama-3.1-8B-Instruct}]\n- modelName: chat-standard\n  criticality: Standard\n  targetModels: [{name: meta-llama/Llama-3.1-8B-Instruct}]\n";
+    let ask = |f: &Fleet, model: &str| {
+        f.c.post(f.url("/v1/completions"))
+            .json(&json!({"model": model, "prompt": "x", "max_tokens": 1}))
+            .send()
+    };
+    // An FCFS server rejects any non-zero priority: the 400 proves the EPP sent one, and
+    // Standard (priority 0) is left without the field.
+    let fcfs = Fleet::start(FleetOptions {
+        sims: 1,
+        sim_flags: &["--time-scale", "0.1"],
+        models_yaml: models,
+        epp_flags: &["--config-file", &cfg],
+        ..Default::default()
+    })
+    .await;
+    let r = ask(&fcfs, "chat-critical").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("Got priority -1 but Priority scheduling is not enabled."),
+        "{body}"
+    );
+    assert_eq!(ask(&fcfs, "chat-standard").await.unwrap().status(), 200);
+    drop(fcfs);
+    let prio = Fleet::start(FleetOptions {
+        sims: 1,
+        sim_flags: &["--time-scale", "0.1", "--scheduling-policy", "priority"],
+        models_yaml: models,
+        epp_flags: &["--config-file", &cfg],
+        ..Default::default()
+    })
+    .await;
+    let r = ask(&prio, "chat-critical").await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}

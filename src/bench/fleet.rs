@@ -66,6 +66,7 @@ fn spawn(
     args: &[String],
     log: PathBuf,
     fix: &'static str,
+    capture_stdout: bool,
 ) -> Result<Child, FleetError> {
     let err = std::fs::File::create(&log).map_err(|source| FleetError::Write {
         path: log.display().to_string(),
@@ -75,7 +76,11 @@ fn spawn(
         .args(args)
         .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "true")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(if capture_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(err)
         .kill_on_drop(true)
         .spawn()
@@ -211,6 +216,7 @@ pub async fn start_fleet(
         &sim_args(w, servers, &adapters_dir),
         log.clone(),
         "build it: cargo build --release --bin vllm-sim",
+        true,
     )?;
     let addrs = read_markers(
         &mut child,
@@ -297,6 +303,7 @@ pub async fn start_epp(
         &args,
         log.clone(),
         "build it: cargo build --release --bin epp",
+        true,
     )?;
     let line = read_markers(&mut child, "EPP", "EPP_LISTENING", 1, &log).await?;
     let field = |k: &str| -> Option<String> {
@@ -426,6 +433,7 @@ pub async fn start_envoy(bins: &Binaries, config: &str, dir: &Path) -> Result<En
         &args,
         log.clone(),
         "install it: scripts/install-envoy.sh (or pass --envoy PATH)",
+        false,
     )?;
     let port = poll(Duration::from_secs(30), || async {
         let a = std::fs::read_to_string(&admin).ok()?;
