@@ -14,6 +14,9 @@ pub struct SchedulerConfig {
     pub queue_weight: f64,
     pub kv_cache_weight: f64,
     pub prefix_cache_weight: f64,
+    /// Requests in flight per endpoint (running + waiting + dispatched since the scrape),
+    /// min-max normalised like the queue score: sees full batches that waiting alone misses.
+    pub active_request_weight: f64,
     /// Used only when the target is a LoRA adapter.
     pub lora_affinity_weight: f64,
     /// Queue depth at which an endpoint counts as saturated.
@@ -68,6 +71,7 @@ impl Default for SchedulerConfig {
             queue_weight: 2.0,
             kv_cache_weight: 2.0,
             prefix_cache_weight: 3.0,
+            active_request_weight: 0.0,
             lora_affinity_weight: 1.0,
             queue_depth_threshold: 1.0,
             kv_cache_util_threshold: 0.8,
@@ -312,11 +316,17 @@ pub fn pick(
     } else {
         eligible
     };
+    let active =
+        |i: usize| -> f64 { queue(i) + candidates[i].metrics.map(|m| m.running).unwrap_or(0.0) };
     let (mut qmin, mut qmax) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut amin, mut amax) = (f64::INFINITY, f64::NEG_INFINITY);
     for &i in &eligible {
         let q = queue(i);
         qmin = qmin.min(q);
         qmax = qmax.max(q);
+        let a = active(i);
+        amin = amin.min(a);
+        amax = amax.max(a);
     }
     let mut scored: Vec<(f64, u64, usize)> = eligible
         .iter()
@@ -334,7 +344,13 @@ pub fn pick(
             } else {
                 0.0
             };
-            let mut score = cfg.queue_weight * queue_score
+            let active_score = if amax > amin {
+                (amax - active(i)) / (amax - amin)
+            } else {
+                1.0
+            };
+            let mut score = cfg.active_request_weight * active_score
+                + cfg.queue_weight * queue_score
                 + cfg.kv_cache_weight * kv_score
                 + cfg.prefix_cache_weight * prefix_score;
             if input.is_adapter {
@@ -546,6 +562,25 @@ mod tests {
         };
         let cands = [cand(1, &full), cand(2, &free_slot), cand(3, &runs_it)];
         assert_ne!(pick(&off, &cands, &inp).unwrap(), [2]);
+    }
+
+    #[test]
+    fn active_request_scorer_sees_full_batches() {
+        let (mut full, mut half) = (m(0.0, 0.05), m(0.0, 0.06));
+        full.running = 8.0;
+        half.running = 4.0;
+        let p = HashMap::new();
+        let cands = [cand(1, &full), cand(2, &half)];
+        // Queue and KV alone prefer the full batch (lower KV, equal queues).
+        assert_eq!(
+            pick(&SchedulerConfig::default(), &cands, &input(&p)).unwrap(),
+            [0]
+        );
+        let cfg = SchedulerConfig {
+            active_request_weight: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(pick(&cfg, &cands, &input(&p)).unwrap(), [1]);
     }
 
     #[test]

@@ -660,6 +660,26 @@ mod tests {
     }
 
     #[test]
+    fn shipped_workload_files_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/workloads");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "yaml") {
+                let w = Workload::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!plan(&w, w.rates[0]).is_empty(), "{}", path.display());
+                assert!(
+                    w.rates.contains(&w.headline()),
+                    "{}: headline_rate is one of rates",
+                    path.display()
+                );
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "found {n} workload files");
+    }
+
+    #[test]
     fn bad_files_name_the_field() {
         let e = Workload::parse(&LORA.replace("rates: [10]", "rates: []")).unwrap_err();
         assert!(e.to_string().starts_with("rates:"), "{e}");

@@ -255,6 +255,7 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
         cfg.kv_cache_weight = 0.0;
         cfg.prefix_cache_weight = 0.0;
         cfg.lora_affinity_weight = 0.0;
+        cfg.active_request_weight = 0.0;
         for (i, p) in profile.plugins.iter().enumerate() {
             let kind = types
                 .get(&p.plugin_ref)
@@ -266,6 +267,7 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
                 "kv-cache-utilization-scorer" | "kv-cache-scorer" => cfg.kv_cache_weight = w,
                 "prefix-cache-scorer" => cfg.prefix_cache_weight = w,
                 "lora-affinity-scorer" => cfg.lora_affinity_weight = w,
+                "active-request-scorer" => cfg.active_request_weight = w,
                 "random-picker" => cfg.picker = inferlane_epp::scheduler::PickerKind::Random,
                 "max-score-picker" => cfg.picker = inferlane_epp::scheduler::PickerKind::MaxScore,
                 "single-profile-handler" => {}
@@ -273,7 +275,7 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
                     return Err(EppConfigError::Invalid {
                         field: format!("schedulingProfiles[0].plugins[{i}].pluginRef"),
                         message: format!("unknown plugin {other:?}"),
-                        fix: "use queue-scorer, kv-cache-utilization-scorer, prefix-cache-scorer, lora-affinity-scorer, max-score-picker or random-picker".into(),
+                        fix: "use queue-scorer, kv-cache-utilization-scorer, prefix-cache-scorer, lora-affinity-scorer, active-request-scorer, max-score-picker or random-picker".into(),
                     });
                 }
             }
