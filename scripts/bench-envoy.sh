@@ -4,7 +4,7 @@
 # table with req/s, latency percentiles and EPP CPU per request. Needs wrk (apt-get install wrk).
 # Usage: scripts/bench-envoy.sh [seconds=10] [connections=16] [body_bytes=110]
 # Env: UPSTREAMS (default 4) simulated servers; VARY=1 makes every prompt distinct (fills the
-# prefix index). EPP CPU per request subtracts the EPP's idle (scraping) CPU measured first.
+# prefix index); EPP_ARGS adds EPP flags (e.g. "--worker-threads 1"). EPP CPU per request subtracts the EPP's idle (scraping) CPU measured first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}; CONN=${2:-16}; BODY_BYTES=${3:-110}; UPSTREAMS=${UPSTREAMS:-4}
@@ -25,7 +25,7 @@ mapfile -t SIMS < <(sed -n 's/^VLLM_SIM_LISTENING //p' "$W/sim.out")
 { echo "pool: {name: bench}"; echo "endpoints:"; for s in "${SIMS[@]}"; do echo "- address: $s"; done; } >"$W/pool.yaml"
 
 "$B/epp" --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
-  --pool-file "$W/pool.yaml" --log-filter warn >"$W/epp.out" 2>"$W/epp.log" &
+  --pool-file "$W/pool.yaml" --log-filter warn ${EPP_ARGS:-} >"$W/epp.out" 2>"$W/epp.log" &
 EPP_PID=$!; pids+=($EPP_PID)
 for _ in $(seq 100); do grep -q EPP_LISTENING "$W/epp.out" && break; sleep 0.1; done
 EPP_PORT=$(sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p' "$W/epp.out")
