@@ -119,20 +119,17 @@ async fn send_one(
         }
         Ok::<(), String>(())
     };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            o.status = 0;
-            o.ttft = None;
-            o.e2e = None;
-            o.error = e;
-        }
-        Err(_) => {
-            o.status = 0;
-            o.ttft = None;
-            o.e2e = None;
-            o.error = format!("timed out after {} s", timeout.as_secs());
-        }
+    let failed = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(format!("timed out after {} s", timeout.as_secs())),
+    };
+    if let Some(e) = failed {
+        // A broken or late answer counts as a transport failure, whatever arrived first.
+        o.status = 0;
+        o.ttft = None;
+        o.e2e = None;
+        o.error = e;
     }
     o
 }

@@ -41,6 +41,18 @@ pub struct Binaries {
     pub envoy: PathBuf,
 }
 
+/// Writes `text` to `dir/name` (creating `dir`) and returns the path.
+fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf, FleetError> {
+    let p = dir.join(name);
+    std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&p, text))
+        .map_err(|source| FleetError::Write {
+            path: p.display().to_string(),
+            source,
+        })?;
+    Ok(p)
+}
+
 /// A child process killed when dropped.
 #[derive(Debug)]
 pub struct Proc {
@@ -200,13 +212,7 @@ pub async fn start_fleet(
             ("adapter_model.safetensors", ""),
         ];
         for (f, text) in files {
-            let p = d.join(f);
-            std::fs::create_dir_all(&d)
-                .and_then(|_| std::fs::write(&p, text))
-                .map_err(|source| FleetError::Write {
-                    path: p.display().to_string(),
-                    source,
-                })?;
+            write_file(&d, f, text)?;
         }
     }
     let log = dir.join("vllm-sim.log");
@@ -263,15 +269,7 @@ pub async fn start_epp(
     addrs: &[String],
     dir: &Path,
 ) -> Result<Epp, FleetError> {
-    let write = |name: &str, text: &str| -> Result<PathBuf, FleetError> {
-        let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|source| FleetError::Write {
-            path: p.display().to_string(),
-            source,
-        })?;
-        Ok(p)
-    };
-    let pool = write("pool.yaml", &pool_file(w, addrs))?;
+    let pool = write_file(dir, "pool.yaml", &pool_file(w, addrs))?;
     let mut args: Vec<String> = [
         "--bind-address",
         "127.0.0.1",
@@ -292,7 +290,7 @@ pub async fn start_epp(
     args.push("--pool-file".into());
     args.push(pool.display().to_string());
     if let Some(cfg) = policy.picker_config(w.priority_scheduling, &w.epp_config_extra) {
-        let p = write("picker.yaml", &cfg)?;
+        let p = write_file(dir, "picker.yaml", &cfg)?;
         args.push("--config-file".into());
         args.push(p.display().to_string());
     }
@@ -409,11 +407,7 @@ pub struct Envoy {
 }
 
 pub async fn start_envoy(bins: &Binaries, config: &str, dir: &Path) -> Result<Envoy, FleetError> {
-    let cfg = dir.join("envoy.yaml");
-    std::fs::write(&cfg, config).map_err(|source| FleetError::Write {
-        path: cfg.display().to_string(),
-        source,
-    })?;
+    let cfg = write_file(dir, "envoy.yaml", config)?;
     let admin = dir.join("envoy.admin");
     let log = dir.join("envoy.log");
     let args: Vec<String> = vec![
