@@ -147,116 +147,251 @@ fn split_list(v: &str) -> Vec<String> {
         .collect()
 }
 
-/// Parses a scrape. Reads only the families routing needs; everything else is skipped after
-/// looking at its first bytes.
-pub fn parse(engine: EngineType, text: &str) -> Result<EndpointMetrics, MetricsError> {
-    let names = match engine {
-        EngineType::Vllm => &VLLM,
-        EngineType::Sglang => &SGLANG,
-        EngineType::TrtLlm => &TRTLLM,
-    };
-    let prefix = match engine {
-        EngineType::Vllm => "vllm:",
-        EngineType::Sglang => "sglang:",
-        EngineType::TrtLlm => "trtllm_",
-    };
-    let mut m = EndpointMetrics::default();
-    let (mut seen_waiting, mut seen_kv) = (false, false);
-    let mut kv_rank = usize::MAX;
-    let mut newest_lora = f64::NEG_INFINITY;
-    // First byte after the prefix of every wanted family: most lines of a real page are
-    // histogram buckets of other families and are rejected on that byte alone.
-    let mut wanted = [false; 256];
-    for n in names
-        .waiting
-        .iter()
-        .chain(names.running)
-        .chain(names.kv)
-        .chain([
-            &names.waiting_by_reason,
-            &names.lora_info,
-            &names.cache_info,
-        ])
-    {
-        if let Some(&b) = n.as_bytes().get(prefix.len()) {
-            wanted[usize::from(b)] = true;
+/// The names one engine's page is read for.
+struct Spec {
+    names: &'static Names,
+    prefix: &'static [u8],
+    /// Every family name read, non-empty.
+    wanted: Vec<&'static [u8]>,
+    /// First byte after the prefix of every wanted family: most lines of a real page are
+    /// histogram buckets of other families and are rejected on that byte alone.
+    wanted_first: [bool; 256],
+}
+
+static SPECS: std::sync::LazyLock<[Spec; 3]> = std::sync::LazyLock::new(|| {
+    [
+        Spec::new(&VLLM, "vllm:"),
+        Spec::new(&SGLANG, "sglang:"),
+        Spec::new(&TRTLLM, "trtllm_"),
+    ]
+});
+
+impl Spec {
+    fn of(engine: EngineType) -> &'static Spec {
+        &SPECS[match engine {
+            EngineType::Vllm => 0,
+            EngineType::Sglang => 1,
+            EngineType::TrtLlm => 2,
+        }]
+    }
+
+    fn new(names: &'static Names, prefix: &'static str) -> Self {
+        let wanted: Vec<&'static [u8]> = names
+            .waiting
+            .iter()
+            .chain(names.running)
+            .chain(names.kv)
+            .copied()
+            .chain([names.waiting_by_reason, names.lora_info, names.cache_info])
+            .filter(|n| !n.is_empty())
+            .map(str::as_bytes)
+            .collect();
+        let mut wanted_first = [false; 256];
+        for n in &wanted {
+            if let Some(&b) = n.get(prefix.len()) {
+                wanted_first[usize::from(b)] = true;
+            }
+        }
+        Self {
+            names,
+            prefix: prefix.as_bytes(),
+            wanted,
+            wanted_first,
         }
     }
-    for (i, line) in text.lines().enumerate() {
-        if !line.starts_with(prefix) {
-            continue;
+
+    /// Whether samples of `family` can carry a wanted name: every sample name of a family
+    /// starts with the family name (`x`, `x_bucket`, `x_total`, ...), so a family whose name
+    /// no wanted name starts with holds nothing we read.
+    fn may_hold_wanted(&self, family: &[u8]) -> bool {
+        if let Some(&b) = family.get(self.prefix.len())
+            && !self.wanted_first[usize::from(b)]
+        {
+            return false;
         }
-        match line.as_bytes().get(prefix.len()) {
-            Some(&b) if wanted[usize::from(b)] => {}
-            _ => continue,
+        self.wanted.iter().any(|n| n.starts_with(family))
+    }
+}
+
+/// What the samples read so far add up to.
+struct Acc {
+    spec: &'static Spec,
+    m: EndpointMetrics,
+    seen_waiting: bool,
+    seen_kv: bool,
+    kv_rank: usize,
+    newest_lora: f64,
+}
+
+/// The family a `# HELP name ...` or `# TYPE name type` line introduces.
+fn comment_family(line: &[u8]) -> Option<&[u8]> {
+    // Fixed-size compares: no call into memcmp for every comment line.
+    let head: [u8; 7] = line.get(..7)?.try_into().ok()?;
+    if head != *b"# HELP " && head != *b"# TYPE " {
+        return None;
+    }
+    let rest = &line[7..];
+    let end = memchr::memchr(b' ', rest).unwrap_or(rest.len());
+    Some(&rest[..end]).filter(|n| !n.is_empty())
+}
+
+/// Start of the first line at or after `from` that begins with `#` (or `text.len()`).
+fn next_comment_line(text: &[u8], from: usize) -> usize {
+    let mut at = from;
+    // A `#` inside a label value is not a comment: only one that starts a line counts.
+    while let Some(i) = memchr::memchr(b'#', &text[at..]) {
+        let hash = at + i;
+        if hash == 0 || text[hash - 1] == b'\n' {
+            return hash;
         }
-        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        at = hash + 1;
+    }
+    text.len()
+}
+
+impl Acc {
+    /// Reads one sample line (at byte `at` of `text`, for error messages).
+    fn sample(&mut self, line: &[u8], at: usize, text: &[u8]) -> Result<(), MetricsError> {
+        let spec = self.spec;
+        let names = spec.names;
+        let plen = spec.prefix.len();
+        match line.get(plen) {
+            Some(&b) if spec.wanted_first[usize::from(b)] && line.starts_with(spec.prefix) => {}
+            _ => return Ok(()),
+        }
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let name_end = line
+            .iter()
+            .position(|&b| b == b'{' || b == b' ')
+            .unwrap_or(line.len());
         let name = &line[..name_end];
-        let (label_set, rest) = if line.as_bytes().get(name_end) == Some(&b'{') {
-            match line[name_end + 1..].rfind('}') {
+        let (label_set, rest) = if line.get(name_end) == Some(&b'{') {
+            match memchr::memrchr(b'}', &line[name_end + 1..]) {
                 Some(close) => (
                     &line[name_end + 1..name_end + 1 + close],
                     &line[name_end + 2 + close..],
                 ),
-                None => continue,
+                None => return Ok(()),
             }
         } else {
-            ("", &line[name_end..])
+            (&b""[..], &line[name_end..])
+        };
+        let bad = || MetricsError::BadValue {
+            line: memchr::memchr_iter(b'\n', &text[..at]).count() + 1,
+            text: String::from_utf8_lossy(line).chars().take(200).collect(),
         };
         let value = || -> Result<f64, MetricsError> {
-            let v = rest.split_whitespace().next().unwrap_or("");
+            let v = std::str::from_utf8(rest)
+                .ok()
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("");
             match v {
                 "+Inf" => Ok(f64::INFINITY),
                 "-Inf" => Ok(f64::NEG_INFINITY),
-                _ => v.parse().map_err(|_| MetricsError::BadValue {
-                    line: i + 1,
-                    text: line.chars().take(200).collect(),
-                }),
+                _ => v.parse().map_err(|_| bad()),
             }
         };
-        if names.waiting.contains(&name) {
-            m.waiting += value()?;
-            seen_waiting = true;
-        } else if names.running.contains(&name) {
-            m.running += value()?;
-        } else if let Some(rank) = names.kv.iter().position(|n| *n == name) {
+        let label_text = || std::str::from_utf8(label_set).map_err(|_| bad());
+        let is = |n: &str| n.as_bytes() == name;
+        if names.waiting.iter().any(|n| is(n)) {
+            self.m.waiting += value()?;
+            self.seen_waiting = true;
+        } else if names.running.iter().any(|n| is(n)) {
+            self.m.running += value()?;
+        } else if let Some(rank) = names.kv.iter().position(|n| is(n)) {
             // Prefer the newer family name when a server exports both; max across engines.
             let v = value()?;
-            if rank < kv_rank {
-                kv_rank = rank;
-                m.kv_usage = v;
-            } else if rank == kv_rank {
-                m.kv_usage = m.kv_usage.max(v);
+            if rank < self.kv_rank {
+                self.kv_rank = rank;
+                self.m.kv_usage = v;
+            } else if rank == self.kv_rank {
+                self.m.kv_usage = self.m.kv_usage.max(v);
             }
-            seen_kv = true;
-        } else if name == names.waiting_by_reason {
-            if label(label_set, "reason").as_deref() == Some("deferred") {
-                m.deferred += value()?;
+            self.seen_kv = true;
+        } else if is(names.waiting_by_reason) {
+            if label(label_text()?, "reason").as_deref() == Some("deferred") {
+                self.m.deferred += value()?;
             }
-        } else if name == names.lora_info {
+        } else if is(names.lora_info) {
             let v = value()?;
-            if v > newest_lora {
-                newest_lora = v;
-                m.max_lora = label(label_set, "max_lora").and_then(|s| s.parse().ok());
-                m.running_adapters = label(label_set, "running_lora_adapters")
+            if v > self.newest_lora {
+                let set = label_text()?;
+                self.newest_lora = v;
+                self.m.max_lora = label(set, "max_lora").and_then(|s| s.parse().ok());
+                self.m.running_adapters = label(set, "running_lora_adapters")
                     .map(|s| split_list(&s))
                     .unwrap_or_default();
-                m.waiting_adapters = label(label_set, "waiting_lora_adapters")
+                self.m.waiting_adapters = label(set, "waiting_lora_adapters")
                     .map(|s| split_list(&s))
                     .unwrap_or_default();
             }
-        } else if name == names.cache_info {
-            m.block_size = label(label_set, names.block_label).and_then(|s| s.parse().ok());
-            m.num_gpu_blocks = label(label_set, names.blocks_label).and_then(|s| s.parse().ok());
+        } else if is(names.cache_info) {
+            let set = label_text()?;
+            self.m.block_size = label(set, names.block_label).and_then(|s| s.parse().ok());
+            self.m.num_gpu_blocks = label(set, names.blocks_label).and_then(|s| s.parse().ok());
         }
+        Ok(())
     }
-    if !seen_waiting {
+}
+
+/// Parses a scrape. Reads only the families routing needs; everything else is skipped after
+/// looking at its first bytes.
+pub fn parse(engine: EngineType, text: &str) -> Result<EndpointMetrics, MetricsError> {
+    parse_bytes(engine, text.as_bytes())
+}
+
+/// [`parse`] on the raw body: only the few values read are checked for UTF-8.
+///
+/// A family introduced by `# HELP`/`# TYPE` that cannot hold a wanted name is jumped over in
+/// one vectorised search for the next comment line, instead of line by line (a real vLLM page
+/// is mostly histogram buckets). The jump is taken only when the block's first and last
+/// lines belong to that family: as the text format requires each family's lines to form one
+/// group, the lines between them do too, and samples of an unannotated family that follow
+/// (or precede) it are never skipped.
+pub fn parse_bytes(engine: EngineType, text: &[u8]) -> Result<EndpointMetrics, MetricsError> {
+    let spec = Spec::of(engine);
+    let mut acc = Acc {
+        spec,
+        m: EndpointMetrics::default(),
+        seen_waiting: false,
+        seen_kv: false,
+        kv_rank: usize::MAX,
+        newest_lora: f64::NEG_INFINITY,
+    };
+    let mut pos = 0;
+    while pos < text.len() {
+        let end = memchr::memchr(b'\n', &text[pos..]).map_or(text.len(), |i| pos + i);
+        let line = &text[pos..end];
+        if line.first() == Some(&b'#') {
+            if let Some(family) = comment_family(line)
+                && !spec.may_hold_wanted(family)
+            {
+                let block_end = next_comment_line(text, end);
+                let mut block = &text[end..block_end];
+                while let Some(b) = block.strip_suffix(b"\n") {
+                    block = b;
+                }
+                let block = block.strip_prefix(b"\n").unwrap_or(block);
+                let first = memchr::memchr(b'\n', block).map_or(block, |i| &block[..i]);
+                let last = memchr::memrchr(b'\n', block).map_or(block, |i| &block[i + 1..]);
+                if block.is_empty() || (first.starts_with(family) && last.starts_with(family)) {
+                    pos = block_end;
+                    continue;
+                }
+            }
+        } else {
+            acc.sample(line, pos, text)?;
+        }
+        pos = end + 1;
+    }
+    let names = spec.names;
+    if !acc.seen_waiting {
         return Err(MetricsError::Missing(names.waiting[0]));
     }
-    if !seen_kv {
+    if !acc.seen_kv {
         return Err(MetricsError::Missing(names.kv[0]));
     }
-    Ok(m)
+    Ok(acc.m)
 }
 
 #[cfg(test)]
@@ -306,6 +441,133 @@ mod tests {
         assert_eq!((m.waiting, m.running, m.kv_usage), (1.0, 3.0, 0.9));
         assert_eq!(EngineType::from_label("SGLang"), EngineType::Sglang);
         assert_eq!(EngineType::from_label("whatever"), EngineType::Vllm);
+    }
+
+    /// The page without its comment lines: nothing can be jumped over, every line is read.
+    fn uncommented(page: &str) -> String {
+        page.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    /// Errors compared without their line numbers (removing comments moves lines).
+    fn comparable(r: Result<EndpointMetrics, MetricsError>) -> Result<EndpointMetrics, String> {
+        r.map_err(|e| match e {
+            MetricsError::BadValue { text, .. } => format!("bad value {text}"),
+            e => e.to_string(),
+        })
+    }
+
+    #[test]
+    fn skipping_families_reads_the_same_as_reading_every_line() {
+        assert_eq!(
+            parse(EngineType::Vllm, SAMPLE),
+            parse(EngineType::Vllm, &uncommented(SAMPLE))
+        );
+    }
+
+    #[test]
+    fn unannotated_samples_after_a_skipped_family_are_read() {
+        let page = "# TYPE vllm:iteration_tokens histogram\nvllm:iteration_tokens_bucket{le=\"1\"} 0\nvllm:num_requests_waiting 7\nvllm:kv_cache_usage_perc 0.5\n# TYPE vllm:other gauge\nvllm:other 1\n";
+        let m = parse(EngineType::Vllm, page).unwrap();
+        assert_eq!((m.waiting, m.kv_usage), (7.0, 0.5));
+        // Bytes that are not UTF-8 in a family nobody reads do not fail the scrape.
+        let mut raw = b"# TYPE vllm:x gauge\nvllm:x{a=\"\xff\"} 1\n".to_vec();
+        raw.extend_from_slice(b"vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc 0\n");
+        assert_eq!(parse_bytes(EngineType::Vllm, &raw).unwrap().waiting, 1.0);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Family names: the wanted ones, names that share their prefixes, and others. A page
+        /// holds each at most once, in one group, as the text format requires.
+        const FAMILIES: &[&str] = &[
+            "vllm:num_requests_waiting",
+            "vllm:num_requests_waiting_by_reason",
+            "vllm:num_requests_running",
+            "vllm:num_requests",
+            "vllm:num_preemptions",
+            "vllm:kv_cache_usage_perc",
+            "vllm:gpu_cache_usage_perc",
+            "vllm:lora_requests_info",
+            "vllm:cache_config_info",
+            "vllm:time_to_first_token_seconds",
+            "vllm:e2e_request_latency_seconds",
+            "process_cpu_seconds",
+        ];
+        const SUFFIXES: &[&str] = &["", "_bucket", "_sum", "_count", "_total", "_created"];
+
+        fn sample_line() -> impl Strategy<Value = String> {
+            (
+                0..SUFFIXES.len(),
+                prop::option::of((
+                    prop::sample::select(vec![
+                        "reason",
+                        "max_lora",
+                        "running_lora_adapters",
+                        "le",
+                        "block_size",
+                    ]),
+                    "[a-z0-9,]{0,6}",
+                )),
+                prop_oneof![
+                    (0u32..1000).prop_map(|v| v.to_string()),
+                    Just("+Inf".to_string()),
+                    Just("0.25".to_string()),
+                    Just("x".to_string()),
+                ],
+            )
+                .prop_map(|(suffix, label, value)| {
+                    let labels = label.map_or(String::new(), |(k, v)| format!("{{{k}=\"{v}\"}}"));
+                    format!("{}{labels} {value}", SUFFIXES[suffix])
+                })
+        }
+
+        fn family(name: &'static str) -> impl Strategy<Value = String> {
+            (
+                any::<bool>(),
+                any::<bool>(),
+                prop::collection::vec(sample_line(), 0..5),
+            )
+                .prop_map(move |(help, typ, samples)| {
+                    let mut out = String::new();
+                    if help {
+                        out.push_str(&format!("# HELP {name} Some help.\n"));
+                    }
+                    if typ {
+                        out.push_str(&format!("# TYPE {name} gauge\n"));
+                    }
+                    for s in samples {
+                        out.push_str(&format!("{name}{s}\n"));
+                    }
+                    out
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            /// Jumping over families is only an optimisation: the result equals reading every
+            /// line, for any mix of annotated and unannotated families.
+            #[test]
+            fn skipping_never_changes_the_result(
+                families in prop::sample::subsequence(FAMILIES.to_vec(), 0..=FAMILIES.len())
+                    .prop_shuffle()
+                    .prop_flat_map(|names| names.into_iter().map(family).collect::<Vec<_>>()),
+                stray_comment in any::<bool>(),
+            ) {
+                let mut page: String = families.concat();
+                if stray_comment {
+                    page.push_str("# a comment\n");
+                }
+                prop_assert_eq!(
+                    comparable(parse(EngineType::Vllm, &page)),
+                    comparable(parse(EngineType::Vllm, &uncommented(&page)))
+                );
+            }
+        }
     }
 
     #[test]

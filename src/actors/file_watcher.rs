@@ -91,8 +91,10 @@ impl<C: WatchedConfig> FileWatcher<C> {
         }
         let addr = ctx.address();
         let dir = self.watch_dir();
+        let name = self.opts.path.file_name().map(|n| n.to_os_string());
         let res = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
-            Ok(_) => addr.do_send(FileEvent),
+            Ok(ev) if is_relevant(&ev, name.as_deref()) => addr.do_send(FileEvent),
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "config watch error; the periodic re-read covers it")
             }
@@ -155,6 +157,25 @@ impl<C: WatchedConfig> FileWatcher<C> {
     }
 }
 
+/// Whether a directory event can change the watched file. Reads (our own included: inotify
+/// reports every open) and other files in the directory cannot; writes, creates, renames and
+/// removals of the file, and kubelet's `..data` / `..<timestamp>` swaps can. An event without
+/// paths (a rescan) counts.
+fn is_relevant(ev: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match ev.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+        EventKind::Access(_) => return false,
+        _ => {}
+    }
+    ev.paths.is_empty()
+        || ev.paths.iter().any(|p| match p.file_name() {
+            Some(f) => Some(f) == name || f.as_encoded_bytes().starts_with(b".."),
+            None => true,
+        })
+}
+
 impl<C: WatchedConfig> Actor for FileWatcher<C> {
     type Context = Context<Self>;
 
@@ -180,5 +201,73 @@ impl<C: WatchedConfig> Handler<FileEvent> for FileWatcher<C> {
             act.read_scheduled = false;
             act.read();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    use std::ffi::OsStr;
+
+    fn ev(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn only_changes_to_the_file_or_kubelet_swaps_are_relevant() {
+        let name = Some(OsStr::new("pool.yaml"));
+        let open = EventKind::Access(AccessKind::Open(AccessMode::Any));
+        let closed_write = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let modify = EventKind::Modify(ModifyKind::Any);
+        assert!(!is_relevant(&ev(open, "/cfg/pool.yaml"), name));
+        assert!(!is_relevant(&ev(modify, "/cfg/epp.log"), name));
+        assert!(is_relevant(&ev(modify, "/cfg/pool.yaml"), name));
+        assert!(is_relevant(&ev(closed_write, "/cfg/pool.yaml"), name));
+        assert!(is_relevant(
+            &ev(EventKind::Create(CreateKind::Any), "/cfg/..data"),
+            name
+        ));
+        assert!(is_relevant(
+            &ev(modify, "/cfg/..2026_11_22_08_00_00.1"),
+            name
+        ));
+        assert!(is_relevant(&notify::Event::new(EventKind::Any), name));
+    }
+
+    /// With the real backend: reading the file (as the watcher does after every event) and
+    /// writing a neighbour produce no relevant event; the first relevant one is the write.
+    #[test]
+    fn own_reads_do_not_trigger_a_re_read() {
+        let dir = std::env::temp_dir().join(format!("fw-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pool.yaml");
+        std::fs::write(&file, "a").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut w = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+            let _ = tx.send(e);
+        })
+        .unwrap();
+        w.watch(&dir, RecursiveMode::NonRecursive).unwrap();
+        std::fs::read(&file).unwrap();
+        std::fs::write(dir.join("epp.log"), "log line").unwrap();
+        std::fs::write(&file, "b").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let first_relevant = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let e = rx
+                .recv_timeout(left)
+                .expect("an event for the write")
+                .unwrap();
+            if is_relevant(&e, Some(OsStr::new("pool.yaml"))) {
+                break e;
+            }
+        };
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            !matches!(first_relevant.kind, EventKind::Access(AccessKind::Open(_))),
+            "{first_relevant:?}"
+        );
+        assert_eq!(first_relevant.paths, [file]);
     }
 }

@@ -1,11 +1,13 @@
 //! One actor per endpoint: owns the endpoint's scrape loop (`/metrics` often, `/v1/models` less often).
 //!
-//! The loop itself runs as one long-lived task on the tokio worker pool, next to its kept-alive
-//! connection, and writes results straight into the endpoint's handle: a scrape costs no
-//! actor message and no cross-thread hop. The actor owns the task's lifetime.
+//! The loop itself runs as one long-lived task on a scrape thread (a single-threaded tokio
+//! runtime of its own), next to its kept-alive connection, and writes results straight into
+//! the endpoint's handle: a scrape costs no actor message and no cross-thread hop, and the
+//! 2,000 wake-ups a second of 100 endpoints at 50 ms never park or unpark the request path's
+//! worker pool. The actor owns the task's lifetime.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -21,6 +23,50 @@ pub struct ScrapeOptions {
     pub metrics_interval: Duration,
     pub models_interval: Duration,
     pub timeout: Duration,
+    /// Where the scrape loops run.
+    pub threads: Arc<ScrapeThreads>,
+}
+
+/// Dedicated OS threads, each running a single-threaded tokio runtime, that host the scrape
+/// loops. Dropping the last reference stops them (their loops are dropped with them).
+#[derive(Debug)]
+pub struct ScrapeThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ScrapeThreads {
+    /// Starts `n` (at least one) scrape threads.
+    pub fn start(n: usize) -> std::io::Result<Self> {
+        let mut handles = Vec::new();
+        let mut stops = Vec::new();
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            stops.push(stop);
+            std::thread::Builder::new()
+                .name(format!("scrape-{i}"))
+                .spawn(move || {
+                    // Either a send or the sender's drop ends the thread.
+                    let _ = rt.block_on(stopped);
+                })?;
+        }
+        Ok(Self {
+            handles,
+            next: AtomicUsize::new(0),
+            _stop: stops,
+        })
+    }
+
+    /// The runtime for the next scrape loop (round-robin over the threads).
+    fn next(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
+    }
 }
 
 /// Command: stop scraping (the endpoint left the pool).
@@ -77,9 +123,9 @@ impl ScrapeLoop {
     async fn scrape_metrics(&mut self) {
         let engine = self.handle.engine;
         let res = match self.metrics.get("/metrics", self.opts.timeout).await {
-            Ok(body) => std::str::from_utf8(&body)
-                .map_err(|e| e.to_string())
-                .and_then(|t| inferlane_epp::metrics::parse(engine, t).map_err(|e| e.to_string())),
+            Ok(body) => {
+                inferlane_epp::metrics::parse_bytes(engine, body).map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         };
         let h = &self.handle;
@@ -106,7 +152,7 @@ impl ScrapeLoop {
 
     async fn scrape_models(&mut self) {
         let res = match self.models.get("/v1/models", self.opts.timeout).await {
-            Ok(body) => parse_models(&body).map_err(|e| e.to_string()),
+            Ok(body) => parse_models(body).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match res {
@@ -133,7 +179,7 @@ impl Actor for Scraper {
             last_models: None,
             failures: 0,
         };
-        self.task = Some(tokio::spawn(lp.run()));
+        self.task = Some(self.opts.threads.next().spawn(lp.run()));
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
