@@ -538,3 +538,81 @@ async fn forward_priority_writes_vllm_priorities_into_the_body() {
     let r = ask(&prio, "chat-critical").await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
+
+/// `/sim/stats` counts of whole and `name[]`-filtered metrics pages a sim served.
+async fn metrics_pages(c: &reqwest::Client, sim: &Proc) -> (u64, u64) {
+    let v: Value = c
+        .get(format!("http://{}/sim/stats", sim.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        v["metrics_whole"].as_u64().unwrap(),
+        v["metrics_filtered"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn metrics_name_filter_used_where_honoured_whole_page_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let one = ["--max-num-seqs", "1"];
+    // Index 0 honours `name[]`; index 1 runs like vLLM with several API servers, where the
+    // filter matches nothing.
+    let sims = [
+        spawn_sim(&one, dir.path()),
+        spawn_sim(
+            &[&one[..], &["--api-server-count", "2"]].concat(),
+            dir.path(),
+        ),
+    ];
+    let pool_file = dir.path().join("pool.yaml");
+    std::fs::write(&pool_file, pool_yaml(&sims, "")).unwrap();
+    let epp = spawn_epp(&pool_file, &[], dir.path());
+    // Queue 2 requests behind one running on sim 0, 4 on sim 1: the pool's average queue
+    // is 3 only if both ways of reading a server give its real queue.
+    let mut running = Vec::new();
+    for (sim, n) in [(&sims[0], 3), (&sims[1], 5)] {
+        for i in 0..n {
+            let (c, url) = (c.clone(), format!("http://{}/v1/completions", sim.addr));
+            running.push(tokio::spawn(async move {
+                let body = json!({"model": BASE, "prompt": format!("p{i}"), "max_tokens": 5000});
+                let _ = c.post(url).json(&body).send().await;
+            }));
+        }
+    }
+    wait_for("the EPP to read both queues", T, || async {
+        let page = c
+            .get(format!("http://{}/metrics", epp.metrics))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (metric(
+            &page,
+            "inference_pool_average_queue_size{name=\"test-pool\"}",
+        )? == 3.0)
+            .then_some(())
+    })
+    .await;
+    let (whole0, filtered0) = metrics_pages(&c, &sims[0]).await;
+    let (whole1, filtered1) = metrics_pages(&c, &sims[1]).await;
+    // One whole page to learn the families, then filtered scrapes (the next whole-page check
+    // is a minute away).
+    assert_eq!(whole0, 1, "sim 0: {whole0} whole, {filtered0} filtered");
+    assert!(
+        filtered0 >= 1,
+        "sim 0: {whole0} whole, {filtered0} filtered"
+    );
+    // One filtered try, found empty, then whole pages for ten minutes.
+    assert_eq!(filtered1, 1, "sim 1: {whole1} whole, {filtered1} filtered");
+    assert!(whole1 >= 2, "sim 1: {whole1} whole, {filtered1} filtered");
+    for r in running {
+        r.abort();
+    }
+}

@@ -536,3 +536,39 @@ async fn priority_needs_priority_scheduling_as_in_vllm() {
     let (status, _, text) = post(&c, &prio.addr, "/v1/completions", body).await;
     assert_eq!(status, 200, "{text}");
 }
+
+#[tokio::test]
+async fn metrics_name_filter_as_prometheus_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(&["--time-scale", "0"], tmp.path());
+    let c = client();
+    let (status, page) = get_text(
+        &c,
+        &sim.addr,
+        "/metrics?name%5B%5D=vllm%3Anum_requests_waiting&name[]=vllm:kv_cache_usage_perc",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = page
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split('{').next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"],
+        "{page}"
+    );
+    assert_eq!(page.lines().filter(|l| l.starts_with("# TYPE")).count(), 2);
+    // Multiprocess mode (more than one API server): the filter matches nothing, the whole
+    // page is still served without it.
+    let multi = spawn_sim(
+        &["--time-scale", "0", "--api-server-count", "2"],
+        tmp.path(),
+    );
+    let (status, page) =
+        get_text(&c, &multi.addr, "/metrics?name[]=vllm:num_requests_waiting").await;
+    assert_eq!((status, page.as_str()), (200, ""));
+    let (_, whole) = get_text(&c, &multi.addr, "/metrics").await;
+    assert!(whole.lines().count() > 500);
+}

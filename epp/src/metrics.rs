@@ -156,6 +156,8 @@ struct Spec {
     /// First byte after the prefix of every wanted family: most lines of a real page are
     /// histogram buckets of other families and are rejected on that byte alone.
     wanted_first: [bool; 256],
+    /// Query string asking a prometheus_client server for the wanted samples only.
+    filter_query: String,
 }
 
 static SPECS: std::sync::LazyLock<[Spec; 3]> = std::sync::LazyLock::new(|| {
@@ -186,17 +188,24 @@ impl Spec {
             .filter(|n| !n.is_empty())
             .map(str::as_bytes)
             .collect();
+        assert!(wanted.len() <= 16, "FamilySet holds 16 families");
         let mut wanted_first = [false; 256];
         for n in &wanted {
             if let Some(&b) = n.get(prefix.len()) {
                 wanted_first[usize::from(b)] = true;
             }
         }
+        let filter_query = wanted
+            .iter()
+            .map(|n| format!("name%5B%5D={}", percent_encode(n)))
+            .collect::<Vec<_>>()
+            .join("&");
         Self {
             names,
             prefix: prefix.as_bytes(),
             wanted,
             wanted_first,
+            filter_query,
         }
     }
 
@@ -213,10 +222,59 @@ impl Spec {
     }
 }
 
+/// Encodes a metric name for a query value (`:` and anything but unreserved characters).
+fn percent_encode(name: &[u8]) -> String {
+    let mut out = String::with_capacity(name.len() + 8);
+    for &b in name {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The query string (without `?`) that asks a model server for only the samples routing reads
+/// for `engine`: `name[]=` once per sample name, prometheus_client's filter (vLLM and SGLang
+/// serve `/metrics` with it). A server that ignores it answers the whole page, which parses
+/// the same; one whose filter drops families is caught by comparing [`FamilySet`]s.
+pub fn filter_query(engine: EngineType) -> &'static str {
+    &Spec::of(engine).filter_query
+}
+
+/// Which of the families routing reads a page carried (one bit per wanted name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FamilySet(u16);
+
+impl FamilySet {
+    /// Whether every family in `other` is in `self`.
+    pub fn contains(self, other: FamilySet) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// How many families.
+    pub fn len(self) -> u32 {
+        self.0.count_ones()
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// A parsed scrape and the families it carried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub metrics: EndpointMetrics,
+    pub families: FamilySet,
+}
+
 /// What the samples read so far add up to.
 struct Acc {
     spec: &'static Spec,
     m: EndpointMetrics,
+    families: FamilySet,
     seen_waiting: bool,
     seen_kv: bool,
     kv_rank: usize,
@@ -265,6 +323,10 @@ impl Acc {
             .position(|&b| b == b'{' || b == b' ')
             .unwrap_or(line.len());
         let name = &line[..name_end];
+        let Some(bit) = spec.wanted.iter().position(|n| *n == name) else {
+            return Ok(());
+        };
+        self.families.0 |= 1 << bit;
         let (label_set, rest) = if line.get(name_end) == Some(&b'{') {
             match memchr::memrchr(b'}', &line[name_end + 1..]) {
                 Some(close) => (
@@ -341,6 +403,11 @@ pub fn parse(engine: EngineType, text: &str) -> Result<EndpointMetrics, MetricsE
 }
 
 /// [`parse`] on the raw body: only the few values read are checked for UTF-8.
+pub fn parse_bytes(engine: EngineType, text: &[u8]) -> Result<EndpointMetrics, MetricsError> {
+    parse_page(engine, text).map(|p| p.metrics)
+}
+
+/// [`parse_bytes`], also telling which of the families read the page carried.
 ///
 /// A family introduced by `# HELP`/`# TYPE` that cannot hold a wanted name is jumped over in
 /// one vectorised search for the next comment line, instead of line by line (a real vLLM page
@@ -348,11 +415,12 @@ pub fn parse(engine: EngineType, text: &str) -> Result<EndpointMetrics, MetricsE
 /// lines belong to that family: as the text format requires each family's lines to form one
 /// group, the lines between them do too, and samples of an unannotated family that follow
 /// (or precede) it are never skipped.
-pub fn parse_bytes(engine: EngineType, text: &[u8]) -> Result<EndpointMetrics, MetricsError> {
+pub fn parse_page(engine: EngineType, text: &[u8]) -> Result<Page, MetricsError> {
     let spec = Spec::of(engine);
     let mut acc = Acc {
         spec,
         m: EndpointMetrics::default(),
+        families: FamilySet::default(),
         seen_waiting: false,
         seen_kv: false,
         kv_rank: usize::MAX,
@@ -391,7 +459,10 @@ pub fn parse_bytes(engine: EngineType, text: &[u8]) -> Result<EndpointMetrics, M
     if !acc.seen_kv {
         return Err(MetricsError::Missing(names.kv[0]));
     }
-    Ok(acc.m)
+    Ok(Page {
+        metrics: acc.m,
+        families: acc.families,
+    })
 }
 
 #[cfg(test)]
@@ -568,6 +639,71 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// What prometheus_client answers for `name[]=...`: only samples with those exact names,
+    /// under their families' HELP/TYPE lines, families without a matching sample left out.
+    fn restricted(page: &str, names: &[&str]) -> String {
+        let mut out = String::new();
+        let mut header = String::new();
+        for line in page.lines() {
+            if line.starts_with("# HELP") {
+                header.clear();
+            }
+            if line.starts_with('#') {
+                header.push_str(line);
+                header.push('\n');
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            if names.contains(&name) {
+                out.push_str(&std::mem::take(&mut header));
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn filtered_page_reads_the_same_as_the_whole_page() {
+        let q = filter_query(EngineType::Vllm);
+        assert!(
+            q.starts_with(
+                "name%5B%5D=vllm%3Anum_requests_waiting&name%5B%5D=vllm%3Anum_requests_running&"
+            ),
+            "{q}"
+        );
+        let names: Vec<String> = q
+            .split('&')
+            .map(|kv| kv.trim_start_matches("name%5B%5D=").replace("%3A", ":"))
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let whole = parse_page(EngineType::Vllm, SAMPLE.as_bytes()).unwrap();
+        let filtered_text = restricted(SAMPLE, &names);
+        assert!(
+            filtered_text.len() < SAMPLE.len() / 10,
+            "{}",
+            filtered_text.len()
+        );
+        let filtered = parse_page(EngineType::Vllm, filtered_text.as_bytes()).unwrap();
+        assert_eq!(filtered, whole);
+        // waiting, running, kv, waiting_by_reason, lora_requests_info, cache_config_info.
+        assert_eq!(whole.families.len(), 6);
+        // A filter that dropped a family is told apart from one that kept them all.
+        let no_lora: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| *n != "vllm:lora_requests_info")
+            .collect();
+        let partial =
+            parse_page(EngineType::Vllm, restricted(SAMPLE, &no_lora).as_bytes()).unwrap();
+        assert!(!partial.families.contains(whole.families));
+        assert!(whole.families.contains(partial.families));
+        assert_eq!(
+            filter_query(EngineType::TrtLlm),
+            "name%5B%5D=trtllm_num_requests_waiting&name%5B%5D=trtllm_num_requests_running&name%5B%5D=trtllm_kv_cache_utilization"
+        );
     }
 
     #[test]

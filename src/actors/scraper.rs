@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use inferlane_epp::metrics::{FamilySet, MetricsError, Page, parse_page};
 use inferlane_sidecar::models::parse_models;
 use tokio::task::JoinHandle;
 
-use crate::epp::scrape_http::ScrapeClient;
+use crate::epp::scrape_http::{ScrapeClient, ScrapeError};
 use crate::epp::state::{EndpointHandle, Scraped, ServedModels};
 
 /// Scrape settings.
@@ -23,6 +24,8 @@ pub struct ScrapeOptions {
     pub metrics_interval: Duration,
     pub models_interval: Duration,
     pub timeout: Duration,
+    /// Ask for the families routing reads only (`name[]` filter), checked against whole pages.
+    pub name_filter: bool,
     /// Where the scrape loops run.
     pub threads: Arc<ScrapeThreads>,
 }
@@ -69,6 +72,15 @@ impl ScrapeThreads {
     }
 }
 
+/// Why a scrape gave nothing usable.
+#[derive(Debug, thiserror::Error)]
+enum Fetch {
+    #[error(transparent)]
+    Http(ScrapeError),
+    #[error(transparent)]
+    Parse(MetricsError),
+}
+
 /// Command: stop scraping (the endpoint left the pool).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -91,6 +103,27 @@ impl Scraper {
     }
 }
 
+/// How often a filtered scrape is checked against a whole page.
+const FILTER_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// How long an endpoint whose server broke the filter is read whole before trying again.
+const FILTER_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Whether an endpoint is scraped with the `name[]` filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NameFilter {
+    /// Turned off by flag.
+    Disabled,
+    /// Whole pages until one parses: it says which families the server has.
+    Probe,
+    /// Filtered scrapes must carry every family the last whole page had.
+    On {
+        expect: FamilySet,
+        check_at: Instant,
+    },
+    /// The server ignored or broke the filter: whole pages until `retry_at`.
+    Off { retry_at: Instant },
+}
+
 /// The scrape loop of one endpoint.
 struct ScrapeLoop {
     handle: Arc<EndpointHandle>,
@@ -99,6 +132,8 @@ struct ScrapeLoop {
     models: ScrapeClient,
     last_models: Option<Instant>,
     failures: u32,
+    filter: NameFilter,
+    filtered_path: String,
 }
 
 impl ScrapeLoop {
@@ -120,19 +155,65 @@ impl ScrapeLoop {
         }
     }
 
+    /// One GET of `path`, parsed.
+    async fn fetch(&mut self, path: &str) -> Result<Page, Fetch> {
+        let body = self
+            .metrics
+            .get(path, self.opts.timeout)
+            .await
+            .map_err(Fetch::Http)?;
+        parse_page(self.handle.engine, body).map_err(Fetch::Parse)
+    }
+
+    /// Scrapes `/metrics`, filtered when the server is known to honour the filter, and keeps
+    /// the filter state: a filtered answer missing a family the last whole page had (or
+    /// refused, or unreadable) is retried whole at once and the filter is set aside.
+    async fn fetch_metrics(&mut self) -> Result<Page, Fetch> {
+        let now = Instant::now();
+        if let NameFilter::On { expect, check_at } = self.filter
+            && now < check_at
+        {
+            let path = std::mem::take(&mut self.filtered_path);
+            let res = self.fetch(&path).await;
+            self.filtered_path = path;
+            let reason = match &res {
+                Ok(page) if page.families.contains(expect) => return res,
+                // The server did not answer: nothing learnt about the filter.
+                Err(Fetch::Http(e)) if !e.answered() => return res,
+                Ok(page) => format!(
+                    "the filtered page carried {} of the {} families the whole page has",
+                    page.families.len(),
+                    expect.len()
+                ),
+                Err(e) => e.to_string(),
+            };
+            tracing::info!(endpoint = %self.handle.address, %reason, retry_in = ?FILTER_RETRY_AFTER,
+                "model server does not honour the metrics name[] filter; reading its whole page");
+            self.filter = NameFilter::Off {
+                retry_at: now + FILTER_RETRY_AFTER,
+            };
+        }
+        let res = self.fetch("/metrics").await;
+        if let Ok(page) = &res {
+            self.filter = match self.filter {
+                NameFilter::Disabled => NameFilter::Disabled,
+                NameFilter::Off { retry_at } if now < retry_at => self.filter,
+                _ => NameFilter::On {
+                    expect: page.families,
+                    check_at: now + FILTER_CHECK_EVERY,
+                },
+            };
+        }
+        res
+    }
+
     async fn scrape_metrics(&mut self) {
-        let engine = self.handle.engine;
-        let res = match self.metrics.get("/metrics", self.opts.timeout).await {
-            Ok(body) => {
-                inferlane_epp::metrics::parse_bytes(engine, body).map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        };
+        let res = self.fetch_metrics().await;
         let h = &self.handle;
         match res {
-            Ok(m) => {
+            Ok(page) => {
                 h.scraped.store(Some(Arc::new(Scraped {
-                    metrics: m,
+                    metrics: page.metrics,
                     at: Instant::now(),
                 })));
                 h.dispatched_since_scrape.store(0, Ordering::Relaxed);
@@ -178,6 +259,15 @@ impl Actor for Scraper {
             models: ScrapeClient::new(self.handle.address.clone()),
             last_models: None,
             failures: 0,
+            filter: if self.opts.name_filter {
+                NameFilter::Probe
+            } else {
+                NameFilter::Disabled
+            },
+            filtered_path: format!(
+                "/metrics?{}",
+                inferlane_epp::metrics::filter_query(self.handle.engine)
+            ),
         };
         self.task = Some(self.opts.threads.next().spawn(lp.run()));
     }

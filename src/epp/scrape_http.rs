@@ -53,6 +53,19 @@ pub enum ScrapeError {
     Timeout(Duration),
 }
 
+impl ScrapeError {
+    /// Whether the server answered (with a status, or bytes that are not a usable response),
+    /// as opposed to the connection failing or timing out.
+    pub fn answered(&self) -> bool {
+        matches!(
+            self,
+            ScrapeError::Status { .. }
+                | ScrapeError::Malformed { .. }
+                | ScrapeError::TooLarge { .. }
+        )
+    }
+}
+
 /// How the response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {

@@ -407,15 +407,36 @@ impl SimMetrics {
 
     /// Renders the whole page.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(TEMPLATE.len() + 4096);
+        self.render_filtered(None)
+    }
+
+    /// Renders the page, or with `names` only the samples with those exact names, as
+    /// prometheus_client's `name[]` filter does: a family's HELP/TYPE lines come with its
+    /// first kept sample, and a family with none is left out.
+    pub fn render_filtered(&self, names: Option<&[String]>) -> String {
+        let keep = |name: &str| names.is_none_or(|n| n.iter().any(|k| k == name));
+        let mut out = String::with_capacity(match names {
+            None => TEMPLATE.len() + 4096,
+            Some(_) => 4096,
+        });
         for f in &self.families {
+            let mut header = Some(f.header.as_str());
+            let mut start = |out: &mut String| {
+                if let Some(h) = header.take() {
+                    out.push_str(h);
+                }
+            };
+            if names.is_none() && (f.name != "vllm:lora_requests_info" || self.enable_lora) {
+                // The whole page lists a family even while it has no series yet.
+                start(&mut out);
+            }
             match f.name.as_str() {
                 "vllm:lora_requests_info" => {
-                    if !self.enable_lora {
+                    if !self.enable_lora || !keep("vllm:lora_requests_info") {
                         continue;
                     }
-                    out.push_str(&f.header);
                     for ((running, waiting), t) in &self.lora_series {
+                        start(&mut out);
                         let _ = writeln!(
                             out,
                             "vllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}",
@@ -427,15 +448,15 @@ impl SimMetrics {
                     }
                 }
                 "vllm:cache_config_info" => {
-                    out.push_str(&f.header);
-                    for s in &f.samples {
+                    for s in f.samples.iter().filter(|s| keep(&s.name)) {
+                        start(&mut out);
                         let labels = self.cache_config_labels(&s.labels);
                         let _ = writeln!(out, "{}{{{}}} 1.0", s.name, labels);
                     }
                 }
                 _ => {
-                    out.push_str(&f.header);
-                    for s in &f.samples {
+                    for s in f.samples.iter().filter(|s| keep(&s.name)) {
+                        start(&mut out);
                         let v = go_float(self.live_value(s));
                         if s.labels.is_empty() {
                             let _ = writeln!(out, "{} {v}", s.name);
@@ -603,5 +624,57 @@ mod tests {
         assert!(page.contains(&format!(
             "vllm:request_success_total{{engine=\"0\",finished_reason=\"length\",{model}}} 1.0"
         )));
+    }
+
+    #[test]
+    fn name_filter_keeps_only_those_samples_like_prometheus_client() {
+        let mut m = metrics(true);
+        m.set_gauges(
+            Gauges {
+                running: 3,
+                waiting: 2,
+                deferred: 1,
+                kv_usage: 0.25,
+            },
+            &["a1".into()],
+            &["a1".into()],
+            1_795_312_418.0,
+        );
+        let whole = m.render();
+        let names: Vec<String> = [
+            "vllm:num_requests_waiting",
+            "vllm:lora_requests_info",
+            "nope",
+        ]
+        .map(String::from)
+        .to_vec();
+        let page = m.render_filtered(Some(&names));
+        let expected: Vec<&str> = whole
+            .lines()
+            .filter(|l| {
+                l.starts_with("vllm:num_requests_waiting{")
+                    || l.starts_with("vllm:lora_requests_info{")
+                    || l.starts_with("# HELP vllm:num_requests_waiting ")
+                    || l.starts_with("# TYPE vllm:num_requests_waiting ")
+                    || l.starts_with("# HELP vllm:lora_requests_info ")
+                    || l.starts_with("# TYPE vllm:lora_requests_info ")
+            })
+            .collect();
+        assert_eq!(page.lines().collect::<Vec<_>>(), expected);
+        assert_eq!(expected.len(), 6, "{page}");
+        // The EPP's filtered scrape reads what the whole page says.
+        let engine = inferlane_epp::metrics::EngineType::Vllm;
+        let query = inferlane_epp::metrics::filter_query(engine);
+        let wanted: Vec<String> = query
+            .split('&')
+            .map(|kv| kv.trim_start_matches("name%5B%5D=").replace("%3A", ":"))
+            .collect();
+        let filtered = m.render_filtered(Some(&wanted));
+        assert!(filtered.len() * 10 < whole.len());
+        assert_eq!(
+            inferlane_epp::metrics::parse_page(engine, filtered.as_bytes()).unwrap(),
+            inferlane_epp::metrics::parse_page(engine, whole.as_bytes()).unwrap()
+        );
+        assert_eq!(m.render_filtered(Some(&[])), "");
     }
 }

@@ -96,6 +96,11 @@ pub struct SimArgs {
     /// Fraction of generation requests answered with a 500 (fault injection).
     #[arg(long, default_value_t = 0.0)]
     pub failure_rate: f64,
+    /// vLLM's API server process count. Above 1, vLLM serves `/metrics` through
+    /// prometheus_client's multiprocess collector, whose `name[]` filter matches nothing
+    /// (an empty page); the simulator answers the same way (one process either way).
+    #[arg(long, default_value_t = 1)]
+    pub api_server_count: u32,
     /// How `vllm:lora_requests_info` fills its adapter labels.
     #[arg(long, value_enum, default_value_t = LoraInfoStyle::V032)]
     pub lora_info_style: LoraInfoStyle,

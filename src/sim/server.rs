@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::Addr;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -104,6 +104,9 @@ struct AdminStats {
     requests_by_model: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Unix milliseconds of every load attempt, per adapter name.
     load_attempts: Mutex<std::collections::BTreeMap<String, Vec<u64>>>,
+    /// `/metrics` answers: whole pages and `name[]`-filtered ones.
+    metrics_whole: AtomicU64,
+    metrics_filtered: AtomicU64,
 }
 
 struct SimState {
@@ -259,6 +262,8 @@ async fn stats(State(state): State<Arc<SimState>>) -> Json<Value> {
         "load_attempts": *a.load_attempts.lock().expect("stats lock"),
         "requests_by_model": *a.requests_by_model.lock().expect("stats lock"),
         "adapters": state.registry.lock().expect("registry lock").adapters().len(),
+        "metrics_whole": a.metrics_whole.load(Ordering::Relaxed),
+        "metrics_filtered": a.metrics_filtered.load(Ordering::Relaxed),
     }))
 }
 
@@ -436,8 +441,32 @@ async fn unload_adapter(State(state): State<Arc<SimState>>, body: Bytes) -> Resp
     }
 }
 
-async fn metrics_page(State(state): State<Arc<SimState>>) -> Response {
-    let page = state.metrics.lock().expect("metrics lock").render();
+/// `/metrics`, honouring prometheus_client's `name[]` filter as vLLM does.
+async fn metrics_page(
+    State(state): State<Arc<SimState>>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let names: Vec<String> = params
+        .into_iter()
+        .filter(|(k, _)| k == "name[]")
+        .map(|(_, v)| v)
+        .collect();
+    let counter = match names.is_empty() {
+        true => &state.admin.metrics_whole,
+        false => &state.admin.metrics_filtered,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let filter = match (names.is_empty(), state.args.api_server_count > 1) {
+        (true, _) => None,
+        // The multiprocess collector registers no names, so a filtered scrape finds nothing.
+        (false, true) => Some(&[][..]),
+        (false, false) => Some(&names[..]),
+    };
+    let page = state
+        .metrics
+        .lock()
+        .expect("metrics lock")
+        .render_filtered(filter);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], page).into_response()
 }
 
