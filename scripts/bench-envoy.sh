@@ -4,14 +4,15 @@
 # table with req/s, latency percentiles and EPP CPU per request. Needs wrk (apt-get install wrk).
 # Usage: scripts/bench-envoy.sh [seconds=10] [connections=16] [body_bytes=110]
 # Env: UPSTREAMS (default 4) simulated servers; VARY=1 makes every prompt distinct (fills the
-# prefix index); EPP_ARGS adds EPP flags (e.g. "--worker-threads 1"). EPP CPU per request subtracts the EPP's idle (scraping) CPU measured first.
+# prefix index); EPP_ARGS adds EPP flags (e.g. "--worker-threads 1"); BIN_DIR uses prebuilt
+# binaries (e.g. a profiling build) instead of building target/release. EPP CPU per request subtracts the EPP's idle (scraping) CPU measured first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}; CONN=${2:-16}; BODY_BYTES=${3:-110}; UPSTREAMS=${UPSTREAMS:-4}
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install -y wrk" >&2; exit 1; }
 scripts/install-envoy.sh >/dev/null
-cargo build --release --locked --bin epp --bin vllm-sim 2>&1 | tail -1
-B=target/release
+if [ -z "${BIN_DIR:-}" ]; then cargo build --release --locked --bin epp --bin vllm-sim 2>&1 | tail -1; fi
+B=${BIN_DIR:-target/release}
 W=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
@@ -27,6 +28,7 @@ mapfile -t SIMS < <(sed -n 's/^VLLM_SIM_LISTENING //p' "$W/sim.out")
 "$B/epp" --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
   --pool-file "$W/pool.yaml" --log-filter warn ${EPP_ARGS:-} >"$W/epp.out" 2>"$W/epp.log" &
 EPP_PID=$!; pids+=($EPP_PID)
+echo "$EPP_PID" > "${EPP_PID_FILE:-/dev/null}"
 for _ in $(seq 100); do grep -q EPP_LISTENING "$W/epp.out" && break; sleep 0.1; done
 EPP_PORT=$(sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p' "$W/epp.out")
 
@@ -36,7 +38,7 @@ start_envoy() { # name template body_mode trailer_mode -> sets PORT
     "deploy/envoy/$2" >"$W/$n.yaml"
   .venv/bin/envoy -c "$W/$n.yaml" --use-dynamic-base-id --concurrency 1 -l error \
     --admin-address-path "$W/$n.admin" >"$W/$n.log" 2>&1 &
-  pids+=($!)
+  pids+=($!); echo $! >"$W/$n.pid"
   for _ in $(seq 100); do
     if [ -s "$W/$n.admin" ]; then
       port=$(curl -s "http://$(cat "$W/$n.admin")/listeners?format=json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])' 2>/dev/null || true)
@@ -74,15 +76,16 @@ request = function()
 end
 LUA
 
-ticks() { awk '{print $14+$15}' "/proc/$EPP_PID/stat"; }
+ticks() { awk '{print $14+$15}' "/proc/${1:-$EPP_PID}/stat"; }
 # The EPP's own cost while idle: scraping every endpoint every 50 ms.
 sleep 1
 i0=$(ticks); sleep "$DUR"; i1=$(ticks)
 IDLE_TPS=$(python3 -c "print(($i1-$i0)/$DUR)")
-run() { # label port direct?
-  local t0; t0=$(ticks)
+run() { # label port direct? envoy-name
+  local epid; epid=$(cat "$W/$4.pid")
+  local t0; t0=$(ticks); local e0; e0=$(ticks "$epid")
   local out; out=$(DIRECT=$3 wrk -t1 -c"$CONN" -d"${DUR}s" --latency -s "$W/post.lua" "http://127.0.0.1:$2" 2>&1)
-  local t1; t1=$(ticks)
+  local t1; t1=$(ticks); local e1; e1=$(ticks "$epid")
   local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   local p50; p50=$(echo "$out" | awk '$1=="50%" {print $2}')
@@ -90,17 +93,18 @@ run() { # label port direct?
   local non2xx; non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
   local cpu_us="-"
   [ -z "$3" ] && cpu_us=$(python3 -c "print(round(max(0, ($t1-$t0) - $IDLE_TPS*$DUR)*10000/max(1,$reqs),1))")
-  echo "| $1 | $rps | $p50 | $p99 | ${non2xx:-0} | $cpu_us |"
+  local envoy_us; envoy_us=$(python3 -c "print(round(($e1-$e0)*10000/max(1,$reqs),1))")
+  echo "| $1 | $rps | $p50 | $p99 | ${non2xx:-0} | $envoy_us | $cpu_us |"
   echo "$rps" >"$W/$1.rps"
 }
 echo "Envoy 1.40, ${CONN} connections, ${DUR} s each, ${BODY_BYTES}-byte chat bodies${VARY:+ (distinct prompts)}, ${UPSTREAMS} upstreams (vllm-sim --time-scale 0)"
 echo "EPP idle (scraping ${UPSTREAMS} endpoints every 50 ms): $(python3 -c "print(round($IDLE_TPS/100, 3))") cores"
 echo
-echo "| setup | req/s | p50 | p99 | non-2xx | EPP CPU us/req |"
-echo "|---|---|---|---|---|---|"
-run envoy-direct "$DIRECT" 1
-run envoy+epp-buffered "$BUF" ""
-run envoy+epp-full-duplex "$DUPLEX" ""
+echo "| setup | req/s | p50 | p99 | non-2xx | Envoy CPU us/req | EPP CPU us/req |"
+echo "|---|---|---|---|---|---|---|"
+run envoy-direct "$DIRECT" 1 direct
+run envoy+epp-buffered "$BUF" "" buffered
+run envoy+epp-full-duplex "$DUPLEX" "" duplex
 echo
 echo "EPP resident memory after the runs: $(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$EPP_PID/status"), peak $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' "/proc/$EPP_PID/status")"
 python3 - "$W" <<'PY'

@@ -491,9 +491,22 @@ async fn live_adapter_rollout_never_404s() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let first = sim_requests(&f.c, &f.sims[0]).await;
     assert!(first.get("fr-new").copied().unwrap_or(0) >= 20);
-    // Once loaded everywhere, the others take traffic too.
-    let later: u64 = sim_total(&f.c, &f.sims[1]).await + sim_total(&f.c, &f.sims[2]).await;
-    assert!(later > 0, "the newly loaded servers got traffic");
+    // Once the EPP has re-read their model lists (every second), the others take traffic too;
+    // every request meanwhile still succeeds.
+    let fr = &f;
+    wait_for(
+        "the newly loaded servers to get traffic",
+        T,
+        || async move {
+            let (s, body) = fr
+                .complete(json!({"model": "fr-new", "prompt": "later", "max_tokens": 1}))
+                .await;
+            assert_eq!(s, 200, "{body}");
+            let later = sim_total(&fr.c, &fr.sims[1]).await + sim_total(&fr.c, &fr.sims[2]).await;
+            (later > 0).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -49,6 +49,8 @@ pub enum BbrStartError {
     },
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("cannot start the gRPC serving threads: {0}")]
+    GrpcThreads(#[source] std::io::Error),
     #[error("Kubernetes client (set KUBECONFIG, run in a pod, or give --mapping-file): {0}")]
     Kube(#[source] kube::Error),
 }
@@ -80,6 +82,10 @@ pub struct BbrArgs {
     /// Largest request body read.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Threads serving ext_proc connections (0 = one per core); each connection and its
+    /// streams stay on one thread, as in the EPP.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub grpc_threads: u16,
 }
 
 /// A validated mapping file.
@@ -306,24 +312,23 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         max_body: args.max_body_bytes,
     })
     .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
-    let router = tonic::transport::Server::builder().add_service(svc);
-    if args.secure_serving {
-        let incoming = tls::incoming(
-            grpc,
-            tls::acceptor(args.cert_path.as_deref(), Duration::from_secs(10))?,
-        );
-        tokio::spawn(async move {
-            if let Err(e) = router.serve_with_incoming(incoming).await {
-                tracing::error!(error = %e, "bbr server stopped");
-            }
-        });
-    } else {
-        tokio::spawn(async move {
-            if let Err(e) = router.serve_with_incoming(tls::plain_incoming(grpc)).await {
-                tracing::error!(error = %e, "bbr server stopped");
-            }
-        });
-    }
+    let tls = match args.secure_serving {
+        true => Some(tls::acceptor(
+            args.cert_path.as_deref(),
+            Duration::from_secs(10),
+        )?),
+        false => None,
+    };
+    crate::epp::serve::serve_pinned(
+        grpc,
+        svc,
+        crate::epp::serve::ServeOptions {
+            threads: crate::epp::grpc_threads(args.grpc_threads),
+            tls,
+            name: "bbr",
+        },
+    )
+    .map_err(BbrStartError::GrpcThreads)?;
     let (reporter, health_svc) = tonic_health::server::health_reporter();
     for s in [
         "liveness",

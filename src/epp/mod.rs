@@ -4,6 +4,7 @@ pub mod config;
 pub mod extproc;
 pub mod metrics;
 pub mod scrape_http;
+pub mod serve;
 pub mod state;
 pub mod tls;
 pub mod usage;
@@ -66,6 +67,16 @@ pub enum EppError {
     Kube(#[source] kube::Error),
     #[error("cannot start the scrape threads: {0}")]
     ScrapeThreads(#[source] std::io::Error),
+    #[error("cannot start the gRPC serving threads: {0}")]
+    GrpcThreads(#[source] std::io::Error),
+}
+
+/// `--grpc-threads`: 0 means one per core.
+pub fn grpc_threads(flag: u16) -> usize {
+    match flag {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => usize::from(n),
+    }
 }
 
 /// epp flags (upstream-compatible names where upstream has them).
@@ -120,6 +131,11 @@ pub struct EppArgs {
     /// pool keeps its wake-ups from costing the request path.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub scrape_threads: u16,
+    /// Threads serving ext_proc connections (0 = one per core). Each gateway connection and
+    /// all its streams are served by one thread (no cross-thread hand-offs per message);
+    /// Envoy opens one connection per worker, so a gateway with N workers uses up to N.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub grpc_threads: u16,
     /// Ask model servers for only the metric families routing reads (`/metrics?name[]=...`,
     /// prometheus_client's filter, which vLLM's `/metrics` honours): a ~1 KB answer instead
     /// of a ~50 KB page, less work for the model server and the EPP. Checked against a whole
@@ -332,29 +348,23 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     ))
     // A buffered body arrives in one message; allow it past tonic's 4 MiB default.
     .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
-    if args.secure_serving {
-        let acceptor = tls::acceptor(args.cert_path.as_deref(), Duration::from_secs(10))?;
-        let incoming = tls::incoming(grpc, acceptor);
-        tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(incoming)
-                .await
-            {
-                tracing::error!(error = %e, "ext_proc server stopped");
-            }
-        });
-    } else {
-        tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(tls::plain_incoming(grpc))
-                .await
-            {
-                tracing::error!(error = %e, "ext_proc server stopped");
-            }
-        });
-    }
+    let tls = match args.secure_serving {
+        true => Some(tls::acceptor(
+            args.cert_path.as_deref(),
+            Duration::from_secs(10),
+        )?),
+        false => None,
+    };
+    serve::serve_pinned(
+        grpc,
+        svc,
+        serve::ServeOptions {
+            threads: grpc_threads(args.grpc_threads),
+            tls,
+            name: "epp",
+        },
+    )
+    .map_err(EppError::GrpcThreads)?;
 
     let (reporter, health_svc) = tonic_health::server::health_reporter();
     reporter

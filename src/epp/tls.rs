@@ -11,9 +11,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use thiserror::Error;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 /// A certificate could not be loaded or made.
 #[derive(Debug, Error)]
@@ -107,54 +105,6 @@ fn spawn_reloader(r: Arc<Resolver>, cert: PathBuf, key: PathBuf, every: Duration
             }
         }
     });
-}
-
-/// Accepted plaintext connections with Nagle off (see [`incoming`]); tonic only sets
-/// TCP_NODELAY on listeners it binds itself.
-pub fn plain_incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = Result<TcpStream, std::io::Error>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
-        r.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    })
-}
-
-/// Accepted TLS connections (Nagle off), handshakes done off the accept loop.
-pub fn incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            // gRPC writes small frames: with Nagle on, each answer waits for the peer's
-            // delayed ACK (~40 ms on Linux) whenever a previous segment is unacknowledged.
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 #[cfg(test)]

@@ -1,0 +1,223 @@
+//! ext_proc serving on connection-pinned threads: each gateway connection, and every stream on it, lives on one thread.
+//!
+//! Envoy multiplexes all of a worker's ext_proc streams over one HTTP/2 connection. On a
+//! work-stealing pool the connection task (reading and writing frames) and each stream's
+//! handler task land on different threads, so every message crosses threads twice: a futex
+//! wake, an eventfd write, contention on h2's stream lock. Here the accept loop hands each
+//! connection to one of N threads, each a single-threaded runtime running its own tonic
+//! server: the connection and its streams' tasks share a thread and wake each other without
+//! a syscall. Several gateway workers (Envoy opens one connection per worker) spread over the
+//! threads; one connection is served by one core, as Envoy serves it from one worker.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
+
+/// How the gRPC server is run.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Threads serving connections (at least one).
+    pub threads: usize,
+    /// TLS for every connection, when set.
+    pub tls: Option<TlsAcceptor>,
+    /// Thread name prefix and log label.
+    pub name: &'static str,
+}
+
+/// Serves `svc` on `listener` from `opts.threads` connection-pinned threads. The accept loop
+/// runs on the calling runtime; the threads live as long as the process.
+pub fn serve_pinned<S>(listener: TcpListener, svc: S, opts: ServeOptions) -> std::io::Result<()>
+where
+    S: Service<http::Request<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Response: axum::response::IntoResponse,
+    S::Future: Send + 'static,
+{
+    let mut lanes = Vec::new();
+    for i in 0..opts.threads.max(1) {
+        let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let svc = svc.clone();
+        let tls = opts.tls.clone();
+        let name = opts.name;
+        std::thread::Builder::new()
+            .name(format!("{name}-grpc-{i}"))
+            .spawn(move || rt.block_on(serve_lane(rx, svc, tls, name)))?;
+        lanes.push(tx);
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // gRPC writes small frames: with Nagle on, each answer waits for the peer's
+            // delayed ACK (~40 ms on Linux) whenever a previous segment is unacknowledged.
+            let _ = tcp.set_nodelay(true);
+            let std = match tcp.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hand an accepted connection over");
+                    continue;
+                }
+            };
+            let lane = next.fetch_add(1, Ordering::Relaxed) % lanes.len();
+            if lanes[lane].send(std).is_err() {
+                tracing::error!(lane, "gRPC serving thread is gone");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// One thread's server: registers the connections it is handed with its own reactor, does
+/// the TLS handshake there, and serves them.
+async fn serve_lane<S>(
+    mut conns: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    svc: S,
+    tls: Option<TlsAcceptor>,
+    name: &'static str,
+) where
+    S: Service<http::Request<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Response: axum::response::IntoResponse,
+    S::Future: Send + 'static,
+{
+    let router = tonic::transport::Server::builder().add_service(svc);
+    let res = match tls {
+        None => {
+            let (tx, rx) = mpsc::channel::<std::io::Result<TcpStream>>(64);
+            tokio::spawn(async move {
+                while let Some(std) = conns.recv().await {
+                    if tx.send(TcpStream::from_std(std)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            router
+                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        }
+        Some(acceptor) => {
+            let (tx, rx) = mpsc::channel(64);
+            tokio::spawn(async move {
+                while let Some(std) = conns.recv().await {
+                    let tcp = match TcpStream::from_std(std) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot register a connection");
+                            continue;
+                        }
+                    };
+                    let peer = tcp.peer_addr().ok();
+                    let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                    // Handshakes run beside the server, so a slow client delays no one.
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(?peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+            });
+            router
+                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        }
+    };
+    if let Err(e) = res {
+        tracing::error!(server = name, error = %e, "gRPC server stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    #[tokio::test]
+    async fn every_connection_is_served_by_a_pinned_thread() {
+        let (reporter, svc) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("x", ServingStatus::Serving)
+            .await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        serve_pinned(
+            listener,
+            svc,
+            ServeOptions {
+                threads: 2,
+                tls: None,
+                name: "test",
+            },
+        )
+        .unwrap();
+        // Separate connections land on alternating threads; each answers several streams.
+        for _ in 0..4 {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut c = HealthClient::new(ch);
+            for _ in 0..3 {
+                let r = c
+                    .check(HealthCheckRequest {
+                        service: "x".into(),
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(r.into_inner().status, ServingStatus::Serving as i32);
+            }
+        }
+        // The status lives in the reporter the threads' servers share.
+        reporter
+            .set_service_status("x", ServingStatus::NotServing)
+            .await;
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let r = HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: "x".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().status, ServingStatus::NotServing as i32);
+    }
+}
