@@ -83,14 +83,7 @@ async fn every_request_lands_in_the_right_pool() {
     // Both EPPs know their servers' models before traffic.
     for (epp, n) in [(&epp_a, "llama"), (&epp_b, "deepseek")] {
         wait_for("pool ready", Duration::from_secs(20), || async {
-            let page = c
-                .get(format!("http://{}/metrics", epp.metrics))
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
+            let page = try_text(&c, &format!("http://{}/metrics", epp.metrics)).await?;
             (metric(&page, &format!("inference_pool_ready_pods{{name=\"{n}\"}}"))? == 2.0)
                 .then_some(())
         })

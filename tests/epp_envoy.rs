@@ -421,14 +421,7 @@ async fn sheddable_requests_get_429_when_saturated_and_critical_are_served() {
     // The servers report the queues before we ask the EPP anything.
     for s in &f.sims {
         wait_for("a full queue", T, || async {
-            let page =
-                f.c.get(format!("http://{}/metrics", s.addr))
-                    .send()
-                    .await
-                    .ok()?
-                    .text()
-                    .await
-                    .ok()?;
+            let page = try_text(&f.c, &format!("http://{}/metrics", s.addr)).await?;
             let key = format!("vllm:num_requests_waiting{{engine=\"0\",model_name=\"{BASE}\"}}");
             (metric(&page, &key)? >= 5.0).then_some(())
         })
@@ -554,14 +547,7 @@ async fn forward_priority_writes_vllm_priorities_into_the_body() {
 
 /// `/sim/stats` counts of whole and `name[]`-filtered metrics pages a sim served.
 async fn metrics_pages(c: &reqwest::Client, sim: &Proc) -> (u64, u64) {
-    let v: Value = c
-        .get(format!("http://{}/sim/stats", sim.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = sim_stats(c, sim).await;
     (
         v["metrics_whole"].as_u64().unwrap(),
         v["metrics_filtered"].as_u64().unwrap(),
@@ -598,14 +584,7 @@ async fn metrics_name_filter_used_where_honoured_whole_page_elsewhere() {
         }
     }
     wait_for("the EPP to read both queues", T, || async {
-        let page = c
-            .get(format!("http://{}/metrics", epp.metrics))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let page = try_text(&c, &format!("http://{}/metrics", epp.metrics)).await?;
         (metric(
             &page,
             "inference_pool_average_queue_size{name=\"test-pool\"}",

@@ -312,13 +312,7 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         max_body: args.max_body_bytes,
     })
     .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
-    let tls = match args.secure_serving {
-        true => Some(tls::acceptor(
-            args.cert_path.as_deref(),
-            Duration::from_secs(10),
-        )?),
-        false => None,
-    };
+    let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
     crate::epp::serve::serve_pinned(
         grpc,
         svc,

@@ -348,13 +348,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     ))
     // A buffered body arrives in one message; allow it past tonic's 4 MiB default.
     .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
-    let tls = match args.secure_serving {
-        true => Some(tls::acceptor(
-            args.cert_path.as_deref(),
-            Duration::from_secs(10),
-        )?),
-        false => None,
-    };
+    let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
     serve::serve_pinned(
         grpc,
         svc,

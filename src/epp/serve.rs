@@ -32,19 +32,42 @@ pub struct ServeOptions {
     pub name: &'static str,
 }
 
-/// Serves `svc` on `listener` from `opts.threads` connection-pinned threads. The accept loop
-/// runs on the calling runtime; the threads live as long as the process.
-pub fn serve_pinned<S>(listener: TcpListener, svc: S, opts: ServeOptions) -> std::io::Result<()>
-where
-    S: Service<http::Request<Body>, Error = Infallible>
-        + NamedService
+/// A gRPC service tonic's server accepts (the bounds of `Server::add_service`).
+pub trait GrpcService:
+    Service<
+        http::Request<Body>,
+        Error = Infallible,
+        Response: axum::response::IntoResponse,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: Service<
+            http::Request<Body>,
+            Error = Infallible,
+            Response: axum::response::IntoResponse,
+            Future: Send + 'static,
+        > + NamedService
         + Clone
         + Send
         + Sync
-        + 'static,
-    S::Response: axum::response::IntoResponse,
-    S::Future: Send + 'static,
+        + 'static
 {
+}
+
+/// Serves `svc` on `listener` from `opts.threads` connection-pinned threads. The accept loop
+/// runs on the calling runtime; the threads live as long as the process.
+pub fn serve_pinned<S: GrpcService>(
+    listener: TcpListener,
+    svc: S,
+    opts: ServeOptions,
+) -> std::io::Result<()> {
     let mut lanes = Vec::new();
     for i in 0..opts.threads.max(1) {
         let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
@@ -91,21 +114,12 @@ where
 
 /// One thread's server: registers the connections it is handed with its own reactor, does
 /// the TLS handshake there, and serves them.
-async fn serve_lane<S>(
+async fn serve_lane<S: GrpcService>(
     mut conns: mpsc::UnboundedReceiver<std::net::TcpStream>,
     svc: S,
     tls: Option<TlsAcceptor>,
     name: &'static str,
-) where
-    S: Service<http::Request<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Response: axum::response::IntoResponse,
-    S::Future: Send + 'static,
-{
+) {
     let router = tonic::transport::Server::builder().add_service(svc);
     let res = match tls {
         None => {

@@ -64,6 +64,16 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
+/// The acceptor for `--secure-serving` (`None` when it is off), certificates re-read every 10 s.
+pub fn serving_acceptor(
+    secure: bool,
+    cert_dir: Option<&Path>,
+) -> Result<Option<TlsAcceptor>, TlsError> {
+    secure
+        .then(|| acceptor(cert_dir, Duration::from_secs(10)))
+        .transpose()
+}
+
 /// Builds the acceptor: `cert_dir/tls.crt` + `cert_dir/tls.key` (upstream's `--cert-path`
 /// layout), re-read every `reload_every` when they change; or a self-signed certificate.
 pub fn acceptor(cert_dir: Option<&Path>, reload_every: Duration) -> Result<TlsAcceptor, TlsError> {

@@ -525,8 +525,8 @@ mod tests {
         assert_eq!(go_float(f64::INFINITY), "+Inf");
     }
 
-    #[test]
-    fn page_has_the_real_shape_and_live_values() {
+    /// A LoRA server with requests running and waiting for adapter `a1`.
+    fn busy_metrics() -> SimMetrics {
         let mut m = metrics(true);
         m.set_gauges(
             Gauges {
@@ -539,6 +539,12 @@ mod tests {
             &["a1".into()],
             1_795_312_418.0,
         );
+        m
+    }
+
+    #[test]
+    fn page_has_the_real_shape_and_live_values() {
+        let m = busy_metrics();
         let page = m.render();
         let real_lines = TEMPLATE.lines().count();
         let lines = page.lines().count();
@@ -628,18 +634,7 @@ mod tests {
 
     #[test]
     fn name_filter_keeps_only_those_samples_like_prometheus_client() {
-        let mut m = metrics(true);
-        m.set_gauges(
-            Gauges {
-                running: 3,
-                waiting: 2,
-                deferred: 1,
-                kv_usage: 0.25,
-            },
-            &["a1".into()],
-            &["a1".into()],
-            1_795_312_418.0,
-        );
+        let m = busy_metrics();
         let whole = m.render();
         let names: Vec<String> = [
             "vllm:num_requests_waiting",

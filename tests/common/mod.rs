@@ -486,19 +486,28 @@ pub async fn spawn_envoy_config(cfg: &str, dir: &Path) -> Envoy {
     }
 }
 
-/// A sim's request counts by model (from /sim/stats).
-pub async fn sim_requests(
-    c: &reqwest::Client,
-    sim: &Proc,
-) -> std::collections::BTreeMap<String, u64> {
-    let v: serde_json::Value = c
-        .get(format!("http://{}/sim/stats", sim.addr))
+/// GETs `url` as text; `None` on any failure (for polls with [`wait_for`]).
+pub async fn try_text(c: &reqwest::Client, url: &str) -> Option<String> {
+    c.get(url).send().await.ok()?.text().await.ok()
+}
+
+/// A sim's `/sim/stats` (the simulator's own counters).
+pub async fn sim_stats(c: &reqwest::Client, sim: &Proc) -> serde_json::Value {
+    c.get(format!("http://{}/sim/stats", sim.addr))
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A sim's request counts by model (from /sim/stats).
+pub async fn sim_requests(
+    c: &reqwest::Client,
+    sim: &Proc,
+) -> std::collections::BTreeMap<String, u64> {
+    let v = sim_stats(c, sim).await;
     v["requests_by_model"]
         .as_object()
         .map(|o| {
