@@ -103,6 +103,17 @@ impl Scraper {
     }
 }
 
+/// One GET of `path`, parsed with the endpoint's engine mapping.
+async fn fetch(
+    client: &mut ScrapeClient,
+    path: &str,
+    handle: &EndpointHandle,
+    opts: &ScrapeOptions,
+) -> Result<Page, Fetch> {
+    let body = client.get(path, opts.timeout).await.map_err(Fetch::Http)?;
+    parse_page(handle.engine, body).map_err(Fetch::Parse)
+}
+
 /// How often a filtered scrape is checked against a whole page.
 const FILTER_CHECK_EVERY: Duration = Duration::from_secs(60);
 /// How long an endpoint whose server broke the filter is read whole before trying again.
@@ -155,16 +166,6 @@ impl ScrapeLoop {
         }
     }
 
-    /// One GET of `path`, parsed.
-    async fn fetch(&mut self, path: &str) -> Result<Page, Fetch> {
-        let body = self
-            .metrics
-            .get(path, self.opts.timeout)
-            .await
-            .map_err(Fetch::Http)?;
-        parse_page(self.handle.engine, body).map_err(Fetch::Parse)
-    }
-
     /// Scrapes `/metrics`, filtered when the server is known to honour the filter, and keeps
     /// the filter state: a filtered answer missing a family the last whole page had (or
     /// refused, or unreadable) is retried whole at once and the filter is set aside.
@@ -173,9 +174,13 @@ impl ScrapeLoop {
         if let NameFilter::On { expect, check_at } = self.filter
             && now < check_at
         {
-            let path = std::mem::take(&mut self.filtered_path);
-            let res = self.fetch(&path).await;
-            self.filtered_path = path;
+            let res = fetch(
+                &mut self.metrics,
+                &self.filtered_path,
+                &self.handle,
+                &self.opts,
+            )
+            .await;
             let reason = match &res {
                 Ok(page) if page.families.contains(expect) => return res,
                 // The server did not answer: nothing learnt about the filter.
@@ -193,7 +198,7 @@ impl ScrapeLoop {
                 retry_at: now + FILTER_RETRY_AFTER,
             };
         }
-        let res = self.fetch("/metrics").await;
+        let res = fetch(&mut self.metrics, "/metrics", &self.handle, &self.opts).await;
         if let Ok(page) = &res {
             self.filter = match self.filter {
                 NameFilter::Disabled => NameFilter::Disabled,
