@@ -317,7 +317,7 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         grpc,
         svc,
         crate::epp::serve::ServeOptions {
-            threads: crate::epp::grpc_threads(args.grpc_threads),
+            threads: crate::epp::serve::grpc_threads(args.grpc_threads),
             tls,
             name: "bbr",
         },

@@ -71,14 +71,6 @@ pub enum EppError {
     GrpcThreads(#[source] std::io::Error),
 }
 
-/// `--grpc-threads`: 0 means one per core.
-pub fn grpc_threads(flag: u16) -> usize {
-    match flag {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => usize::from(n),
-    }
-}
-
 /// epp flags (upstream-compatible names where upstream has them).
 #[derive(Debug, Clone, Args)]
 pub struct EppArgs {
@@ -137,7 +129,7 @@ pub struct EppArgs {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub grpc_threads: u16,
     /// Ask model servers for only the metric families routing reads (`/metrics?name[]=...`,
-    /// prometheus_client's filter, which vLLM's `/metrics` honours): a ~1 KB answer instead
+    /// prometheus_client's filter, which vLLM's `/metrics` honours): a ~2 KB answer instead
     /// of a ~50 KB page, less work for the model server and the EPP. Checked against a whole
     /// page at start and every minute; servers that ignore or break the filter are read whole.
     #[arg(long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -353,7 +345,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         grpc,
         svc,
         serve::ServeOptions {
-            threads: grpc_threads(args.grpc_threads),
+            threads: serve::grpc_threads(args.grpc_threads),
             tls,
             name: "epp",
         },

@@ -32,6 +32,14 @@ pub struct ServeOptions {
     pub name: &'static str,
 }
 
+/// `--grpc-threads`: 0 means one per core.
+pub fn grpc_threads(flag: u16) -> usize {
+    match flag {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => usize::from(n),
+    }
+}
+
 /// A gRPC service tonic's server accepts (the bounds of `Server::add_service`).
 pub trait GrpcService:
     Service<
