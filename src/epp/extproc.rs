@@ -385,14 +385,14 @@ impl ExtProc {
             .collect::<Vec<_>>()
             .join(",");
         let mut new_body = None;
-        if let (Some(r), Some(p)) = (&resolved, &parsed) {
+        if let (Some(r), Some(_)) = (&resolved, &parsed) {
             st.requested_model = r.requested.clone();
             st.target_model = r.target.clone();
             st.rewritten = r.rewritten();
             let priority =
                 (cfg.forward_priority && r.priority != 0).then(|| -i64::from(r.priority));
             if r.rewritten() || priority.is_some() {
-                let body = request::rewrite(p, &r.target, priority);
+                let body = request::rewrite(&st.body, &r.target, priority);
                 if !st.full_duplex {
                     extra_headers.push(set_header("content-length", &body.len().to_string()));
                 }
