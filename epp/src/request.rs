@@ -46,6 +46,10 @@ pub enum RequestError {
     MissingModel,
     #[error("\"model\" must be a non-empty string")]
     BadModel,
+    /// The server would read the last copy; a router reading another could send the request
+    /// to the wrong model, so a repeated field routing reads is refused.
+    #[error("request body repeats a field routing reads ({0}); send each field once")]
+    RepeatedField(String),
 }
 
 /// What routing needs from a body.
@@ -229,7 +233,11 @@ pub fn parse_body(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, RequestErr
         serde_json::from_slice::<IgnoredAny>(body).map_err(invalid)?;
         return Err(RequestError::NotAnObject);
     }
-    let f: Fields = serde_json::from_slice(body).map_err(invalid)?;
+    let f: Fields = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        // Every field accepts any JSON value: a data error can only be a repeated field.
+        serde_json::error::Category::Data => RequestError::RepeatedField(e.to_string()),
+        _ => invalid(e),
+    })?;
     let model = match f.model {
         None => return Err(RequestError::MissingModel),
         Some(Value::String(s)) if !s.is_empty() => s,
@@ -386,6 +394,21 @@ mod tests {
             String::from_utf8(rewrite(body, "a", Some(-1))).unwrap(),
             r#"{"model":"a","prompt":"p","max_tokens":3,"priority":-1}"#
         );
+    }
+
+    #[test]
+    fn repeated_routing_fields_are_refused() {
+        let e = parse_body(
+            ApiKind::Completions,
+            br#"{"model":"cheap","prompt":"x","model":"expensive"}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, RequestError::RepeatedField(m) if m.contains("duplicate field `model`")),
+            "{e}"
+        );
+        // Other repeated fields are the server's business.
+        assert!(parse_body(ApiKind::Completions, br#"{"model":"m","n":1,"n":2}"#).is_ok());
     }
 
     #[test]
