@@ -532,6 +532,17 @@ async fn forward_priority_writes_vllm_priorities_into_the_body() {
         "{body}"
     );
     assert_eq!(ask(&fcfs, "chat-standard").await.unwrap().status(), 200);
+    // The server's own error status, read from the response headers, is counted per model.
+    let fr = &fcfs;
+    wait_for("the server's 400 counted", T, || async move {
+        let page = fr.epp_metrics().await;
+        (metric(
+            &page,
+            "inference_objective_request_error_total{model_name=\"chat-critical\",target_model_name=\"meta-llama/Llama-3.1-8B-Instruct\",error_code=\"400\"}",
+        )? == 1.0)
+            .then_some(())
+    })
+    .await;
     drop(fcfs);
     let prio = Fleet::start(FleetOptions {
         sims: 1,

@@ -25,8 +25,8 @@ use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
 use crate::epp::extproc::{
-    ResponseStream, Tx, continue_headers, pass_through, read_headers, reply, send,
-    send_streamed_body, set_header, spawn_processor,
+    ResponseStream, Tx, continue_headers, pass_through, reply, send, send_streamed_body,
+    set_header, spawn_processor,
 };
 use crate::epp::tls;
 use crate::runtime::parse_bool;
@@ -178,8 +178,6 @@ impl Bbr {
                         .protocol_config
                         .as_ref()
                         .is_some_and(|p| p.request_body_mode == FULL_DUPLEX_STREAMED);
-                    let mut hs = std::collections::HashMap::new();
-                    read_headers(h, &mut hs);
                     if h.end_of_stream || !full_duplex {
                         send(tx, continue_headers()).await?;
                         answered = h.end_of_stream;

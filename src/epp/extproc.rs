@@ -566,10 +566,9 @@ impl ExtProc {
                     send(tx, pass_through(req)).await?;
                 }
                 processing_request::Request::ResponseHeaders(h) => {
-                    let mut hs = HashMap::new();
-                    read_headers(h, &mut hs);
-                    st.response_status =
-                        hs.get(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+                    st.response_status = find_header(h, ":status")
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
                     if st.response_status >= 400 {
                         self.record_error(&st, st.response_status);
                         if st.response_status == 404
@@ -649,7 +648,17 @@ impl ExtProc {
     }
 }
 
-pub(crate) fn read_headers(h: &HttpHeaders, out: &mut HashMap<String, String>) {
+/// One header's value (names compared without case), without building a map of them all.
+fn find_header(h: &HttpHeaders, name: &str) -> Option<String> {
+    h.headers
+        .as_ref()?
+        .headers
+        .iter()
+        .find(|hv| hv.key.eq_ignore_ascii_case(name))
+        .map(header_value)
+}
+
+fn read_headers(h: &HttpHeaders, out: &mut HashMap<String, String>) {
     if let Some(map) = &h.headers {
         for hv in &map.headers {
             out.insert(hv.key.to_ascii_lowercase(), header_value(hv));
