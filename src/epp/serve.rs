@@ -123,7 +123,7 @@ pub fn serve_pinned<S: GrpcService>(
 /// One thread's server: registers the connections it is handed with its own reactor, does
 /// the TLS handshake there, and serves them.
 async fn serve_lane<S: GrpcService>(
-    mut conns: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    conns: mpsc::UnboundedReceiver<std::net::TcpStream>,
     svc: S,
     tls: Option<TlsAcceptor>,
     name: &'static str,
@@ -131,55 +131,61 @@ async fn serve_lane<S: GrpcService>(
     let router = tonic::transport::Server::builder().add_service(svc);
     let res = match tls {
         None => {
-            let (tx, rx) = mpsc::channel::<std::io::Result<TcpStream>>(64);
-            tokio::spawn(async move {
-                while let Some(std) = conns.recv().await {
-                    if tx.send(TcpStream::from_std(std)).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            router
-                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
+            let incoming = upgraded(conns, |tcp| async move { Ok(tcp) });
+            router.serve_with_incoming(incoming).await
         }
         Some(acceptor) => {
-            let (tx, rx) = mpsc::channel(64);
-            tokio::spawn(async move {
-                while let Some(std) = conns.recv().await {
-                    let tcp = match TcpStream::from_std(std) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot register a connection");
-                            continue;
-                        }
-                    };
-                    let peer = tcp.peer_addr().ok();
-                    let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                    // Handshakes run beside the server, so a slow client delays no one.
-                    tokio::spawn(async move {
-                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                            .await
-                        {
-                            Ok(Ok(tls)) => {
-                                let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(?peer, error = %e, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
-                        }
-                    });
+            let incoming = upgraded(conns, move |tcp| {
+                let acceptor = acceptor.clone();
+                async move {
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                        .await
+                        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
                 }
             });
-            router
-                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
+            router.serve_with_incoming(incoming).await
         }
     };
     if let Err(e) = res {
         tracing::error!(server = name, error = %e, "gRPC server stopped");
     }
+}
+
+/// The connections handed to this thread, registered with its reactor and passed through
+/// `upgrade` (the TLS handshake, or nothing). Upgrades run beside the server, so a slow
+/// client delays no one; a connection that fails is logged and dropped.
+fn upgraded<IO, F, Fut>(
+    mut conns: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    upgrade: F,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<IO>>
+where
+    IO: Send + 'static,
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<IO>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(std) = conns.recv().await {
+            let tcp = match TcpStream::from_std(std) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register a connection");
+                    continue;
+                }
+            };
+            let peer = tcp.peer_addr().ok();
+            let (conn, tx) = (upgrade(tcp), tx.clone());
+            tokio::spawn(async move {
+                match conn.await {
+                    Ok(io) => {
+                        let _ = tx.send(Ok(io)).await;
+                    }
+                    Err(e) => tracing::debug!(?peer, error = %e, "connection setup failed"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 #[cfg(test)]
