@@ -5,7 +5,8 @@
 # Usage: scripts/bench-envoy.sh [seconds=10] [connections=16] [body_bytes=110]
 # Env: UPSTREAMS (default 4) simulated servers; VARY=1 makes every prompt distinct (fills the
 # prefix index); EPP_ARGS adds EPP flags (e.g. "--worker-threads 1"); BIN_DIR uses prebuilt
-# binaries (e.g. a profiling build) instead of building target/release. EPP CPU per request subtracts the EPP's idle (scraping) CPU measured first.
+# binaries (e.g. a profiling build) instead of building target/release; PLAIN=1 serves ext_proc
+# without TLS (--secure-serving=false) to show what TLS costs. EPP CPU per request subtracts the EPP's idle (scraping) CPU measured first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}; CONN=${2:-16}; BODY_BYTES=${3:-110}; UPSTREAMS=${UPSTREAMS:-4}
@@ -26,7 +27,7 @@ mapfile -t SIMS < <(sed -n 's/^VLLM_SIM_LISTENING //p' "$W/sim.out")
 { echo "pool: {name: bench}"; echo "endpoints:"; for s in "${SIMS[@]}"; do echo "- address: $s"; done; } >"$W/pool.yaml"
 
 "$B/epp" --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
-  --pool-file "$W/pool.yaml" --log-filter warn ${EPP_ARGS:-} >"$W/epp.out" 2>"$W/epp.log" &
+  --pool-file "$W/pool.yaml" --log-filter warn ${PLAIN:+--secure-serving=false} ${EPP_ARGS:-} >"$W/epp.out" 2>"$W/epp.log" &
 EPP_PID=$!; pids+=($EPP_PID)
 echo "$EPP_PID" > "${EPP_PID_FILE:-/dev/null}"
 for _ in $(seq 100); do grep -q EPP_LISTENING "$W/epp.out" && break; sleep 0.1; done
@@ -36,6 +37,13 @@ start_envoy() { # name template body_mode trailer_mode -> sets PORT
   local n=$1
   sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP_PORT/; s/\${BODY_MODE}/$3/; s/\${TRAILER_MODE}/$4/; s/\${FAILURE_MODE_ALLOW}/false/" \
     "deploy/envoy/$2" >"$W/$n.yaml"
+  # PLAIN=1: the EPP serves plain-text gRPC (--secure-serving=false), so drop Envoy's TLS block.
+  [ -n "${PLAIN:-}" ] && python3 - "$W/$n.yaml" <<'PY'
+import re, sys
+p = sys.argv[1]; s = open(p).read()
+s = re.sub(r"\n    # The EPP serves TLS.*?alpn_protocols: \[\"h2\"\]", "", s, flags=re.S)
+open(p, "w").write(s)
+PY
   .venv/bin/envoy -c "$W/$n.yaml" --use-dynamic-base-id --concurrency 1 -l error \
     --admin-address-path "$W/$n.admin" >"$W/$n.log" 2>&1 &
   pids+=($!); echo $! >"$W/$n.pid"

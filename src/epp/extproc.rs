@@ -95,7 +95,7 @@ impl Reject {
 
 #[derive(Default)]
 struct RequestState {
-    headers: HashMap<String, String>,
+    headers: RequestHeaders,
     full_duplex: bool,
     body: Vec<u8>,
     subset: Option<Vec<String>>,
@@ -106,6 +106,46 @@ struct RequestState {
     usage: Option<UsageParser>,
     response_status: u16,
 }
+
+/// The request headers routing reads; the others are left unread (no copies, no map).
+#[derive(Default)]
+struct RequestHeaders {
+    path: Option<String>,
+    request_id: bool,
+    objective: Option<String>,
+    model_rewrite: Option<String>,
+}
+
+impl RequestHeaders {
+    /// Reads `h` into the wanted fields (names compared without case; a repeated header's
+    /// last copy wins, as a map would have kept it).
+    fn read(&mut self, h: &HttpHeaders) {
+        let Some(map) = &h.headers else { return };
+        for hv in &map.headers {
+            let slot = if hv.key.eq_ignore_ascii_case(":path") {
+                &mut self.path
+            } else if hv.key.eq_ignore_ascii_case(REQUEST_ID_HEADER) {
+                self.request_id = true;
+                continue;
+            } else if hv.key.eq_ignore_ascii_case(OBJECTIVE_HEADER) {
+                &mut self.objective
+            } else if hv.key.eq_ignore_ascii_case(MODEL_REWRITE_HEADER) {
+                &mut self.model_rewrite
+            } else {
+                continue;
+            };
+            *slot = Some(header_value(hv));
+        }
+    }
+
+    fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("")
+    }
+}
+
+const REQUEST_ID_HEADER: &str = "x-request-id";
+const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
 
 fn header_value(h: &HeaderValue) -> String {
     if h.raw_value.is_empty() {
@@ -244,14 +284,13 @@ impl ExtProc {
     /// Picks for a request; the only shared writes are atomics and the prefix index.
     fn decide(&self, st: &mut RequestState) -> Result<Decision, Reject> {
         let started = Instant::now();
-        let path = st.headers.get(":path").cloned().unwrap_or_default();
-        let api = ApiKind::from_path(&path);
+        let api = ApiKind::from_path(st.headers.path());
         let snap = self.shared.snapshot.load();
         let cfg = self.shared.scheduler.load();
         let mut extra_headers = Vec::new();
-        if !st.headers.contains_key("x-request-id") {
+        if !st.headers.request_id {
             let id = format!("{:032x}", rand::random::<u128>());
-            extra_headers.push(set_header("x-request-id", &id));
+            extra_headers.push(set_header(REQUEST_ID_HEADER, &id));
         }
         let parsed = if st.body.is_empty() {
             None
@@ -263,14 +302,8 @@ impl ExtProc {
         };
         let (resolved, prompt) = match &parsed {
             Some(p) => {
-                let objective = st
-                    .headers
-                    .get("x-gateway-inference-objective")
-                    .map(String::as_str);
-                let rewrite = st
-                    .headers
-                    .get("x-gateway-model-name-rewrite")
-                    .map(String::as_str);
+                let objective = st.headers.objective.as_deref();
+                let rewrite = st.headers.model_rewrite.as_deref();
                 let r = snap
                     .rules
                     .resolve(&p.model, objective, rewrite, rand::random::<f64>())
@@ -496,7 +529,7 @@ impl ExtProc {
             }
             Err(r) => {
                 self.record_error(st, r.status);
-                tracing::info!(status = r.status, reason = %r.message, path = %st.headers.get(":path").map(String::as_str).unwrap_or(""), "request rejected");
+                tracing::info!(status = r.status, reason = %r.message, path = %st.headers.path(), "request rejected");
                 send(tx, immediate(&r)).await?;
                 Ok(false)
             }
@@ -530,7 +563,7 @@ impl ExtProc {
                         .protocol_config
                         .as_ref()
                         .is_some_and(|p| p.request_body_mode == FULL_DUPLEX_STREAMED);
-                    read_headers(h, &mut st.headers);
+                    st.headers.read(h);
                     st.subset = subset_hint(&msg);
                     if h.end_of_stream {
                         if !self.route(&mut st, tx).await? {
@@ -658,14 +691,6 @@ fn find_header(h: &HttpHeaders, name: &str) -> Option<String> {
         .map(header_value)
 }
 
-fn read_headers(h: &HttpHeaders, out: &mut HashMap<String, String>) {
-    if let Some(map) = &h.headers {
-        for hv in &map.headers {
-            out.insert(hv.key.to_ascii_lowercase(), header_value(hv));
-        }
-    }
-}
-
 /// Answers a FULL_DUPLEX_STREAMED request body: the (possibly rewritten) body echoed back in
 /// <= 64 KiB `streamed_response` chunks, the last one marked end of stream.
 pub(crate) async fn send_streamed_body(tx: &Tx, body: &[u8]) -> Result<(), Status> {
@@ -748,5 +773,49 @@ impl ExternalProcessor for ExtProc {
             tracing::debug_span!("ext_proc"),
             move |tx| async move { this.handle_stream(&mut inbound, &tx).await },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+
+    fn headers(pairs: &[(&str, &str)]) -> HttpHeaders {
+        HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: (*k).into(),
+                        raw_value: v.as_bytes().to_vec(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn request_headers_keep_only_what_routing_reads() {
+        let mut h = RequestHeaders::default();
+        h.read(&headers(&[
+            (":path", "/v1/chat/completions"),
+            ("X-Request-Id", "abc"),
+            ("x-gateway-inference-objective", "first"),
+            ("X-Gateway-Inference-Objective", "critical"),
+            ("user-agent", "curl"),
+        ]));
+        assert_eq!(h.path(), "/v1/chat/completions");
+        assert!(h.request_id);
+        assert_eq!(h.objective.as_deref(), Some("critical"));
+        assert_eq!(h.model_rewrite, None);
+
+        let mut h = RequestHeaders::default();
+        h.read(&headers(&[("x-gateway-model-name-rewrite", "fast")]));
+        assert_eq!(h.path(), "");
+        assert!(!h.request_id);
+        assert_eq!(h.model_rewrite.as_deref(), Some("fast"));
     }
 }
