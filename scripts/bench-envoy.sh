@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Load run through a real Envoy: Envoy direct (client sets the destination header) vs Envoy +
-# EPP (BUFFERED and FULL_DUPLEX_STREAMED), same upstream fleet, same run. Prints a Markdown
-# table with req/s, latency percentiles and EPP CPU per request. Needs wrk (apt-get install wrk).
+# EPP (BUFFERED and FULL_DUPLEX_STREAMED) vs Envoy + extproc-floor (no routing work, on the
+# EPP's serving stack and straight on h2), same upstream fleet, same run. Prints a Markdown table with req/s,
+# latency percentiles and ext_proc CPU per request. Needs wrk (apt-get install wrk).
 # Usage: scripts/bench-envoy.sh [seconds=10] [connections=16] [body_bytes=110]
 # Env: UPSTREAMS (default 4) simulated servers; VARY=1 makes every prompt distinct (fills the
 # prefix index); EPP_ARGS adds EPP flags (e.g. "--worker-threads 1"); BIN_DIR uses prebuilt
 # binaries (e.g. a profiling build) instead of building target/release; PLAIN=1 serves ext_proc
-# without TLS (--secure-serving=false) to show what TLS costs. EPP CPU per request subtracts the EPP's idle (scraping) CPU measured first.
+# without TLS (--secure-serving=false) to show what TLS costs. EPP CPU per request subtracts
+# the EPP's idle (scraping) CPU measured first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}; CONN=${2:-16}; BODY_BYTES=${3:-110}; UPSTREAMS=${UPSTREAMS:-4}
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install -y wrk" >&2; exit 1; }
 scripts/install-envoy.sh >/dev/null
-if [ -z "${BIN_DIR:-}" ]; then cargo build --release --locked --bin epp --bin vllm-sim 2>&1 | tail -1; fi
+if [ -z "${BIN_DIR:-}" ]; then cargo build --release --locked --bin epp --bin vllm-sim --bin extproc-floor 2>&1 | tail -1; fi
 B=${BIN_DIR:-target/release}
 W=$(mktemp -d)
 pids=()
@@ -33,9 +35,22 @@ echo "$EPP_PID" > "${EPP_PID_FILE:-/dev/null}"
 for _ in $(seq 100); do grep -q EPP_LISTENING "$W/epp.out" && break; sleep 0.1; done
 EPP_PORT=$(sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p' "$W/epp.out")
 
-start_envoy() { # name template body_mode trailer_mode -> sets PORT
+# The floors (in-run baselines): the same message pattern with no routing work, on the EPP's
+# serving stack (tonic) and straight on the h2 crate.
+FLOOR_ENDPOINTS=$(IFS=,; echo "${SIMS[*]}")
+start_floor() { # stack -> sets FLOOR_PID, FLOOR_PORT
+  "$B/extproc-floor" --stack "$1" --endpoints "$FLOOR_ENDPOINTS" ${PLAIN:+--secure-serving=false} \
+    --log-filter warn >"$W/floor-$1.out" 2>"$W/floor-$1.log" &
+  FLOOR_PID=$!; pids+=($FLOOR_PID)
+  for _ in $(seq 100); do grep -q FLOOR_LISTENING "$W/floor-$1.out" && break; sleep 0.1; done
+  FLOOR_PORT=$(sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p' "$W/floor-$1.out")
+}
+start_floor tonic; TONIC_PID=$FLOOR_PID; TONIC_PORT=$FLOOR_PORT
+start_floor h2; H2_PID=$FLOOR_PID; H2_PORT=$FLOOR_PORT
+
+start_envoy() { # name template body_mode trailer_mode [ext_proc port] -> sets PORT
   local n=$1
-  sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP_PORT/; s/\${BODY_MODE}/$3/; s/\${TRAILER_MODE}/$4/; s/\${FAILURE_MODE_ALLOW}/false/" \
+  sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/${5:-$EPP_PORT}/; s/\${BODY_MODE}/$3/; s/\${TRAILER_MODE}/$4/; s/\${FAILURE_MODE_ALLOW}/false/" \
     "deploy/envoy/$2" >"$W/$n.yaml"
   # PLAIN=1: the EPP serves plain-text gRPC (--secure-serving=false), so drop Envoy's TLS block.
   [ -n "${PLAIN:-}" ] && python3 - "$W/$n.yaml" <<'PY'
@@ -59,6 +74,10 @@ PY
 start_envoy direct envoy-direct.yaml.tmpl BUFFERED SKIP; DIRECT=$PORT
 start_envoy buffered envoy-epp.yaml.tmpl BUFFERED SKIP; BUF=$PORT
 start_envoy duplex envoy-epp.yaml.tmpl FULL_DUPLEX_STREAMED SEND; DUPLEX=$PORT
+start_envoy tonic-buffered envoy-epp.yaml.tmpl BUFFERED SKIP "$TONIC_PORT"; TONIC_BUF=$PORT
+start_envoy tonic-duplex envoy-epp.yaml.tmpl FULL_DUPLEX_STREAMED SEND "$TONIC_PORT"; TONIC_DUPLEX=$PORT
+start_envoy h2-buffered envoy-epp.yaml.tmpl BUFFERED SKIP "$H2_PORT"; H2_BUF=$PORT
+start_envoy h2-duplex envoy-epp.yaml.tmpl FULL_DUPLEX_STREAMED SEND "$H2_PORT"; H2_DUPLEX=$PORT
 
 # A chat body of about BODY_BYTES bytes; the direct run rotates the destination header itself.
 python3 - "$BODY_BYTES" >"$W/body.json" <<'PY'
@@ -85,34 +104,40 @@ end
 LUA
 
 ticks() { awk '{print $14+$15}' "/proc/${1:-$EPP_PID}/stat"; }
+sys_ticks() { awk '{print $15}' "/proc/$1/stat"; }
 # The EPP's own cost while idle: scraping every endpoint every 50 ms.
 sleep 1
 i0=$(ticks); sleep "$DUR"; i1=$(ticks)
 IDLE_TPS=$(python3 -c "print(($i1-$i0)/$DUR)")
-run() { # label port direct? envoy-name
+run() { # label port direct? envoy-name [ext_proc pid] [its idle ticks/s]
   local epid; epid=$(cat "$W/$4.pid")
-  local t0; t0=$(ticks); local e0; e0=$(ticks "$epid")
+  local xpid=${5:-$EPP_PID} idle=${6:-$IDLE_TPS}
+  local t0; t0=$(ticks "$xpid"); local e0; e0=$(ticks "$epid"); local s0; s0=$(sys_ticks "$xpid")
   local out; out=$(DIRECT=$3 wrk -t1 -c"$CONN" -d"${DUR}s" --latency -s "$W/post.lua" "http://127.0.0.1:$2" 2>&1)
-  local t1; t1=$(ticks); local e1; e1=$(ticks "$epid")
+  local t1; t1=$(ticks "$xpid"); local e1; e1=$(ticks "$epid"); local s1; s1=$(sys_ticks "$xpid")
   local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   local p50; p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   local p99; p99=$(echo "$out" | awk '$1=="99%" {print $2}')
   local non2xx; non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-  local cpu_us="-"
-  [ -z "$3" ] && cpu_us=$(python3 -c "print(round(max(0, ($t1-$t0) - $IDLE_TPS*$DUR)*10000/max(1,$reqs),1))")
+  local cpu_us="-" sys_us="-"
+  [ -z "$3" ] && { cpu_us=$(python3 -c "print(round(max(0, ($t1-$t0) - $idle*$DUR)*10000/max(1,$reqs),1))"); sys_us=$(python3 -c "print(round(($s1-$s0)*10000/max(1,$reqs),1))"); }
   local envoy_us; envoy_us=$(python3 -c "print(round(($e1-$e0)*10000/max(1,$reqs),1))")
-  echo "| $1 | $rps | $p50 | $p99 | ${non2xx:-0} | $envoy_us | $cpu_us |"
-  echo "$rps" >"$W/$1.rps"
+  echo "| $1 | $rps | $p50 | $p99 | ${non2xx:-0} | $envoy_us | $cpu_us | $sys_us |"
+  echo "$rps" >"$W/$1.rps"; echo "$cpu_us" >"$W/$1.cpu"
 }
 echo "Envoy 1.40, ${CONN} connections, ${DUR} s each, ${BODY_BYTES}-byte chat bodies${VARY:+ (distinct prompts)}, ${UPSTREAMS} upstreams (vllm-sim --time-scale 0)"
 echo "EPP idle (scraping ${UPSTREAMS} endpoints every 50 ms): $(python3 -c "print(round($IDLE_TPS/100, 3))") cores"
 echo
-echo "| setup | req/s | p50 | p99 | non-2xx | Envoy CPU us/req | EPP CPU us/req |"
-echo "|---|---|---|---|---|---|---|"
+echo "| setup | req/s | p50 | p99 | non-2xx | Envoy CPU us/req | ext_proc CPU us/req | of which kernel |"
+echo "|---|---|---|---|---|---|---|---|"
 run envoy-direct "$DIRECT" 1 direct
 run envoy+epp-buffered "$BUF" "" buffered
 run envoy+epp-full-duplex "$DUPLEX" "" duplex
+run envoy+floor-tonic-buffered "$TONIC_BUF" "" tonic-buffered "$TONIC_PID" 0
+run envoy+floor-tonic-full-duplex "$TONIC_DUPLEX" "" tonic-duplex "$TONIC_PID" 0
+run envoy+floor-h2-buffered "$H2_BUF" "" h2-buffered "$H2_PID" 0
+run envoy+floor-h2-full-duplex "$H2_DUPLEX" "" h2-duplex "$H2_PID" 0
 echo
 echo "EPP resident memory after the runs: $(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$EPP_PID/status"), peak $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' "/proc/$EPP_PID/status")"
 python3 - "$W" <<'PY'
@@ -123,4 +148,8 @@ for m in ["envoy+epp-buffered", "envoy+epp-full-duplex"]:
     r = float(open(f"{w}/{m}.rps").read())
     print(f"\n{m}: {100*r/d:.0f}% of Envoy direct (target >= 45%)", end="")
 print()
+for mode in ["buffered", "full-duplex"]:
+    cpu = lambda name: float(open(f"{w}/envoy+{name}-{mode}.cpu").read())
+    e, f, h = cpu("epp"), cpu("floor-tonic"), cpu("floor-h2")
+    print(f"{mode}: EPP {e} us/req = tonic floor {f} + routing work {e - f:.1f}; h2 floor {h}")
 PY

@@ -2,6 +2,7 @@
 
 pub mod driver;
 pub mod fleet;
+pub mod floor;
 pub mod report;
 pub mod workload;
 

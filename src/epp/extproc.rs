@@ -691,21 +691,18 @@ fn find_header(h: &HttpHeaders, name: &str) -> Option<String> {
         .map(header_value)
 }
 
-/// Answers a FULL_DUPLEX_STREAMED request body: the (possibly rewritten) body echoed back in
-/// <= 64 KiB `streamed_response` chunks, the last one marked end of stream.
-pub(crate) async fn send_streamed_body(tx: &Tx, body: &[u8]) -> Result<(), Status> {
-    let chunks: Vec<&[u8]> = if body.is_empty() {
-        vec![&[][..]]
-    } else {
-        body.chunks(STREAM_CHUNK).collect()
-    };
-    let n = chunks.len();
-    for (i, c) in chunks.into_iter().enumerate() {
+/// The answers to a FULL_DUPLEX_STREAMED request body: the (possibly rewritten) body echoed
+/// back in <= 64 KiB `streamed_response` chunks, the last one marked end of stream.
+pub(crate) fn streamed_body(body: &[u8]) -> impl Iterator<Item = ProcessingResponse> + '_ {
+    let n = body.len().div_ceil(STREAM_CHUNK).max(1);
+    (0..n).map(move |i| {
+        let chunk =
+            &body[(i * STREAM_CHUNK).min(body.len())..((i + 1) * STREAM_CHUNK).min(body.len())];
         let r = CommonResponse {
             body_mutation: Some(BodyMutation {
                 mutation: Some(body_mutation::Mutation::StreamedResponse(
                     StreamedBodyResponse {
-                        body: c.to_vec(),
+                        body: chunk.to_vec(),
                         end_of_stream: i + 1 == n,
                         ..Default::default()
                     },
@@ -713,13 +710,16 @@ pub(crate) async fn send_streamed_body(tx: &Tx, body: &[u8]) -> Result<(), Statu
             }),
             ..Default::default()
         };
-        send(
-            tx,
-            reply(processing_response::Response::RequestBody(BodyResponse {
-                response: Some(r),
-            })),
-        )
-        .await?;
+        reply(processing_response::Response::RequestBody(BodyResponse {
+            response: Some(r),
+        }))
+    })
+}
+
+/// Sends [`streamed_body`]'s answers.
+pub(crate) async fn send_streamed_body(tx: &Tx, body: &[u8]) -> Result<(), Status> {
+    for r in streamed_body(body) {
+        send(tx, r).await?;
     }
     Ok(())
 }
@@ -817,5 +817,32 @@ mod tests {
         assert_eq!(h.path(), "");
         assert!(!h.request_id);
         assert_eq!(h.model_rewrite.as_deref(), Some("fast"));
+    }
+
+    fn chunks(body: &[u8]) -> Vec<(usize, bool)> {
+        streamed_body(body)
+            .map(|r| match r.response {
+                Some(processing_response::Response::RequestBody(BodyResponse {
+                    response: Some(c),
+                })) => match c.body_mutation.and_then(|m| m.mutation) {
+                    Some(body_mutation::Mutation::StreamedResponse(s)) => {
+                        (s.body.len(), s.end_of_stream)
+                    }
+                    other => panic!("not a streamed body: {other:?}"),
+                },
+                other => panic!("not a body answer: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn streamed_bodies_go_back_in_64_kib_chunks_the_last_marked() {
+        assert_eq!(chunks(b""), [(0, true)]);
+        assert_eq!(chunks(&[b'x'; 10]), [(10, true)]);
+        assert_eq!(chunks(&[b'x'; STREAM_CHUNK]), [(STREAM_CHUNK, true)]);
+        assert_eq!(
+            chunks(&vec![b'x'; 2 * STREAM_CHUNK + 1]),
+            [(STREAM_CHUNK, false), (STREAM_CHUNK, false), (1, true)]
+        );
     }
 }
