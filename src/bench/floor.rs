@@ -14,7 +14,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::{Args, ValueEnum};
@@ -231,15 +230,7 @@ pub async fn start(args: FloorArgs) -> Result<SocketAddr, FloorError> {
 
 async fn h2_accept(listener: tokio::net::TcpListener, floor: Floor, tls: Option<TlsAcceptor>) {
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = serve::accept_nodelay(&listener).await;
         let (floor, tls) = (floor.clone(), tls.clone());
         tokio::spawn(async move {
             let res = match tls {

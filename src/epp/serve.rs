@@ -93,17 +93,7 @@ pub fn serve_pinned<S: GrpcService>(
     let next = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
-            let tcp = match listener.accept().await {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            // gRPC writes small frames: with Nagle on, each answer waits for the peer's
-            // delayed ACK (~40 ms on Linux) whenever a previous segment is unacknowledged.
-            let _ = tcp.set_nodelay(true);
+            let tcp = accept_nodelay(&listener).await;
             let std = match tcp.into_std() {
                 Ok(s) => s,
                 Err(e) => {
@@ -118,6 +108,25 @@ pub fn serve_pinned<S: GrpcService>(
         }
     });
     Ok(())
+}
+
+/// The next accepted connection, with Nagle off. A failed accept (out of descriptors, say)
+/// is logged and retried after a pause rather than ending the server.
+pub async fn accept_nodelay(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                // gRPC writes small frames: with Nagle on, each answer waits for the peer's
+                // delayed ACK (~40 ms on Linux) whenever a previous segment is unacknowledged.
+                let _ = tcp.set_nodelay(true);
+                return tcp;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// One thread's server: registers the connections it is handed with its own reactor, does
