@@ -132,7 +132,7 @@ done
 stats
 echo "   a response carries the name the client sent:"
 curl -s "$GW/v1/chat/completions" -H 'content-type: application/json' \
-  -d '{"model":"food-review","messages":[{"role":"user","content":"Is the pasta good?"}],"max_tokens":6}' | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  ", r["model"], "->", r["choices"][0]["message"]["content"])'
+  -d '{"model":"food-review","messages":[{"role":"user","content":"Is the pasta good?"}],"max_tokens":6}' | python3 -c 'import json,sys; r=json.load(sys.stdin); print("   model:", r["model"], "| reply:", r["choices"][0]["message"]["content"])'
 
 echo "== 6. streaming (SSE) through the gateway, usage included"
 curl -sN "$GW/v1/chat/completions" -H 'content-type: application/json' \

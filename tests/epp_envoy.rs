@@ -452,7 +452,13 @@ async fn sheddable_requests_get_429_when_saturated_and_critical_are_served() {
         .await;
     assert_eq!(s, 200, "{body}");
     let page = f.epp_metrics().await;
-    assert!(page.contains("error_code=\"429\""), "{page}");
+    // Counted under the model the client asked for, like upstream.
+    assert!(
+        page.contains(&format!(
+            "inference_objective_request_error_total{{model_name=\"batch\",target_model_name=\"{BASE}\",error_code=\"429\"}}"
+        )),
+        "{page}"
+    );
     for l in load {
         assert_eq!(l.await.unwrap().unwrap(), 200);
     }

@@ -302,6 +302,9 @@ impl ExtProc {
         };
         let (resolved, prompt) = match &parsed {
             Some(p) => {
+                // Named before anything can reject the request, so its errors (404, 429,
+                // 503) are counted under the model, as upstream does.
+                st.requested_model.clone_from(&p.model);
                 let objective = st.headers.objective.as_deref();
                 let rewrite = st.headers.model_rewrite.as_deref();
                 let r = snap
@@ -313,6 +316,8 @@ impl ExtProc {
                         }
                         _ => Reject::new(400, "BadRequest", e.to_string()),
                     })?;
+                st.requested_model.clone_from(&r.requested);
+                st.target_model.clone_from(&r.target);
                 (Some(r), p.prompt.as_str())
             }
             None => (None, ""),
@@ -419,8 +424,6 @@ impl ExtProc {
             .join(",");
         let mut new_body = None;
         if let (Some(r), Some(_)) = (&resolved, &parsed) {
-            st.requested_model = r.requested.clone();
-            st.target_model = r.target.clone();
             st.rewritten = r.rewritten();
             let priority =
                 (cfg.forward_priority && r.priority != 0).then(|| -i64::from(r.priority));
