@@ -25,8 +25,8 @@ use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
 use crate::epp::extproc::{
-    ResponseStream, Tx, continue_headers, pass_through, reply, send, send_streamed_body,
-    set_header, spawn_processor,
+    ResponseStream, Tx, continue_headers, is_full_duplex, pass_through, reply, send,
+    send_streamed_body, set_header, spawn_processor,
 };
 use crate::epp::tls;
 use crate::runtime::parse_bool;
@@ -35,7 +35,6 @@ use crate::runtime::parse_bool;
 pub const MODEL_HEADER: &str = "x-gateway-model-name";
 /// Header naming its base model (empty when unknown); HTTPRoutes match on it.
 pub const BASE_MODEL_HEADER: &str = "x-gateway-base-model-name";
-const FULL_DUPLEX_STREAMED: i32 = 4;
 
 /// Errors that stop BBR from starting.
 #[derive(Debug, Error)]
@@ -174,10 +173,7 @@ impl Bbr {
             };
             match req {
                 processing_request::Request::RequestHeaders(h) => {
-                    full_duplex = msg
-                        .protocol_config
-                        .as_ref()
-                        .is_some_and(|p| p.request_body_mode == FULL_DUPLEX_STREAMED);
+                    full_duplex = is_full_duplex(&msg);
                     if h.end_of_stream || !full_duplex {
                         send(tx, continue_headers()).await?;
                         answered = h.end_of_stream;

@@ -31,13 +31,11 @@ use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::epp::extproc::{
-    DESTINATION_HEADER, ResponseStream, continue_headers, pass_through, reply, send, set_header,
-    spawn_processor, streamed_body,
+    DESTINATION_HEADER, ResponseStream, continue_headers, is_full_duplex, pass_through, reply,
+    send, set_header, spawn_processor, streamed_body,
 };
 use crate::epp::{serve, tls};
 use crate::runtime::parse_bool;
-
-const FULL_DUPLEX_STREAMED: i32 = 4;
 
 /// Which server stack answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,10 +128,7 @@ impl Floor {
         };
         match req {
             R::RequestHeaders(h) => {
-                st.full_duplex = msg
-                    .protocol_config
-                    .as_ref()
-                    .is_some_and(|p| p.request_body_mode == FULL_DUPLEX_STREAMED);
+                st.full_duplex = is_full_duplex(msg);
                 if h.end_of_stream {
                     let response = Some(self.decision(false));
                     out.push(reply(A::RequestHeaders(HeadersResponse { response })));

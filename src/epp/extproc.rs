@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders,
@@ -36,8 +37,15 @@ pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
 const LB_NAMESPACE: &str = "envoy.lb";
-const FULL_DUPLEX_STREAMED: i32 = 4;
 const STREAM_CHUNK: usize = 64 * 1024;
+
+/// Whether Envoy streams this request's body in FULL_DUPLEX_STREAMED mode (read from the
+/// request headers message's protocol config; every later message follows that mode).
+pub(crate) fn is_full_duplex(msg: &ProcessingRequest) -> bool {
+    msg.protocol_config
+        .as_ref()
+        .is_some_and(|p| p.request_body_mode == BodySendMode::FullDuplexStreamed as i32)
+}
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -562,10 +570,7 @@ impl ExtProc {
             };
             match req {
                 processing_request::Request::RequestHeaders(h) => {
-                    st.full_duplex = msg
-                        .protocol_config
-                        .as_ref()
-                        .is_some_and(|p| p.request_body_mode == FULL_DUPLEX_STREAMED);
+                    st.full_duplex = is_full_duplex(&msg);
                     st.headers.read(h);
                     st.subset = subset_hint(&msg);
                     if h.end_of_stream {
@@ -698,25 +703,28 @@ fn find_header(h: &HttpHeaders, name: &str) -> Option<String> {
 /// back in <= 64 KiB `streamed_response` chunks, the last one marked end of stream.
 pub(crate) fn streamed_body(body: &[u8]) -> impl Iterator<Item = ProcessingResponse> + '_ {
     let n = body.len().div_ceil(STREAM_CHUNK).max(1);
-    (0..n).map(move |i| {
-        let chunk =
-            &body[(i * STREAM_CHUNK).min(body.len())..((i + 1) * STREAM_CHUNK).min(body.len())];
-        let r = CommonResponse {
-            body_mutation: Some(BodyMutation {
-                mutation: Some(body_mutation::Mutation::StreamedResponse(
-                    StreamedBodyResponse {
-                        body: chunk.to_vec(),
-                        end_of_stream: i + 1 == n,
-                        ..Default::default()
-                    },
-                )),
-            }),
-            ..Default::default()
-        };
-        reply(processing_response::Response::RequestBody(BodyResponse {
-            response: Some(r),
-        }))
-    })
+    // An empty body still gets its one end-of-stream answer.
+    let empty = body.is_empty().then_some(&[][..]);
+    body.chunks(STREAM_CHUNK)
+        .chain(empty)
+        .enumerate()
+        .map(move |(i, chunk)| {
+            let r = CommonResponse {
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(body_mutation::Mutation::StreamedResponse(
+                        StreamedBodyResponse {
+                            body: chunk.to_vec(),
+                            end_of_stream: i + 1 == n,
+                            ..Default::default()
+                        },
+                    )),
+                }),
+                ..Default::default()
+            };
+            reply(processing_response::Response::RequestBody(BodyResponse {
+                response: Some(r),
+            }))
+        })
 }
 
 /// Sends [`streamed_body`]'s answers.
