@@ -170,9 +170,24 @@ async fn routes_through_envoy_and_rejects_bad_bodies() {
             .contains("not valid JSON"),
         "{v}"
     );
-    let (s, body) = f.complete(json!({"prompt": "x"})).await;
-    assert_eq!(s, 400);
+    let r =
+        f.c.post(f.url("/v1/completions"))
+            .header("x-request-id", "trace-me-400")
+            .json(&json!({"prompt": "x"}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
     assert!(body.contains("no \\\"model\\\" field"), "{body}");
+    // The rejection is logged with the request's id, so a client's report can be found.
+    wait_for("the rejection logged with its request id", T, || async {
+        let logs = f.epp.proc.logs();
+        logs.lines()
+            .any(|l| l.contains("request rejected") && l.contains("trace-me-400"))
+            .then_some(())
+    })
+    .await;
     // No body at all: picked on the headers message.
     let r = f.c.get(f.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 200);

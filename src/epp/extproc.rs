@@ -119,7 +119,8 @@ struct RequestState {
 #[derive(Default)]
 struct RequestHeaders {
     path: Option<String>,
-    request_id: bool,
+    /// The gateway's `x-request-id`, or the one the EPP generated; carried into the logs.
+    request_id: Option<String>,
     objective: Option<String>,
     model_rewrite: Option<String>,
 }
@@ -133,8 +134,7 @@ impl RequestHeaders {
             let slot = if hv.key.eq_ignore_ascii_case(":path") {
                 &mut self.path
             } else if hv.key.eq_ignore_ascii_case(REQUEST_ID_HEADER) {
-                self.request_id = true;
-                continue;
+                &mut self.request_id
             } else if hv.key.eq_ignore_ascii_case(OBJECTIVE_HEADER) {
                 &mut self.objective
             } else if hv.key.eq_ignore_ascii_case(MODEL_REWRITE_HEADER) {
@@ -148,6 +148,10 @@ impl RequestHeaders {
 
     fn path(&self) -> &str {
         self.path.as_deref().unwrap_or("")
+    }
+
+    fn request_id(&self) -> &str {
+        self.request_id.as_deref().unwrap_or("")
     }
 }
 
@@ -296,9 +300,10 @@ impl ExtProc {
         let snap = self.shared.snapshot.load();
         let cfg = self.shared.scheduler.load();
         let mut extra_headers = Vec::new();
-        if !st.headers.request_id {
+        if st.headers.request_id.is_none() {
             let id = format!("{:032x}", rand::random::<u128>());
             extra_headers.push(set_header(REQUEST_ID_HEADER, &id));
+            st.headers.request_id = Some(id);
         }
         let parsed = if st.body.is_empty() {
             None
@@ -460,7 +465,7 @@ impl ExtProc {
         self.metrics
             .scheduler_e2e
             .observe(started.elapsed().as_secs_f64());
-        tracing::debug!(model = %st.requested_model, target = %st.target_model, endpoint = %destination, "picked");
+        tracing::debug!(request_id = st.headers.request_id(), model = %st.requested_model, target = %st.target_model, endpoint = %destination, "picked");
         Ok(Decision {
             destination,
             extra_headers,
@@ -540,7 +545,14 @@ impl ExtProc {
             }
             Err(r) => {
                 self.record_error(st, r.status);
-                tracing::info!(status = r.status, reason = %r.message, path = %st.headers.path(), "request rejected");
+                tracing::info!(
+                    request_id = st.headers.request_id(),
+                    model = %st.requested_model,
+                    status = r.status,
+                    reason = %r.message,
+                    path = %st.headers.path(),
+                    "request rejected"
+                );
                 send(tx, immediate(&r)).await?;
                 Ok(false)
             }
@@ -819,14 +831,14 @@ mod tests {
             ("user-agent", "curl"),
         ]));
         assert_eq!(h.path(), "/v1/chat/completions");
-        assert!(h.request_id);
+        assert_eq!(h.request_id(), "abc");
         assert_eq!(h.objective.as_deref(), Some("critical"));
         assert_eq!(h.model_rewrite, None);
 
         let mut h = RequestHeaders::default();
         h.read(&headers(&[("x-gateway-model-name-rewrite", "fast")]));
         assert_eq!(h.path(), "");
-        assert!(!h.request_id);
+        assert_eq!(h.request_id, None);
         assert_eq!(h.model_rewrite.as_deref(), Some("fast"));
     }
 
