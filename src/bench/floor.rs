@@ -7,7 +7,8 @@
 //!   a task and channel per stream), so the EPP's CPU per request minus the floor's, measured
 //!   in the same run, is what routing itself costs;
 //! - `h2`: the same answers straight on the `h2` crate (gRPC's 5-byte framing done here, no
-//!   hyper, tower or tonic, no task hand-off), the least a Rust HTTP/2 server does for this
+//!   hyper, tower or tonic; one task per stream that answers in place, no channel to a second
+//!   task), the least a Rust HTTP/2 server does for this
 //!   exchange: how far below tonic the transport could go. Benchmark use only: it implements
 //!   no gRPC deadlines, compression or error statuses.
 
