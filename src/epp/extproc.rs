@@ -23,7 +23,6 @@ use inferlane_epp::scheduler::{Candidate, ModelPresence, PickInput, pool_saturat
 use inferlane_epp::{PickError, RuleError};
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -757,29 +756,66 @@ pub(crate) async fn send(tx: &Tx, resp: ProcessingResponse) -> Result<(), Status
 pub(crate) type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
-/// Runs one ext_proc stream's handler on the worker pool and returns its answers as the
-/// response stream. A handler error ends the stream with that gRPC status: never silently,
-/// or Envoy would forward the request without a decision.
+/// Runs one ext_proc stream's handler inside its response stream and returns its answers as
+/// that stream. A handler error ends the stream with that gRPC status: never silently, or
+/// Envoy would forward the request without a decision.
+///
+/// The handler is polled by the task that writes the answers (hyper's per-stream task), not
+/// spawned as a task of its own: no second task per request and no cross-task wake-up per
+/// answer (measured: docs/benchmarks.md). It makes progress whenever hyper polls for the next
+/// answer, which it does until the stream ends; when the gateway resets the stream, hyper
+/// drops the response stream and with it the handler and its request state.
 pub(crate) fn spawn_processor<F, Fut>(span: tracing::Span, run: F) -> Response<ResponseStream>
 where
     F: FnOnce(Tx) -> Fut,
     Fut: std::future::Future<Output = Result<(), Status>> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(16);
-    let err_tx = tx.clone();
-    let fut = run(tx);
-    tokio::spawn(
-        async move {
-            if let Err(status) = fut.await {
+    Response::new(Box::pin(Driven {
+        handler: Some(Box::pin(run(tx).instrument(span))),
+        answers: rx,
+        failed: None,
+    }))
+}
+
+/// A response stream that drives its own handler: see [`spawn_processor`].
+struct Driven<Fut> {
+    handler: Option<Pin<Box<tracing::instrument::Instrumented<Fut>>>>,
+    answers: mpsc::Receiver<Result<ProcessingResponse, Status>>,
+    /// The handler's error, sent after the answers it queued before failing.
+    failed: Option<Status>,
+}
+
+impl<Fut> Stream for Driven<Fut>
+where
+    Fut: std::future::Future<Output = Result<(), Status>>,
+{
+    type Item = Result<ProcessingResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(h) = this.handler.as_mut()
+            && let Poll::Ready(done) = h.as_mut().poll(cx)
+        {
+            // Dropping the handler drops its sender: the channel ends once drained.
+            this.handler = None;
+            if let Err(status) = done {
                 if status.code() != tonic::Code::Cancelled {
                     tracing::warn!(error = %status, "ext_proc stream failed");
                 }
-                let _ = err_tx.send(Err(status)).await;
+                this.failed = Some(status);
             }
         }
-        .instrument(span),
-    );
-    Response::new(Box::pin(ReceiverStream::new(rx)))
+        match this.answers.poll_recv(cx) {
+            Poll::Ready(Some(answer)) => Poll::Ready(Some(answer)),
+            Poll::Ready(None) => Poll::Ready(this.failed.take().map(Err)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 #[tonic::async_trait]
