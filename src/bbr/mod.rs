@@ -25,8 +25,8 @@ use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
 use crate::epp::extproc::{
-    ResponseStream, Tx, continue_headers, is_full_duplex, pass_through, reply, send,
-    send_streamed_body, set_header, spawn_processor,
+    ResponseStream, Tx, continue_headers, driven_processor, is_full_duplex, pass_through, reply,
+    send, send_streamed_body, set_header,
 };
 use crate::epp::tls;
 use crate::runtime::parse_bool;
@@ -231,7 +231,7 @@ impl ExternalProcessor for Bbr {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let mut inbound = request.into_inner();
         let this = self.clone();
-        Ok(spawn_processor(
+        Ok(driven_processor(
             tracing::debug_span!("bbr"),
             move |tx| async move { this.handle(&mut inbound, &tx).await },
         ))

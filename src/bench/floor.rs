@@ -32,8 +32,8 @@ use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::epp::extproc::{
-    DESTINATION_HEADER, ResponseStream, continue_headers, is_full_duplex, pass_through, reply,
-    send, set_header, spawn_processor, streamed_body,
+    DESTINATION_HEADER, ResponseStream, continue_headers, driven_processor, is_full_duplex,
+    pass_through, reply, send, set_header, streamed_body,
 };
 use crate::epp::{serve, tls};
 use crate::runtime::parse_bool;
@@ -173,7 +173,7 @@ impl ExternalProcessor for Floor {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let mut inbound = request.into_inner();
         let this = self.clone();
-        Ok(spawn_processor(
+        Ok(driven_processor(
             tracing::debug_span!("floor"),
             move |tx| async move {
                 let (mut st, mut out) = (StreamState::default(), Vec::new());

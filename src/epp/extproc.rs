@@ -765,7 +765,7 @@ pub(crate) type ResponseStream =
 /// answer (measured: docs/benchmarks.md). It makes progress whenever hyper polls for the next
 /// answer, which it does until the stream ends; when the gateway resets the stream, hyper
 /// drops the response stream and with it the handler and its request state.
-pub(crate) fn spawn_processor<F, Fut>(span: tracing::Span, run: F) -> Response<ResponseStream>
+pub(crate) fn driven_processor<F, Fut>(span: tracing::Span, run: F) -> Response<ResponseStream>
 where
     F: FnOnce(Tx) -> Fut,
     Fut: std::future::Future<Output = Result<(), Status>> + Send + 'static,
@@ -778,7 +778,7 @@ where
     }))
 }
 
-/// A response stream that drives its own handler: see [`spawn_processor`].
+/// A response stream that drives its own handler: see [`driven_processor`].
 struct Driven<Fut> {
     handler: Option<Pin<Box<tracing::instrument::Instrumented<Fut>>>>,
     answers: mpsc::Receiver<Result<ProcessingResponse, Status>>,
@@ -828,7 +828,7 @@ impl ExternalProcessor for ExtProc {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let mut inbound = request.into_inner();
         let this = self.clone();
-        Ok(spawn_processor(
+        Ok(driven_processor(
             tracing::debug_span!("ext_proc"),
             move |tx| async move { this.handle_stream(&mut inbound, &tx).await },
         ))
