@@ -4,7 +4,7 @@
 //! body chunk, full-duplex bodies echoed back, response headers and body passed through) but
 //! decides nothing: the destination is the next endpoint of a fixed list. Two stacks:
 //! - `tonic` (default): the EPP's own serving stack (connection-pinned threads, TLS, tonic,
-//!   a task and channel per stream), so the EPP's CPU per request minus the floor's, measured
+//!   the handler driven by its response stream), so the EPP's CPU per request minus the floor's, measured
 //!   in the same run, is what routing itself costs;
 //! - `h2`: the same answers straight on the `h2` crate (gRPC's 5-byte framing done here, no
 //!   hyper, tower or tonic; one task per stream that answers in place, no channel to a second
@@ -41,7 +41,7 @@ use crate::runtime::parse_bool;
 /// Which server stack answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Stack {
-    /// The EPP's: pinned threads, tonic, a task per stream.
+    /// The EPP's: pinned threads, tonic, the same stream handler.
     Tonic,
     /// Straight on the h2 crate, on one thread.
     H2,
