@@ -5,6 +5,7 @@ pub mod bbr;
 pub mod bench;
 pub mod crds;
 pub mod epp;
+pub mod flags;
 pub mod lora;
 pub mod runtime;
 pub mod sim;

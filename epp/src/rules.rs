@@ -206,6 +206,59 @@ impl ModelRules {
         })
     }
 
+    /// Builds a rule set from objects that any namespace user may create: each model rule
+    /// that is invalid, or names a model an earlier rule already names, is left out and
+    /// returned with its index, while the rest stay in force. Callers order the rules oldest
+    /// first, so the oldest object wins a conflict (as upstream). Invalid rewrite rules are
+    /// left out the same way (their indexes are offset by `models.len()`).
+    pub fn lenient(
+        models: Vec<ModelRule>,
+        objectives: Vec<Objective>,
+        rewrites: Vec<RewriteRule>,
+        unknown_model: UnknownModelPolicy,
+    ) -> (Self, Vec<(usize, RuleError)>) {
+        let mut rejected = Vec::new();
+        let mut map: HashMap<String, ModelRule> = HashMap::new();
+        let n = models.len();
+        for (i, m) in models.into_iter().enumerate() {
+            if let Err(e) = check_targets(i, &m.model_name, &m.target_models) {
+                rejected.push((i, e));
+                continue;
+            }
+            if map.contains_key(&m.model_name) {
+                rejected.push((i, RuleError::Duplicate(m.model_name)));
+                continue;
+            }
+            map.insert(m.model_name.clone(), m);
+        }
+        let mut kept = Vec::with_capacity(rewrites.len());
+        for (i, r) in rewrites.into_iter().enumerate() {
+            match check_targets(i, &r.matches.join(","), &r.targets) {
+                Ok(()) => kept.push(r),
+                Err(e) => rejected.push((n + i, e)),
+            }
+        }
+        let rules = Self {
+            models: map,
+            objectives: objectives
+                .into_iter()
+                .map(|o| (o.name.clone(), o))
+                .collect(),
+            rewrites: kept,
+            unknown_model,
+        };
+        (rules, rejected)
+    }
+
+    /// Whether a rule (InferenceModel or rewrite) names `model`.
+    pub fn knows(&self, model: &str) -> bool {
+        self.models.contains_key(model)
+            || self
+                .rewrites
+                .iter()
+                .any(|w| w.matches.iter().any(|m| m == model))
+    }
+
     /// Model names clients may send (for logs and metrics).
     pub fn model_names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
@@ -262,6 +315,33 @@ impl ModelRules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lenient_keeps_the_first_of_a_conflict_and_the_rest() {
+        let m = |name: &str, targets: Vec<TargetModel>| ModelRule {
+            model_name: name.into(),
+            criticality: None,
+            target_models: targets,
+        };
+        let (rules, rejected) = ModelRules::lenient(
+            vec![
+                m("a", vec![t("a-1", None)]),
+                m("a", vec![t("a-2", None)]),
+                m("b", vec![t("b-1", Some(1)), t("b-2", None)]),
+                m("c", vec![]),
+            ],
+            vec![],
+            vec![],
+            UnknownModelPolicy::Route,
+        );
+        let mut names: Vec<&str> = rules.model_names().collect();
+        names.sort_unstable();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(rules.resolve("a", None, None, 0.5).unwrap().target, "a-1");
+        assert_eq!(rejected.len(), 2);
+        assert_eq!(rejected[0], (1, RuleError::Duplicate("a".into())));
+        assert!(matches!(rejected[1], (2, RuleError::MixedWeights { .. })));
+    }
 
     fn t(name: &str, w: Option<u32>) -> TargetModel {
         TargetModel {

@@ -4,8 +4,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use actix::prelude::*;
 use inferlane_epp::ModelRules;
+use inferlane_epp::rules::UnknownModelPolicy;
 
 use super::messages::ConfigChanged;
 use super::scraper::{ScrapeOptions, Scraper, StopScraping};
@@ -33,6 +36,18 @@ pub struct Datastore {
     generation: u64,
     metrics: EppMetrics,
     pool_name: String,
+    /// For models no rule names, unless the pool file says otherwise (`--unknown-models`).
+    unknown_models: UnknownModelPolicy,
+    gauge_interval: Duration,
+}
+
+/// Datastore settings from flags.
+#[derive(Debug, Clone)]
+pub struct DatastoreOptions {
+    pub pool_name: String,
+    pub unknown_models: UnknownModelPolicy,
+    /// How often the pool-level gauges are recomputed.
+    pub gauge_interval: Duration,
 }
 
 impl Datastore {
@@ -40,7 +55,7 @@ impl Datastore {
         shared: Arc<Shared>,
         scrape: ScrapeOptions,
         metrics: EppMetrics,
-        pool_name: String,
+        opts: DatastoreOptions,
     ) -> Self {
         Self {
             shared,
@@ -50,7 +65,9 @@ impl Datastore {
             next_id: 1,
             generation: 0,
             metrics,
-            pool_name,
+            pool_name: opts.pool_name,
+            unknown_models: opts.unknown_models,
+            gauge_interval: opts.gauge_interval.max(Duration::from_millis(100)),
         }
     }
 
@@ -122,7 +139,7 @@ impl Actor for Datastore {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(Duration::from_secs(1), |act, _| act.update_gauges());
+        ctx.run_interval(self.gauge_interval, |act, _| act.update_gauges());
     }
 }
 
@@ -132,8 +149,10 @@ impl Handler<ConfigChanged<PoolFile>> for Datastore {
     fn handle(&mut self, msg: ConfigChanged<PoolFile>, _ctx: &mut Context<Self>) {
         let pool = &msg.config;
         self.rules = pool.rules.clone();
+        self.rules.unknown_model = pool.unknown_models.unwrap_or(self.unknown_models);
         self.set_endpoints(pool.endpoints.clone());
         self.publish();
+        self.shared.pool_synced.store(true, Ordering::Release);
     }
 }
 
@@ -143,6 +162,7 @@ impl Handler<EndpointsDiscovered> for Datastore {
     fn handle(&mut self, msg: EndpointsDiscovered, _ctx: &mut Context<Self>) {
         self.set_endpoints(msg.0);
         self.publish();
+        self.shared.pool_synced.store(true, Ordering::Release);
     }
 }
 
@@ -151,6 +171,7 @@ impl Handler<RulesChanged> for Datastore {
 
     fn handle(&mut self, msg: RulesChanged, _ctx: &mut Context<Self>) {
         self.rules = msg.0;
+        self.rules.unknown_model = self.unknown_models;
         self.publish();
     }
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use actix::prelude::*;
 use futures::StreamExt;
 use inferlane_epp::EngineType;
+use inferlane_epp::RuleError;
 use inferlane_epp::rules::{
     Criticality, ModelRule, ModelRules, Objective, RewriteRule, TargetModel, UnknownModelPolicy,
 };
@@ -41,8 +42,9 @@ pub const WATCHED: &[(&str, &str)] = &[
 pub struct PoolTarget {
     pub namespace: String,
     pub name: String,
-    /// `inference.networking.k8s.io` (v1) or `inference.networking.x-k8s.io` (v1alpha2).
-    pub group: String,
+    /// `inference.networking.k8s.io` (v1) or `inference.networking.x-k8s.io` (v1alpha2);
+    /// `None`: discovered from the groups the API server serves (v1 preferred).
+    pub group: Option<String>,
     /// Standalone on Kubernetes: select pods by these labels and ports, no InferencePool.
     pub endpoint_selector: Option<EndpointSelector>,
 }
@@ -60,20 +62,44 @@ struct PoolView {
 /// Last known objects of one watch, with relists swapped in whole.
 #[derive(Debug)]
 struct Tracked<K> {
+    /// What is watched, for logs.
+    what: &'static str,
     objects: BTreeMap<String, K>,
     relist: Option<BTreeMap<String, K>>,
+    /// A whole list has been read at least once (until then an empty set means "unknown").
+    synced: bool,
+    /// This watch's last error was logged (cleared by its next event), so a watch that
+    /// keeps failing (RBAC 403, a CRD not installed) logs once, not once per retry.
+    failing: bool,
 }
 
 impl<K: Resource> Tracked<K> {
-    fn new() -> Self {
+    fn new(what: &'static str) -> Self {
         Self {
+            what,
             objects: BTreeMap::new(),
             relist: None,
+            synced: false,
+            failing: false,
+        }
+    }
+
+    /// Logs a watch error once until the watch recovers.
+    fn failed(&mut self, error: &str) {
+        if !self.failing {
+            self.failing = true;
+            tracing::warn!(watch = self.what, error = %error, "Kubernetes watch failing (retrying with backoff); keeping the last known objects. A 403 means the EPP's ClusterRole lacks list/watch on it (deploy/epp/epp.yaml); a 404 that its CRD is not installed");
         }
     }
 
     /// Applies an event; true when the visible set changed.
     fn apply(&mut self, ev: Event<K>) -> bool {
+        // The watcher sends `Init` before each relist attempt, failing ones included: only a
+        // listed object or the end of a list shows the watch works again.
+        if self.failing && !matches!(ev, Event::Init) {
+            self.failing = false;
+            tracing::info!(watch = self.what, "Kubernetes watch recovered");
+        }
         match ev {
             Event::Init => {
                 self.relist = Some(BTreeMap::new());
@@ -89,6 +115,7 @@ impl<K: Resource> Tracked<K> {
                 if let Some(r) = self.relist.take() {
                     self.objects = r;
                 }
+                self.synced = true;
                 true
             }
             Event::Apply(o) => {
@@ -112,7 +139,17 @@ enum KubeEvent {
     Model(Event<v1alpha2::InferenceModel>),
     Objective(Event<v1alpha2::InferenceObjective>),
     Rewrite(Event<v1alpha2::InferenceModelRewrite>),
-    Error(String),
+    Error(Watch, String),
+}
+
+/// Which watch an error came from.
+#[derive(Debug, Clone, Copy)]
+enum Watch {
+    Pool,
+    Pods,
+    Models,
+    Objectives,
+    Rewrites,
 }
 
 impl Message for KubeEvent {
@@ -132,24 +169,53 @@ pub struct KubeDiscovery {
     rewrites: Tracked<v1alpha2::InferenceModelRewrite>,
     last_endpoints: Option<Vec<EndpointSpec>>,
     last_rules: Option<ModelRules>,
-    errors_logged: bool,
+    /// The API group in use (from the flag, or discovered).
+    group: Option<String>,
+    /// Model objects rejected by the last rules build (logged when this set changes).
+    last_rejected: Vec<String>,
+}
+
+/// The v1 (GA) API group of InferencePool.
+pub const GROUP_V1: &str = "inference.networking.k8s.io";
+/// The v1alpha2 API group of InferencePool (the seeds').
+pub const GROUP_V1ALPHA2: &str = "inference.networking.x-k8s.io";
+
+/// Which InferencePool API group the cluster serves: v1 if its InferencePool resource is
+/// there, else v1alpha2; `None` while neither is (CRDs not installed yet). Discovery needs no
+/// RBAC beyond what every authenticated client has.
+pub async fn discover_pool_group(client: &Client) -> Result<Option<&'static str>, kube::Error> {
+    for (group, version) in [(GROUP_V1, "v1"), (GROUP_V1ALPHA2, "v1alpha2")] {
+        match client
+            .list_api_group_resources(&format!("{group}/{version}"))
+            .await
+        {
+            Ok(list) if list.resources.iter().any(|r| r.name == "inferencepools") => {
+                return Ok(Some(group));
+            }
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 impl KubeDiscovery {
     pub fn new(client: Client, target: PoolTarget, datastore: Addr<Datastore>) -> Self {
         Self {
             client,
-            target,
             datastore,
-            pools_v1: Tracked::new(),
-            pools_v1alpha2: Tracked::new(),
-            pods: Tracked::new(),
-            models: Tracked::new(),
-            objectives: Tracked::new(),
-            rewrites: Tracked::new(),
+            pools_v1: Tracked::new("InferencePool (v1)"),
+            pools_v1alpha2: Tracked::new("InferencePool (v1alpha2)"),
+            pods: Tracked::new("pods"),
+            models: Tracked::new("InferenceModels"),
+            objectives: Tracked::new("InferenceObjectives"),
+            rewrites: Tracked::new("InferenceModelRewrites"),
             last_endpoints: None,
             last_rules: None,
-            errors_logged: false,
+            group: target.group.clone(),
+            last_rejected: Vec::new(),
+            target,
         }
     }
 
@@ -160,7 +226,7 @@ impl KubeDiscovery {
                 ports: ports.clone(),
             });
         }
-        if self.target.group == "inference.networking.x-k8s.io" {
+        if self.group.as_deref() == Some(GROUP_V1ALPHA2) {
             let p = self.pools_v1alpha2.objects.get(&self.target.name)?;
             Some(PoolView {
                 selector: p.spec.selector.clone(),
@@ -176,7 +242,11 @@ impl KubeDiscovery {
     }
 
     fn publish_endpoints(&mut self) {
-        // Until the pool itself is known, publish nothing rather than an empty set.
+        // Until the pool itself is known and the pods listed, publish nothing rather than an
+        // empty set (which would also make the EPP ready too early).
+        if !self.pods.synced {
+            return;
+        }
         let Some(pool) = self.pool() else { return };
         let mut out = Vec::new();
         for pod in self.pods.objects.values() {
@@ -215,11 +285,31 @@ impl KubeDiscovery {
 
     fn publish_rules(&mut self) {
         let pool = &self.target.name;
-        let models: Vec<ModelRule> = self
+        // Oldest first, so the oldest object wins a conflict over a model name (as upstream);
+        // a newer duplicate that any namespace user can create never takes a model over.
+        let mut objects: Vec<&v1alpha2::InferenceModel> = self
             .models
             .objects
             .values()
             .filter(|m| m.spec.pool_ref.name == *pool)
+            .collect();
+        objects.sort_by(|a, b| {
+            (&a.metadata.creation_timestamp, a.name_any())
+                .cmp(&(&b.metadata.creation_timestamp, b.name_any()))
+        });
+        let mut rejected: Vec<String> = Vec::new();
+        let mut kept: Vec<&v1alpha2::InferenceModel> = Vec::new();
+        for m in objects {
+            match m.spec.criticality.as_deref() {
+                None | Some("Critical" | "Standard" | "Sheddable") => kept.push(m),
+                Some(other) => rejected.push(format!(
+                    "InferenceModel {}: criticality {other:?} is not Critical, Standard or Sheddable",
+                    m.name_any()
+                )),
+            }
+        }
+        let models: Vec<ModelRule> = kept
+            .iter()
             .map(|m| ModelRule {
                 model_name: m.spec.model_name.clone(),
                 criticality: m.spec.criticality.as_deref().map(|c| match c {
@@ -248,36 +338,62 @@ impl KubeDiscovery {
                 priority: o.spec.priority.unwrap_or(0),
             })
             .collect();
-        let rewrites: Vec<RewriteRule> = self
+        let rewrite_objects: Vec<&v1alpha2::InferenceModelRewrite> = self
             .rewrites
             .objects
             .values()
             .filter(|r| r.spec.pool_ref.name == *pool)
-            .flat_map(|r| r.spec.rules.iter())
-            .map(|rule| RewriteRule {
-                matches: rule.matches.iter().map(|m| m.model.value.clone()).collect(),
-                targets: rule
-                    .targets
-                    .iter()
-                    .map(|t| TargetModel {
-                        name: t.model_rewrite.clone(),
-                        weight: t.weight.map(|w| w.max(0) as u32),
-                    })
-                    .collect(),
+            .collect();
+        let mut rewrite_owner = Vec::new();
+        let rewrites: Vec<RewriteRule> = rewrite_objects
+            .iter()
+            .flat_map(|r| r.spec.rules.iter().map(move |rule| (r.name_any(), rule)))
+            .map(|(owner, rule)| {
+                rewrite_owner.push(owner);
+                RewriteRule {
+                    matches: rule.matches.iter().map(|m| m.model.value.clone()).collect(),
+                    targets: rule
+                        .targets
+                        .iter()
+                        .map(|t| TargetModel {
+                            name: t.model_rewrite.clone(),
+                            weight: t.weight.map(|w| w.max(0) as u32),
+                        })
+                        .collect(),
+                }
             })
             .collect();
-        match ModelRules::new(models, objectives, rewrites, UnknownModelPolicy::Route) {
-            Ok(rules) => {
-                if self.last_rules.as_ref() != Some(&rules) {
-                    tracing::info!(models = rules.model_names().count(), "model rules changed");
-                    self.datastore.do_send(RulesChanged(rules.clone()));
-                    self.last_rules = Some(rules);
+        let n_models = kept.len();
+        let (rules, bad) =
+            ModelRules::lenient(models, objectives, rewrites, UnknownModelPolicy::Route);
+        for (i, e) in bad {
+            rejected.push(if i < n_models {
+                let m = kept[i];
+                match e {
+                    RuleError::Duplicate(name) => format!(
+                        "InferenceModel {}: modelName {name:?} is already claimed by an older InferenceModel; this one is ignored until that one is deleted",
+                        m.name_any()
+                    ),
+                    e => format!("InferenceModel {}: {e}", m.name_any()),
                 }
+            } else {
+                format!(
+                    "InferenceModelRewrite {}: {e}",
+                    rewrite_owner.get(i - n_models).map(String::as_str).unwrap_or("?")
+                )
+            });
+        }
+        // Each rejection is logged when it first appears, not on every later event.
+        for r in &rejected {
+            if !self.last_rejected.contains(r) {
+                tracing::error!(reason = %r, "model object ignored; every other rule stays in force");
             }
-            // A bad object keeps the last good rule set in force.
-            Err(e) => {
-                tracing::error!(error = %e, "InferenceModels rejected; keeping the last good rules")
-            }
+        }
+        self.last_rejected = rejected;
+        if self.last_rules.as_ref() != Some(&rules) {
+            tracing::info!(models = rules.model_names().count(), "model rules changed");
+            self.datastore.do_send(RulesChanged(rules.clone()));
+            self.last_rules = Some(rules);
         }
     }
 }
@@ -292,6 +408,7 @@ fn pod_ready(pod: &Pod) -> bool {
 fn watch<K>(
     api: Api<K>,
     cfg: watcher::Config,
+    which: Watch,
     wrap: fn(Event<K>) -> KubeEvent,
 ) -> impl futures::Stream<Item = KubeEvent>
 where
@@ -301,21 +418,20 @@ where
         .default_backoff()
         .map(move |r| match r {
             Ok(ev) => wrap(ev),
-            Err(e) => KubeEvent::Error(e.to_string()),
+            Err(e) => KubeEvent::Error(which, e.to_string()),
         })
 }
 
-impl Actor for KubeDiscovery {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
+impl KubeDiscovery {
+    fn pool_stream(&self, group: &str) -> futures::stream::BoxStream<'static, KubeEvent> {
         let ns = &self.target.namespace;
         let by_name =
             watcher::Config::default().fields(&format!("metadata.name={}", self.target.name));
-        let pool_stream = if self.target.group == "inference.networking.x-k8s.io" {
+        if group == GROUP_V1ALPHA2 {
             watch(
                 Api::<v1alpha2::InferencePool>::namespaced(self.client.clone(), ns),
                 by_name,
+                Watch::Pool,
                 KubeEvent::PoolV1alpha2,
             )
             .boxed()
@@ -323,41 +439,104 @@ impl Actor for KubeDiscovery {
             watch(
                 Api::<v1::InferencePool>::namespaced(self.client.clone(), ns),
                 by_name,
+                Watch::Pool,
                 KubeEvent::PoolV1,
             )
             .boxed()
-        };
-        let mut streams = vec![
+        }
+    }
+}
+
+/// Fact: the InferencePool API group to watch is known.
+struct GroupFound(&'static str);
+
+impl Message for GroupFound {
+    type Result = ();
+}
+
+impl Handler<GroupFound> for KubeDiscovery {
+    type Result = ();
+
+    fn handle(&mut self, msg: GroupFound, ctx: &mut Context<Self>) {
+        let version = if msg.0 == GROUP_V1 { "v1" } else { "v1alpha2" };
+        tracing::info!(group = msg.0, version, pool = %self.target.name, "InferencePool API group discovered (set --pool-group to choose)");
+        self.group = Some(msg.0.to_string());
+        ctx.add_stream(self.pool_stream(msg.0));
+    }
+}
+
+impl Actor for KubeDiscovery {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let ns = &self.target.namespace;
+        let streams = vec![
             watch(
                 Api::<Pod>::namespaced(self.client.clone(), ns),
                 watcher::Config::default(),
+                Watch::Pods,
                 |e| KubeEvent::Pod(Box::new(e)),
             )
             .boxed(),
             watch(
                 Api::<v1alpha2::InferenceModel>::namespaced(self.client.clone(), ns),
                 watcher::Config::default(),
+                Watch::Models,
                 KubeEvent::Model,
             )
             .boxed(),
             watch(
                 Api::<v1alpha2::InferenceObjective>::namespaced(self.client.clone(), ns),
                 watcher::Config::default(),
+                Watch::Objectives,
                 KubeEvent::Objective,
             )
             .boxed(),
             watch(
                 Api::<v1alpha2::InferenceModelRewrite>::namespaced(self.client.clone(), ns),
                 watcher::Config::default(),
+                Watch::Rewrites,
                 KubeEvent::Rewrite,
             )
             .boxed(),
         ];
-        // Standalone on Kubernetes (--endpoint-selector): no InferencePool to watch.
-        if self.target.endpoint_selector.is_none() {
-            streams.push(pool_stream);
-        }
         ctx.add_stream(futures::stream::select_all(streams));
+        // Standalone on Kubernetes (--endpoint-selector): no InferencePool to watch.
+        if self.target.endpoint_selector.is_some() {
+            return;
+        }
+        if let Some(group) = self.group.clone() {
+            ctx.add_stream(self.pool_stream(&group));
+            return;
+        }
+        // No --pool-group: ask the API server which group it serves, until one is there.
+        let client = self.client.clone();
+        let me = ctx.address();
+        actix::spawn(async move {
+            let mut wait = std::time::Duration::from_millis(200);
+            let mut warned = false;
+            loop {
+                match discover_pool_group(&client).await {
+                    Ok(Some(group)) => {
+                        me.do_send(GroupFound(group));
+                        return;
+                    }
+                    Ok(None) if !warned => {
+                        warned = true;
+                        tracing::warn!(
+                            "the API server serves no InferencePool resource (neither inference.networking.k8s.io/v1 nor inference.networking.x-k8s.io/v1alpha2); install the CRDs (kubectl apply -f deploy/crds/). Retrying"
+                        );
+                    }
+                    Err(e) if !warned => {
+                        warned = true;
+                        tracing::warn!(error = %e, "cannot discover the InferencePool API group; retrying (or set --pool-group)");
+                    }
+                    _ => {}
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+        });
     }
 }
 
@@ -370,16 +549,21 @@ impl StreamHandler<KubeEvent> for KubeDiscovery {
             KubeEvent::Model(e) => (false, self.models.apply(e)),
             KubeEvent::Objective(e) => (false, self.objectives.apply(e)),
             KubeEvent::Rewrite(e) => (false, self.rewrites.apply(e)),
-            KubeEvent::Error(e) => {
+            KubeEvent::Error(which, e) => {
                 // The watcher retries with backoff; the last known state stays in force.
-                if !self.errors_logged {
-                    tracing::warn!(error = %e, "Kubernetes watch failed; keeping the last known pool");
-                    self.errors_logged = true;
+                match which {
+                    Watch::Pool if self.group.as_deref() == Some(GROUP_V1ALPHA2) => {
+                        self.pools_v1alpha2.failed(&e)
+                    }
+                    Watch::Pool => self.pools_v1.failed(&e),
+                    Watch::Pods => self.pods.failed(&e),
+                    Watch::Models => self.models.failed(&e),
+                    Watch::Objectives => self.objectives.failed(&e),
+                    Watch::Rewrites => self.rewrites.failed(&e),
                 }
                 return;
             }
         };
-        self.errors_logged = false;
         if endpoints {
             self.publish_endpoints();
         }
@@ -388,8 +572,8 @@ impl StreamHandler<KubeEvent> for KubeDiscovery {
         }
     }
 
-    /// The merged watch never ends on its own; if it does, keep the actor (and its last state).
+    /// The watches never end on their own; if one does, keep the actor (and its last state).
     fn finished(&mut self, _ctx: &mut Context<Self>) {
-        tracing::error!("Kubernetes watch stream ended; keeping the last known pool");
+        tracing::error!("a Kubernetes watch stream ended; keeping the last known pool");
     }
 }

@@ -54,6 +54,35 @@ pub enum BbrStartError {
     Kube(#[source] kube::Error),
 }
 
+/// Upstream bbr flags we accept without acting on them (the reason is logged at start);
+/// shared flags are matched in either spelling (`-grpcPort`, `--grpc-port`).
+pub const UPSTREAM_FLAGS: &[(&str, crate::flags::Upstream)] = {
+    use crate::flags::Upstream::Ignored;
+    &[
+        (
+            "streaming",
+            Ignored {
+                takes_value: false,
+                why: "each request is answered in the body mode Envoy uses for it (BUFFERED or FULL_DUPLEX_STREAMED)",
+            },
+        ),
+        (
+            "metrics-port",
+            Ignored {
+                takes_value: true,
+                why: "bbr serves no Prometheus metrics yet; its gRPC health port is --grpc-health-port",
+            },
+        ),
+        (
+            "enable-pprof",
+            Ignored {
+                takes_value: false,
+                why: "no pprof handlers",
+            },
+        ),
+    ]
+};
+
 /// bbr flags.
 #[derive(Debug, Clone, Args)]
 pub struct BbrArgs {

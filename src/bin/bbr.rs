@@ -1,13 +1,12 @@
 //! bbr entry point: body-based routing for several InferencePools behind one gateway.
 
-use clap::Parser;
 use inferlane::bbr::{self, BbrArgs};
 use inferlane::runtime::{self, RuntimeArgs};
 
 /// Body-based router: reads `model` from OpenAI bodies and sets X-Gateway-Model-Name and
 /// X-Gateway-Base-Model-Name so the gateway's routes can choose the InferencePool.
-#[derive(Debug, Parser)]
-#[command(name = "bbr", version)]
+#[derive(Debug, clap::Parser)]
+#[command(name = "bbr", version, args_override_self = true)]
 struct Cli {
     #[command(flatten)]
     bbr: BbrArgs,
@@ -16,8 +15,12 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Upstream's spellings (`-poolName`, `-v 4`, `--zap-encoder json`) are accepted too.
+    let (cli, notes) = inferlane::flags::parse::<Cli>(bbr::UPSTREAM_FLAGS);
     runtime::init(&cli.runtime)?;
+    for n in notes {
+        tracing::warn!("{n}");
+    }
     runtime::run_system(&cli.runtime, "bbr", || async move {
         let h = bbr::start(cli.bbr.clone()).await?;
         println!("BBR_LISTENING grpc={} health={}", h.grpc, h.health);

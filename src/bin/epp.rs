@@ -1,13 +1,12 @@
 //! epp entry point: the Endpoint Picker, an Envoy ext_proc server for one InferencePool.
 
-use clap::Parser;
 use inferlane::epp::{self, EppArgs};
 use inferlane::runtime::{self, RuntimeArgs};
 
 /// Endpoint Picker: picks the model server for each request Envoy sends through ext_proc
 /// (model rules, LoRA affinity, load, prefix cache; sheds sheddable work when saturated).
-#[derive(Debug, Parser)]
-#[command(name = "epp", version)]
+#[derive(Debug, clap::Parser)]
+#[command(name = "epp", version, args_override_self = true)]
 struct Cli {
     #[command(flatten)]
     epp: EppArgs,
@@ -16,8 +15,12 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Upstream's spellings (`-poolName`, `-v 4`, `--zap-encoder json`) are accepted too.
+    let (cli, notes) = inferlane::flags::parse::<Cli>(epp::UPSTREAM_FLAGS);
     runtime::init(&cli.runtime)?;
+    for n in notes {
+        tracing::warn!("{n}");
+    }
     runtime::run_system(&cli.runtime, "epp", || async move {
         let h = epp::start(cli.epp.clone()).await?;
         // Tests and scripts started with port 0 read the bound addresses from this line.

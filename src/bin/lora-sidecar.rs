@@ -1,13 +1,12 @@
 //! lora-sidecar entry point: keeps vLLM's LoRA adapters equal to the mounted ConfigMap.
 
-use clap::Parser;
 use inferlane::lora::{self, SidecarArgs};
 use inferlane::runtime::{self, RuntimeArgs};
 
 /// Dynamic LoRA adapter sync sidecar for vLLM: watches a `vLLMLoRAConfig` file and loads and
 /// unloads adapters through vLLM's runtime LoRA API until the server matches it.
-#[derive(Debug, Parser)]
-#[command(name = "lora-sidecar", version)]
+#[derive(Debug, clap::Parser)]
+#[command(name = "lora-sidecar", version, args_override_self = true)]
 struct Cli {
     #[command(flatten)]
     sidecar: SidecarArgs,
@@ -16,8 +15,12 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Upstream's spellings (`-poolName`, `-v 4`, `--zap-encoder json`) are accepted too.
+    let (cli, notes) = inferlane::flags::parse::<Cli>(lora::UPSTREAM_FLAGS);
     runtime::init(&cli.runtime)?;
+    for n in notes {
+        tracing::warn!("{n}");
+    }
     runtime::run_system(&cli.runtime, "lora-sidecar", || async move {
         let handle = lora::start(cli.sidecar.clone()).await?;
         // Tests and scripts started with --metrics-port 0 read the address from this line.

@@ -61,7 +61,7 @@ struct RawPoolFile {
     #[serde(default)]
     rewrites: Vec<RewriteRule>,
     #[serde(default)]
-    unknown_models: UnknownModelPolicy,
+    unknown_models: Option<UnknownModelPolicy>,
 }
 
 /// The standalone pool file: the pool's endpoints and its model rules.
@@ -71,6 +71,8 @@ pub struct PoolFile {
     pub namespace: Option<String>,
     pub endpoints: Vec<EndpointSpec>,
     pub rules: ModelRules,
+    /// `unknownModels` when the file sets it (otherwise `--unknown-models` applies).
+    pub unknown_models: Option<UnknownModelPolicy>,
 }
 
 impl PoolFile {
@@ -98,7 +100,13 @@ impl PoolFile {
             name: raw.pool.name,
             namespace: raw.pool.namespace,
             endpoints: raw.endpoints,
-            rules: ModelRules::new(raw.models, raw.objectives, raw.rewrites, raw.unknown_models)?,
+            rules: ModelRules::new(
+                raw.models,
+                raw.objectives,
+                raw.rewrites,
+                raw.unknown_models.unwrap_or_default(),
+            )?,
+            unknown_models: raw.unknown_models,
         })
     }
 }

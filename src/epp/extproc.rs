@@ -51,6 +51,8 @@ pub(crate) fn is_full_duplex(msg: &ProcessingRequest) -> bool {
 pub struct ExtProcOptions {
     /// Largest request body accepted; larger gets 413.
     pub max_body_bytes: usize,
+    /// Put the client's model name back into responses of rewritten requests.
+    pub restore_model_name: bool,
 }
 
 /// The ext_proc service.
@@ -108,10 +110,14 @@ struct RequestState {
     subset: Option<Vec<String>>,
     requested_model: String,
     target_model: String,
-    rewritten: bool,
     in_flight: Option<InFlight>,
     usage: Option<UsageParser>,
+    /// Set for rewritten requests when --restore-model-name is on.
+    restorer: Option<super::usage::ModelRestorer>,
     response_status: u16,
+    /// A request body phase was opened (a body message arrived): only then does a
+    /// full-duplex request get its body streamed back.
+    body_seen: bool,
 }
 
 /// The request headers routing reads; the others are left unread (no copies, no map).
@@ -407,6 +413,17 @@ impl ExtProc {
             tie_break: rand::random(),
         };
         let picked = inferlane_epp::pick(&cfg, &candidates, &input).map_err(|e| {
+            // A model no rule names and no server lists does not exist here: 404, as vLLM
+            // answers it (a named model whose servers lack it is a 503: it may come back).
+            if let PickError::ModelUnavailable(m) = &e
+                && !snap.rules.knows(&st.requested_model)
+            {
+                return Reject::new(
+                    404,
+                    "ModelNotFound",
+                    format!("The model `{m}` does not exist in this pool: no InferenceModel names it and no model server lists it."),
+                );
+            }
             let code = match e {
                 PickError::Saturated => "TooManyRequests",
                 _ => "ServiceUnavailable",
@@ -436,7 +453,9 @@ impl ExtProc {
             .join(",");
         let mut new_body = None;
         if let (Some(r), Some(_)) = (&resolved, &parsed) {
-            st.rewritten = r.rewritten();
+            if r.rewritten() && self.opts.restore_model_name {
+                st.restorer = Some(super::usage::ModelRestorer::new(&r.target, &r.requested));
+            }
             let priority =
                 (cfg.forward_priority && r.priority != 0).then(|| -i64::from(r.priority));
             if r.rewritten() || priority.is_some() {
@@ -518,7 +537,9 @@ impl ExtProc {
                         ),
                     )
                     .await?;
-                    if st.full_duplex {
+                    // A request without a body has no body phase to answer: an answer
+                    // there is a protocol error to Envoy ("spurious response message").
+                    if st.full_duplex && st.body_seen {
                         let body = d.new_body.unwrap_or_else(|| std::mem::take(&mut st.body));
                         send_streamed_body(tx, &body).await?;
                     }
@@ -606,6 +627,7 @@ impl ExtProc {
                         send(tx, immediate(&r)).await?;
                         return Ok(());
                     }
+                    st.body_seen = true;
                     st.body.extend_from_slice(&b.body);
                     if b.end_of_stream && !self.route(&mut st, tx).await? {
                         return Ok(());
@@ -631,7 +653,7 @@ impl ExtProc {
                         }
                     }
                     let mut common = CommonResponse::default();
-                    if st.rewritten {
+                    if st.restorer.is_some() {
                         // The body changes size when the model name is put back.
                         common.header_mutation = Some(HeaderMutation {
                             remove_headers: vec!["content-length".into()],
@@ -652,13 +674,9 @@ impl ExtProc {
                     let mut out = None;
                     if let Some(u) = st.usage.as_mut() {
                         u.feed(&b.body);
-                        if st.rewritten {
-                            out = Some(super::usage::restore_model(
-                                &b.body,
-                                &st.target_model,
-                                &st.requested_model,
-                            ));
-                        }
+                    }
+                    if let Some(r) = st.restorer.as_mut() {
+                        out = Some(r.feed(&b.body, b.end_of_stream));
                     }
                     if b.end_of_stream
                         && let Some(u) = st.usage.take()

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod extproc;
+pub mod health;
 pub mod metrics;
 pub mod scrape_http;
 pub mod serve;
@@ -24,9 +25,8 @@ use clap::Args;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use thiserror::Error;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic_health::ServingStatus;
 
-use crate::actors::datastore::Datastore;
+use crate::actors::datastore::{Datastore, DatastoreOptions};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatcherOptions};
 use crate::actors::kube_discovery::{EndpointSelector, KubeDiscovery, PoolTarget};
 use crate::actors::leader::{LeaderElector, LeaseOptions};
@@ -89,15 +89,37 @@ pub struct EppArgs {
     /// The InferencePool this EPP serves (labels metrics).
     #[arg(long, default_value = "default-pool")]
     pub pool_name: String,
-    #[arg(long, default_value = "default")]
+    /// Namespace of the InferencePool (and of its pods and models); env NAMESPACE as upstream.
+    #[arg(long, env = "NAMESPACE", default_value = "default")]
     pub pool_namespace: String,
     /// EndpointPickerConfig file (scorer weights, saturation thresholds).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
+    /// EndpointPickerConfig given as text instead of a file (wins over --config-file).
+    #[arg(long)]
+    pub config_text: Option<String>,
     /// API group of the InferencePool: `inference.networking.k8s.io` (v1) or
-    /// `inference.networking.x-k8s.io` (v1alpha2).
-    #[arg(long, default_value = "inference.networking.k8s.io")]
-    pub pool_group: String,
+    /// `inference.networking.x-k8s.io` (v1alpha2). Without it, the group the cluster serves
+    /// is discovered at start (v1 preferred) and logged.
+    #[arg(long)]
+    pub pool_group: Option<String>,
+    /// Requests for a model no InferenceModel (or pool file rule) names: `route` them as they
+    /// are (upstream's behaviour, and what routing base models without an object relies on)
+    /// or `reject` them with 404. A pool file's `unknownModels` wins over this flag.
+    #[arg(long, value_enum, default_value_t = UnknownModels::Route)]
+    pub unknown_models: UnknownModels,
+    /// Put the client's model name back into responses of rewritten requests (canary
+    /// splits, rewrites). Off by default: like vLLM and upstream, a response names the model
+    /// that served it (`"model": "food-review-1"`), which is how a canary is told apart.
+    #[arg(long, default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub restore_model_name: bool,
+    /// Metrics older than this count as stale (saturated, not trusted for picking); overrides
+    /// the EndpointPickerConfig's saturationDetector.metricsStalenessThreshold.
+    #[arg(long, value_parser = parse_duration)]
+    pub metrics_staleness_threshold: Option<Duration>,
+    /// How often the pool-level gauges (inference_pool_*) are recomputed.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub refresh_prometheus_metrics_interval: Duration,
     /// Standalone on Kubernetes: select pods by labels (`app=vllm,tier=gpu`) instead of
     /// watching an InferencePool; needs --target-ports.
     #[arg(long)]
@@ -155,6 +177,136 @@ pub struct EppArgs {
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
 }
+
+/// `--unknown-models`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnknownModels {
+    Route,
+    Reject,
+}
+
+impl From<UnknownModels> for inferlane_epp::rules::UnknownModelPolicy {
+    fn from(u: UnknownModels) -> Self {
+        match u {
+            UnknownModels::Route => Self::Route,
+            UnknownModels::Reject => Self::Reject,
+        }
+    }
+}
+
+/// Upstream EPP flags spelled differently from ours, or accepted without effect (the reason
+/// is logged at start). Flags we share are matched in either spelling without an entry here.
+pub const UPSTREAM_FLAGS: &[(&str, crate::flags::Upstream)] = {
+    use crate::flags::Upstream::{Ignored, Rename};
+    &[
+        (
+            "enable-pprof",
+            Ignored {
+                takes_value: false,
+                why: "no pprof handlers (the Rust EPP has no Go runtime)",
+            },
+        ),
+        (
+            "health-checking",
+            Ignored {
+                takes_value: false,
+                why: "the gRPC health service always runs",
+            },
+        ),
+        (
+            "tracing",
+            Ignored {
+                takes_value: false,
+                why: "no OpenTelemetry export; logs carry x-request-id",
+            },
+        ),
+        (
+            "enable-cert-reload",
+            Ignored {
+                takes_value: false,
+                why: "--cert-path is always re-read when it changes",
+            },
+        ),
+        (
+            "total-queued-requests-metric",
+            Ignored {
+                takes_value: true,
+                why: "metric names follow each pod's inference.networking.k8s.io/engine-type label",
+            },
+        ),
+        (
+            "kv-cache-usage-percentage-metric",
+            Ignored {
+                takes_value: true,
+                why: "metric names follow each pod's inference.networking.k8s.io/engine-type label",
+            },
+        ),
+        (
+            "lora-info-metric",
+            Ignored {
+                takes_value: true,
+                why: "metric names follow each pod's inference.networking.k8s.io/engine-type label",
+            },
+        ),
+        (
+            "cache-info-metric",
+            Ignored {
+                takes_value: true,
+                why: "metric names follow each pod's inference.networking.k8s.io/engine-type label",
+            },
+        ),
+        (
+            "model-server-metrics-port",
+            Ignored {
+                takes_value: true,
+                why: "metrics are read from each endpoint's target port",
+            },
+        ),
+        (
+            "model-server-metrics-path",
+            Ignored {
+                takes_value: true,
+                why: "metrics are read from /metrics",
+            },
+        ),
+        (
+            "model-server-metrics-scheme",
+            Ignored {
+                takes_value: true,
+                why: "metrics are read over http",
+            },
+        ),
+        (
+            "model-server-metrics-https-insecure-skip-verify",
+            Ignored {
+                takes_value: false,
+                why: "metrics are read over http",
+            },
+        ),
+        (
+            "target-endpoint-key",
+            Ignored {
+                takes_value: true,
+                why: "the destination header is x-gateway-destination-endpoint",
+            },
+        ),
+        (
+            "destination-endpoint-hint-key",
+            Ignored {
+                takes_value: true,
+                why: "the destination header is x-gateway-destination-endpoint",
+            },
+        ),
+        (
+            "destination-endpoint-hint-metadata-namespace",
+            Ignored {
+                takes_value: true,
+                why: "the metadata namespace is envoy.lb",
+            },
+        ),
+        ("endpoint-target-ports", Rename("target-ports")),
+    ]
+};
 
 /// Addresses the servers bound (ports may have been 0).
 #[derive(Debug, Clone)]
@@ -228,8 +380,14 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 /// Starts the EPP. Must run inside an actix `System`.
 pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
-    let scheduler = match &args.config_file {
-        Some(p) => {
+    let mut scheduler = match (&args.config_text, &args.config_file) {
+        (Some(text), _) => {
+            config::parse_picker_config(text).map_err(|source| EppError::Config {
+                path: "--config-text".into(),
+                source,
+            })?
+        }
+        (None, Some(p)) => {
             let path = p.display().to_string();
             let text = std::fs::read_to_string(p).map_err(|source| EppError::ReadConfig {
                 path: path.clone(),
@@ -238,8 +396,11 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
             config::parse_picker_config(&text)
                 .map_err(|source| EppError::Config { path, source })?
         }
-        None => inferlane_epp::SchedulerConfig::default(),
+        (None, None) => inferlane_epp::SchedulerConfig::default(),
     };
+    if let Some(d) = args.metrics_staleness_threshold {
+        scheduler.metrics_staleness_threshold = d.as_secs_f64();
+    }
     let shared = Arc::new(Shared::new(scheduler));
     let metrics = EppMetrics::new();
 
@@ -277,7 +438,11 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
             ),
         },
         metrics.clone(),
-        args.pool_name.clone(),
+        DatastoreOptions {
+            pool_name: args.pool_name.clone(),
+            unknown_models: args.unknown_models.into(),
+            gauge_interval: args.refresh_prometheus_metrics_interval,
+        },
     )
     .start();
     match args.pool_file.clone() {
@@ -335,6 +500,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         shared.clone(),
         ExtProcOptions {
             max_body_bytes: args.max_body_bytes,
+            restore_model_name: args.restore_model_name,
         },
         metrics.clone(),
     ))
@@ -352,50 +518,14 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     )
     .map_err(EppError::GrpcThreads)?;
 
-    let (reporter, health_svc) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("liveness", ServingStatus::Serving)
-        .await;
-    reporter
-        .set_service_status("readiness", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status(
-            "envoy.service.ext_proc.v3.ExternalProcessor",
-            ServingStatus::NotServing,
-        )
-        .await;
+    let health_svc = health::EppHealth::new(shared.clone(), args.ha_enable_leader_election);
     tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
-            .add_service(health_svc)
+            .add_service(health_svc.into_server())
             .serve_with_incoming(TcpListenerStream::new(health))
             .await
         {
             tracing::error!(error = %e, "health server stopped");
-        }
-    });
-    // Ready once the pool has been read.
-    let shared_r = shared.clone();
-    let leader_election = args.ha_enable_leader_election;
-    tokio::spawn(async move {
-        let mut ready = false;
-        loop {
-            let now = shared_r.snapshot.load().generation > 0
-                && (!leader_election
-                    || shared_r.is_leader.load(std::sync::atomic::Ordering::SeqCst));
-            if now != ready {
-                ready = now;
-                let s = if ready {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                };
-                reporter.set_service_status("readiness", s).await;
-                reporter
-                    .set_service_status("envoy.service.ext_proc.v3.ExternalProcessor", s)
-                    .await;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
 

@@ -87,6 +87,8 @@ pub struct Shared {
     pub prefix: Mutex<PrefixIndex>,
     /// Set by the leader elector (only used with --ha-enable-leader-election).
     pub is_leader: Arc<AtomicBool>,
+    /// The pool is known and its endpoints have been listed at least once (readiness).
+    pub pool_synced: AtomicBool,
 }
 
 impl Shared {
@@ -97,6 +99,7 @@ impl Shared {
             scheduler: ArcSwap::from_pointee(scheduler),
             prefix: Mutex::new(PrefixIndex::new(cap)),
             is_leader: Arc::new(AtomicBool::new(false)),
+            pool_synced: AtomicBool::new(false),
         }
     }
 }

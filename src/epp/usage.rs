@@ -57,14 +57,63 @@ impl UsageParser {
     }
 }
 
-/// Puts the client's model name back into a response chunk (`"model":"<target>"`).
-pub fn restore_model(chunk: &[u8], target: &str, requested: &str) -> Vec<u8> {
-    let text = String::from_utf8_lossy(chunk);
-    let t = serde_json::to_string(target).unwrap_or_default();
-    let r = serde_json::to_string(requested).unwrap_or_default();
-    text.replace(&format!("\"model\":{t}"), &format!("\"model\":{r}"))
-        .replace(&format!("\"model\": {t}"), &format!("\"model\": {r}"))
-        .into_bytes()
+/// Puts the client's model name back into a response body (`"model":"<target>"` ->
+/// `"model":"<requested>"`), chunk by chunk. Works on bytes, so a character split between
+/// chunks passes through intact, and holds back a chunk's tail while it could be the start of
+/// the pattern, so a pattern split between chunks is still found.
+#[derive(Debug)]
+pub struct ModelRestorer {
+    /// (pattern, replacement) pairs: with and without a space after the colon.
+    pairs: [(Vec<u8>, Vec<u8>); 2],
+    carry: Vec<u8>,
+}
+
+impl ModelRestorer {
+    pub fn new(target: &str, requested: &str) -> Self {
+        let t = serde_json::to_string(target).unwrap_or_default();
+        let r = serde_json::to_string(requested).unwrap_or_default();
+        let pair = |sep: &str| {
+            (
+                format!("\"model\":{sep}{t}").into_bytes(),
+                format!("\"model\":{sep}{r}").into_bytes(),
+            )
+        };
+        Self {
+            pairs: [pair(""), pair(" ")],
+            carry: Vec::new(),
+        }
+    }
+
+    /// The rewritten bytes of `chunk` that are final; the rest waits for the next chunk
+    /// (all of it is returned when `end` is set).
+    pub fn feed(&mut self, chunk: &[u8], end: bool) -> Vec<u8> {
+        let mut data = std::mem::take(&mut self.carry);
+        data.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(data.len());
+        let mut i = 0;
+        while i < data.len() {
+            let Some(q) = memchr::memchr(b'"', &data[i..]) else {
+                out.extend_from_slice(&data[i..]);
+                break;
+            };
+            out.extend_from_slice(&data[i..i + q]);
+            i += q;
+            let rest = &data[i..];
+            if let Some((from, to)) = self.pairs.iter().find(|(f, _)| rest.starts_with(f)) {
+                out.extend_from_slice(to);
+                i += from.len();
+                continue;
+            }
+            if !end && self.pairs.iter().any(|(f, _)| f.starts_with(rest)) {
+                // Could be the pattern cut by the chunk boundary: decide with the next chunk.
+                self.carry = rest.to_vec();
+                return out;
+            }
+            out.push(b'"');
+            i += 1;
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -110,7 +159,37 @@ mod tests {
 
     #[test]
     fn model_restored() {
-        let out = restore_model(br#"{"model":"fr-1","x":1}"#, "fr-1", "fr");
-        assert_eq!(out, br#"{"model":"fr","x":1}"#);
+        let mut r = ModelRestorer::new("fr-1", "fr");
+        assert_eq!(
+            r.feed(br#"{"model":"fr-1","x":1}"#, true),
+            br#"{"model":"fr","x":1}"#
+        );
+        let mut r = ModelRestorer::new("fr-1", "fr");
+        assert_eq!(
+            r.feed(br#"{"model": "fr-1", "y": "fr-10"}"#, true),
+            br#"{"model": "fr", "y": "fr-10"}"#
+        );
+    }
+
+    /// Every split point of a body with multi-byte characters and the pattern, in two and
+    /// three chunks: the output is always the one-chunk rewrite.
+    #[test]
+    fn restore_at_every_split() {
+        let body = "data: {\"model\":\"food-review-1\",\"text\":\"中文 ünï \\\"q\\\" 😀\"}\n\ndata: {\"model\": \"food-review-1\"}\n\n";
+        let want = body.replace("food-review-1", "food-review");
+        let bytes = body.as_bytes();
+        for i in 0..=bytes.len() {
+            let mut r = ModelRestorer::new("food-review-1", "food-review");
+            let mut out = r.feed(&bytes[..i], false);
+            out.extend(r.feed(&bytes[i..], true));
+            assert_eq!(String::from_utf8(out).unwrap(), want, "split at {i}");
+            for j in i..=bytes.len() {
+                let mut r = ModelRestorer::new("food-review-1", "food-review");
+                let mut out = r.feed(&bytes[..i], false);
+                out.extend(r.feed(&bytes[i..j], false));
+                out.extend(r.feed(&bytes[j..], true));
+                assert_eq!(String::from_utf8(out).unwrap(), want, "split at {i}, {j}");
+            }
+        }
     }
 }

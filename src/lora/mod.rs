@@ -41,6 +41,10 @@ pub enum SidecarError {
     Kube(#[source] kube::Error),
 }
 
+/// Upstream's sidecar (Python argparse) spells every flag we share the same way; `-v` and
+/// the zap logging flags are accepted like the other binaries'.
+pub const UPSTREAM_FLAGS: &[(&str, crate::flags::Upstream)] = &[];
+
 /// lora-sidecar flags (names and defaults compatible with upstream's manifests).
 #[derive(Debug, Clone, Args)]
 pub struct SidecarArgs {

@@ -72,7 +72,8 @@ impl LoraRegistry {
     /// Checks an adapter directory the way vLLM's worker does: `adapter_config.json` must exist
     /// (404 otherwise), parse, respect `--max-lora-rank`, and weights must be present (500).
     fn validate(&self, name: &str, path: &str) -> Result<(), ApiError> {
-        let dir = Path::new(path);
+        let resolved = resolve_source(path);
+        let dir = resolved.as_deref().unwrap_or(Path::new(path));
         let cfg_path = dir.join("adapter_config.json");
         let Ok(text) = std::fs::read_to_string(&cfg_path) else {
             return Err(ApiError::not_found(format!(
@@ -177,6 +178,36 @@ impl LoraRegistry {
             ))),
         }
     }
+}
+
+/// Where a hub id (`org/name`) is cached, as vLLM finds it offline: the first snapshot of
+/// `models--org--name` under `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`
+/// that holds an adapter. A local directory is itself; `None` when neither exists.
+pub fn resolve_source(source: &str) -> Option<std::path::PathBuf> {
+    let p = Path::new(source);
+    if p.is_dir() {
+        return Some(p.to_path_buf());
+    }
+    let (org, name) = source.split_once('/')?;
+    if org.is_empty() || name.is_empty() || name.contains('/') || source.starts_with('.') {
+        return None;
+    }
+    let cache = std::env::var_os("HF_HUB_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| Path::new(&h).join("hub")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/huggingface/hub"))
+        })?;
+    let snapshots = cache
+        .join(format!("models--{org}--{name}"))
+        .join("snapshots");
+    let mut dirs: Vec<_> = std::fs::read_dir(snapshots)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|d| d.join("adapter_config.json").is_file())
+        .collect();
+    dirs.sort();
+    dirs.into_iter().next()
 }
 
 /// Writes a minimal peft-style adapter directory (config + weights file) that the simulator

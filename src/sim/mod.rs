@@ -46,9 +46,22 @@ pub struct SimArgs {
     /// Adapters loaded at start: `name=path` or JSON `{"name":..,"path":..}`.
     #[arg(long, num_args = 1..)]
     pub lora_modules: Vec<String>,
-    /// Most sequences in one batch.
-    #[arg(long, default_value_t = 256)]
+    /// Most sequences in one batch (`--max-num-seq` too: vLLM's argparse takes prefixes, and
+    /// the seeds' manifests spell it so).
+    #[arg(long, alias = "max-num-seq", default_value_t = 256)]
     pub max_num_seqs: usize,
+    /// Accepted for compatibility with vLLM manifests (one simulated GPU).
+    #[arg(long, hide = true)]
+    pub tensor_parallel_size: Option<u32>,
+    /// Accepted for compatibility with vLLM manifests (nothing is compiled).
+    #[arg(long, hide = true)]
+    pub compilation_config: Option<String>,
+    /// Accepted for compatibility with vLLM manifests.
+    #[arg(long, hide = true)]
+    pub dtype: Option<String>,
+    /// Accepted for compatibility with vLLM manifests (the KV cache is --num-gpu-blocks).
+    #[arg(long, hide = true)]
+    pub gpu_memory_utilization: Option<f64>,
     /// Context length: prompt + max_tokens above it is a 400.
     #[arg(long, default_value_t = 32768)]
     pub max_model_len: u32,

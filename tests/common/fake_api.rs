@@ -41,6 +41,11 @@ pub struct FakeApi {
     /// Requests answered 503 while down.
     pub refused: Arc<std::sync::atomic::AtomicU64>,
     pub down_tx: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Resources (`group/version/plural` keys) the server has, as if only their CRDs were
+    /// installed: others answer 404 to discovery, list and watch. `None`: every resource.
+    pub served: Arc<Mutex<Option<Vec<String>>>>,
+    /// Resources answered 403 Forbidden (RBAC missing), with discovery unaffected.
+    pub forbidden: Arc<Mutex<Vec<String>>>,
 }
 
 pub fn key_of(group: &str, version: &str, plural: &str) -> String {
@@ -59,7 +64,27 @@ impl FakeApi {
             down: Arc::new(AtomicBool::new(false)),
             refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             down_tx: Arc::new(tokio::sync::watch::channel(false).0),
+            served: Arc::new(Mutex::new(None)),
+            forbidden: Arc::new(Mutex::new(Vec::new())),
         }
+    }
+
+    /// Serve only these resources (keys from [`key_of`]); the rest are 404.
+    pub fn serve_only(&self, keys: &[&str]) {
+        *self.served.lock().unwrap() = Some(keys.iter().map(|k| k.to_string()).collect());
+    }
+
+    /// Answer 403 for this resource, as when the ServiceAccount's role lacks it.
+    pub fn forbid(&self, key: &str) {
+        self.forbidden.lock().unwrap().push(key.to_string());
+    }
+
+    fn served(&self, key: &str) -> bool {
+        self.served
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_none_or(|s| s.iter().any(|k| k == key))
     }
 
     pub fn put(&self, key: &str, mut object: Value) {
@@ -234,7 +259,83 @@ async fn grouped(
     Path((group, version, _ns, plural)): Path<(String, String, String, String)>,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Response {
-    handle(api, key_of(&group, &version, &plural), plural.clone(), q).await
+    let key = key_of(&group, &version, &plural);
+    if !api.served(&key) {
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
+    if api.forbidden.lock().unwrap().contains(&key) {
+        return status(
+            403,
+            "Forbidden",
+            &format!(
+                "{plural}.{group} is forbidden: User \"system:serviceaccount:default:default\" cannot list resource \"{plural}\" in API group \"{group}\" in the namespace \"default\""
+            ),
+        );
+    }
+    handle(api, key, plural.clone(), q).await
+}
+
+/// The resources an API group version has (kubectl's and kube's discovery).
+const KNOWN: &[(&str, &str, &str, &str)] = &[
+    (
+        "inference.networking.k8s.io",
+        "v1",
+        "inferencepools",
+        "InferencePool",
+    ),
+    (
+        "inference.networking.x-k8s.io",
+        "v1alpha2",
+        "inferencepools",
+        "InferencePool",
+    ),
+    (
+        "inference.networking.x-k8s.io",
+        "v1alpha2",
+        "inferencemodels",
+        "InferenceModel",
+    ),
+    (
+        "inference.networking.x-k8s.io",
+        "v1alpha2",
+        "inferenceobjectives",
+        "InferenceObjective",
+    ),
+    (
+        "inference.networking.x-k8s.io",
+        "v1alpha2",
+        "inferencemodelrewrites",
+        "InferenceModelRewrite",
+    ),
+    ("coordination.k8s.io", "v1", "leases", "Lease"),
+];
+
+async fn discovery(
+    State(api): State<FakeApi>,
+    Path((group, version)): Path<(String, String)>,
+) -> Response {
+    let resources: Vec<Value> = KNOWN
+        .iter()
+        .filter(|(g, v, p, _)| *g == group && *v == version && api.served(&key_of(g, v, p)))
+        .map(|(_, _, plural, kind)| {
+            json!({"name": plural, "singularName": "", "namespaced": true, "kind": kind,
+                   "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]})
+        })
+        .collect();
+    if resources.is_empty() {
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
+    axum::Json(json!({"kind": "APIResourceList", "apiVersion": "v1",
+                      "groupVersion": format!("{group}/{version}"), "resources": resources}))
+    .into_response()
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response {
@@ -329,6 +430,7 @@ pub async fn start_fake(api: FakeApi) -> String {
             get(get_one).put(replace),
         )
         .route("/api/v1/namespaces/{ns}/{plural}", get(core))
+        .route("/apis/{group}/{version}", get(discovery))
         .route(
             "/apis/{group}/{version}/namespaces/{ns}/{plural}",
             get(grouped).post(create),
