@@ -14,12 +14,14 @@ pub mod v1 {
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
     pub struct LabelSelector {
+        #[schemars(extend("minProperties" = 1, "maxProperties" = 64))]
         pub match_labels: BTreeMap<String, String>,
     }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct Port {
+        #[schemars(range(min = 1, max = 65535))]
         pub number: i32,
     }
 
@@ -31,11 +33,13 @@ pub mod v1 {
         pub group: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub kind: Option<String>,
+        #[schemars(length(min = 1, max = 253))]
         pub name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub port: Option<Port>,
         /// `FailOpen` or `FailClose` (default).
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(extend("enum" = ["FailOpen", "FailClose"]))]
         pub failure_mode: Option<String>,
     }
 
@@ -53,9 +57,11 @@ pub mod v1 {
     pub struct InferencePoolSpec {
         pub selector: LabelSelector,
         /// 1-8 ports; each port of a pod is its own endpoint.
+        #[schemars(length(min = 1, max = 8))]
         pub target_ports: Vec<Port>,
         /// `http` or `kubernetes.io/h2c`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(extend("enum" = ["http", "kubernetes.io/h2c"]))]
         pub app_protocol: Option<String>,
         pub endpoint_picker_ref: EndpointPickerRef,
     }
@@ -80,10 +86,13 @@ pub mod v1alpha2 {
         pub group: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub kind: Option<String>,
+        #[schemars(length(min = 1, max = 253))]
         pub name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(range(min = 1, max = 65535))]
         pub port_number: Option<i32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(extend("enum" = ["FailOpen", "FailClose"]))]
         pub failure_mode: Option<String>,
     }
 
@@ -94,11 +103,14 @@ pub mod v1alpha2 {
         version = "v1alpha2",
         kind = "InferencePool",
         plural = "inferencepools",
-        namespaced
+        namespaced,
+        status = "ObjectStatus"
     )]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
     pub struct InferencePoolSpec {
+        #[schemars(extend("minProperties" = 1, "maxProperties" = 64))]
         pub selector: BTreeMap<String, String>,
+        #[schemars(range(min = 1, max = 65535))]
         pub target_port_number: i32,
         pub extension_ref: ExtensionRef,
     }
@@ -110,15 +122,29 @@ pub mod v1alpha2 {
         pub group: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub kind: Option<String>,
+        #[schemars(length(min = 1, max = 253))]
         pub name: String,
     }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct TargetModel {
+        #[schemars(length(min = 1, max = 253))]
         pub name: String,
+        /// 1 - 1,000,000; set on every target or on none.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(range(min = 1, max = 1000000))]
         pub weight: Option<i32>,
+    }
+
+    /// Conditions written by controllers (kept as they come).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ObjectStatus {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub conditions: Vec<serde_json::Value>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub parents: Vec<serde_json::Value>,
     }
 
     /// InferenceModel: what clients call a model, its criticality and weighted targets.
@@ -128,16 +154,22 @@ pub mod v1alpha2 {
         version = "v1alpha2",
         kind = "InferenceModel",
         plural = "inferencemodels",
-        namespaced
+        namespaced,
+        status = "ObjectStatus"
     )]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
     pub struct InferenceModelSpec {
+        #[schemars(length(min = 1, max = 256))]
         pub model_name: String,
         /// `Critical`, `Standard` or `Sheddable`.
+        // A string, not an enum: an object written under a CRD without this check (upstream's
+        // older ones) must not break the EPP's watch; the EPP ignores it and says why.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(extend("enum" = ["Critical", "Standard", "Sheddable"]))]
         pub criticality: Option<String>,
         pub pool_ref: PoolRef,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[schemars(length(max = 10))]
         pub target_models: Vec<TargetModel>,
     }
 
@@ -148,7 +180,8 @@ pub mod v1alpha2 {
         version = "v1alpha2",
         kind = "InferenceObjective",
         plural = "inferenceobjectives",
-        namespaced
+        namespaced,
+        status = "ObjectStatus"
     )]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
     pub struct InferenceObjectiveSpec {
@@ -162,7 +195,9 @@ pub mod v1alpha2 {
     pub struct ModelMatch {
         /// Only `Exact`.
         #[serde(rename = "type")]
+        #[schemars(extend("enum" = ["Exact"]))]
         pub kind: String,
+        #[schemars(length(min = 1, max = 256))]
         pub value: String,
     }
 
@@ -175,15 +210,19 @@ pub mod v1alpha2 {
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
     pub struct RewriteTarget {
+        #[schemars(length(min = 1, max = 256))]
         pub model_rewrite: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(range(min = 1, max = 1000000))]
         pub weight: Option<i32>,
     }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
     #[serde(deny_unknown_fields)]
     pub struct RewriteRule {
+        #[schemars(length(min = 1, max = 16))]
         pub matches: Vec<RewriteMatch>,
+        #[schemars(length(min = 1, max = 10))]
         pub targets: Vec<RewriteTarget>,
     }
 
@@ -194,7 +233,8 @@ pub mod v1alpha2 {
         version = "v1alpha2",
         kind = "InferenceModelRewrite",
         plural = "inferencemodelrewrites",
-        namespaced
+        namespaced,
+        status = "ObjectStatus"
     )]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
     pub struct InferenceModelRewriteSpec {

@@ -191,12 +191,15 @@ async fn routes_through_envoy_and_rejects_bad_bodies() {
     // No body at all: picked on the headers message.
     let r = f.c.get(f.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    // A model no server has: a clear 503 instead of a server's 404.
+    // A model no rule names and no server has: the EPP's own 404, naming it.
     let (s, body) = f
         .complete(json!({"model": "nobody-has-this", "prompt": "x"}))
         .await;
-    assert_eq!(s, 503, "{body}");
-    assert!(body.contains("not loaded on any server"), "{body}");
+    assert_eq!(s, 404, "{body}");
+    assert!(
+        body.contains("nobody-has-this") && body.contains("does not exist"),
+        "{body}"
+    );
     let page = f.epp_metrics().await;
     assert!(
         page.lines().any(|l| l == format!("inference_objective_request_total{{model_name=\"{BASE}\",target_model_name=\"{BASE}\"}} 20")),
@@ -217,6 +220,7 @@ async fn weighted_split_and_adapter_availability_full_duplex() {
     })
     .await;
     let n = 200;
+    let mut answered = std::collections::BTreeMap::<String, u64>::new();
     for i in 0..n {
         let (s, body) = f
             .complete(
@@ -225,10 +229,10 @@ async fn weighted_split_and_adapter_availability_full_duplex() {
             .await;
         assert_eq!(s, 200, "request {i}: {body}");
         let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(
-            v["model"], "food-review",
-            "the client's model name comes back"
-        );
+        // As vLLM and upstream: the response names the adapter that served it.
+        *answered
+            .entry(v["model"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     let mut fr1 = 0;
     let mut fr2_by_sim = Vec::new();
@@ -239,6 +243,17 @@ async fn weighted_split_and_adapter_availability_full_duplex() {
     }
     let fr2: u64 = fr2_by_sim.iter().sum();
     assert_eq!(fr1 + fr2, n);
+    assert_eq!(
+        answered,
+        [
+            ("food-review-1".to_string(), fr1),
+            ("food-review-2".to_string(), fr2)
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect(),
+        "each response names the adapter its server ran"
+    );
     // Binomial(200, 0.9): mean 180, sd 4.2; accept +-3.5 sd.
     assert!((165..=195).contains(&fr1), "food-review-1 got {fr1} of {n}");
     assert_eq!(
@@ -246,6 +261,48 @@ async fn weighted_split_and_adapter_availability_full_duplex() {
         0,
         "food-review-2 only where it is loaded: {fr2_by_sim:?}"
     );
+}
+
+/// `--restore-model-name`: the client's name comes back in JSON and in every SSE chunk,
+/// and the stream is otherwise intact (both body modes).
+#[tokio::test]
+async fn restore_model_name_is_opt_in() {
+    for full_duplex in [false, true] {
+        let f = Fleet::start(FleetOptions {
+            adapters: &[("food-review-1", &[0, 1]), ("food-review-2", &[0, 1])],
+            models_yaml: SPLIT,
+            full_duplex,
+            epp_flags: &["--restore-model-name"],
+            ..Default::default()
+        })
+        .await;
+        let (s, body) = f
+            .complete(json!({"model": "food-review", "prompt": "中文 review", "max_tokens": 3}))
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["model"], "food-review", "{body}");
+        let r = f
+            .c
+            .post(f.url("/v1/chat/completions"))
+            .json(&json!({"model": "food-review", "messages": [{"role": "user", "content": "中文"}],
+                          "max_tokens": 20, "stream": true, "stream_options": {"include_usage": true}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        let events: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+        for e in &events[..events.len() - 1] {
+            let v: Value = serde_json::from_str(e).unwrap_or_else(|_| panic!("{e}"));
+            assert_eq!(v["model"], "food-review", "{e}");
+        }
+        assert!(events.len() >= 20, "{text}");
+    }
 }
 
 #[tokio::test]
@@ -505,17 +562,23 @@ async fn live_adapter_rollout_never_404s() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let first = sim_requests(&f.c, &f.sims[0]).await;
     assert!(first.get("fr-new").copied().unwrap_or(0) >= 20);
-    // Once the EPP has re-read their model lists (every second), the others take traffic too;
-    // every request meanwhile still succeeds.
+    // Once the EPP has re-read their model lists, the others take traffic too when sim 0 is
+    // busy (a burst passes the LoRA affinity threshold; one request at a time may rightly
+    // stay with the server already running the adapter); every request still succeeds.
     let fr = &f;
     wait_for(
         "the newly loaded servers to get traffic",
         T,
         || async move {
-            let (s, body) = fr
-                .complete(json!({"model": "fr-new", "prompt": "later", "max_tokens": 1}))
-                .await;
-            assert_eq!(s, 200, "{body}");
+            let burst = futures::future::join_all((0..8).map(|i| {
+                fr.complete(
+                    json!({"model": "fr-new", "prompt": format!("later {i}"), "max_tokens": 20}),
+                )
+            }))
+            .await;
+            for (s, body) in burst {
+                assert_eq!(s, 200, "{body}");
+            }
             let later = sim_total(&fr.c, &fr.sims[1]).await + sim_total(&fr.c, &fr.sims[2]).await;
             (later > 0).then_some(())
         },

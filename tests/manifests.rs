@@ -265,3 +265,164 @@ fn epp_rbac_grants_what_discovery_watches() {
         }
     }
 }
+
+/// The openAPIV3Schema of a shipped CRD, as a compiled JSON-schema validator.
+fn crd_validator(file: &str) -> jsonschema::Validator {
+    let crd: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy().join("crds").join(file)).unwrap())
+            .unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    jsonschema::validator_for(schema).unwrap()
+}
+
+/// The first validation error for `obj`, as `kubectl apply` would report it (`None`: accepted).
+fn rejection(v: &jsonschema::Validator, obj: &Value) -> Option<String> {
+    v.iter_errors(obj)
+        .next()
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+}
+
+/// What upstream's CRDs reject at apply time, ours reject too (enums, required fields,
+/// ranges): a typo like `criticality: critical` is an error, not a silent Standard.
+#[test]
+fn crd_schemas_reject_what_upstream_rejects() {
+    let model = crd_validator("inference.networking.x-k8s.io_inferencemodels.yaml");
+    let ok = serde_json::json!({"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceModel",
+        "metadata": {"name": "food-review"},
+        "spec": {"modelName": "food-review", "criticality": "Standard", "poolRef": {"name": "vllm-llama3-8b-instruct"},
+                 "targetModels": [{"name": "food-review-1", "weight": 90}, {"name": "food-review-2", "weight": 10}]}});
+    assert_eq!(rejection(&model, &ok), None);
+    let with = |path: &[&str], v: Value| {
+        let mut o = ok.clone();
+        let mut cur = &mut o;
+        for p in &path[..path.len() - 1] {
+            cur = &mut cur[*p];
+        }
+        cur[path[path.len() - 1]] = v;
+        o
+    };
+    let cases = [
+        (
+            with(&["spec", "criticality"], "critical".into()),
+            "criticality",
+        ),
+        (
+            with(
+                &["spec", "targetModels"],
+                serde_json::json!(
+                    (0..11)
+                        .map(|i| serde_json::json!({"name": format!("t{i}")}))
+                        .collect::<Vec<_>>()
+                ),
+            ),
+            "targetModels",
+        ),
+        (
+            with(
+                &["spec", "targetModels"],
+                serde_json::json!([{"name": "a", "weight": 0}]),
+            ),
+            "weight",
+        ),
+        (
+            with(
+                &["spec", "targetModels"],
+                serde_json::json!([{"weight": 1}]),
+            ),
+            "name",
+        ),
+        (with(&["spec", "modelName"], "".into()), "modelName"),
+        (with(&["spec", "poolRef"], serde_json::json!({})), "name"),
+    ];
+    for (obj, field) in &cases {
+        let e = rejection(&model, obj).unwrap_or_else(|| panic!("accepted: {obj}"));
+        assert!(e.contains(field), "{field}: {e}");
+    }
+    let mut no_name = ok.clone();
+    no_name["spec"].as_object_mut().unwrap().remove("modelName");
+    assert!(rejection(&model, &no_name).unwrap().contains("modelName"));
+
+    let pool = crd_validator("inference.networking.x-k8s.io_inferencepools.yaml");
+    let ok = serde_json::json!({"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferencePool",
+        "metadata": {"name": "p"}, "spec": {"targetPortNumber": 8000, "selector": {"app": "vllm"},
+        "extensionRef": {"name": "p-epp", "failureMode": "FailClose"}}});
+    assert_eq!(rejection(&pool, &ok), None);
+    for (obj, field) in [
+        (
+            serde_json::json!({"targetPortNumber": 70000, "selector": {"app": "v"}, "extensionRef": {"name": "e"}}),
+            "targetPortNumber",
+        ),
+        (
+            serde_json::json!({"targetPortNumber": 8000, "selector": {}, "extensionRef": {"name": "e"}}),
+            "selector",
+        ),
+        (
+            serde_json::json!({"targetPortNumber": 8000, "selector": {"app": "v"}, "extensionRef": {"name": "e", "failureMode": "Open"}}),
+            "failureMode",
+        ),
+        (
+            serde_json::json!({"selector": {"app": "v"}, "extensionRef": {"name": "e"}}),
+            "targetPortNumber",
+        ),
+    ] {
+        let mut o = ok.clone();
+        o["spec"] = obj;
+        let e = rejection(&pool, &o).unwrap_or_else(|| panic!("accepted: {o}"));
+        assert!(e.contains(field), "{field}: {e}");
+    }
+
+    let v1 = crd_validator("inference.networking.k8s.io_inferencepools.yaml");
+    let ok = serde_json::json!({"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+        "metadata": {"name": "p"}, "spec": {"selector": {"matchLabels": {"app": "v"}}, "targetPorts": [{"number": 8000}],
+        "endpointPickerRef": {"name": "p-epp", "port": {"number": 9002}}}});
+    assert_eq!(rejection(&v1, &ok), None);
+    for (spec, field) in [
+        (
+            serde_json::json!({"selector": {"matchLabels": {"app": "v"}}, "targetPorts": [], "endpointPickerRef": {"name": "e"}}),
+            "targetPorts",
+        ),
+        (
+            serde_json::json!({"selector": {"matchLabels": {"app": "v"}}, "targetPorts": [{"number": 0}], "endpointPickerRef": {"name": "e"}}),
+            "number",
+        ),
+        (
+            serde_json::json!({"selector": {"matchLabels": {"app": "v"}}, "targetPorts": [{"number": 1}], "appProtocol": "grpc", "endpointPickerRef": {"name": "e"}}),
+            "appProtocol",
+        ),
+    ] {
+        let mut o = ok.clone();
+        o["spec"] = spec;
+        let e = rejection(&v1, &o).unwrap_or_else(|| panic!("accepted: {o}"));
+        assert!(e.contains(field), "{field}: {e}");
+    }
+
+    let rewrite = crd_validator("inference.networking.x-k8s.io_inferencemodelrewrites.yaml");
+    let bad = serde_json::json!({"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceModelRewrite",
+        "metadata": {"name": "r"}, "spec": {"poolRef": {"name": "p"},
+        "rules": [{"matches": [{"model": {"type": "Prefix", "value": "llama"}}], "targets": [{"modelRewrite": "x"}]}]}});
+    assert!(rejection(&rewrite, &bad).unwrap().contains("type"));
+
+    // Every example and seed object shipped validates.
+    let mut files = Vec::new();
+    yaml_files(&deploy().join("examples"), &mut files);
+    let seeds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/seeds");
+    yaml_files(&seeds, &mut files);
+    let mut checked = 0;
+    for f in files {
+        for d in serde_yaml::Deserializer::from_str(&std::fs::read_to_string(&f).unwrap()) {
+            use serde::Deserialize;
+            let Some(doc) = Option::<Value>::deserialize(d).unwrap() else {
+                continue;
+            };
+            let v = match (doc["apiVersion"].as_str(), doc["kind"].as_str()) {
+                (Some("inference.networking.x-k8s.io/v1alpha2"), Some("InferenceModel")) => &model,
+                (Some("inference.networking.x-k8s.io/v1alpha2"), Some("InferencePool")) => &pool,
+                (Some("inference.networking.k8s.io/v1"), Some("InferencePool")) => &v1,
+                _ => continue,
+            };
+            assert_eq!(rejection(v, &doc), None, "{}", f.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "{checked}");
+}
