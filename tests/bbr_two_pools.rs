@@ -8,7 +8,7 @@ use common::*;
 use serde_json::json;
 
 const LLAMA: &str = "meta-llama/Llama-3.1-8B-Instruct";
-const DEEPSEEK: &str = "deepseek-ai/DeepSeek-R1";
+const DEEPSEEK: &str = "deepseek/vllm-deepseek-r1";
 
 const MAPPING: &str = r#"apiVersion: v1
 kind: ConfigMap
@@ -26,7 +26,7 @@ metadata:
   name: deepseek-models
   labels: {inference.networking.k8s.io/bbr-managed: "true"}
 data:
-  baseModel: deepseek-ai/DeepSeek-R1
+  baseModel: deepseek/vllm-deepseek-r1
   adapters: |
     - ski-resorts
     - movie-critique
@@ -89,24 +89,42 @@ async fn every_request_lands_in_the_right_pool() {
         })
         .await;
     }
-    let models = [
-        LLAMA,
-        "food-review-1",
-        DEEPSEEK,
-        "ski-resorts",
-        "movie-critique",
-    ];
-    for round in 0..4 {
-        for m in models {
-            let r = c
-                .post(&url)
-                .json(&json!({"model": m, "prompt": format!("{m} {round}"), "max_tokens": 1}))
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            let body = r.text().await.unwrap();
-            assert_eq!(status, 200, "{m}: {body}");
+    // Seed 000's "Try it out" requests, verbatim (tests/data/seeds/000-requests.json), twice.
+    let requests: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/seeds/000-requests.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let rounds = 2;
+    let mut want_llama = std::collections::BTreeMap::<String, u64>::new();
+    let mut want_ds = std::collections::BTreeMap::<String, u64>::new();
+    for round in 0..rounds {
+        for r in &requests {
+            let url = format!(
+                "http://127.0.0.1:{}{}",
+                envoy.port,
+                r["path"].as_str().unwrap()
+            );
+            let model = r["body"]["model"].as_str().unwrap().to_string();
+            let resp = c.post(&url).json(&r["body"]).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap();
+            assert_eq!(
+                status, 200,
+                "seed 000 line {} ({model}), round {round}: {body}",
+                r["seed_line"]
+            );
+            let served: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(served["model"], model.as_str(), "{body}");
+            let want = if r["pool"] == "llama" {
+                &mut want_llama
+            } else {
+                &mut want_ds
+            };
+            *want.entry(model).or_default() += 1;
         }
     }
     let mut llama_counts = std::collections::BTreeMap::new();
@@ -121,22 +139,9 @@ async fn every_request_lands_in_the_right_pool() {
             *ds_counts.entry(k).or_insert(0) += v;
         }
     }
-    assert_eq!(
-        llama_counts,
-        [(LLAMA.to_string(), 4), ("food-review-1".to_string(), 4)]
-            .into_iter()
-            .collect()
-    );
-    assert_eq!(
-        ds_counts,
-        [
-            (DEEPSEEK.to_string(), 4),
-            ("movie-critique".to_string(), 4),
-            ("ski-resorts".to_string(), 4)
-        ]
-        .into_iter()
-        .collect()
-    );
+    assert_eq!(llama_counts, want_llama);
+    assert_eq!(ds_counts, want_ds);
+    assert_eq!(want_ds.values().sum::<u64>(), 12, "{want_ds:?}");
     // A model no pool serves, and a client trying to pick the pool itself.
     let r = c
         .post(&url)
@@ -154,7 +159,11 @@ async fn every_request_lands_in_the_right_pool() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let llama_total: u64 = sim_total(&c, &llama[0]).await + sim_total(&c, &llama[1]).await;
-    assert_eq!(llama_total, 9, "the client's header is replaced by bbr's");
+    assert_eq!(
+        llama_total,
+        want_llama.values().sum::<u64>() + 1,
+        "the client's header is replaced by bbr's"
+    );
 }
 
 #[test]

@@ -174,7 +174,7 @@ metadata:
   name: deepseek
   labels: {inference.networking.k8s.io/bbr-managed: "true"}
 data:
-  baseModel: deepseek-ai/DeepSeek-R1
+  baseModel: deepseek/vllm-deepseek-r1
   adapters: |
     - ski-resorts
     - movie-critique
@@ -196,7 +196,10 @@ data: {baseModel: x}
             m.base_of("meta-llama/Llama-3.1-8B-Instruct"),
             Some("meta-llama/Llama-3.1-8B-Instruct")
         );
-        assert_eq!(m.base_of("movie-critique"), Some("deepseek-ai/DeepSeek-R1"));
+        assert_eq!(
+            m.base_of("movie-critique"),
+            Some("deepseek/vllm-deepseek-r1")
+        );
         assert_eq!(m.base_of("x"), None, "unlabelled ConfigMaps are ignored");
         assert_eq!(m.len(), 5);
     }

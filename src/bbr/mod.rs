@@ -100,7 +100,7 @@ pub struct BbrArgs {
     #[arg(long, env = "BBR_MAPPING_FILE")]
     pub mapping_file: Option<PathBuf>,
     /// Namespace whose `bbr-managed` ConfigMaps are watched (without --mapping-file).
-    #[arg(long, default_value = "default")]
+    #[arg(long, env = "NAMESPACE", default_value = "default")]
     pub namespace: String,
     /// Serve ext_proc over TLS (self-signed unless --cert-path).
     #[arg(long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
