@@ -124,8 +124,12 @@ fn every_manifest_survives_a_typed_round_trip() {
                 ("inference.networking.x-k8s.io/v1alpha2", "InferenceObjective") => {
                     round_trip::<crds::v1alpha2::InferenceObjective>(&v)
                 }
-                // Gateway API objects have no Rust types here; check the basics only.
-                ("gateway.networking.k8s.io/v1", _) => {
+                // Gateway API and gateway providers' objects (deploy/*/components/provider-*)
+                // have no Rust types here; check the basics only.
+                ("gateway.networking.k8s.io/v1", _)
+                | ("networking.gke.io/v1", _)
+                | ("networking.istio.io/v1", "DestinationRule")
+                | ("networking.istio.io/v1alpha3", "EnvoyFilter") => {
                     if v["metadata"]["name"].is_string() && v["spec"].is_object() {
                         Ok(())
                     } else {
@@ -425,4 +429,171 @@ fn crd_schemas_reject_what_upstream_rejects() {
         }
     }
     assert!(checked >= 6, "{checked}");
+}
+
+/// `kubectl kustomize DIR` (kubectl carries kustomize), as JSON objects.
+fn kustomize(dir: &Path) -> Vec<Value> {
+    let out = std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(dir)
+        .output()
+        .expect("kubectl (with kustomize) must be installed to render deploy/installs/");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains("POOL_NAME") && !text.contains("POOL_APP") && !text.contains("BASE_MODEL"),
+        "a placeholder was left unfilled in {}:\n{text}",
+        dir.display()
+    );
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            use serde::Deserialize;
+            Value::deserialize(d).unwrap()
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {objs:#?}"))
+}
+
+/// An install with a provider component added, as a user uncommenting it would have it:
+/// written beside the installs (kustomize loads components only from below a root).
+fn with_provider(install: &str, provider: &str) -> PathBuf {
+    let src = deploy().join("installs").join(install);
+    let dir = deploy()
+        .join("installs")
+        .join(format!(".test-{install}-{}", provider.replace('/', "_")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = if src.join("values.yaml").exists() {
+        std::fs::copy(src.join("values.yaml"), dir.join("values.yaml")).unwrap();
+        format!(
+            "resources:\n- ../../inferencepool/base\n- values.yaml\ncomponents:\n- ../../inferencepool/components/experimental-httproute\n- ../../{provider}\n- ../../inferencepool/components/values\n"
+        )
+    } else {
+        format!("resources:\n- ../../bbr\ncomponents:\n- ../../{provider}\n")
+    };
+    std::fs::write(dir.join("kustomization.yaml"), k).unwrap();
+    dir
+}
+
+/// Each `helm install ... --set ...` of seed 000 has a kustomize install in deploy/installs/
+/// that renders what the chart would: names, labels, the EPP's flags, the HTTPRoute on the
+/// base model header, and the provider's objects.
+#[test]
+fn kustomize_installs_render_the_seeds_helm_values() {
+    let model = crd_validator("inference.networking.k8s.io_inferencepools.yaml");
+    for (pool, base) in [
+        ("vllm-deepseek-r1", "deepseek/vllm-deepseek-r1"),
+        (
+            "vllm-llama3-8b-instruct",
+            "meta-llama/Llama-3.1-8B-Instruct",
+        ),
+    ] {
+        let objs = kustomize(&deploy().join("installs").join(pool));
+        let ip = find(&objs, "InferencePool");
+        assert_eq!(ip["metadata"]["name"], pool);
+        assert_eq!(ip["spec"]["selector"]["matchLabels"]["app"], pool);
+        assert_eq!(ip["spec"]["targetPorts"][0]["number"], 8000);
+        assert_eq!(
+            ip["spec"]["endpointPickerRef"]["name"],
+            format!("{pool}-epp")
+        );
+        assert_eq!(rejection(&model, ip), None);
+        let dep = find(&objs, "Deployment");
+        assert_eq!(dep["metadata"]["name"], format!("{pool}-epp"));
+        let spec = &dep["spec"]["template"]["spec"];
+        assert_eq!(
+            spec["containers"][0]["args"][0],
+            format!("--pool-name={pool}")
+        );
+        assert_eq!(spec["serviceAccountName"], format!("{pool}-epp"));
+        assert_eq!(
+            spec["volumes"][0]["configMap"]["name"],
+            format!("{pool}-epp")
+        );
+        let labels = &dep["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(dep["spec"]["selector"]["matchLabels"], *labels);
+        let svc = find(&objs, "Service");
+        assert_eq!(svc["metadata"]["name"], format!("{pool}-epp"));
+        assert_eq!(svc["spec"]["selector"], *labels);
+        let rb = find(&objs, "RoleBinding");
+        assert_eq!(rb["subjects"][0]["name"], format!("{pool}-epp"));
+        assert_eq!(rb["roleRef"]["name"], format!("{pool}-epp"));
+        let route = find(&objs, "HTTPRoute");
+        assert_eq!(route["metadata"]["name"], pool);
+        let rule = &route["spec"]["rules"][0];
+        assert_eq!(
+            rule["matches"][0]["headers"][0]["name"],
+            "X-Gateway-Base-Model-Name"
+        );
+        assert_eq!(rule["matches"][0]["headers"][0]["value"], base);
+        assert_eq!(rule["backendRefs"][0]["name"], pool);
+        assert!(
+            objs.iter().all(
+                |o| o["kind"] != "ConfigMap" || o["metadata"]["name"] != "inferencepool-values"
+            ),
+            "the values object is local-config and never applied"
+        );
+        for o in &objs {
+            let res = match o["kind"].as_str().unwrap() {
+                "Deployment" => round_trip::<Deployment>(o),
+                "Service" => round_trip::<Service>(o),
+                "ConfigMap" => round_trip::<ConfigMap>(o),
+                "ServiceAccount" => round_trip::<ServiceAccount>(o),
+                "Role" => round_trip::<Role>(o),
+                "RoleBinding" => round_trip::<RoleBinding>(o),
+                "InferencePool" => round_trip::<crds::v1::InferencePool>(o),
+                _ => Ok(()),
+            };
+            assert_eq!(res, Ok(()), "{o}");
+        }
+        // --set provider.name=gke / istio.
+        let gke = kustomize(&with_provider(
+            pool,
+            "inferencepool/components/provider-gke",
+        ));
+        for kind in ["HealthCheckPolicy", "GCPBackendPolicy"] {
+            assert_eq!(find(&gke, kind)["spec"]["targetRef"]["name"], pool);
+        }
+        let istio = kustomize(&with_provider(
+            pool,
+            "inferencepool/components/provider-istio",
+        ));
+        assert_eq!(
+            find(&istio, "DestinationRule")["spec"]["host"],
+            format!("{pool}-epp")
+        );
+    }
+    let bbr = kustomize(&deploy().join("installs/body-based-router"));
+    assert_eq!(
+        find(&bbr, "Deployment")["metadata"]["name"],
+        "body-based-router"
+    );
+    assert_eq!(find(&bbr, "Role")["rules"][0]["resources"][0], "configmaps");
+    let gke = kustomize(&with_provider(
+        "body-based-router",
+        "bbr/components/provider-gke",
+    ));
+    let ext = &find(&gke, "GCPRoutingExtension")["spec"]["extensionChains"][0]["extensions"][0];
+    assert_eq!(ext["backendRef"]["name"], "body-based-router");
+    assert_eq!(ext["backendRef"]["port"], 9004);
+    let istio = kustomize(&with_provider(
+        "body-based-router",
+        "bbr/components/provider-istio",
+    ));
+    assert!(
+        find(&istio, "EnvoyFilter")
+            .to_string()
+            .contains("body-based-router"),
+        "{istio:?}"
+    );
 }
