@@ -130,7 +130,7 @@ for n in $(seq 1 100); do
     -d "{\"model\":\"food-review\",\"messages\":[{\"role\":\"user\",\"content\":\"Review $n: the soup was cold\"}],\"max_tokens\":2}"
 done
 stats
-echo "   a response carries the name the client sent:"
+echo "   a response names the adapter that served it (as vLLM and upstream; --restore-model-name gives the client's name):"
 curl -s "$GW/v1/chat/completions" -H 'content-type: application/json' \
   -d '{"model":"food-review","messages":[{"role":"user","content":"Is the pasta good?"}],"max_tokens":6}' | python3 -c 'import json,sys; r=json.load(sys.stdin); print("   model:", r["model"], "| reply:", r["choices"][0]["message"]["content"])'
 
@@ -138,7 +138,7 @@ echo "== 6. streaming (SSE) through the gateway, usage included"
 curl -sN "$GW/v1/chat/completions" -H 'content-type: application/json' \
   -d "{\"model\":\"$BASE\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":3,\"stream\":true,\"stream_options\":{\"include_usage\":true}}" | sed 's/^/   /'
 
-echo "== 7. bad requests get a 4xx with a message"
+echo "== 7. bad requests get a 4xx with a message (bad JSON, no model, a model nobody serves)"
 curl -s -w '  (%{http_code})\n' "$GW/v1/completions" -d '{not json' | sed 's/^/   /'
 curl -s -w '  (%{http_code})\n' "$GW/v1/completions" -d '{"prompt":"no model"}' | sed 's/^/   /'
 curl -s -w '  (%{http_code})\n' "$GW/v1/completions" -d '{"model":"nobody-serves-this","prompt":"x"}' | sed 's/^/   /'

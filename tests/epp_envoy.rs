@@ -222,11 +222,20 @@ async fn weighted_split_and_adapter_availability_full_duplex() {
     let n = 200;
     let mut answered = std::collections::BTreeMap::<String, u64>::new();
     for i in 0..n {
-        let (s, body) = f
-            .complete(
-                json!({"model": "food-review", "prompt": format!("review {i}"), "max_tokens": 1}),
+        // A client trying to pick the adapter itself changes nothing: the gateway strips the
+        // header and the EPP does not read it unless told to trust it.
+        let r = f
+            .c
+            .post(f.url("/v1/completions"))
+            .header("x-gateway-model-name-rewrite", "food-review-2")
+            .json(
+                &json!({"model": "food-review", "prompt": format!("review {i}"), "max_tokens": 1}),
             )
-            .await;
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        let body = r.text().await.unwrap();
         assert_eq!(s, 200, "request {i}: {body}");
         let v: Value = serde_json::from_str(&body).unwrap();
         // As vLLM and upstream: the response names the adapter that served it.

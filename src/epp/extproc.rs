@@ -53,6 +53,8 @@ pub struct ExtProcOptions {
     pub max_body_bytes: usize,
     /// Put the client's model name back into responses of rewritten requests.
     pub restore_model_name: bool,
+    /// Honour `x-gateway-model-name-rewrite` (only where the gateway owns that header).
+    pub trust_model_rewrite_header: bool,
 }
 
 /// The ext_proc service.
@@ -324,7 +326,11 @@ impl ExtProc {
                 // 503) are counted under the model, as upstream does.
                 st.requested_model.clone_from(&p.model);
                 let objective = st.headers.objective.as_deref();
-                let rewrite = st.headers.model_rewrite.as_deref();
+                let rewrite = st
+                    .headers
+                    .model_rewrite
+                    .as_deref()
+                    .filter(|_| self.opts.trust_model_rewrite_header);
                 let r = snap
                     .rules
                     .resolve(&p.model, objective, rewrite, rand::random::<f64>())

@@ -113,6 +113,11 @@ pub struct EppArgs {
     /// that served it (`"model": "food-review-1"`), which is how a canary is told apart.
     #[arg(long, default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub restore_model_name: bool,
+    /// Honour the request header `x-gateway-model-name-rewrite` (it replaces the target
+    /// model, overriding canary splits and `--unknown-models reject`). Off by default: only
+    /// turn it on where the gateway strips the client's copy and sets its own.
+    #[arg(long, default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub trust_model_rewrite_header: bool,
     /// Metrics older than this count as stale (saturated, not trusted for picking); overrides
     /// the EndpointPickerConfig's saturationDetector.metricsStalenessThreshold.
     #[arg(long, value_parser = parse_duration)]
@@ -501,6 +506,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         ExtProcOptions {
             max_body_bytes: args.max_body_bytes,
             restore_model_name: args.restore_model_name,
+            trust_model_rewrite_header: args.trust_model_rewrite_header,
         },
         metrics.clone(),
     ))
