@@ -712,3 +712,38 @@ async fn metrics_name_filter_used_where_honoured_whole_page_elsewhere() {
         r.abort();
     }
 }
+
+/// `--unknown-models reject`: a model no rule names is a 404 even when a server has it; a
+/// pool file's own `unknownModels: route` wins over the flag.
+#[tokio::test]
+async fn unknown_models_flag_and_pool_file_setting() {
+    let named =
+        "models:\n- modelName: chat\n  targetModels: [{name: meta-llama/Llama-3.1-8B-Instruct}]\n";
+    let f = Fleet::start(FleetOptions {
+        sims: 1,
+        models_yaml: named,
+        epp_flags: &["--unknown-models", "reject"],
+        ..Default::default()
+    })
+    .await;
+    let (s, body) = f
+        .complete(json!({"model": BASE, "prompt": "x", "max_tokens": 1}))
+        .await;
+    assert_eq!(s, 404, "{body}");
+    let (s, body) = f
+        .complete(json!({"model": "chat", "prompt": "x", "max_tokens": 1}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let routed = format!("{named}unknownModels: route\n");
+    let f = Fleet::start(FleetOptions {
+        sims: 1,
+        models_yaml: &routed,
+        epp_flags: &["--unknown-models", "reject"],
+        ..Default::default()
+    })
+    .await;
+    let (s, body) = f
+        .complete(json!({"model": BASE, "prompt": "x", "max_tokens": 1}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+}

@@ -358,3 +358,110 @@ async fn seed_001_getting_started_and_canary_rollout() {
     let warnings = logs.matches("Kubernetes watch failing").count();
     assert!((1..=2).contains(&warnings), "{warnings} warnings:\n{logs}");
 }
+
+/// Every binary starts with upstream's flag spellings (both generations, one or two dashes,
+/// `=value` or a separate value), says which accepted flags it ignores, and refuses an
+/// unknown flag naming it.
+#[tokio::test]
+async fn upstream_flag_spellings_start_every_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = d.join("pool.yaml");
+    std::fs::write(&pool, "pool: {name: p}\nendpoints: []\n").unwrap();
+    let pool_s = pool.to_string_lossy().into_owned();
+    let epp = spawn_with_marker(
+        &bin("epp"),
+        &[
+            "-poolName=p",
+            "-poolNamespace",
+            "default",
+            "--pool-file",
+            &pool_s,
+            "-grpcPort",
+            "0",
+            "-grpcHealthPort=0",
+            "-metricsPort",
+            "0",
+            "-refreshMetricsInterval=50ms",
+            "-refreshPrometheusMetricsInterval",
+            "1s",
+            "-secureServing=false",
+            "-enablePprof",
+            "-totalQueuedRequestsMetric",
+            "vllm:num_requests_waiting",
+            "--zap-log-level=info",
+            "--zap-devel",
+        ],
+        &[],
+        "EPP_LISTENING",
+        d,
+    );
+    let logs = wait_for("ignored flags logged", Duration::from_secs(10), || async {
+        let l = epp.logs();
+        l.contains("totalQueuedRequestsMetric").then_some(l)
+    })
+    .await;
+    assert!(logs.contains("-enablePprof accepted and ignored"), "{logs}");
+    let bbr_map = d.join("bbr.yaml");
+    std::fs::write(&bbr_map, "baseModels: []\n").unwrap();
+    let map_s = bbr_map.to_string_lossy().into_owned();
+    let _bbr = spawn_with_marker(
+        &bin("bbr"),
+        &[
+            "-grpcPort=0",
+            "-grpcHealthPort",
+            "0",
+            "--streaming",
+            "-v",
+            "3",
+            "--mapping-file",
+            &map_s,
+            "--bind-address",
+            "127.0.0.1",
+        ],
+        &[],
+        "BBR_LISTENING",
+        d,
+    );
+    let cfg = d.join("lora.yaml");
+    std::fs::write(
+        &cfg,
+        "vLLMLoRAConfig:\n  port: 1\n  ensureExist:\n    models: []\n",
+    )
+    .unwrap();
+    let cfg_s = cfg.to_string_lossy().into_owned();
+    let _sidecar = spawn_with_marker(
+        &bin("lora-sidecar"),
+        &[
+            "--config",
+            &cfg_s,
+            "--health-check-timeout=300",
+            "--health-check-interval",
+            "2",
+            "--reconcile-trigger",
+            "5",
+            "--config-validation",
+            "--metrics-port",
+            "0",
+            "-v",
+            "4",
+        ],
+        &[],
+        "LORA_SIDECAR_LISTENING",
+        d,
+    );
+    for (b, flag) in [
+        ("epp", "-poolNme"),
+        ("bbr", "--grpcPrt=1"),
+        ("lora-sidecar", "-bogus"),
+    ] {
+        let out = std::process::Command::new(bin(b))
+            .arg(flag)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{b} {flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let name = flag.trim_start_matches('-').split('=').next().unwrap();
+        assert!(err.contains(&format!("--{name}")), "{b}: {err}");
+    }
+}
