@@ -74,18 +74,59 @@ struct Fields {
 /// The text of a prompt-like value, collected while parsing (see [`Collect`]).
 struct Text(String);
 
+std::thread_local! {
+    /// Most prompt bytes [`parse_body_capped`] keeps (routing hashes only a prefix); set for
+    /// the duration of one parse on this thread, since serde's derive passes no context.
+    static PROMPT_CAP: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Collected text, bounded: once an append does not fit whole, it is cut at a character
+/// boundary and nothing more is taken (so the text is always a prefix of the whole).
+struct Sink {
+    s: String,
+    cap: usize,
+    full: bool,
+}
+
+impl Sink {
+    fn new(cap: usize) -> Self {
+        Self {
+            s: String::new(),
+            cap,
+            full: false,
+        }
+    }
+
+    fn push(&mut self, v: &str) {
+        if self.full {
+            return;
+        }
+        let room = self.cap.saturating_sub(self.s.len());
+        if v.len() <= room {
+            self.s.push_str(v);
+        } else {
+            let mut end = room;
+            while !v.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.s.push_str(&v[..end]);
+            self.full = true;
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut out = String::new();
+        let mut out = Sink::new(PROMPT_CAP.with(|c| c.get()));
         Collect(&mut out).deserialize(d)?;
-        Ok(Text(out))
+        Ok(Text(out.s))
     }
 }
 
 /// Appends a JSON value's text to a string: strings as they are, numbers followed by a
 /// space, array items each followed by a newline, and of an object its `role` (then `: `)
 /// followed by its `content`, `text` and `input`, in that order.
-struct Collect<'a>(&'a mut String);
+struct Collect<'a>(&'a mut Sink);
 
 impl<'de> DeserializeSeed<'de> for Collect<'_> {
     type Value = ();
@@ -128,26 +169,26 @@ impl<'de> Visitor<'de> for Collect<'_> {
     }
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
-        self.0.push_str(v);
+        self.0.push(v);
         Ok(())
     }
 
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
-        self.0.push_str(&serde_json::Number::from(v).to_string());
-        self.0.push(' ');
+        self.0.push(&serde_json::Number::from(v).to_string());
+        self.0.push(" ");
         Ok(())
     }
 
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
-        self.0.push_str(&serde_json::Number::from(v).to_string());
-        self.0.push(' ');
+        self.0.push(&serde_json::Number::from(v).to_string());
+        self.0.push(" ");
         Ok(())
     }
 
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
         if let Some(n) = serde_json::Number::from_f64(v) {
-            self.0.push_str(&n.to_string());
-            self.0.push(' ');
+            self.0.push(&n.to_string());
+            self.0.push(" ");
         }
         Ok(())
     }
@@ -162,7 +203,7 @@ impl<'de> Visitor<'de> for Collect<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element_seed(Collect(self.0))?.is_some() {
-            self.0.push('\n');
+            self.0.push("\n");
         }
         Ok(())
     }
@@ -170,11 +211,12 @@ impl<'de> Visitor<'de> for Collect<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         // Keys may come in any order; the text keeps role, content, text, input order (a
         // repeated key counts once, its last value, as in a parsed object).
-        let mut parts: [Option<String>; 4] = Default::default();
+        let mut parts: [Option<Sink>; 4] = Default::default();
         while let Some(k) = map.next_key_seed(PartKey)? {
             match k {
                 Some(i) => {
-                    let mut s = String::new();
+                    // Each part may be all the room left; the joined text is capped below.
+                    let mut s = Sink::new(self.0.cap.saturating_sub(self.0.s.len()));
                     map.next_value_seed(Collect(&mut s))?;
                     parts[i] = Some(s);
                 }
@@ -185,11 +227,17 @@ impl<'de> Visitor<'de> for Collect<'_> {
         }
         let [role, rest @ ..] = parts;
         if let Some(r) = role {
-            self.0.push_str(&r);
-            self.0.push_str(": ");
+            self.0.push(&r.s);
+            if r.full {
+                self.0.full = true;
+            }
+            self.0.push(": ");
         }
         for p in rest.into_iter().flatten() {
-            self.0.push_str(&p);
+            self.0.push(&p.s);
+            if p.full {
+                self.0.full = true;
+            }
         }
         Ok(())
     }
@@ -227,6 +275,27 @@ fn push_text(v: &Value, out: &mut String) {
 /// Parses a request body: only the fields routing reads are built (the prompt's text is
 /// collected while parsing), everything else is checked for syntax and skipped.
 pub fn parse_body(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, RequestError> {
+    parse_body_capped(api, body, usize::MAX)
+}
+
+/// [`parse_body`] keeping at most `max_prompt_bytes` of the prompt's text (its prefix, all
+/// that prefix-cache routing hashes): memory stays bounded whatever the body's size.
+pub fn parse_body_capped(
+    api: ApiKind,
+    body: &[u8],
+    max_prompt_bytes: usize,
+) -> Result<ParsedRequest, RequestError> {
+    struct Reset(usize);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PROMPT_CAP.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(PROMPT_CAP.with(|c| c.replace(max_prompt_bytes)));
+    parse_body_inner(api, body)
+}
+
+fn parse_body_inner(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, RequestError> {
     let invalid = |e: serde_json::Error| RequestError::InvalidJson(e.to_string());
     // A struct would also accept a JSON array (fields by position): only objects are bodies.
     if body.trim_ascii_start().first() != Some(&b'{') {
@@ -286,24 +355,77 @@ fn parse_body_via_value(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, Requ
 }
 
 /// The body with `model` replaced (key order kept).
-pub fn with_model(body: &[u8], model: &str) -> Vec<u8> {
+pub fn with_model(body: &[u8], model: &str) -> Result<Vec<u8>, RequestError> {
     rewrite(body, model, None)
+}
+
+/// Where the two top-level fields a rewrite writes sit in the body (borrowed slices of it);
+/// every other field is skipped without being built.
+#[derive(Deserialize)]
+struct Spans<'a> {
+    #[serde(borrow)]
+    model: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    priority: Option<&'a serde_json::value::RawValue>,
+}
+
+/// The byte range of `raw` inside `body` (it is a slice of it).
+fn span(body: &[u8], raw: &serde_json::value::RawValue) -> std::ops::Range<usize> {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    start..start + raw.get().len()
 }
 
 /// The body (one [`parse_body`] accepted) with `model` replaced and, when given, vLLM's
 /// `priority` field set (lower runs earlier on a server started with
-/// `--scheduling-policy priority`). Only rewritten requests pay for a whole parse.
-pub fn rewrite(body: &[u8], model: &str, priority: Option<i64>) -> Vec<u8> {
-    let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
-        return body.to_vec();
-    };
-    if let Some(o) = v.as_object_mut() {
-        o.insert("model".into(), Value::String(model.to_string()));
+/// `--scheduling-policy priority`). See [`rewrite_in_place`].
+pub fn rewrite(body: &[u8], model: &str, priority: Option<i64>) -> Result<Vec<u8>, RequestError> {
+    let mut out = body.to_vec();
+    rewrite_in_place(&mut out, model, priority)?;
+    Ok(out)
+}
+
+/// [`rewrite`] on the body itself: the values are patched where they are, so a huge body
+/// is never parsed into a tree nor copied (the tail moves within the buffer; it grows only
+/// when the new values are longer than the room left in its capacity).
+pub fn rewrite_in_place(
+    body: &mut Vec<u8>,
+    model: &str,
+    priority: Option<i64>,
+) -> Result<(), RequestError> {
+    // (range to replace, replacement), found while the body is borrowed by the parse.
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::with_capacity(2);
+    {
+        let spans: Spans<'_> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => RequestError::RepeatedField(e.to_string()),
+            _ => RequestError::InvalidJson(e.to_string()),
+        })?;
+        match spans.model {
+            Some(m) => edits.push((
+                span(body, m),
+                serde_json::to_string(model).unwrap_or_default(),
+            )),
+            None => return Err(RequestError::MissingModel),
+        }
         if let Some(p) = priority {
-            o.insert("priority".into(), Value::from(p));
+            match spans.priority {
+                Some(old) => edits.push((span(body, old), p.to_string())),
+                None => {
+                    // After the last member, before the object's closing brace.
+                    let end = body
+                        .iter()
+                        .rposition(|&b| b == b'}')
+                        .ok_or(RequestError::NotAnObject)?;
+                    edits.push((end..end, format!(",\"priority\":{p}")));
+                }
+            }
         }
     }
-    serde_json::to_vec(&v).unwrap_or_default()
+    // Last first, so earlier ranges stay valid.
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    for (r, s) in edits {
+        body.splice(r, s.into_bytes());
+    }
+    Ok(())
 }
 
 /// Chained 64-bit hashes of `text` in `block_chars`-character blocks, seeded by `seed` (the
@@ -387,13 +509,107 @@ mod tests {
         let body = br#"{"model":"a","prompt":"p","max_tokens":3}"#;
         assert_eq!(parse_body(ApiKind::Completions, body).unwrap().model, "a");
         assert_eq!(
-            String::from_utf8(with_model(body, "b")).unwrap(),
+            String::from_utf8(with_model(body, "b").unwrap()).unwrap(),
             r#"{"model":"b","prompt":"p","max_tokens":3}"#
         );
         assert_eq!(
-            String::from_utf8(rewrite(body, "a", Some(-1))).unwrap(),
+            String::from_utf8(rewrite(body, "a", Some(-1)).unwrap()).unwrap(),
             r#"{"model":"a","prompt":"p","max_tokens":3,"priority":-1}"#
         );
+        // Spacing, escapes and an existing priority are handled in place.
+        let body = b" {\n \"priority\" : 5, \"model\" : \"a\\u0041\", \"x\": {\"model\": 1} }\n";
+        assert_eq!(
+            String::from_utf8(rewrite(body, "q\"r", Some(-2)).unwrap()).unwrap(),
+            " {\n \"priority\" : -2, \"model\" : \"q\\\"r\", \"x\": {\"model\": 1} }\n"
+        );
+        assert!(matches!(
+            rewrite(br#"{"model":"a","priority":1,"priority":2}"#, "b", Some(1)),
+            Err(RequestError::RepeatedField(_))
+        ));
+    }
+
+    #[test]
+    fn prompt_text_is_capped_at_a_char_boundary() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"\u4e2d\u6587 abcdef"},{"role":"user","content":"tail"}]}"#;
+        let full = parse_body(ApiKind::ChatCompletions, body).unwrap().prompt;
+        for cap in 0..full.len() + 3 {
+            let p = parse_body_capped(ApiKind::ChatCompletions, body, cap)
+                .unwrap()
+                .prompt;
+            assert!(p.len() <= cap, "{cap}: {p:?}");
+            assert!(
+                full.starts_with(&p),
+                "{cap}: {p:?} not a prefix of {full:?}"
+            );
+            assert!(
+                p.len() + 3 > cap.min(full.len()),
+                "{cap}: {p:?} cut too short"
+            );
+        }
+        // The cap is per call: the next parse on this thread is whole again.
+        assert_eq!(
+            parse_body(ApiKind::ChatCompletions, body).unwrap().prompt,
+            full
+        );
+    }
+
+    /// The in-place rewrite means the same as rebuilding the object: equal JSON values.
+    #[test]
+    fn rewrite_in_place_equals_a_rebuilt_object() {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            "[a-z \\\\\"\\n\\u{4e2d}\\u{1F600}]{0,12}".prop_map(Value::from),
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+        ];
+        let value = leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map("[a-z]{1,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let bodies = (
+            prop::collection::btree_map("[a-z]{1,8}", value, 0..6),
+            prop::option::of(any::<i32>()),
+            any::<bool>(),
+        );
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(2000));
+        runner
+            .run(
+                &(
+                    bodies,
+                    "[a-z0-9/\"\\\\-]{1,10}",
+                    prop::option::of(any::<i32>()),
+                ),
+                |((fields, prio, pretty), model, set)| {
+                    let mut obj: serde_json::Map<String, Value> = fields
+                        .into_iter()
+                        .filter(|(k, _)| k != "model" && k != "priority")
+                        .collect();
+                    obj.insert("model".into(), Value::from("orig"));
+                    if let Some(p) = prio {
+                        obj.insert("priority".into(), Value::from(p));
+                    }
+                    let v = Value::Object(obj);
+                    let body = if pretty {
+                        serde_json::to_vec_pretty(&v).unwrap()
+                    } else {
+                        serde_json::to_vec(&v).unwrap()
+                    };
+                    let out = rewrite(&body, &model, set.map(i64::from)).unwrap();
+                    let got: Value = serde_json::from_slice(&out).unwrap();
+                    let mut want = v.clone();
+                    want["model"] = Value::from(model.clone());
+                    if let Some(p) = set {
+                        want["priority"] = Value::from(p);
+                    }
+                    prop_assert_eq!(got, want);
+                    Ok(())
+                },
+            )
+            .unwrap();
     }
 
     #[test]

@@ -37,6 +37,9 @@ const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
 const LB_NAMESPACE: &str = "envoy.lb";
 const STREAM_CHUNK: usize = 64 * 1024;
+/// Room kept after an announced body for in-place rewrites (target names are at most 256
+/// bytes by the CRDs; a priority is a few).
+const REWRITE_SLACK: usize = 1024;
 
 /// Whether Envoy streams this request's body in FULL_DUPLEX_STREAMED mode (read from the
 /// request headers message's protocol config; every later message follows that mode).
@@ -130,6 +133,8 @@ struct RequestHeaders {
     request_id: Option<String>,
     objective: Option<String>,
     model_rewrite: Option<String>,
+    /// The body's announced size, to allocate for it once.
+    content_length: Option<usize>,
 }
 
 impl RequestHeaders {
@@ -146,6 +151,9 @@ impl RequestHeaders {
                 &mut self.objective
             } else if hv.key.eq_ignore_ascii_case(MODEL_REWRITE_HEADER) {
                 &mut self.model_rewrite
+            } else if hv.key.eq_ignore_ascii_case("content-length") {
+                self.content_length = header_value(hv).trim().parse().ok();
+                continue;
             } else {
                 continue;
             };
@@ -296,7 +304,8 @@ pub(crate) fn continue_headers() -> ProcessingResponse {
 struct Decision {
     destination: String,
     extra_headers: Vec<HeaderValueOption>,
-    new_body: Option<Vec<u8>>,
+    /// The request body (rewritten in place) must be sent on.
+    body_changed: bool,
 }
 
 impl ExtProc {
@@ -315,8 +324,14 @@ impl ExtProc {
         let parsed = if st.body.is_empty() {
             None
         } else {
+            // Prefix routing hashes at most this much of the prompt: keep no more of it.
+            let prompt_cap = if cfg.prefix_cache_weight > 0.0 {
+                cfg.prefix_block_chars.saturating_mul(cfg.prefix_max_blocks)
+            } else {
+                0
+            };
             Some(
-                request::parse_body(api, &st.body)
+                request::parse_body_capped(api, &st.body, prompt_cap)
                     .map_err(|e| Reject::new(400, "BadRequest", e.to_string()))?,
             )
         };
@@ -457,7 +472,7 @@ impl ExtProc {
             .map(|&i| endpoints[i].address.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        let mut new_body = None;
+        let mut body_changed = false;
         if let (Some(r), Some(_)) = (&resolved, &parsed) {
             if r.rewritten() && self.opts.restore_model_name {
                 st.restorer = Some(super::usage::ModelRestorer::new(&r.target, &r.requested));
@@ -465,11 +480,12 @@ impl ExtProc {
             let priority =
                 (cfg.forward_priority && r.priority != 0).then(|| -i64::from(r.priority));
             if r.rewritten() || priority.is_some() {
-                let body = request::rewrite(&st.body, &r.target, priority);
+                request::rewrite_in_place(&mut st.body, &r.target, priority)
+                    .map_err(|e| Reject::new(400, "BadRequest", e.to_string()))?;
                 if !st.full_duplex {
-                    extra_headers.push(set_header("content-length", &body.len().to_string()));
+                    extra_headers.push(set_header("content-length", &st.body.len().to_string()));
                 }
-                new_body = Some(body);
+                body_changed = true;
             }
             self.metrics
                 .requests
@@ -493,7 +509,7 @@ impl ExtProc {
         Ok(Decision {
             destination,
             extra_headers,
-            new_body,
+            body_changed,
         })
     }
 
@@ -546,14 +562,16 @@ impl ExtProc {
                     // A request without a body has no body phase to answer: an answer
                     // there is a protocol error to Envoy ("spurious response message").
                     if st.full_duplex && st.body_seen {
-                        let body = d.new_body.unwrap_or_else(|| std::mem::take(&mut st.body));
+                        let body = std::mem::take(&mut st.body);
                         send_streamed_body(tx, &body).await?;
                     }
                 } else {
                     let mut common = common;
-                    if let Some(b) = d.new_body {
+                    if d.body_changed {
                         common.body_mutation = Some(BodyMutation {
-                            mutation: Some(body_mutation::Mutation::Body(b)),
+                            mutation: Some(body_mutation::Mutation::Body(std::mem::take(
+                                &mut st.body,
+                            ))),
                         });
                     }
                     send(
@@ -603,14 +621,27 @@ impl ExtProc {
                 }
                 Err(e) => return Err(e),
             };
-            let Some(req) = msg.request.as_ref() else {
+            if matches!(
+                msg.request,
+                Some(processing_request::Request::RequestHeaders(_))
+            ) {
+                st.full_duplex = is_full_duplex(&msg);
+                st.subset = subset_hint(&msg);
+            }
+            // Owned, so a body chunk is moved into the request state, not copied.
+            let Some(req) = msg.request else {
                 continue;
             };
             match req {
-                processing_request::Request::RequestHeaders(h) => {
-                    st.full_duplex = is_full_duplex(&msg);
+                processing_request::Request::RequestHeaders(ref h) => {
                     st.headers.read(h);
-                    st.subset = subset_hint(&msg);
+                    // Room for the whole body at once (no doubling copies), within the limit.
+                    // The slack lets a rewrite (model name, priority) patch it in place.
+                    if let Some(n) = st.headers.content_length
+                        && n <= self.opts.max_body_bytes
+                    {
+                        st.body.reserve_exact(n + REWRITE_SLACK);
+                    }
                     if h.end_of_stream {
                         if !self.route(&mut st, tx).await? {
                             return Ok(());
@@ -634,7 +665,12 @@ impl ExtProc {
                         return Ok(());
                     }
                     st.body_seen = true;
-                    st.body.extend_from_slice(&b.body);
+                    if st.body.is_empty() && st.body.capacity() < b.body.len() {
+                        st.body = b.body;
+                        st.body.reserve_exact(REWRITE_SLACK);
+                    } else {
+                        st.body.extend_from_slice(&b.body);
+                    }
                     if b.end_of_stream && !self.route(&mut st, tx).await? {
                         return Ok(());
                     }
@@ -643,9 +679,9 @@ impl ExtProc {
                     if st.in_flight.is_none() && !self.route(&mut st, tx).await? {
                         return Ok(());
                     }
-                    send(tx, pass_through(req)).await?;
+                    send(tx, pass_through(&req)).await?;
                 }
-                processing_request::Request::ResponseHeaders(h) => {
+                processing_request::Request::ResponseHeaders(ref h) => {
                     st.response_status = find_header(h, ":status")
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(0);
@@ -716,7 +752,7 @@ impl ExtProc {
                     .await?;
                 }
                 processing_request::Request::ResponseTrailers(_) => {
-                    send(tx, pass_through(req)).await?;
+                    send(tx, pass_through(&req)).await?;
                 }
             }
         }

@@ -234,7 +234,10 @@ fn router(state: Arc<SimState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/metrics", get(metrics_page))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), faults_layer));
+        .layer(middleware::from_fn_with_state(state.clone(), faults_layer))
+        // vLLM (uvicorn) sets no body limit; axum's default of 2 MB would answer 413 where
+        // vLLM answers a context-length 400.
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024));
     Router::new()
         .route("/sim/faults", get(get_faults).post(set_faults))
         .route("/sim/restart", post(restart))
