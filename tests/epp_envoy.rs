@@ -803,3 +803,76 @@ async fn huge_rewritten_body_costs_about_one_copy() {
     // would be a 404): the server's own context-length refusal.
     assert!(text.contains("context length"), "{text}");
 }
+
+/// The EPP's resident memory now (VmRSS), in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// Clients choose model names: 10,000 random ones and 1 MiB ones mint no metric series, do
+/// not grow memory and do not reach the logs whole.
+#[tokio::test]
+async fn client_chosen_model_names_mint_no_series() {
+    let f = Fleet::start(FleetOptions {
+        sims: 1,
+        full_duplex: true,
+        ..Default::default()
+    })
+    .await;
+    let pid = f.epp.proc.child.id();
+    // Warm up: the known model's series exist, allocators have settled.
+    for _ in 0..50 {
+        let (s, _) = f
+            .complete(json!({"model": BASE, "prompt": "x", "max_tokens": 1}))
+            .await;
+        assert_eq!(s, 200);
+        let _ = f
+            .complete(json!({"model": "warm-up-name", "prompt": "x"}))
+            .await;
+    }
+    let series = |page: &str| page.lines().filter(|l| !l.starts_with('#')).count();
+    let page0 = f.epp_metrics().await;
+    let (rss0, log0) = (rss(pid), f.epp.proc.logs().len());
+    let names: Vec<String> = (0..10_000)
+        .map(|i| format!("m-{i}-{:x}", rand::random::<u64>()))
+        .collect();
+    for chunk in names.chunks(50) {
+        let answers = futures::future::join_all(
+            chunk
+                .iter()
+                .map(|m| f.complete(json!({"model": m, "prompt": "x", "max_tokens": 1}))),
+        )
+        .await;
+        for (s, body) in answers {
+            assert_eq!(s, 404, "{body}");
+        }
+    }
+    let huge = "x".repeat(1024 * 1024);
+    for i in 0..40 {
+        let (s, body) = f
+            .complete(json!({"model": format!("{huge}{i}"), "prompt": "x"}))
+            .await;
+        assert_eq!(s, 400, "{}", &body[..body.len().min(300)]);
+        assert!(body.len() < 4096, "the answer does not echo the name");
+    }
+    let page = f.epp_metrics().await;
+    assert!(
+        series(&page) <= series(&page0) + 4,
+        "{} series before, {} after:\n{page}",
+        series(&page0),
+        series(&page)
+    );
+    assert!(!page.contains("m-9999-"), "{page}");
+    assert!(page.contains("model_name=\"other\""), "{page}");
+    let grown = rss(pid).saturating_sub(rss0);
+    assert!(grown < 16 << 20, "RSS grew {} MiB", grown >> 20);
+    // One line per rejection at most, each bounded: no 1 MiB name in the logs.
+    let logged = f.epp.proc.logs().len() - log0;
+    assert!(logged < 10_040 * 600, "{logged} bytes of logs");
+}

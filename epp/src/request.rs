@@ -50,7 +50,13 @@ pub enum RequestError {
     /// to the wrong model, so a repeated field routing reads is refused.
     #[error("request body repeats a field routing reads ({0}); send each field once")]
     RepeatedField(String),
+    /// Model names are short identifiers; a huge one would only cost memory and log volume.
+    #[error("`model` is {0} bytes long; model names are at most {MAX_MODEL_NAME_BYTES} bytes")]
+    ModelTooLong(usize),
 }
+
+/// Longest `model` accepted (vLLM's served names and hub ids are far shorter).
+pub const MAX_MODEL_NAME_BYTES: usize = 1024;
 
 /// What routing needs from a body.
 #[derive(Debug, Clone, PartialEq)]
@@ -309,6 +315,9 @@ fn parse_body_inner(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, RequestE
     })?;
     let model = match f.model {
         None => return Err(RequestError::MissingModel),
+        Some(Value::String(s)) if s.len() > MAX_MODEL_NAME_BYTES => {
+            return Err(RequestError::ModelTooLong(s.len()));
+        }
         Some(Value::String(s)) if !s.is_empty() => s,
         Some(_) => return Err(RequestError::BadModel),
     };
@@ -333,6 +342,9 @@ fn parse_body_via_value(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, Requ
     let obj = v.as_object().ok_or(RequestError::NotAnObject)?;
     let model = match obj.get("model") {
         None | Some(Value::Null) => return Err(RequestError::MissingModel),
+        Some(Value::String(s)) if s.len() > MAX_MODEL_NAME_BYTES => {
+            return Err(RequestError::ModelTooLong(s.len()));
+        }
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(_) => return Err(RequestError::BadModel),
     };

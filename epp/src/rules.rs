@@ -259,6 +259,17 @@ impl ModelRules {
                 .any(|w| w.matches.iter().any(|m| m == model))
     }
 
+    /// Whether a rule sends requests to `model` (a target of an InferenceModel or rewrite).
+    pub fn targets(&self, model: &str) -> bool {
+        self.models
+            .values()
+            .any(|m| m.target_models.iter().any(|t| t.name == model))
+            || self
+                .rewrites
+                .iter()
+                .any(|w| w.targets.iter().any(|t| t.name == model))
+    }
+
     /// Model names clients may send (for logs and metrics).
     pub fn model_names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)

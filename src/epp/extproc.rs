@@ -31,6 +31,40 @@ use super::state::{EndpointHandle, Shared};
 use super::usage::UsageParser;
 use crate::epp::metrics::EppMetrics;
 
+/// The metric label of every model name no rule and no server knows.
+pub const OTHER_MODEL: &str = "other";
+/// Longest client-chosen value (model name, request id) written into a log line.
+const LOG_VALUE_MAX: usize = 128;
+
+/// `s` cut to [`LOG_VALUE_MAX`] bytes at a character boundary, for logs.
+fn for_log(s: &str) -> &str {
+    if s.len() <= LOG_VALUE_MAX {
+        return s;
+    }
+    let mut end = LOG_VALUE_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The metric label for a model name: itself when a rule names or targets it or a server of
+/// the pool lists it, else [`OTHER_MODEL`].
+fn model_label(snap: &super::state::PoolSnapshot, name: &str) -> String {
+    let known = name.is_empty()
+        || snap.rules.knows(name)
+        || snap.rules.targets(name)
+        || snap
+            .endpoints
+            .iter()
+            .any(|h| h.models.load().as_ref().is_some_and(|m| m.contains(name)));
+    if known {
+        name.to_string()
+    } else {
+        OTHER_MODEL.to_string()
+    }
+}
+
 /// Header carrying the decision to the gateway (and Envoy's ORIGINAL_DST cluster).
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
 const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
@@ -115,6 +149,10 @@ struct RequestState {
     subset: Option<Vec<String>>,
     requested_model: String,
     target_model: String,
+    /// Metric label values of the two: the name itself when a rule or a server knows it,
+    /// otherwise [`OTHER_MODEL`], so clients cannot mint series.
+    model_label: String,
+    target_label: String,
     in_flight: Option<InFlight>,
     usage: Option<UsageParser>,
     /// Set for rewritten requests when --restore-model-name is on.
@@ -340,6 +378,7 @@ impl ExtProc {
                 // Named before anything can reject the request, so its errors (404, 429,
                 // 503) are counted under the model, as upstream does.
                 st.requested_model.clone_from(&p.model);
+                st.model_label = model_label(&snap, &p.model);
                 let objective = st.headers.objective.as_deref();
                 let rewrite = st
                     .headers
@@ -357,6 +396,11 @@ impl ExtProc {
                     })?;
                 st.requested_model.clone_from(&r.requested);
                 st.target_model.clone_from(&r.target);
+                st.target_label = if r.target == r.requested {
+                    st.model_label.clone()
+                } else {
+                    model_label(&snap, &r.target)
+                };
                 (Some(r), p.prompt.as_str())
             }
             None => (None, ""),
@@ -490,8 +534,8 @@ impl ExtProc {
             self.metrics
                 .requests
                 .get_or_create(&ModelLabels {
-                    model_name: r.requested.clone(),
-                    target_model_name: r.target.clone(),
+                    model_name: st.model_label.clone(),
+                    target_model_name: st.target_label.clone(),
                 })
                 .inc();
             st.usage = Some(UsageParser::default());
@@ -505,7 +549,7 @@ impl ExtProc {
         self.metrics
             .scheduler_e2e
             .observe(started.elapsed().as_secs_f64());
-        tracing::debug!(request_id = st.headers.request_id(), model = %st.requested_model, target = %st.target_model, endpoint = %destination, "picked");
+        tracing::debug!(request_id = for_log(st.headers.request_id()), model = for_log(&st.requested_model), target = for_log(&st.target_model), endpoint = %destination, "picked");
         Ok(Decision {
             destination,
             extra_headers,
@@ -517,8 +561,8 @@ impl ExtProc {
         self.metrics
             .errors
             .get_or_create(&ErrorLabels {
-                model_name: st.requested_model.clone(),
-                target_model_name: st.target_model.clone(),
+                model_name: st.model_label.clone(),
+                target_model_name: st.target_label.clone(),
                 error_code: status.to_string(),
             })
             .inc();
@@ -590,8 +634,8 @@ impl ExtProc {
             Err(r) => {
                 self.record_error(st, r.status);
                 tracing::info!(
-                    request_id = st.headers.request_id(),
-                    model = %st.requested_model,
+                    request_id = for_log(st.headers.request_id()),
+                    model = for_log(&st.requested_model),
                     status = r.status,
                     reason = %r.message,
                     path = %st.headers.path(),
@@ -725,8 +769,8 @@ impl ExtProc {
                         && let Some((prompt, completion)) = u.finish()
                     {
                         let l = ModelLabels {
-                            model_name: st.requested_model.clone(),
-                            target_model_name: st.target_model.clone(),
+                            model_name: st.model_label.clone(),
+                            target_model_name: st.target_label.clone(),
                         };
                         self.metrics
                             .input_tokens

@@ -150,11 +150,15 @@ impl EppMetrics {
             .set(q);
     }
 
-    /// Drops the per-endpoint series of an endpoint that left the pool.
+    /// Drops the per-endpoint series of an endpoint that left the pool (so pod churn does not
+    /// grow the page for ever).
     pub fn forget_pod(&self, pool: &str, pod: &str) {
         self.pod_queue.remove(&PodLabels {
             name: pool.into(),
             model_server_pod: pod.into(),
+        });
+        self.picks.remove(&EndpointLabels {
+            endpoint: pod.into(),
         });
     }
 
