@@ -53,6 +53,10 @@ pub enum MetricsError {
     Missing(&'static str),
     #[error("bad sample value on line {line}: {text:?}")]
     BadValue { line: usize, text: String },
+    /// NaN, an infinity or a negative count: a broken server must not win every pick (NaN
+    /// compares false with everything) nor hide saturation.
+    #[error("sample on line {line} is not a finite non-negative number: {text:?}")]
+    NotFinite { line: usize, text: String },
 }
 
 struct Names {
@@ -353,16 +357,29 @@ impl Acc {
                 _ => v.parse().map_err(|_| bad()),
             }
         };
+        // The gauges routing reads: finite and non-negative, or the scrape is refused (the
+        // endpoint is then treated as unscraped, not trusted with a poisoned value).
+        let gauge = || -> Result<f64, MetricsError> {
+            let v = value()?;
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(MetricsError::NotFinite {
+                    line: memchr::memchr_iter(b'\n', &text[..at]).count() + 1,
+                    text: String::from_utf8_lossy(line).chars().take(200).collect(),
+                })
+            }
+        };
         let label_text = || std::str::from_utf8(label_set).map_err(|_| bad());
         let is = |n: &str| n.as_bytes() == name;
         if names.waiting.iter().any(|n| is(n)) {
-            self.m.waiting += value()?;
+            self.m.waiting += gauge()?;
             self.seen_waiting = true;
         } else if names.running.iter().any(|n| is(n)) {
-            self.m.running += value()?;
+            self.m.running += gauge()?;
         } else if let Some(rank) = names.kv.iter().position(|n| is(n)) {
             // Prefer the newer family name when a server exports both; max across engines.
-            let v = value()?;
+            let v = gauge()?;
             if rank < self.kv_rank {
                 self.kv_rank = rank;
                 self.m.kv_usage = v;
@@ -372,7 +389,7 @@ impl Acc {
             self.seen_kv = true;
         } else if is(names.waiting_by_reason) {
             if label(label_text()?, "reason").as_deref() == Some("deferred") {
-                self.m.deferred += value()?;
+                self.m.deferred += gauge()?;
             }
         } else if is(names.lora_info) {
             let v = value()?;
@@ -502,6 +519,33 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_gauges_are_refused() {
+        for bad in ["NaN", "+Inf", "-Inf", "-1"] {
+            for fam in [
+                "vllm:num_requests_waiting",
+                "vllm:num_requests_running",
+                "vllm:kv_cache_usage_perc",
+            ] {
+                let mut page = String::from(
+                    "vllm:num_requests_waiting{model_name=\"m\"} 1\nvllm:num_requests_running{model_name=\"m\"} 2\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.5\n",
+                );
+                page = page.replace(
+                    &format!("{fam}{{model_name=\"m\"}} "),
+                    &format!("{fam}{{model_name=\"m\"}} {bad} #"),
+                );
+                let e = parse(EngineType::Vllm, &page).unwrap_err();
+                assert!(
+                    matches!(e, MetricsError::NotFinite { .. }),
+                    "{fam} {bad}: {e}"
+                );
+            }
+        }
+        // A NaN elsewhere on the page (a histogram sum) is no concern of routing.
+        let ok = "vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc 0.5\nvllm:e2e_request_latency_seconds_sum NaN\n";
+        assert_eq!(parse(EngineType::Vllm, ok).unwrap().waiting, 1.0);
+    }
+
+    #[test]
     fn sglang_and_trtllm() {
         let s = "sglang:num_queue_reqs{model_name=\"m\"} 4\nsglang:num_running_reqs 2\nsglang:token_usage 0.25\nsglang:cache_config_info{page_size=\"1\",num_pages=\"100\"} 1\n";
         let m = parse(EngineType::Sglang, s).unwrap();
@@ -526,6 +570,7 @@ mod tests {
     fn comparable(r: Result<EndpointMetrics, MetricsError>) -> Result<EndpointMetrics, String> {
         r.map_err(|e| match e {
             MetricsError::BadValue { text, .. } => format!("bad value {text}"),
+            MetricsError::NotFinite { text, .. } => format!("not finite {text}"),
             e => e.to_string(),
         })
     }
