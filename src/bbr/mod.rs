@@ -25,8 +25,8 @@ use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
 use crate::epp::extproc::{
-    ResponseStream, Tx, continue_headers, driven_processor, is_full_duplex, pass_through, reply,
-    send, send_streamed_body, set_header,
+    ResponseStream, Tx, continue_headers, driven_processor, immediate_error, is_full_duplex,
+    pass_through, reply, send, send_streamed_body, set_header,
 };
 use crate::epp::tls;
 use crate::runtime::parse_bool;
@@ -158,10 +158,11 @@ fn model_of(body: &[u8]) -> Option<String> {
     struct M {
         model: Option<String>,
     }
+    // A name past the EPP's limit is no model: no header carries it, the EPP answers 400.
     serde_json::from_slice::<M>(body)
         .ok()?
         .model
-        .filter(|m| !m.is_empty())
+        .filter(|m| !m.is_empty() && m.len() <= inferlane_epp::request::MAX_MODEL_NAME_BYTES)
 }
 
 impl Bbr {
@@ -209,9 +210,24 @@ impl Bbr {
                     }
                 }
                 processing_request::Request::RequestBody(b) => {
-                    if body.len() + b.body.len() <= self.max_body {
-                        body.extend_from_slice(&b.body);
+                    // Never route on part of a body (the model may come after the cut), nor
+                    // send part of it upstream: too large is a 413, as from the EPP.
+                    if body.len() + b.body.len() > self.max_body {
+                        send(
+                            tx,
+                            immediate_error(
+                                413,
+                                "PayloadTooLarge",
+                                &format!(
+                                    "request body larger than {} bytes (bbr --max-body-bytes)",
+                                    self.max_body
+                                ),
+                            ),
+                        )
+                        .await?;
+                        return Ok(());
                     }
+                    body.extend_from_slice(&b.body);
                     if !b.end_of_stream {
                         continue;
                     }
@@ -368,4 +384,90 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         grpc: grpc_addr,
         health: health_addr,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProtocolConfiguration,
+    };
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    fn msg(r: processing_request::Request, full_duplex: bool) -> ProcessingRequest {
+        ProcessingRequest {
+            request: Some(r),
+            protocol_config: full_duplex.then(|| ProtocolConfiguration {
+                request_body_mode: BodySendMode::FullDuplexStreamed as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A full-duplex body over --max-body-bytes is answered 413, never sent on truncated and
+    /// routed on what was read (which is what bbr did).
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_a_413_in_both_modes() {
+        let map = BaseModelMap::new(
+            &parse_mapping("baseModels:\n- baseModel: b\n  adapters: [a]\n").unwrap(),
+        )
+        .unwrap();
+        let svc = ExternalProcessorServer::new(Bbr {
+            map: Arc::new(ArcSwap::from_pointee(map)),
+            max_body: 1000,
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(TcpListenerStream::new(l)),
+        );
+        let mut client = ExternalProcessorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        for full_duplex in [true, false] {
+            let chunk = |end| {
+                msg(
+                    processing_request::Request::RequestBody(HttpBody {
+                        body: vec![b' '; 600],
+                        end_of_stream: end,
+                        ..Default::default()
+                    }),
+                    full_duplex,
+                )
+            };
+            let msgs = vec![
+                msg(
+                    processing_request::Request::RequestHeaders(HttpHeaders {
+                        headers: Some(HeaderMap::default()),
+                        ..Default::default()
+                    }),
+                    full_duplex,
+                ),
+                chunk(false),
+                chunk(true),
+            ];
+            let mut out = client
+                .process(tokio_stream::iter(msgs))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut got = None;
+            while let Ok(Some(m)) = out.message().await {
+                if let Some(processing_response::Response::ImmediateResponse(i)) = m.response {
+                    got = Some(i);
+                    break;
+                }
+            }
+            let i =
+                got.unwrap_or_else(|| panic!("no immediate answer (full duplex {full_duplex})"));
+            assert_eq!(i.status.unwrap().code, 413);
+            assert!(String::from_utf8_lossy(&i.body).contains("--max-body-bytes"));
+        }
+    }
 }

@@ -282,20 +282,24 @@ fn subset_hint(req: &ProcessingRequest) -> Option<Vec<String>> {
 }
 
 fn immediate(r: &Reject) -> ProcessingResponse {
-    let body =
-        json!({"error": {"message": r.message, "type": r.code, "code": r.status}}).to_string();
+    immediate_error(r.status, r.code, &r.message)
+}
+
+/// An immediate answer to the client with a JSON error body (`{"error": {...}}`, as vLLM's).
+pub(crate) fn immediate_error(status: u16, code: &str, message: &str) -> ProcessingResponse {
+    let body = json!({"error": {"message": message, "type": code, "code": status}}).to_string();
     ProcessingResponse {
         response: Some(processing_response::Response::ImmediateResponse(
             ImmediateResponse {
                 status: Some(HttpStatus {
-                    code: i32::from(r.status),
+                    code: i32::from(status),
                 }),
                 headers: Some(HeaderMutation {
                     set_headers: vec![set_header("content-type", "application/json")],
                     ..Default::default()
                 }),
                 body: body.into_bytes(),
-                details: format!("epp_{}", r.code),
+                details: format!("epp_{code}"),
                 ..Default::default()
             },
         )),
