@@ -876,3 +876,38 @@ async fn client_chosen_model_names_mint_no_series() {
     let logged = f.epp.proc.logs().len() - log0;
     assert!(logged < 10_040 * 600, "{logged} bytes of logs");
 }
+
+/// Requests without a body (GET, an empty POST, odd methods) are picked on their headers in
+/// both body modes: the server answers them, never a 500 from a protocol error (full duplex
+/// used to answer a body phase Envoy never opened).
+#[tokio::test]
+async fn bodyless_requests_in_both_body_modes() {
+    for full_duplex in [false, true] {
+        let f = Fleet::start(FleetOptions {
+            sims: 1,
+            full_duplex,
+            ..Default::default()
+        })
+        .await;
+        let r = f.c.get(f.url("/v1/models")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "GET /v1/models, full duplex {full_duplex}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["data"][0]["id"], BASE);
+        for method in ["POST", "DELETE", "OPTIONS", "PATCH"] {
+            let r =
+                f.c.request(method.parse().unwrap(), f.url("/v1/completions"))
+                    .send()
+                    .await
+                    .unwrap();
+            let s = r.status().as_u16();
+            let body = r.text().await.unwrap();
+            assert!(
+                (400..500).contains(&s),
+                "{method} without a body, full duplex {full_duplex}: {s} {body}"
+            );
+        }
+        let r = f.c.get(f.url("/health")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "full duplex {full_duplex}");
+        assert_eq!(sim_total(&f.c, &f.sims[0]).await, 0);
+    }
+}

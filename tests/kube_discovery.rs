@@ -245,3 +245,80 @@ async fn one_leader_at_a_time_and_takeover_when_it_dies() {
     )
     .await;
 }
+
+fn model_at(name: &str, model_name: &str, target: &str, created: &str) -> Value {
+    json!({"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceModel",
+           "metadata": {"name": name, "namespace": "default", "creationTimestamp": created},
+           "spec": {"modelName": model_name, "poolRef": {"name": "llama"},
+                    "targetModels": [{"name": target}]}})
+}
+
+async fn targets(c: &reqwest::Client, epp: &Epp, model: &str) -> Option<Vec<String>> {
+    let v = debug_pool(c, epp).await?;
+    Some(
+        v["targets"][model]
+            .as_array()?
+            .iter()
+            .map(|t| t["name"].as_str().unwrap_or("").to_string())
+            .collect(),
+    )
+}
+
+/// Any namespace user can create an InferenceModel: a newer one claiming a taken modelName
+/// (or a broken one) is ignored and logged, the oldest keeps the name, every other rule stays
+/// in force, also after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_models_oldest_wins_and_the_rest_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    api.put(POOLS, pool("llama"));
+    api.put(
+        MODELS,
+        model_at(
+            "food-review",
+            "food-review",
+            "food-review-1",
+            "2026-01-01T00:00:00Z",
+        ),
+    );
+    api.put(
+        MODELS,
+        model_at(
+            "hijack",
+            "food-review",
+            "evil-adapter",
+            "2026-06-01T00:00:00Z",
+        ),
+    );
+    api.put(
+        MODELS,
+        model_at("chat", "chat", "chat-1", "2026-06-02T00:00:00Z"),
+    );
+    let mut bad = model_at("typo", "typo", "t-1", "2026-06-03T00:00:00Z");
+    bad["spec"]["criticality"] = json!("critical");
+    api.put(MODELS, bad);
+    let c = client();
+    for round in 0..2 {
+        let epp = spawn_kube_epp(dir.path(), &kc, &[]);
+        let got = wait_for("rules", Duration::from_secs(20), || async {
+            let fr = targets(&c, &epp, "food-review").await?;
+            let chat = targets(&c, &epp, "chat").await?;
+            Some((fr, chat))
+        })
+        .await;
+        assert_eq!(got.0, ["food-review-1"], "round {round}");
+        assert_eq!(got.1, ["chat-1"], "round {round}");
+        let v = debug_pool(&c, &epp).await.unwrap();
+        assert!(v["targets"].get("typo").is_none(), "{v}");
+        let logs = wait_for("conflict logged", Duration::from_secs(10), || async {
+            let l = epp.proc.logs();
+            (l.contains("hijack") && l.contains("already claimed") && l.contains("typo"))
+                .then_some(l)
+        })
+        .await;
+        // Once each, not on every later event.
+        assert_eq!(logs.matches("already claimed").count(), 1, "{logs}");
+    }
+}

@@ -259,6 +259,16 @@ impl ModelRules {
                 .any(|w| w.matches.iter().any(|m| m == model))
     }
 
+    /// The weighted targets of the rule for `model` (for operators' views), if one names it.
+    pub fn targets_of(&self, model: &str) -> Option<Vec<(String, Option<u32>)>> {
+        self.models.get(model).map(|m| {
+            m.target_models
+                .iter()
+                .map(|t| (t.name.clone(), t.weight))
+                .collect()
+        })
+    }
+
     /// Whether a rule sends requests to `model` (a target of an InferenceModel or rewrite).
     pub fn targets(&self, model: &str) -> bool {
         self.models

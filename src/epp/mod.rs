@@ -377,8 +377,22 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .collect();
     let mut models: Vec<&str> = snap.rules.model_names().collect();
     models.sort_unstable();
+    let targets: serde_json::Map<String, serde_json::Value> = models
+        .iter()
+        .map(|m| {
+            let t = snap.rules.targets_of(m).unwrap_or_default();
+            (
+                m.to_string(),
+                t.into_iter()
+                    .map(|(name, w)| serde_json::json!({"name": name, "weight": w}))
+                    .collect(),
+            )
+        })
+        .collect();
     axum::Json(
         serde_json::json!({"generation": snap.generation, "endpoints": endpoints, "models": models,
+                           "targets": targets,
+                           "ready": shared.pool_synced.load(std::sync::atomic::Ordering::Acquire),
                            "leader": shared.is_leader.load(std::sync::atomic::Ordering::SeqCst)}),
     )
 }
