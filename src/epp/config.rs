@@ -52,8 +52,10 @@ struct PoolMeta {
 struct RawPoolFile {
     #[serde(default)]
     pool: PoolMeta,
+    /// Required: a file without it is empty or cut short (a half-written file), not a pool
+    /// that lost all its servers; `endpoints: []` empties the pool on purpose.
     #[serde(default)]
-    endpoints: Vec<EndpointSpec>,
+    endpoints: Option<Vec<EndpointSpec>>,
     #[serde(default)]
     models: Vec<ModelRule>,
     #[serde(default)]
@@ -77,9 +79,25 @@ pub struct PoolFile {
 
 impl PoolFile {
     pub fn parse(text: &str) -> Result<Self, EppConfigError> {
+        if text.trim().is_empty() {
+            return Err(EppConfigError::Invalid {
+                field: "(file)".into(),
+                message: "the pool file is empty".into(),
+                fix: "write the pool's endpoints; `endpoints: []` empties the pool on purpose"
+                    .into(),
+            });
+        }
         let raw: RawPoolFile = serde_yaml::from_str(text).map_err(yaml_error)?;
+        let Some(endpoints) = raw.endpoints else {
+            return Err(EppConfigError::Invalid {
+                field: "endpoints".into(),
+                message: "missing (an empty or truncated file?)".into(),
+                fix: "list the pool's endpoints; `endpoints: []` empties the pool on purpose"
+                    .into(),
+            });
+        };
         let mut seen = HashMap::new();
-        for (i, e) in raw.endpoints.iter().enumerate() {
+        for (i, e) in endpoints.iter().enumerate() {
             if e.address.parse::<std::net::SocketAddr>().is_err() {
                 return Err(EppConfigError::Invalid {
                     field: format!("endpoints[{i}].address"),
@@ -99,7 +117,7 @@ impl PoolFile {
         Ok(Self {
             name: raw.pool.name,
             namespace: raw.pool.namespace,
-            endpoints: raw.endpoints,
+            endpoints,
             rules: ModelRules::new(
                 raw.models,
                 raw.objectives,
@@ -366,6 +384,13 @@ mod tests {
         assert!(e.to_string().contains("endpoints[0].address"), "{e}");
         let e = PoolFile::parse("endpoints:\n- adress: 1.2.3.4:5\n").unwrap_err();
         assert!(e.to_string().contains("unknown field `adress`"), "{e}");
+        // Empty, or cut before its endpoints: refused (the last good file stays in force);
+        // an explicit empty list is a pool with no servers.
+        for text in ["", "\n  \n", "pool: {name: p}\nmodels: []\n"] {
+            let e = PoolFile::parse(text).unwrap_err().to_string();
+            assert!(e.contains("endpoints: []"), "{text:?}: {e}");
+        }
+        assert!(PoolFile::parse("endpoints: []\n").unwrap().endpoints.is_empty());
     }
 
     #[test]
