@@ -390,7 +390,12 @@ mod tests {
             let e = PoolFile::parse(text).unwrap_err().to_string();
             assert!(e.contains("endpoints: []"), "{text:?}: {e}");
         }
-        assert!(PoolFile::parse("endpoints: []\n").unwrap().endpoints.is_empty());
+        assert!(
+            PoolFile::parse("endpoints: []\n")
+                .unwrap()
+                .endpoints
+                .is_empty()
+        );
     }
 
     #[test]

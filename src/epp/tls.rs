@@ -22,6 +22,10 @@ pub enum TlsError {
     SelfSigned(String),
     #[error("unusable private key: {0}")]
     Key(String),
+    #[error(
+        "{key} is not the private key of the certificate in {cert}; give the pair issued together"
+    )]
+    Mismatch { cert: String, key: String },
 }
 
 fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
@@ -38,7 +42,17 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     }
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| read_err(key, &e))?;
     let signing = any_supported_type(&key_der).map_err(|e| TlsError::Key(e.to_string()))?;
-    Ok(CertifiedKey::new(certs, signing))
+    let ck = CertifiedKey::new(certs, signing);
+    // A mismatched pair loads fine and then fails every handshake: refuse it here.
+    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        ck.keys_match()
+    {
+        return Err(TlsError::Mismatch {
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+        });
+    }
+    Ok(ck)
 }
 
 fn self_signed() -> Result<CertifiedKey, TlsError> {
@@ -165,5 +179,30 @@ mod tests {
         std::fs::write(dir.path().join("tls.crt"), "garbage").unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(r.0.load().cert[0].as_ref(), second.as_slice());
+        // So does a pair that does not match (a new certificate, the old key).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let other = rcgen::generate_simple_self_signed(vec!["three".into()]).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), other.cert.pem()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(r.0.load().cert[0].as_ref(), second.as_slice());
+    }
+
+    #[test]
+    fn mismatched_pair_is_refused_naming_both_files() {
+        crate::runtime::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["a".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["b".into()]).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), a.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), b.signing_key.serialize_pem()).unwrap();
+        let e = load(&dir.path().join("tls.crt"), &dir.path().join("tls.key"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tls.key is not the private key") && e.contains("tls.crt"),
+            "{e}"
+        );
+        // At start this is an error of the acceptor (the process exits with it).
+        assert!(acceptor(Some(dir.path()), Duration::from_secs(10)).is_err());
     }
 }
