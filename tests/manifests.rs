@@ -107,6 +107,9 @@ fn every_manifest_survives_a_typed_round_trip() {
                 ("v1", "Service") => round_trip::<Service>(&v),
                 ("v1", "ConfigMap") => round_trip::<ConfigMap>(&v),
                 ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(&v),
+                ("networking.k8s.io/v1", "NetworkPolicy") => {
+                    round_trip::<k8s_openapi::api::networking::v1::NetworkPolicy>(&v)
+                }
                 ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(&v),
                 ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(&v),
                 ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
@@ -596,4 +599,59 @@ fn kustomize_installs_render_the_seeds_helm_values() {
             .contains("body-based-router"),
         "{istio:?}"
     );
+}
+
+/// Our containers run under the runtime's default seccomp profile, and the EPP's ext_proc
+/// port admits only the gateway.
+#[test]
+fn our_pods_run_with_seccomp_and_the_epp_admits_only_the_gateway() {
+    let mut files = Vec::new();
+    yaml_files(&deploy(), &mut files);
+    let mut ours = 0;
+    let mut policies = 0;
+    for f in files
+        .iter()
+        .filter(|f| !f.to_string_lossy().contains("/.test-"))
+    {
+        for d in serde_yaml::Deserializer::from_str(&std::fs::read_to_string(f).unwrap()) {
+            let v = serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap();
+            if v["kind"] == "NetworkPolicy" {
+                policies += 1;
+                let rule = &v["spec"]["ingress"][0];
+                assert_eq!(rule["ports"][0]["port"], 9002, "{}", f.display());
+                assert_eq!(
+                    rule["from"][0]["podSelector"]["matchLabels"]["gateway.networking.k8s.io/gateway-name"],
+                    "inference-gateway"
+                );
+            }
+            if v["kind"] != "Deployment" {
+                continue;
+            }
+            let pod = &v["spec"]["template"]["spec"];
+            let containers = pod["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(pod["initContainers"].as_array().into_iter().flatten());
+            for c in containers {
+                let image = c["image"].as_str().unwrap_or_default();
+                if !image.contains("inferlane") {
+                    continue;
+                }
+                ours += 1;
+                let seccomp = c["securityContext"]["seccompProfile"]["type"]
+                    .as_str()
+                    .or(pod["securityContext"]["seccompProfile"]["type"].as_str());
+                assert_eq!(
+                    seccomp,
+                    Some("RuntimeDefault"),
+                    "{} {}",
+                    f.display(),
+                    c["name"]
+                );
+            }
+        }
+    }
+    assert!(ours >= 5, "{ours}");
+    assert!(policies >= 2, "{policies}");
 }

@@ -359,6 +359,7 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
             threads: crate::epp::serve::grpc_threads(args.grpc_threads),
             tls,
             name: "bbr",
+            max_concurrent_streams: crate::epp::serve::DEFAULT_MAX_CONCURRENT_STREAMS,
         },
     )
     .map_err(BbrStartError::GrpcThreads)?;

@@ -214,6 +214,7 @@ pub async fn start(args: FloorArgs) -> Result<SocketAddr, FloorError> {
                 threads: serve::grpc_threads(args.grpc_threads),
                 tls,
                 name: "floor",
+                max_concurrent_streams: serve::DEFAULT_MAX_CONCURRENT_STREAMS,
             },
         )
         .map_err(FloorError::Threads)?,

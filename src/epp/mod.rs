@@ -178,6 +178,11 @@ pub struct EppArgs {
     /// How often the lease is renewed or tried.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub lease_renew_interval: Duration,
+    /// Most concurrent requests one gateway connection may have open (HTTP/2
+    /// MAX_CONCURRENT_STREAMS; the gateway opens another connection past it). Idle gateway
+    /// connections are checked with HTTP/2 PINGs every 30 s.
+    #[arg(long, default_value_t = serve::DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_concurrent_streams: u32,
     /// Largest request body accepted (413 above).
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -534,6 +539,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
             threads: serve::grpc_threads(args.grpc_threads),
             tls,
             name: "epp",
+            max_concurrent_streams: args.grpc_max_concurrent_streams,
         },
     )
     .map_err(EppError::GrpcThreads)?;

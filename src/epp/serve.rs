@@ -30,7 +30,18 @@ pub struct ServeOptions {
     pub tls: Option<TlsAcceptor>,
     /// Thread name prefix and log label.
     pub name: &'static str,
+    /// Most concurrent streams (requests) one gateway connection may open (HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); a gateway opens more connections past it.
+    pub max_concurrent_streams: u32,
 }
+
+/// Default per-connection stream limit: far above what one Envoy worker keeps open, and a
+/// bound on what one client connection can make us hold.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 4096;
+/// HTTP/2 PING interval and timeout: a gateway that vanished without closing (node gone,
+/// network partition) is noticed and its streams released.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `--grpc-threads`: 0 means one per core.
 pub fn grpc_threads(flag: u16) -> usize {
@@ -85,9 +96,10 @@ pub fn serve_pinned<S: GrpcService>(
         let svc = svc.clone();
         let tls = opts.tls.clone();
         let name = opts.name;
+        let streams = opts.max_concurrent_streams;
         std::thread::Builder::new()
             .name(format!("{name}-grpc-{i}"))
-            .spawn(move || rt.block_on(serve_lane(rx, svc, tls, name)))?;
+            .spawn(move || rt.block_on(serve_lane(rx, svc, tls, name, streams)))?;
         lanes.push(tx);
     }
     let next = Arc::new(AtomicUsize::new(0));
@@ -136,8 +148,13 @@ async fn serve_lane<S: GrpcService>(
     svc: S,
     tls: Option<TlsAcceptor>,
     name: &'static str,
+    max_concurrent_streams: u32,
 ) {
-    let router = tonic::transport::Server::builder().add_service(svc);
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(max_concurrent_streams.max(1)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(svc);
     let res = match tls {
         None => {
             let incoming = upgraded(conns, |tcp| async move { Ok(tcp) });
@@ -219,6 +236,7 @@ mod tests {
                 threads: 2,
                 tls: None,
                 name: "test",
+                max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             },
         )
         .unwrap();
@@ -256,5 +274,76 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.into_inner().status, ServingStatus::NotServing as i32);
+    }
+
+    /// One connection cannot hold more than the stream limit: past it, a new stream waits
+    /// for a free slot instead of being served.
+    #[tokio::test]
+    async fn streams_per_connection_are_limited() {
+        use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer::new(
+            crate::epp::extproc::ExtProc::new(
+                Arc::new(crate::epp::state::Shared::new(Default::default())),
+                crate::epp::extproc::ExtProcOptions {
+                    max_body_bytes: 1024,
+                    restore_model_name: false,
+                    trust_model_rewrite_header: false,
+                },
+                crate::epp::metrics::EppMetrics::new(),
+            ),
+        );
+        serve_pinned(
+            listener,
+            svc,
+            ServeOptions {
+                threads: 1,
+                tls: None,
+                name: "test",
+                max_concurrent_streams: 2,
+            },
+        )
+        .unwrap();
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let mut c = ExternalProcessorClient::new(ch.clone());
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                c.process(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            )
+            .await
+            .expect("a stream under the limit is served")
+            .unwrap();
+            held.push((tx, r));
+        }
+        let (_tx3, rx3) = tokio::sync::mpsc::channel(1);
+        let mut c = ExternalProcessorClient::new(ch.clone());
+        let third = tokio::time::timeout(
+            Duration::from_millis(500),
+            c.process(tokio_stream::wrappers::ReceiverStream::new(rx3)),
+        )
+        .await;
+        assert!(
+            third.is_err(),
+            "a third stream was served past the limit of 2"
+        );
+        // A slot freed, the next stream is served.
+        held.pop();
+        let (_tx4, rx4) = tokio::sync::mpsc::channel(1);
+        let mut c = ExternalProcessorClient::new(ch);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            c.process(tokio_stream::wrappers::ReceiverStream::new(rx4)),
+        )
+        .await
+        .expect("served once a stream ended")
+        .unwrap();
     }
 }
