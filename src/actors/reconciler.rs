@@ -146,11 +146,26 @@ impl Reconciler {
         self.passes += 1;
         self.metrics.reconcile_in_progress.set(1);
         let now = Instant::now();
+        // Adapters still backing off wait; of those due, the longest-waiting few are retried
+        // this pass and the rest in the next ones, so thousands of failing adapters cost a
+        // bounded number of calls a second (new adapters are never held back).
+        let mut due: Vec<(&String, Instant)> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.next_attempt <= now)
+            .map(|(id, r)| (id, r.next_attempt))
+            .collect();
+        due.sort_by_key(|(_, at)| *at);
         let deferred: Vec<String> = self
             .retries
             .iter()
             .filter(|(_, r)| r.next_attempt > now)
             .map(|(id, _)| id.clone())
+            .chain(
+                due.iter()
+                    .skip(RETRIES_PER_PASS)
+                    .map(|(id, _)| (*id).clone()),
+            )
             .collect();
         let span = tracing::info_span!("reconcile", pass = self.passes, trigger = ?trigger, generation = self.generation, server = %config.base_url());
         let client = self.client.clone();
@@ -317,7 +332,10 @@ impl Reconciler {
         let Some(next) = self.retries.values().map(|r| r.next_attempt).min() else {
             return;
         };
-        let delay = next.saturating_duration_since(Instant::now());
+        // Retries due close together share one pass: with thousands of failing adapters on
+        // independent backoffs, one pass per due adapter would be passes back to back.
+        let floor = self.opts.retry_initial.min(RETRY_PASS_MIN_GAP);
+        let delay = next.saturating_duration_since(Instant::now()).max(floor);
         self.retry_timer = Some(ctx.run_later(delay, |act, ctx| {
             act.retry_timer = None;
             act.start_pass(Trigger::Retry, ctx);
@@ -382,13 +400,20 @@ async fn run_pass(
     let base = config.base_url();
     wait_healthy(client, opts, &base).await?;
     let actual = list_models(client, &base).await?;
-    let ops: Vec<AdapterOp> = plan(config, &actual)
-        .into_iter()
-        .filter(|op| !deferred.iter().any(|d| d == op.id()))
-        .collect();
+    // One plan and set lookups: with thousands of backed-off adapters a pass stays linear
+    // (a plan per deferred adapter made it quadratic: ~0.7 core at 3,000 failing adapters).
+    let planned = plan(config, &actual);
+    let waiting: std::collections::HashSet<&str> = deferred.iter().map(String::as_str).collect();
+    let still_planned: std::collections::HashSet<&str> =
+        planned.iter().map(AdapterOp::id).collect();
     let deferred: Vec<String> = deferred
+        .iter()
+        .filter(|d| still_planned.contains(d.as_str()))
+        .cloned()
+        .collect();
+    let ops: Vec<AdapterOp> = planned
         .into_iter()
-        .filter(|d| plan(config, &actual).iter().any(|op| op.id() == d))
+        .filter(|op| !waiting.contains(op.id()))
         .collect();
     if ops.is_empty() {
         tracing::debug!(adapters = actual.adapters.len(), "in sync");
@@ -416,10 +441,13 @@ async fn run_pass(
             actual_after = inferlane_sidecar::plan::apply(&actual_after, std::slice::from_ref(op));
         }
     }
-    // An in-place reload is only trusted once the server reports the new root.
+    // An in-place reload is only trusted once the server reports the new root: a server
+    // without in-place reloads (vLLM before `load_inplace`) answers "already loaded" and
+    // keeps serving the old weights.
+    let inplace_answered = |o: &Outcome| matches!(o, Outcome::Done | Outcome::AlreadySo);
     let reloaded = results
         .iter()
-        .any(|(op, o)| matches!(op, AdapterOp::Load { inplace: true, .. }) && *o == Outcome::Done);
+        .any(|(op, o)| matches!(op, AdapterOp::Load { inplace: true, .. }) && inplace_answered(o));
     if reloaded {
         let confirmed = list_models(client, &base).await?;
         for (op, outcome) in results.iter_mut() {
@@ -428,7 +456,7 @@ async fn run_pass(
                 source,
                 inplace: true,
             } = op
-                && *outcome == Outcome::Done
+                && inplace_answered(outcome)
             {
                 let root = confirmed
                     .adapters
@@ -436,11 +464,18 @@ async fn run_pass(
                     .cloned()
                     .unwrap_or_default();
                 if root != *source {
+                    let message = if *outcome == Outcome::AlreadySo {
+                        format!(
+                            "the server does not reload adapters in place (vLLM before load_inplace?): it still serves {root:?}, not {source:?}; move the adapter to ensureNotExist and back, or give it a new id"
+                        )
+                    } else {
+                        format!(
+                            "reloaded in place but the server reports root {root:?}, not {source:?}"
+                        )
+                    };
                     *outcome = Outcome::AdapterFailed {
                         status: 200,
-                        message: format!(
-                            "reloaded in place but the server reports root {root:?}, not {source:?}"
-                        ),
+                        message,
                     };
                 }
             }
@@ -462,13 +497,18 @@ async fn wait_healthy(
     let url = format!("{base}/health");
     let start = tokio::time::Instant::now();
     let mut logged = false;
+    // Probe soon and often: a restarted vLLM gets its adapters back within ~200 ms of turning
+    // healthy (at most 5 probes a second while it is down: /health is trivial for it), and
+    // --health-check-interval stays the longest pause between probes (upstream's meaning).
+    let cap = HEALTH_MAX_PROBE_GAP.min(opts.health_check_interval);
+    let mut pause = HEALTH_FIRST_PROBE.min(cap);
     loop {
         let last = match client.get(&url).send().await {
             Ok(r) if r.status().is_success() => return Ok(()),
             Ok(r) => format!("status {}", r.status()),
             Err(e) => format!("{e}"),
         };
-        if start.elapsed() + opts.health_check_interval > opts.health_check_timeout {
+        if start.elapsed() + pause > opts.health_check_timeout {
             return Err(ReconcileError::NotHealthy {
                 url,
                 waited: start.elapsed(),
@@ -479,9 +519,21 @@ async fn wait_healthy(
             tracing::info!(%url, error = %last, "waiting for vLLM to become healthy");
             logged = true;
         }
-        tokio::time::sleep(opts.health_check_interval).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(cap);
     }
 }
+
+/// Most adapters retried in one pass (those due the longest go first).
+const RETRIES_PER_PASS: usize = 32;
+
+/// Shortest time between two retry-triggered passes (or --retry-initial-backoff if shorter).
+const RETRY_PASS_MIN_GAP: Duration = Duration::from_millis(500);
+
+/// The first pause between health probes, doubling up to [`HEALTH_MAX_PROBE_GAP`] (or
+/// --health-check-interval when shorter).
+const HEALTH_FIRST_PROBE: Duration = Duration::from_millis(50);
+const HEALTH_MAX_PROBE_GAP: Duration = Duration::from_millis(200);
 
 async fn list_models(client: &reqwest::Client, base: &str) -> Result<Actual, ReconcileError> {
     let url = format!("{base}/v1/models");

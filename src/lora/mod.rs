@@ -66,7 +66,8 @@ pub struct SidecarArgs {
     /// How long one reconcile waits for vLLM's /health to answer 200.
     #[arg(long, default_value = "300", value_parser = parse_duration)]
     pub health_check_timeout: Duration,
-    /// Pause between /health probes while waiting.
+    /// Longest pause between /health probes while waiting (probes start 50 ms apart and
+    /// back off to at most 200 ms or this, whichever is shorter).
     #[arg(long, default_value = "2", value_parser = parse_duration)]
     pub health_check_interval: Duration,
     /// Periodic resync: re-list the server and repair drift (e.g. a restarted vLLM).

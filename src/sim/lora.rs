@@ -21,6 +21,8 @@ pub struct LoraRegistry {
     adapters: Vec<Adapter>,
     next_id: u64,
     max_lora_rank: u32,
+    /// Answer as vLLM before in-place reloads existed: `load_inplace` is ignored.
+    pub ignore_load_inplace: bool,
 }
 
 /// `POST /v1/load_lora_adapter` body.
@@ -53,6 +55,7 @@ impl LoraRegistry {
             adapters: Vec::new(),
             next_id: 1,
             max_lora_rank,
+            ignore_load_inplace: false,
         }
     }
 
@@ -134,7 +137,7 @@ impl LoraRegistry {
             )));
         }
         if let Some(i) = self.adapters.iter().position(|a| a.name == name) {
-            if !req.load_inplace {
+            if !req.load_inplace || self.ignore_load_inplace {
                 return Err(ApiError::invalid_input(format!(
                     "The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."
                 )));

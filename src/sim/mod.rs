@@ -50,6 +50,10 @@ pub struct SimArgs {
     /// the seeds' manifests spell it so).
     #[arg(long, alias = "max-num-seq", default_value_t = 256)]
     pub max_num_seqs: usize,
+    /// Behave as vLLM before in-place reloads: `load_inplace` is ignored and an adapter
+    /// already loaded answers 400 "already been loaded" (for testing clients against it).
+    #[arg(long)]
+    pub ignore_load_inplace: bool,
     /// Accepted for compatibility with vLLM manifests (one simulated GPU).
     #[arg(long, hide = true)]
     pub tensor_parallel_size: Option<u32>,

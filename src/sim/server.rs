@@ -166,6 +166,7 @@ pub async fn start_on(args: SimArgs, listener: TcpListener) -> Result<SimHandle,
 fn build_state(args: SimArgs) -> Result<SimState, SimError> {
     let base_names = args.base_names();
     let mut registry = LoraRegistry::new(args.max_lora_rank);
+    registry.ignore_load_inplace = args.ignore_load_inplace;
     let mut preloaded = Vec::new();
     for m in &args.lora_modules {
         let (name, path) = super::parse_lora_module(m).map_err(SimError::LoraModule)?;
