@@ -322,3 +322,118 @@ async fn conflicting_models_oldest_wins_and_the_rest_stay() {
         assert_eq!(logs.matches("already claimed").count(), 1, "{logs}");
     }
 }
+
+const LEASES: &str = "coordination.k8s.io/v1/leases";
+
+/// The API server accepts the lease calls and never answers: the leader steps down within
+/// its renew deadline (before the lease expires for the others), and leads again once the
+/// API answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_lease_call_makes_the_leader_step_down_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    api.put(POOLS, pool("llama"));
+    let epp = spawn_kube_epp(
+        dir.path(),
+        &kc,
+        &[
+            "--ha-enable-leader-election",
+            "--lease-duration",
+            "3s",
+            "--lease-renew-interval",
+            "250ms",
+        ],
+    );
+    let c = client();
+    wait_for("leader", Duration::from_secs(20), || async {
+        is_leader(&c, &epp).await?.then_some(())
+    })
+    .await;
+    api.hang_leases.send_replace(true);
+    let hung = std::time::Instant::now();
+    wait_for("stepped down", Duration::from_secs(10), || async {
+        (!is_leader(&c, &epp).await?).then_some(())
+    })
+    .await;
+    // Renew deadline 2 s (two thirds of 3 s): down before the lease could expire elsewhere.
+    assert!(
+        hung.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        hung.elapsed()
+    );
+    api.hang_leases.send_replace(false);
+    wait_for("leader again", Duration::from_secs(20), || async {
+        is_leader(&c, &epp).await?.then_some(())
+    })
+    .await;
+}
+
+/// A live holder whose clock runs an hour behind renews its lease every 300 ms: its
+/// renewTime looks ancient, but the record keeps changing, so the lease is never stolen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_skew_does_not_steal_a_live_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    api.put(POOLS, pool("llama"));
+    let skewed = |i: u64| {
+        let t = std::time::SystemTime::now() - Duration::from_secs(3600)
+            + Duration::from_millis(300 * i);
+        let secs = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let ts = k8s_openapi::jiff::Timestamp::from_microsecond((secs * 1e6) as i64).unwrap();
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "llama-epp-leader", "namespace": "default"},
+               "spec": {"holderIdentity": "other-replica", "leaseDurationSeconds": 2,
+                        "renewTime": ts.to_string(), "acquireTime": ts.to_string(), "leaseTransitions": 0}})
+    };
+    api.put(LEASES, skewed(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewer = {
+        let (api, stop) = (api.clone(), stop.clone());
+        tokio::spawn(async move {
+            for i in 1..200 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                api.put(LEASES, skewed(i));
+            }
+        })
+    };
+    let epp = spawn_kube_epp(
+        dir.path(),
+        &kc,
+        &[
+            "--ha-enable-leader-election",
+            "--lease-duration",
+            "2s",
+            "--lease-renew-interval",
+            "200ms",
+        ],
+    );
+    let c = client();
+    // Well past a lease duration of observation: still a follower.
+    wait_for("EPP up", Duration::from_secs(20), || async {
+        is_leader(&c, &epp).await
+    })
+    .await;
+    for _ in 0..25 {
+        assert_eq!(is_leader(&c, &epp).await, Some(false), "stole a live lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The holder stops renewing: after a lease duration unchanged, the EPP takes over.
+    stop.store(true, Ordering::SeqCst);
+    renewer.await.unwrap();
+    wait_for(
+        "takeover of the dead holder's lease",
+        Duration::from_secs(20),
+        || async { is_leader(&c, &epp).await?.then_some(()) },
+    )
+    .await;
+}

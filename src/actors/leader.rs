@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -25,12 +25,32 @@ pub struct LeaseOptions {
 }
 
 /// Holds or waits for the Lease; publishes leadership in `is_leader`.
+///
+/// As client-go's leader election: another holder's lease is judged expired by *local*
+/// observation (the record has not changed for a lease duration on our clock), never by
+/// comparing our clock with its renewTime, so clock skew cannot steal a live lease; every
+/// round is bounded in time, and a leader that has not renewed within the renew deadline
+/// steps down (even while a call hangs) before a follower may take over.
 pub struct LeaderElector {
     api: Api<Lease>,
     opts: LeaseOptions,
     is_leader: Arc<AtomicBool>,
     busy: bool,
     last_error: Option<String>,
+    /// The last lease record seen and when (our clock) it was first seen so.
+    observed: Option<(Record, Instant)>,
+    /// When this replica last renewed (or acquired) the lease.
+    renewed_at: Option<Instant>,
+}
+
+/// What identifies one version of the lease holder's record (client-go compares the same).
+#[derive(Debug, Clone, PartialEq)]
+struct Record {
+    holder: Option<String>,
+    renew_time: Option<MicroTime>,
+    acquire_time: Option<MicroTime>,
+    transitions: Option<i32>,
+    resource_version: Option<String>,
 }
 
 impl LeaderElector {
@@ -41,12 +61,50 @@ impl LeaderElector {
             is_leader,
             busy: false,
             last_error: None,
+            observed: None,
+            renewed_at: None,
+        }
+    }
+
+    /// client-go's renew deadline for the default 15 s / 2 s: two thirds of the lease, and
+    /// at least two renew intervals.
+    fn renew_deadline(&self) -> Duration {
+        (self.opts.lease_duration * 2 / 3).max(self.opts.renew_every * 2)
+    }
+
+    fn set_leader(&mut self, leader: bool) {
+        if self.is_leader.swap(leader, Ordering::SeqCst) != leader {
+            tracing::info!(leader, identity = %self.opts.identity, lease = %self.opts.name, "leadership changed");
         }
     }
 }
 
-/// One round: create, renew, take over an expired lease, or stay a follower. Ok(true) = leader.
-async fn round(api: &Api<Lease>, o: &LeaseOptions) -> Result<bool, kube::Error> {
+/// A round's outcome.
+enum Round {
+    /// We hold the lease (created, renewed or taken over).
+    Leader,
+    /// Someone else holds it; their record as read.
+    Follower(Option<Record>),
+}
+
+fn record(lease: &Lease) -> Record {
+    let spec = lease.spec.clone().unwrap_or_default();
+    Record {
+        holder: spec.holder_identity,
+        renew_time: spec.renew_time,
+        acquire_time: spec.acquire_time,
+        transitions: spec.lease_transitions,
+        resource_version: lease.metadata.resource_version.clone(),
+    }
+}
+
+/// One round: create, renew, take over a lease whose record has not changed for a lease
+/// duration on our clock (`expired`, decided by the caller's observation), or stay a follower.
+async fn round(
+    api: &Api<Lease>,
+    o: &LeaseOptions,
+    observed: Option<(Record, Instant)>,
+) -> Result<Round, kube::Error> {
     let now = Timestamp::now();
     let spec = |acquire: Option<MicroTime>, transitions: i32| LeaseSpec {
         holder_identity: Some(o.identity.clone()),
@@ -65,21 +123,23 @@ async fn round(api: &Api<Lease>, o: &LeaseOptions) -> Result<bool, kube::Error> 
             spec: Some(spec(None, 0)),
         };
         return match api.create(&PostParams::default(), &lease).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Ok(_) => Ok(Round::Leader),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Round::Follower(None)),
             Err(e) => Err(e),
         };
     };
     let current = lease.spec.clone().unwrap_or_default();
+    let seen = record(&lease);
     let mine = current.holder_identity.as_deref() == Some(o.identity.as_str());
-    let expired = match (&current.renew_time, current.lease_duration_seconds) {
-        (Some(MicroTime(t)), Some(d)) => {
-            now.as_millisecond() - t.as_millisecond() > i64::from(d) * 1000
-        }
-        _ => true,
-    };
+    let held = current
+        .holder_identity
+        .as_deref()
+        .is_some_and(|h| !h.is_empty());
+    // Expired only when we have watched this very record unchanged for a lease duration.
+    let expired =
+        !held || observed.is_some_and(|(r, since)| r == seen && since.elapsed() > o.lease_duration);
     if !mine && !expired {
-        return Ok(false);
+        return Ok(Round::Follower(Some(seen)));
     }
     let transitions = current.lease_transitions.unwrap_or(0) + i32::from(!mine);
     lease.spec = Some(spec(
@@ -88,44 +148,74 @@ async fn round(api: &Api<Lease>, o: &LeaseOptions) -> Result<bool, kube::Error> 
     ));
     // The resourceVersion in `lease` makes this a compare-and-swap: a rival's update wins.
     match api.replace(&o.name, &PostParams::default(), &lease).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Ok(_) => Ok(Round::Leader),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Round::Follower(None)),
         Err(e) => Err(e),
     }
 }
 
 impl LeaderElector {
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        // A leader that could not renew within the deadline steps down now, even if a call
+        // is still hanging: followers may take over once the lease duration has passed.
+        if self.is_leader.load(Ordering::SeqCst)
+            && self
+                .renewed_at
+                .is_none_or(|t| t.elapsed() > self.renew_deadline())
+        {
+            tracing::warn!(deadline = ?self.renew_deadline(), "lease not renewed within the renew deadline; stepping down");
+            self.set_leader(false);
+        }
         if self.busy {
             return;
         }
         self.busy = true;
         let api = self.api.clone();
         let o = self.opts.clone();
+        let observed = self.observed.clone();
+        // No call may outlive the renew deadline.
+        let limit = self.renew_deadline();
         ctx.spawn(
-            async move { round(&api, &o).await }
-                .into_actor(self)
-                .map(|res, act, _| {
-                    act.busy = false;
-                    let leader = match res {
-                        Ok(l) => {
-                            act.last_error = None;
-                            l
-                        }
-                        Err(e) => {
-                            // Cannot renew: step down rather than risk two leaders.
-                            let e = e.to_string();
-                            if act.last_error.as_deref() != Some(e.as_str()) {
-                                tracing::warn!(error = %e, "lease round failed");
-                                act.last_error = Some(e);
-                            }
-                            false
-                        }
-                    };
-                    if act.is_leader.swap(leader, Ordering::SeqCst) != leader {
-                        tracing::info!(leader, identity = %act.opts.identity, lease = %act.opts.name, "leadership changed");
+            async move {
+                match tokio::time::timeout(limit, round(&api, &o, observed)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("lease round timed out after {limit:?}")),
+                }
+            }
+            .into_actor(self)
+            .map(|res, act, _| {
+                act.busy = false;
+                let leader = match res {
+                    Ok(Round::Leader) => {
+                        act.last_error = None;
+                        act.renewed_at = Some(Instant::now());
+                        act.observed = None;
+                        true
                     }
-                }),
+                    Ok(Round::Follower(seen)) => {
+                        act.last_error = None;
+                        if let Some(seen) = seen
+                            && act.observed.as_ref().is_none_or(|(r, _)| *r != seen)
+                        {
+                            act.observed = Some((seen, Instant::now()));
+                        }
+                        false
+                    }
+                    Err(e) => {
+                        if act.last_error.as_deref() != Some(e.as_str()) {
+                            tracing::warn!(error = %e, "lease round failed");
+                            act.last_error = Some(e);
+                        }
+                        // A leader keeps leading until its renew deadline (checked on
+                        // every tick); a follower stays one.
+                        act.is_leader.load(Ordering::SeqCst)
+                            && act
+                                .renewed_at
+                                .is_some_and(|t| t.elapsed() <= act.renew_deadline())
+                    }
+                };
+                act.set_leader(leader);
+            }),
         );
     }
 }

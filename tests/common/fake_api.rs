@@ -46,6 +46,9 @@ pub struct FakeApi {
     pub served: Arc<Mutex<Option<Vec<String>>>>,
     /// Resources answered 403 Forbidden (RBAC missing), with discovery unaffected.
     pub forbidden: Arc<Mutex<Vec<String>>>,
+    /// While true, get/create/replace of leases hang (an API server that accepts the call
+    /// and never answers); released when set back to false (or after a minute).
+    pub hang_leases: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 pub fn key_of(group: &str, version: &str, plural: &str) -> String {
@@ -66,7 +69,21 @@ impl FakeApi {
             down_tx: Arc::new(tokio::sync::watch::channel(false).0),
             served: Arc::new(Mutex::new(None)),
             forbidden: Arc::new(Mutex::new(Vec::new())),
+            hang_leases: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Holds a lease call while [`FakeApi::hang_leases`] is set (bounded: a minute at most).
+    async fn maybe_hang(&self, plural: &str) {
+        if plural != "leases" {
+            return;
+        }
+        let mut rx = self.hang_leases.subscribe();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            rx.wait_for(|hang| !*hang),
+        )
+        .await;
     }
 
     /// Serve only these resources (keys from [`key_of`]); the rest are 404.
@@ -353,6 +370,7 @@ async fn get_one(
     State(api): State<FakeApi>,
     Path((group, version, _ns, plural, name)): Path<(String, String, String, String, String)>,
 ) -> Response {
+    api.maybe_hang(&plural).await;
     if api.down.load(Ordering::SeqCst) {
         return status(503, "ServiceUnavailable", "down");
     }
@@ -371,6 +389,7 @@ async fn create(
     Path((group, version, _ns, plural)): Path<(String, String, String, String)>,
     axum::Json(obj): axum::Json<Value>,
 ) -> Response {
+    api.maybe_hang(&plural).await;
     let key = key_of(&group, &version, &plural);
     let name = obj["metadata"]["name"]
         .as_str()
@@ -403,6 +422,7 @@ async fn replace(
     Path((group, version, _ns, plural, name)): Path<(String, String, String, String, String)>,
     axum::Json(obj): axum::Json<Value>,
 ) -> Response {
+    api.maybe_hang(&plural).await;
     let key = key_of(&group, &version, &plural);
     {
         let s = api.store.lock().unwrap();
