@@ -911,3 +911,60 @@ async fn bodyless_requests_in_both_body_modes() {
         assert_eq!(sim_total(&f.c, &f.sims[0]).await, 0);
     }
 }
+
+async fn stall(c: &reqwest::Client, sim: &Proc, on: bool) {
+    let r = c
+        .post(format!("http://{}/sim/faults", sim.addr))
+        .json(&json!({"stall": on}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Scrapes time out across the whole fleet (the EPP or the network is slow): nobody is
+/// evicted, so critical work is still routed rather than answered 503; one server stuck while
+/// the rest answer is taken out after three timed-out scrapes.
+#[tokio::test]
+async fn a_slow_fleet_is_not_evicted_a_stuck_server_is() {
+    let f = Fleet::start(FleetOptions {
+        sims: 3,
+        epp_flags: &["--scrape-timeout", "100ms"],
+        ..Default::default()
+    })
+    .await;
+    for s in &f.sims {
+        stall(&f.c, s, true).await;
+    }
+    // Well past three timeouts of every endpoint.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let req = f.complete(json!({"model": BASE, "prompt": "critical", "max_tokens": 1}));
+    let lift = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for s in &f.sims {
+            stall(&f.c, s, false).await;
+        }
+    };
+    let ((s, body), ()) = tokio::join!(req, lift);
+    assert_eq!(s, 200, "routed while the fleet was slow: {body}");
+    // One stuck server among answering ones is taken out: requests go to the other two.
+    wait_for("all scraped again", T, || async {
+        let page = f.epp_metrics().await;
+        (metric(&page, "inference_pool_ready_pods{name=\"test-pool\"}")? == 3.0).then_some(())
+    })
+    .await;
+    stall(&f.c, &f.sims[0], true).await;
+    let stuck_before = sim_total(&f.c, &f.sims[0]).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for i in 0..10 {
+        let (s, body) = tokio::time::timeout(
+            Duration::from_secs(5),
+            f.complete(json!({"model": BASE, "prompt": format!("p{i}"), "max_tokens": 1})),
+        )
+        .await
+        .expect("a request was sent to the stuck server");
+        assert_eq!(s, 200, "{body}");
+    }
+    stall(&f.c, &f.sims[0], false).await;
+    assert_eq!(sim_total(&f.c, &f.sims[0]).await, stuck_before);
+}

@@ -28,7 +28,29 @@ pub struct ScrapeOptions {
     pub name_filter: bool,
     /// Where the scrape loops run.
     pub threads: Arc<ScrapeThreads>,
+    /// How many endpoints' scrapes are timing out, fleet-wide.
+    pub fleet: Arc<FleetScrapes>,
 }
+
+/// Fleet-wide scrape health, shared by the scrape loops: a scrape that times out where most
+/// of the fleet answers means that endpoint is stuck; when most of the fleet times out at
+/// once, the EPP or the network is slow, and evicting every endpoint would turn a slowdown
+/// into 503s for all (stale metrics already count an endpoint saturated instead).
+#[derive(Debug, Default)]
+pub struct FleetScrapes {
+    loops: std::sync::atomic::AtomicUsize,
+    timing_out: std::sync::atomic::AtomicUsize,
+}
+
+impl FleetScrapes {
+    /// Whether an endpoint timing out may be evicted: fewer than half the fleet times out.
+    fn may_evict_slow(&self) -> bool {
+        self.timing_out.load(Ordering::Relaxed) * 2 < self.loops.load(Ordering::Relaxed)
+    }
+}
+
+/// Consecutive timed-out scrapes before an endpoint is taken out (when the rest answer).
+const EVICT_AFTER_TIMEOUTS: u32 = 3;
 
 /// Dedicated OS threads, each running a single-threaded tokio runtime, that host the scrape
 /// loops. Dropping the last reference stops them (their loops are dropped with them).
@@ -143,8 +165,19 @@ struct ScrapeLoop {
     models: ScrapeClient,
     last_models: Option<Instant>,
     failures: u32,
+    /// Consecutive scrapes that timed out (counted in `opts.fleet` while above zero).
+    timeouts: u32,
     filter: NameFilter,
     filtered_path: String,
+}
+
+impl Drop for ScrapeLoop {
+    fn drop(&mut self) {
+        self.opts.fleet.loops.fetch_sub(1, Ordering::Relaxed);
+        if self.timeouts > 0 {
+            self.opts.fleet.timing_out.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl ScrapeLoop {
@@ -226,11 +259,31 @@ impl ScrapeLoop {
                     tracing::info!(endpoint = %h.address, after_failures = self.failures, "endpoint healthy again; back in the pool");
                 }
                 self.failures = 0;
+                if self.timeouts > 0 {
+                    self.timeouts = 0;
+                    self.opts.fleet.timing_out.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             Err(e) => {
                 self.failures += 1;
-                if h.healthy.swap(false, Ordering::Relaxed) {
+                let timed_out = matches!(e, Fetch::Http(ScrapeError::Timeout(_)));
+                if timed_out {
+                    if self.timeouts == 0 {
+                        self.opts.fleet.timing_out.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.timeouts += 1;
+                } else if self.timeouts > 0 {
+                    self.timeouts = 0;
+                    self.opts.fleet.timing_out.fetch_sub(1, Ordering::Relaxed);
+                }
+                // A refused connection or a bad answer evicts at once; a slow one only when it
+                // keeps timing out while most of the fleet answers.
+                let evict = !timed_out
+                    || (self.timeouts >= EVICT_AFTER_TIMEOUTS && self.opts.fleet.may_evict_slow());
+                if evict && h.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(endpoint = %h.address, error = %e, "scrape failed; endpoint taken out of the pool until it answers");
+                } else if !evict && self.timeouts == 1 {
+                    tracing::debug!(endpoint = %h.address, error = %e, "scrape timed out; kept (its stale metrics count as saturated)");
                 }
             }
         }
@@ -257,6 +310,7 @@ impl Actor for Scraper {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
+        self.opts.fleet.loops.fetch_add(1, Ordering::Relaxed);
         let lp = ScrapeLoop {
             handle: self.handle.clone(),
             opts: self.opts.clone(),
@@ -264,6 +318,7 @@ impl Actor for Scraper {
             models: ScrapeClient::new(self.handle.address.clone()),
             last_models: None,
             failures: 0,
+            timeouts: 0,
             filter: if self.opts.name_filter {
                 NameFilter::Probe
             } else {

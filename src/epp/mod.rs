@@ -460,6 +460,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
                 ScrapeThreads::start(usize::from(args.scrape_threads))
                     .map_err(EppError::ScrapeThreads)?,
             ),
+            fleet: Arc::default(),
         },
         metrics.clone(),
         DatastoreOptions {
