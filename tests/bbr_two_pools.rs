@@ -253,3 +253,51 @@ async fn api_mode_watches_labelled_configmaps() {
         bbr.logs()
     );
 }
+
+/// Without RBAC on ConfigMaps (403), bbr says so once, not on every retry, and picks the
+/// mapping up once the grant arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_mode_without_rbac_warns_once_then_recovers() {
+    use common::fake_api::*;
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    api.forbid(CONFIGMAPS);
+    api.put(
+        CONFIGMAPS,
+        configmap(
+            "llama",
+            json!({"inference.networking.k8s.io/bbr-managed": "true"}),
+            json!({"baseModel": LLAMA, "adapters": "- food-review-1\n"}),
+        ),
+    );
+    let (bbr, _) = spawn_bbr_with(
+        &["--namespace", "default"],
+        &[("KUBECONFIG", kc.as_str())],
+        dir.path(),
+    );
+    // The watcher retries with backoff (~1 s, 2 s, ...): a few retries in 4 s.
+    let first = wait_for("403 logged", Duration::from_secs(10), || async {
+        bbr.logs()
+            .contains("ConfigMap watch failing")
+            .then(std::time::Instant::now)
+    })
+    .await;
+    while first.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logs = bbr.logs();
+    assert_eq!(logs.matches("ConfigMap watch failing").count(), 1, "{logs}");
+    assert!(logs.contains("403") || logs.contains("forbidden"), "{logs}");
+    api.forbidden.lock().unwrap().clear();
+    wait_for(
+        "mapping applied after the grant",
+        Duration::from_secs(30),
+        || async {
+            let l = bbr.logs();
+            (l.contains("ConfigMap watch recovered") && l.contains("config applied")).then_some(())
+        },
+    )
+    .await;
+}

@@ -59,6 +59,8 @@ pub struct ConfigMapWatcher<C: WatchedConfig> {
     last_text: Option<String>,
     last_error: Option<String>,
     generation: u64,
+    /// The watch is failing and that was logged (once, until it recovers).
+    watch_failing: bool,
 }
 
 impl<C: WatchedConfig> ConfigMapWatcher<C> {
@@ -75,6 +77,7 @@ impl<C: WatchedConfig> ConfigMapWatcher<C> {
             metrics,
             objects: BTreeMap::new(),
             relist: None,
+            watch_failing: false,
             last_text: None,
             last_error: None,
             generation: 0,
@@ -177,6 +180,11 @@ impl<C: WatchedConfig> Actor for ConfigMapWatcher<C> {
 
 impl<C: WatchedConfig> StreamHandler<CmEvent> for ConfigMapWatcher<C> {
     fn handle(&mut self, ev: CmEvent, _ctx: &mut Context<Self>) {
+        // `Init` comes before every relist attempt, failing ones too: only data shows recovery.
+        if self.watch_failing && matches!(ev.0, Ok(ref e) if !matches!(e, Event::Init)) {
+            self.watch_failing = false;
+            tracing::info!(source = ?self.source, "ConfigMap watch recovered");
+        }
         match ev.0 {
             Ok(Event::Init) => self.relist = Some(BTreeMap::new()),
             Ok(Event::InitApply(cm)) => {
@@ -198,8 +206,16 @@ impl<C: WatchedConfig> StreamHandler<CmEvent> for ConfigMapWatcher<C> {
                 self.objects.remove(&cm.name_any());
                 self.evaluate();
             }
-            // Retried with backoff; the last good config stays in force meanwhile.
-            Err(e) => tracing::debug!(error = %e, "ConfigMap watch failed"),
+            // Retried with backoff; the last good config stays in force meanwhile. Logged once
+            // until it recovers: a missing RBAC grant would otherwise log on every retry.
+            Err(e) => {
+                if !self.watch_failing {
+                    self.watch_failing = true;
+                    tracing::warn!(error = %e, source = ?self.source, "ConfigMap watch failing (retrying with backoff); the last good config stays in force. A 403 means the ServiceAccount lacks get/list/watch on configmaps");
+                } else {
+                    tracing::debug!(error = %e, "ConfigMap watch still failing");
+                }
+            }
         }
     }
 

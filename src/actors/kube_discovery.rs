@@ -398,6 +398,35 @@ impl KubeDiscovery {
     }
 }
 
+/// Keeps of a Pod only what routing reads (name, labels, deletion mark, IP, Ready): a
+/// namespace's pods are watched whole, and their specs, annotations and managed fields would
+/// otherwise be held for every pod for the life of the EPP.
+fn trim_pod(pod: &mut Pod) {
+    pod.spec = None;
+    let m = &mut pod.metadata;
+    m.annotations = None;
+    m.managed_fields = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    if let Some(st) = pod.status.as_mut() {
+        let ready: Option<Vec<_>> = st.conditions.take().map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|mut c| {
+                    c.message = None;
+                    c.reason = None;
+                    c
+                })
+                .collect()
+        });
+        *st = k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: st.pod_ip.take(),
+            conditions: ready,
+            ..Default::default()
+        };
+    }
+}
+
 fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -475,7 +504,7 @@ impl Actor for KubeDiscovery {
                 Api::<Pod>::namespaced(self.client.clone(), ns),
                 watcher::Config::default(),
                 Watch::Pods,
-                |e| KubeEvent::Pod(Box::new(e)),
+                |e| KubeEvent::Pod(Box::new(e.modify(trim_pod))),
             )
             .boxed(),
             watch(
@@ -575,5 +604,33 @@ impl StreamHandler<KubeEvent> for KubeDiscovery {
     /// The watches never end on their own; if one does, keep the actor (and its last state).
     fn finished(&mut self, _ctx: &mut Context<Self>) {
         tracing::error!("a Kubernetes watch stream ended; keeping the last known pool");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trimmed_pods_keep_what_routing_reads_only() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "labels": {"app": "vllm"}, "deletionTimestamp": "2026-01-01T00:00:00Z",
+                         "annotations": {"big": "x".repeat(10_000)},
+                         "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"containers": [{"name": "vllm", "image": "vllm", "args": ["--model", "m"]}]},
+            "status": {"podIP": "10.0.0.7", "phase": "Running",
+                       "containerStatuses": [{"name": "vllm", "ready": true, "restartCount": 0, "image": "i", "imageID": "i"}],
+                       "conditions": [{"type": "Ready", "status": "True", "message": "m"},
+                                      {"type": "PodScheduled", "status": "True"}]}
+        }))
+        .unwrap();
+        let size = |p: &Pod| serde_json::to_string(p).unwrap().len();
+        let before = size(&pod);
+        trim_pod(&mut pod);
+        assert!(size(&pod) < before / 20, "{} -> {}", before, size(&pod));
+        assert!(pod_ready(&pod));
+        assert_eq!(pod.labels().get("app").map(String::as_str), Some("vllm"));
+        assert!(pod.metadata.deletion_timestamp.is_some());
+        assert_eq!(pod.status.unwrap().pod_ip.as_deref(), Some("10.0.0.7"));
     }
 }

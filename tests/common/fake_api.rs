@@ -268,7 +268,17 @@ async fn core(
         "configmaps" => "ConfigMap",
         _ => "Unknown",
     };
-    handle(api, key_of("", "v1", &plural), kind.into(), q).await
+    let key = key_of("", "v1", &plural);
+    if api.forbidden.lock().unwrap().contains(&key) {
+        return status(
+            403,
+            "Forbidden",
+            &format!(
+                "{plural} is forbidden: User \"system:serviceaccount:default:default\" cannot list resource \"{plural}\" in API group \"\" in the namespace \"default\""
+            ),
+        );
+    }
+    handle(api, key, kind.into(), q).await
 }
 
 async fn grouped(
