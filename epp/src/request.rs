@@ -371,7 +371,7 @@ pub fn with_model(body: &[u8], model: &str) -> Result<Vec<u8>, RequestError> {
     rewrite(body, model, None)
 }
 
-/// Where the two top-level fields a rewrite writes sit in the body (borrowed slices of it);
+/// Where the top-level fields a rewrite writes sit in the body (borrowed slices of it);
 /// every other field is skipped without being built.
 #[derive(Deserialize)]
 struct Spans<'a> {
@@ -379,6 +379,13 @@ struct Spans<'a> {
     model: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow)]
     priority: Option<&'a serde_json::value::RawValue>,
+}
+
+/// [`Spans`] when only `model` is written: a repeated `priority` is then none of our business.
+#[derive(Deserialize)]
+struct ModelSpan<'a> {
+    #[serde(borrow)]
+    model: Option<&'a serde_json::value::RawValue>,
 }
 
 /// The byte range of `raw` inside `body` (it is a slice of it).
@@ -407,10 +414,19 @@ pub fn rewrite_in_place(
     // (range to replace, replacement), found while the body is borrowed by the parse.
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::with_capacity(2);
     {
-        let spans: Spans<'_> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        let classify = |e: serde_json::Error| match e.classify() {
             serde_json::error::Category::Data => RequestError::RepeatedField(e.to_string()),
             _ => RequestError::InvalidJson(e.to_string()),
-        })?;
+        };
+        let spans: Spans<'_> = if priority.is_some() {
+            serde_json::from_slice(body).map_err(classify)?
+        } else {
+            let m: ModelSpan<'_> = serde_json::from_slice(body).map_err(classify)?;
+            Spans {
+                model: m.model,
+                priority: None,
+            }
+        };
         match spans.model {
             Some(m) => edits.push((
                 span(body, m),
@@ -538,6 +554,11 @@ mod tests {
             rewrite(br#"{"model":"a","priority":1,"priority":2}"#, "b", Some(1)),
             Err(RequestError::RepeatedField(_))
         ));
+        // Not writing the priority, a repeated one is left as the client sent it.
+        assert_eq!(
+            rewrite(br#"{"model":"a","priority":1,"priority":2}"#, "b", None).unwrap(),
+            br#"{"model":"b","priority":1,"priority":2}"#
+        );
     }
 
     #[test]
