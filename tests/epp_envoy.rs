@@ -871,6 +871,15 @@ async fn client_chosen_model_names_mint_no_series() {
     assert!(!page.contains("m-9999-"), "{page}");
     assert!(page.contains("model_name=\"other\""), "{page}");
     let grown = rss(pid).saturating_sub(rss0);
+    eprintln!(
+        "series {} -> {}, RSS {} -> {} KiB, page {} -> {} bytes",
+        series(&page0),
+        series(&page),
+        rss0 >> 10,
+        rss(pid) >> 10,
+        page0.len(),
+        page.len()
+    );
     assert!(grown < 16 << 20, "RSS grew {} MiB", grown >> 20);
     // One line per rejection at most, each bounded: no 1 MiB name in the logs.
     let logged = f.epp.proc.logs().len() - log0;
