@@ -321,6 +321,46 @@ async fn conflicting_models_oldest_wins_and_the_rest_stay() {
         // Once each, not on every later event.
         assert_eq!(logs.matches("already claimed").count(), 1, "{logs}");
     }
+    // The ignored objects say why in their status (the EPP's Accepted condition).
+    let cond = |name: &str| {
+        api.get(MODELS, name)
+            .map(|o| o["status"]["conditions"][0].clone())
+            .unwrap_or(Value::Null)
+    };
+    let epp = spawn_kube_epp(dir.path(), &kc, &[]);
+    wait_for("status written", Duration::from_secs(10), || async {
+        (cond("hijack")["reason"] == "ModelNameInUse").then_some(())
+    })
+    .await;
+    assert_eq!(cond("hijack")["status"], "False");
+    assert!(
+        cond("hijack")["message"]
+            .as_str()
+            .unwrap()
+            .contains("food-review")
+    );
+    assert_eq!(cond("typo")["reason"], "Invalid");
+    assert_eq!(
+        cond("food-review"),
+        Value::Null,
+        "accepted objects are left alone"
+    );
+    // The older one goes: the newer one takes the name over and its condition turns True.
+    api.delete(MODELS, "food-review");
+    wait_for("hijack in force", Duration::from_secs(20), || async {
+        (targets(&c, &epp, "food-review").await? == ["evil-adapter"]).then_some(())
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cond("hijack")["status"] != "True" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not cleared: {}\n{}",
+            cond("hijack"),
+            epp.proc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 const LEASES: &str = "coordination.k8s.io/v1/leases";

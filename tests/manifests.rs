@@ -260,9 +260,20 @@ fn epp_rbac_grants_what_discovery_watches() {
         });
         assert!(granted, "the EPP Role does not grant {verb} on leases");
     }
-    // Least privilege: read-only, except the leader-election lease.
+    let (g, res) = inferlane::actors::kube_discovery::STATUS_WRITTEN;
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.api_groups.iter().flatten().any(|x| x == g)
+                && r.resources.iter().flatten().any(|x| x == res)
+                && r.verbs.iter().any(|v| v == "patch")),
+        "the EPP Role does not grant patch on {g}/{res}"
+    );
+    // Least privilege: read-only, except the leader-election lease and model status.
     for r in &rules {
-        let lease = r.resources.iter().flatten().all(|x| x == "leases");
+        let lease = r.resources.iter().flatten().all(|x| x == "leases")
+            || (r.resources.iter().flatten().all(|x| x == res)
+                && r.verbs.iter().all(|v| v == "patch"));
         for v in &r.verbs {
             assert!(
                 ["get", "list", "watch"].contains(&v.as_str()) || lease,

@@ -26,6 +26,11 @@ use crate::epp::config::EndpointSpec;
 /// The pod label naming the engine (vllm, sglang, trt-llm).
 pub const ENGINE_LABEL: &str = "inference.networking.k8s.io/engine-type";
 
+/// The status subresource the EPP writes (why an InferenceModel is ignored); RBAC grants
+/// `patch` on it (checked by `tests/manifests.rs`).
+pub const STATUS_WRITTEN: (&str, &str) =
+    ("inference.networking.x-k8s.io", "inferencemodels/status");
+
 /// Every (API group, resource) discovery lists and watches; the RBAC in `deploy/epp/` must
 /// grant `list` and `watch` on each (checked by `tests/manifests.rs`).
 pub const WATCHED: &[(&str, &str)] = &[
@@ -173,6 +178,11 @@ pub struct KubeDiscovery {
     group: Option<String>,
     /// Model objects rejected by the last rules build (logged when this set changes).
     last_rejected: Vec<String>,
+    /// The Accepted condition this replica last wrote per InferenceModel (with what the
+    /// objects carry, writes happen on change only and never loop through our own watch).
+    status_written: BTreeMap<String, (bool, String)>,
+    /// A status write failed and that was logged (RBAC without inferencemodels/status).
+    status_failing: bool,
 }
 
 /// The v1 (GA) API group of InferencePool.
@@ -215,6 +225,8 @@ impl KubeDiscovery {
             last_rules: None,
             group: target.group.clone(),
             last_rejected: Vec::new(),
+            status_written: BTreeMap::new(),
+            status_failing: false,
             target,
         }
     }
@@ -283,7 +295,7 @@ impl KubeDiscovery {
         }
     }
 
-    fn publish_rules(&mut self) {
+    fn publish_rules(&mut self, ctx: &mut Context<Self>) {
         let pool = &self.target.name;
         // Oldest first, so the oldest object wins a conflict over a model name (as upstream);
         // a newer duplicate that any namespace user can create never takes a model over.
@@ -298,14 +310,19 @@ impl KubeDiscovery {
                 .cmp(&(&b.metadata.creation_timestamp, b.name_any()))
         });
         let mut rejected: Vec<String> = Vec::new();
+        // InferenceModel name -> (reason, message) for the Accepted=False condition.
+        let mut refused: BTreeMap<String, (&'static str, String)> = BTreeMap::new();
         let mut kept: Vec<&v1alpha2::InferenceModel> = Vec::new();
+        let all_names: Vec<String> = objects.iter().map(|m| m.name_any()).collect();
         for m in objects {
             match m.spec.criticality.as_deref() {
                 None | Some("Critical" | "Standard" | "Sheddable") => kept.push(m),
-                Some(other) => rejected.push(format!(
-                    "InferenceModel {}: criticality {other:?} is not Critical, Standard or Sheddable",
-                    m.name_any()
-                )),
+                Some(other) => {
+                    let msg =
+                        format!("criticality {other:?} is not Critical, Standard or Sheddable");
+                    rejected.push(format!("InferenceModel {}: {msg}", m.name_any()));
+                    refused.insert(m.name_any(), ("Invalid", msg));
+                }
             }
         }
         let models: Vec<ModelRule> = kept
@@ -370,11 +387,28 @@ impl KubeDiscovery {
             rejected.push(if i < n_models {
                 let m = kept[i];
                 match e {
-                    RuleError::Duplicate(name) => format!(
-                        "InferenceModel {}: modelName {name:?} is already claimed by an older InferenceModel; this one is ignored until that one is deleted",
-                        m.name_any()
-                    ),
-                    e => format!("InferenceModel {}: {e}", m.name_any()),
+                    RuleError::Duplicate(name) => {
+                        let owner = kept
+                            .iter()
+                            .find(|o| o.spec.model_name == name)
+                            .map(|o| o.name_any())
+                            .unwrap_or_default();
+                        refused.insert(
+                            m.name_any(),
+                            (
+                                "ModelNameInUse",
+                                format!("modelName {name:?} is already claimed by the older InferenceModel {owner:?}"),
+                            ),
+                        );
+                        format!(
+                            "InferenceModel {}: modelName {name:?} is already claimed by the older InferenceModel {owner:?}; this one is ignored until that one is deleted",
+                            m.name_any()
+                        )
+                    }
+                    e => {
+                        refused.insert(m.name_any(), ("Invalid", e.to_string()));
+                        format!("InferenceModel {}: {e}", m.name_any())
+                    }
                 }
             } else {
                 format!(
@@ -390,11 +424,97 @@ impl KubeDiscovery {
             }
         }
         self.last_rejected = rejected;
+        self.write_model_status(&all_names, refused, ctx);
         if self.last_rules.as_ref() != Some(&rules) {
             tracing::info!(models = rules.model_names().count(), "model rules changed");
             self.datastore.do_send(RulesChanged(rules.clone()));
             self.last_rules = Some(rules);
         }
+    }
+}
+
+impl KubeDiscovery {
+    /// Writes the `Accepted` condition of this pool's InferenceModels whose state changed:
+    /// False (reason ModelNameInUse or Invalid) on the ones ignored, True once they are in
+    /// force again, so `kubectl get inferencemodel -o yaml` says why one does not route.
+    fn write_model_status(
+        &mut self,
+        names: &[String],
+        refused: BTreeMap<String, (&'static str, String)>,
+        ctx: &mut Context<Self>,
+    ) {
+        let mut writes = Vec::new();
+        for name in names {
+            // What the object carries now (written by us, another replica or an earlier run).
+            let current = self
+                .models
+                .objects
+                .get(name)
+                .and_then(|m| m.status.as_ref())
+                .and_then(|st| st.conditions.iter().find(|c| c["type"] == "Accepted"))
+                .map(|c| {
+                    (
+                        c["status"] == "True",
+                        format!(
+                            "{}: {}",
+                            c["reason"].as_str().unwrap_or(""),
+                            c["message"].as_str().unwrap_or("")
+                        ),
+                    )
+                });
+            let want = match refused.get(name) {
+                Some((reason, msg)) => (false, format!("{reason}: {msg}")),
+                // Accepted ones are written only to clear an Accepted=False.
+                None if current.as_ref().is_some_and(|(ok, _)| !ok) => {
+                    (true, "Accepted: ".to_string())
+                }
+                None => continue,
+            };
+            if current.as_ref() == Some(&want) || self.status_written.get(name) == Some(&want) {
+                continue;
+            }
+            let (reason, message) = match refused.get(name) {
+                Some((reason, msg)) => (*reason, msg.clone()),
+                None => ("Accepted", String::new()),
+            };
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let patch = serde_json::json!({"status": {"conditions": [{
+                "type": "Accepted",
+                "status": if want.0 { "True" } else { "False" },
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now,
+            }]}});
+            self.status_written.insert(name.clone(), want);
+            writes.push((name.clone(), patch));
+        }
+        self.status_written.retain(|n, _| names.contains(n));
+        if writes.is_empty() {
+            return;
+        }
+        let api: Api<v1alpha2::InferenceModel> =
+            Api::namespaced(self.client.clone(), &self.target.namespace);
+        let fut = async move {
+            let mut errors = Vec::new();
+            for (name, patch) in writes {
+                let pp = kube::api::PatchParams::default();
+                if let Err(e) = api
+                    .patch_status(&name, &pp, &kube::api::Patch::Merge(&patch))
+                    .await
+                {
+                    errors.push(format!("{name}: {e}"));
+                }
+            }
+            errors
+        };
+        ctx.spawn(fut.into_actor(self).map(|errors, act, _| {
+            if errors.is_empty() {
+                act.status_failing = false;
+            } else if !act.status_failing {
+                act.status_failing = true;
+                tracing::warn!(errors = ?errors, "cannot write InferenceModel status (grant patch on inferencemodels/status); the reason is in this log only");
+            }
+        }));
     }
 }
 
@@ -570,7 +690,7 @@ impl Actor for KubeDiscovery {
 }
 
 impl StreamHandler<KubeEvent> for KubeDiscovery {
-    fn handle(&mut self, ev: KubeEvent, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, ev: KubeEvent, ctx: &mut Context<Self>) {
         let (endpoints, rules) = match ev {
             KubeEvent::PoolV1(e) => (self.pools_v1.apply(e), false),
             KubeEvent::PoolV1alpha2(e) => (self.pools_v1alpha2.apply(e), false),
@@ -597,7 +717,7 @@ impl StreamHandler<KubeEvent> for KubeDiscovery {
             self.publish_endpoints();
         }
         if rules {
-            self.publish_rules();
+            self.publish_rules(ctx);
         }
     }
 

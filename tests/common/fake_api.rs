@@ -86,6 +86,16 @@ impl FakeApi {
         .await;
     }
 
+    /// The stored object, if any.
+    pub fn get(&self, key: &str, name: &str) -> Option<Value> {
+        self.store
+            .lock()
+            .unwrap()
+            .objects
+            .get(&(key.to_string(), name.to_string()))
+            .cloned()
+    }
+
     /// Serve only these resources (keys from [`key_of`]); the rest are 404.
     pub fn serve_only(&self, keys: &[&str]) {
         *self.served.lock().unwrap() = Some(keys.iter().map(|k| k.to_string()).collect());
@@ -453,8 +463,36 @@ async fn replace(
     axum::Json(s.objects[&(key, name)].clone()).into_response()
 }
 
+/// `PATCH .../{name}/status` with a JSON merge patch of `status` (what kube's
+/// `patch_status` with `Patch::Merge` sends).
+async fn patch_status(
+    State(api): State<FakeApi>,
+    Path((group, version, _ns, plural, name)): Path<(String, String, String, String, String)>,
+    axum::Json(patch): axum::Json<Value>,
+) -> Response {
+    let key = key_of(&group, &version, &plural);
+    let current = api
+        .store
+        .lock()
+        .unwrap()
+        .objects
+        .get(&(key.clone(), name.clone()))
+        .cloned();
+    let Some(mut obj) = current else {
+        return status(404, "NotFound", &format!("{plural} {name:?} not found"));
+    };
+    obj["status"] = patch["status"].clone();
+    api.put(&key, obj);
+    let s = api.store.lock().unwrap();
+    axum::Json(s.objects[&(key, name)].clone()).into_response()
+}
+
 pub async fn start_fake(api: FakeApi) -> String {
     let app = Router::new()
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}/status",
+            axum::routing::patch(patch_status),
+        )
         .route(
             "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
             get(get_one).put(replace),
