@@ -748,15 +748,23 @@ async fn unknown_models_flag_and_pool_file_setting() {
     assert_eq!(s, 200, "{body}");
 }
 
-/// The EPP's peak resident memory so far (VmHWM), in bytes.
-fn peak_rss(pid: u32) -> u64 {
+/// A memory field of `/proc/<pid>/status` (`VmHWM` peak, `VmRSS` now), in bytes.
+fn proc_memory(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap()
         * 1024
+}
+
+fn peak_rss(pid: u32) -> u64 {
+    proc_memory(pid, "VmHWM")
+}
+
+fn rss(pid: u32) -> u64 {
+    proc_memory(pid, "VmRSS")
 }
 
 /// A 30 MiB body for a model with a canary split is rewritten in place: the EPP's peak RSS
@@ -802,17 +810,6 @@ async fn huge_rewritten_body_costs_about_one_copy() {
     // The request did reach the server, rewritten to an adapter it has (an unknown model
     // would be a 404): the server's own context-length refusal.
     assert!(text.contains("context length"), "{text}");
-}
-
-/// The EPP's resident memory now (VmRSS), in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
 }
 
 /// Clients choose model names: 10,000 random ones and 1 MiB ones mint no metric series, do
