@@ -587,6 +587,9 @@ fn kustomize_installs_render_the_seeds_helm_values() {
             format!("{pool}-epp")
         );
     }
+    // The README's one-shot `kubectl apply -k deploy/` renders too.
+    let all = kustomize(&deploy());
+    assert!(all.iter().any(|o| o["kind"] == "CustomResourceDefinition"));
     let bbr = kustomize(&deploy().join("installs/body-based-router"));
     assert_eq!(
         find(&bbr, "Deployment")["metadata"]["name"],
