@@ -162,10 +162,14 @@ def hostile_and_valid(rng):
         return (rng.choice(["GET", "DELETE", "OPTIONS", "PATCH"]), "/v1/models", None, {}, "bodyless")
     if k < 0.86:
         return ("POST", "/v1/completions", "", {}, "empty-post")
-    if k < 0.93:
+    if k < 0.90:
+        # Routed as if the headers were absent: the gateway strips both, the EPP ignores them.
         return ("POST", "/v1/completions", json.dumps({"model": "food-review", "prompt": "x", "max_tokens": 1}),
                 {"x-gateway-destination-endpoint": "127.0.0.1:1", "x-gateway-model-name-rewrite": "evil",
-                 "x-gateway-inference-objective": big(2000), "x-request-id": big(4000)}, "spoofed-headers")
+                 "x-request-id": big(4000)}, "spoofed-routing")
+    if k < 0.93:
+        return ("POST", "/v1/completions", json.dumps({"model": "food-review", "prompt": "x", "max_tokens": 1}),
+                {"x-gateway-inference-objective": big(2000)}, "unknown-objective")
     return ("POST", "/v1/embeddings", json.dumps({"model": BASE, "input": [1, 2.5, "t", None, {"text": "x"}]}), {}, "embeddings")
 
 
