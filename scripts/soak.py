@@ -204,6 +204,12 @@ def main():
             try:
                 status, data = http_call("127.0.0.1", gw, method, path, body, headers, timeout=30)
                 ok = 100 <= status <= 599
+            except http.client.IncompleteRead:
+                # A streamed answer (200 and its headers already sent) cut when its model
+                # server was killed mid-stream: HTTP cannot say more than a reset. Counted,
+                # accepted for streams only.
+                streamed = isinstance(body, str) and '"stream": true' in body
+                status, ok = ("truncated-stream" if streamed else "error IncompleteRead"), streamed
             except (OSError, http.client.HTTPException) as e:
                 status, ok = f"error {type(e).__name__}", False
             with lock:
