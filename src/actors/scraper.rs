@@ -43,13 +43,15 @@ pub struct FleetScrapes {
 }
 
 impl FleetScrapes {
-    /// Whether an endpoint timing out may be evicted: fewer than half the fleet times out.
+    /// Whether an endpoint timing out may be evicted: at most half the fleet times out (one
+    /// of two is evicted; a lone server, or most of a fleet, is kept).
     fn may_evict_slow(&self) -> bool {
-        self.timing_out.load(Ordering::Relaxed) * 2 < self.loops.load(Ordering::Relaxed)
+        self.timing_out.load(Ordering::Relaxed) * 2 <= self.loops.load(Ordering::Relaxed)
     }
 }
 
-/// Consecutive timed-out scrapes before an endpoint is taken out (when the rest answer).
+/// Consecutive timed-out scrapes before an endpoint is taken out (while at most half the
+/// fleet times out).
 const EVICT_AFTER_TIMEOUTS: u32 = 3;
 
 /// Dedicated OS threads, each running a single-threaded tokio runtime, that host the scrape
@@ -277,7 +279,7 @@ impl ScrapeLoop {
                     self.opts.fleet.timing_out.fetch_sub(1, Ordering::Relaxed);
                 }
                 // A refused connection or a bad answer evicts at once; a slow one only when it
-                // keeps timing out while most of the fleet answers.
+                // keeps timing out while at most half the fleet does.
                 let evict = !timed_out
                     || (self.timeouts >= EVICT_AFTER_TIMEOUTS && self.opts.fleet.may_evict_slow());
                 if evict && h.healthy.swap(false, Ordering::Relaxed) {
@@ -344,5 +346,25 @@ impl Handler<StopScraping> for Scraper {
 
     fn handle(&mut self, _: StopScraping, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_endpoints_are_evicted_only_while_at_most_half_the_fleet_is_slow() {
+        let f = |loops: usize, timing_out: usize| {
+            let s = FleetScrapes::default();
+            s.loops.store(loops, Ordering::Relaxed);
+            s.timing_out.store(timing_out, Ordering::Relaxed);
+            s.may_evict_slow()
+        };
+        assert!(f(2, 1), "one stuck server of two");
+        assert!(f(3, 1));
+        assert!(!f(3, 2), "most of the fleet is slow");
+        assert!(!f(3, 3));
+        assert!(!f(1, 1), "a lone server is kept");
     }
 }

@@ -714,8 +714,8 @@ impl ExtProc {
                     }
                     st.body_seen = true;
                     if st.body.is_empty() && st.body.capacity() < b.body.len() {
+                        // Moved, not copied; a rewrite that needs more room grows it then.
                         st.body = b.body;
-                        st.body.reserve_exact(REWRITE_SLACK);
                     } else {
                         st.body.extend_from_slice(&b.body);
                     }
