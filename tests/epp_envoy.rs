@@ -961,7 +961,23 @@ async fn a_slow_fleet_is_not_evicted_a_stuck_server_is() {
     .await;
     stall(&f.c, &f.sims[0], true).await;
     let stuck_before = sim_total(&f.c, &f.sims[0]).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let stuck = f.sims[0].addr.clone();
+    wait_for("the stuck server taken out", T, || async {
+        let v: Value =
+            f.c.get(format!("http://{}/debug/pool", f.epp.metrics))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+        v["endpoints"]
+            .as_array()?
+            .iter()
+            .any(|e| e["address"] == stuck.as_str() && e["healthy"] == false)
+            .then_some(())
+    })
+    .await;
     for i in 0..10 {
         let (s, body) = tokio::time::timeout(
             Duration::from_secs(5),
