@@ -1,6 +1,7 @@
 //! Pure endpoint-picking domain: metrics parsing, request parsing, model rules, scheduling (no I/O).
 
 pub mod bbr;
+pub mod flow;
 pub mod metrics;
 pub mod prefix;
 pub mod request;

@@ -1,0 +1,521 @@
+//! Flow-control core: held requests queued per (priority band, fairness flow), dispatched by strict priority, a fairness policy and an ordering policy.
+//!
+//! Pure and clock-free (times are milliseconds passed in): the EPP's I/O shell will hold each
+//! request's ext_proc answer while it waits here. Between bands, strict priority. Within a
+//! band, a fairness policy picks the flow: `RoundRobin`, `GlobalStrict` (the band's earliest
+//! item first, whatever its flow, as upstream's global-strict) or `Vtc` (virtual token
+//! counters: each flow is charged the tokens it consumed, prompt tokens at dispatch and output
+//! tokens as they are reported, and the least-charged backlogged flow goes next; a flow that
+//! becomes active starts at the band's current minimum, so idle time is not banked). Within a
+//! flow, FCFS or EDF (deadline = arrival + TTL). Memory is bounded by the caps: a full band
+//! or pool refuses the item, and a flow's state goes when it holds no items and no charge
+//! above the band's minimum.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// A held request's handle.
+pub type ItemId = u64;
+
+/// How a band picks the next flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fairness {
+    RoundRobin,
+    GlobalStrict,
+    Vtc,
+}
+
+/// How a flow orders its own items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    Fcfs,
+    Edf,
+}
+
+/// One priority band's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BandConfig {
+    pub priority: i32,
+    pub max_bytes: u64,
+    pub max_requests: usize,
+    pub fairness: Fairness,
+    pub ordering: Ordering,
+}
+
+/// The whole layer's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowConfig {
+    pub max_bytes: u64,
+    pub max_requests: usize,
+    /// Bands by priority; a priority without one gets `default_band` (with its priority).
+    pub bands: Vec<BandConfig>,
+    pub default_band: BandConfig,
+    /// VTC charge per prompt token (at dispatch) and per output token (as reported).
+    pub vtc_input_weight: f64,
+    pub vtc_output_weight: f64,
+}
+
+/// A request waiting to be dispatched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub id: ItemId,
+    /// Fairness id (`x-gateway-inference-fairness-id`, default `default-flow`).
+    pub flow: String,
+    pub priority: i32,
+    /// Bytes held for it (its body), counted against the caps.
+    pub bytes: u64,
+    /// Prompt tokens (estimated), charged to its flow at dispatch.
+    pub prompt_tokens: f64,
+    pub arrival_ms: u64,
+    /// When it expires (arrival + TTL): 503 if still waiting then.
+    pub deadline_ms: u64,
+}
+
+/// Why an item was not queued (answered 429 upstream).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("priority band {0} is full")]
+    BandFull(i32),
+    #[error("the flow-control queues are full")]
+    PoolFull,
+    #[error("item {0} is already queued")]
+    Duplicate(ItemId),
+}
+
+#[derive(Debug, Default)]
+struct Flow {
+    /// (order key, arrival sequence) -> item.
+    items: BTreeMap<(u64, u64), Item>,
+    charge: f64,
+}
+
+#[derive(Debug)]
+struct Band {
+    cfg: BandConfig,
+    flows: HashMap<String, Flow>,
+    /// Round-robin order of flows with items.
+    ring: VecDeque<String>,
+    bytes: u64,
+    count: usize,
+}
+
+impl Band {
+    fn new(cfg: BandConfig) -> Self {
+        Self {
+            cfg,
+            flows: HashMap::new(),
+            ring: VecDeque::new(),
+            bytes: 0,
+            count: 0,
+        }
+    }
+
+    /// The least charge among flows holding items (VTC's floor for newly active flows).
+    fn min_active_charge(&self) -> Option<f64> {
+        self.flows
+            .values()
+            .filter(|f| !f.items.is_empty())
+            .map(|f| f.charge)
+            .min_by(f64::total_cmp)
+    }
+
+    fn key(&self, item: &Item) -> u64 {
+        match self.cfg.ordering {
+            Ordering::Fcfs => item.arrival_ms,
+            Ordering::Edf => item.deadline_ms,
+        }
+    }
+
+    /// The flow to serve next, by the band's fairness policy.
+    fn next_flow(&mut self) -> Option<String> {
+        match self.cfg.fairness {
+            Fairness::RoundRobin => {
+                let f = self.ring.pop_front()?;
+                // Back of the ring; dropped from it when its last item leaves.
+                self.ring.push_back(f.clone());
+                Some(f)
+            }
+            Fairness::GlobalStrict => self
+                .flows
+                .iter()
+                .filter_map(|(name, f)| f.items.keys().next().map(|k| (k, name)))
+                .min()
+                .map(|(_, name)| name.clone()),
+            Fairness::Vtc => self
+                .flows
+                .iter()
+                .filter_map(|(name, f)| f.items.keys().next().map(|k| (f.charge, k, name)))
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)))
+                .map(|(_, _, name)| name.clone()),
+        }
+    }
+
+    /// After `flow` lost an item: out of the ring when empty, and every empty flow whose
+    /// charge would be lifted to the band's minimum anyway is dropped (all of them once the
+    /// band is empty), so state is kept only for flows that hold items or a charge above
+    /// the floor.
+    fn tidy(&mut self, flow: &str) {
+        if self.flows.get(flow).is_some_and(|f| f.items.is_empty()) {
+            self.ring.retain(|n| n != flow);
+        }
+        if self.count == 0 {
+            self.flows.clear();
+            self.ring.clear();
+            return;
+        }
+        if let Some(floor) = self.min_active_charge() {
+            self.flows
+                .retain(|_, f| !f.items.is_empty() || f.charge > floor);
+        }
+    }
+}
+
+/// The queues.
+#[derive(Debug)]
+pub struct FlowQueues {
+    cfg: FlowConfig,
+    /// By priority, highest first when iterated in reverse.
+    bands: BTreeMap<i32, Band>,
+    where_is: HashMap<ItemId, (i32, String, (u64, u64))>,
+    bytes: u64,
+    seq: u64,
+}
+
+impl FlowQueues {
+    pub fn new(cfg: FlowConfig) -> Self {
+        Self {
+            cfg,
+            bands: BTreeMap::new(),
+            where_is: HashMap::new(),
+            bytes: 0,
+            seq: 0,
+        }
+    }
+
+    /// Items held.
+    pub fn len(&self) -> usize {
+        self.where_is.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.where_is.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Items held in one band.
+    pub fn band_len(&self, priority: i32) -> usize {
+        self.bands.get(&priority).map_or(0, |b| b.count)
+    }
+
+    /// Flows with state (items, or a charge above their band's minimum).
+    pub fn flows(&self) -> usize {
+        self.bands.values().map(|b| b.flows.len()).sum()
+    }
+
+    fn band_config(&self, priority: i32) -> BandConfig {
+        self.cfg
+            .bands
+            .iter()
+            .find(|b| b.priority == priority)
+            .cloned()
+            .unwrap_or_else(|| BandConfig {
+                priority,
+                ..self.cfg.default_band.clone()
+            })
+    }
+
+    /// Queues an item; refused (nothing changes) when its band or the pool is full.
+    pub fn enqueue(&mut self, item: Item) -> Result<(), EnqueueError> {
+        if self.where_is.contains_key(&item.id) {
+            return Err(EnqueueError::Duplicate(item.id));
+        }
+        if self.where_is.len() >= self.cfg.max_requests
+            || self.bytes + item.bytes > self.cfg.max_bytes
+        {
+            return Err(EnqueueError::PoolFull);
+        }
+        let cfg = self.band_config(item.priority);
+        let band = self
+            .bands
+            .entry(item.priority)
+            .or_insert_with(|| Band::new(cfg));
+        if band.count >= band.cfg.max_requests || band.bytes + item.bytes > band.cfg.max_bytes {
+            return Err(EnqueueError::BandFull(item.priority));
+        }
+        let floor = band.min_active_charge();
+        let flow = band.flows.entry(item.flow.clone()).or_default();
+        if flow.items.is_empty() {
+            // Newly active: no banking of idle time.
+            if let Some(m) = floor {
+                flow.charge = flow.charge.max(m);
+            }
+            band.ring.push_back(item.flow.clone());
+        }
+        self.seq += 1;
+        let key = (band.key(&item), self.seq);
+        let flow = band.flows.get_mut(&item.flow).expect("just inserted");
+        band.bytes += item.bytes;
+        band.count += 1;
+        self.bytes += item.bytes;
+        self.where_is
+            .insert(item.id, (item.priority, item.flow.clone(), key));
+        flow.items.insert(key, item);
+        Ok(())
+    }
+
+    /// The next item to dispatch: the highest band holding items, its fairness policy's
+    /// flow, that flow's first item by its ordering. Its prompt tokens are charged (VTC).
+    pub fn pop(&mut self) -> Option<Item> {
+        let priority = *self
+            .bands
+            .iter()
+            .rev()
+            .find(|(_, b)| b.count > 0)
+            .map(|(p, _)| p)?;
+        let band = self.bands.get_mut(&priority)?;
+        let name = band.next_flow()?;
+        let flow = band.flows.get_mut(&name)?;
+        let (_, item) = flow.items.pop_first()?;
+        flow.charge += item.prompt_tokens * self.cfg.vtc_input_weight;
+        band.bytes -= item.bytes;
+        band.count -= 1;
+        band.tidy(&name);
+        self.bytes -= item.bytes;
+        self.where_is.remove(&item.id);
+        Some(item)
+    }
+
+    /// Removes an item that will not be dispatched (its client went away).
+    pub fn remove(&mut self, id: ItemId) -> Option<Item> {
+        let (priority, name, key) = self.where_is.remove(&id)?;
+        let band = self.bands.get_mut(&priority)?;
+        let item = band.flows.get_mut(&name)?.items.remove(&key)?;
+        band.bytes -= item.bytes;
+        band.count -= 1;
+        band.tidy(&name);
+        self.bytes -= item.bytes;
+        Some(item)
+    }
+
+    /// Removes and returns every item whose deadline has passed at `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<Item> {
+        let due: Vec<ItemId> = self
+            .bands
+            .values()
+            .flat_map(|b| b.flows.values())
+            .flat_map(|f| f.items.values())
+            .filter(|i| i.deadline_ms <= now_ms)
+            .map(|i| i.id)
+            .collect();
+        due.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    /// Charges a flow the output tokens its dispatched request produced (VTC).
+    pub fn charge_output(&mut self, priority: i32, flow: &str, tokens: f64) {
+        let w = self.cfg.vtc_output_weight;
+        if let Some(band) = self.bands.get_mut(&priority)
+            && let Some(f) = band.flows.get_mut(flow)
+        {
+            f.charge += tokens * w;
+        }
+    }
+
+    /// A flow's charge (VTC), if it has state.
+    pub fn charge_of(&self, priority: i32, flow: &str) -> Option<f64> {
+        Some(self.bands.get(&priority)?.flows.get(flow)?.charge)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn band(priority: i32, fairness: Fairness, ordering: Ordering) -> BandConfig {
+        BandConfig {
+            priority,
+            max_bytes: u64::MAX,
+            max_requests: usize::MAX,
+            fairness,
+            ordering,
+        }
+    }
+
+    fn queues(fairness: Fairness, ordering: Ordering) -> FlowQueues {
+        FlowQueues::new(FlowConfig {
+            max_bytes: u64::MAX,
+            max_requests: usize::MAX,
+            bands: vec![],
+            default_band: band(0, fairness, ordering),
+            vtc_input_weight: 1.0,
+            vtc_output_weight: 2.0,
+        })
+    }
+
+    fn item(id: u64, flow: &str, priority: i32, tokens: f64, arrival: u64, ttl: u64) -> Item {
+        Item {
+            id,
+            flow: flow.into(),
+            priority,
+            bytes: 100,
+            prompt_tokens: tokens,
+            arrival_ms: arrival,
+            deadline_ms: arrival + ttl,
+        }
+    }
+
+    proptest! {
+        /// Whatever arrives, each pop comes from the highest band holding items.
+        #[test]
+        fn strict_priority_between_bands(
+            arrivals in prop::collection::vec((0usize..4, -2i32..3), 1..60),
+            fairness in prop::sample::select(vec![Fairness::RoundRobin, Fairness::GlobalStrict, Fairness::Vtc]),
+        ) {
+            let mut q = queues(fairness, Ordering::Fcfs);
+            for (i, (flow, prio)) in arrivals.iter().enumerate() {
+                q.enqueue(item(i as u64, &format!("f{flow}"), *prio, 1.0, i as u64, 1000)).unwrap();
+            }
+            let mut last = i32::MAX;
+            while let Some(it) = q.pop() {
+                prop_assert!(it.priority <= last, "{} after {}", it.priority, last);
+                last = it.priority;
+            }
+            prop_assert_eq!(q.len(), 0);
+            prop_assert_eq!(q.bytes(), 0);
+        }
+
+        /// VTC: two backlogged flows' served tokens differ by at most one request's cost,
+        /// however different their requests are.
+        #[test]
+        fn vtc_keeps_backlogged_flows_within_one_request(
+            a in prop::collection::vec(1u32..100, 30..60),
+            b in prop::collection::vec(1u32..100, 30..60),
+            pops in 10usize..50,
+        ) {
+            let mut q = queues(Fairness::Vtc, Ordering::Fcfs);
+            let mut id = 0;
+            for (flow, costs) in [("a", &a), ("b", &b)] {
+                for c in costs.iter() {
+                    id += 1;
+                    q.enqueue(item(id, flow, 0, f64::from(*c), id, 10_000)).unwrap();
+                }
+            }
+            let mut served: HashMap<String, f64> = HashMap::new();
+            for _ in 0..pops {
+                let it = q.pop().unwrap();
+                *served.entry(it.flow.clone()).or_default() += it.prompt_tokens;
+            }
+            let (sa, sb) = (served.get("a").copied().unwrap_or(0.0), served.get("b").copied().unwrap_or(0.0));
+            prop_assert!((sa - sb).abs() <= 99.0, "{} vs {}", sa, sb);
+        }
+
+        /// Round robin: with k backlogged flows, every flow is served within k pops.
+        #[test]
+        fn round_robin_starves_no_flow(k in 1usize..6, per in 1usize..8) {
+            let mut q = queues(Fairness::RoundRobin, Ordering::Fcfs);
+            let mut id = 0;
+            for i in 0..per {
+                for f in 0..k {
+                    id += 1;
+                    q.enqueue(item(id, &format!("f{f}"), 0, 1.0, i as u64, 1000)).unwrap();
+                }
+            }
+            for _ in 0..per {
+                let mut seen: Vec<String> = (0..k).map(|_| q.pop().unwrap().flow).collect();
+                seen.sort();
+                seen.dedup();
+                prop_assert_eq!(seen.len(), k);
+            }
+        }
+
+        /// Expiry and cancellation remove exactly the items meant, and the rest still
+        /// dispatch in order.
+        #[test]
+        fn ttl_and_cancel_remove_exactly_the_right_items(
+            ttls in prop::collection::vec(1u64..100, 1..40),
+            now in 0u64..150,
+            cancel in prop::collection::vec(any::<prop::sample::Index>(), 0..5),
+        ) {
+            let mut q = queues(Fairness::GlobalStrict, Ordering::Edf);
+            for (i, ttl) in ttls.iter().enumerate() {
+                q.enqueue(item(i as u64, &format!("f{}", i % 3), 0, 1.0, i as u64, *ttl)).unwrap();
+            }
+            let mut gone: Vec<u64> = Vec::new();
+            for c in &cancel {
+                let id = c.index(ttls.len()) as u64;
+                if q.remove(id).is_some() {
+                    gone.push(id);
+                }
+            }
+            let expired = q.expire(now);
+            for it in &expired {
+                prop_assert!(it.deadline_ms <= now);
+                prop_assert!(!gone.contains(&it.id));
+            }
+            let mut deadlines = Vec::new();
+            while let Some(it) = q.pop() {
+                prop_assert!(it.deadline_ms > now);
+                prop_assert!(!gone.contains(&it.id));
+                deadlines.push(it.deadline_ms);
+            }
+            // EDF with global-strict: the band's earliest deadline first.
+            prop_assert!(deadlines.windows(2).all(|w| w[0] <= w[1]), "{:?}", deadlines);
+            prop_assert_eq!(expired.len() + deadlines.len() + gone.len(), ttls.len());
+            prop_assert_eq!(q.flows(), 0);
+        }
+    }
+
+    #[test]
+    fn caps_refuse_without_changing_anything() {
+        let mut q = FlowQueues::new(FlowConfig {
+            max_bytes: 250,
+            max_requests: 10,
+            bands: vec![BandConfig {
+                max_requests: 1,
+                ..band(5, Fairness::RoundRobin, Ordering::Fcfs)
+            }],
+            default_band: band(0, Fairness::RoundRobin, Ordering::Fcfs),
+            vtc_input_weight: 1.0,
+            vtc_output_weight: 1.0,
+        });
+        q.enqueue(item(1, "a", 5, 1.0, 0, 10)).unwrap();
+        assert_eq!(
+            q.enqueue(item(2, "a", 5, 1.0, 0, 10)),
+            Err(EnqueueError::BandFull(5))
+        );
+        q.enqueue(item(3, "a", 0, 1.0, 0, 10)).unwrap();
+        assert_eq!(
+            q.enqueue(item(4, "b", 0, 1.0, 0, 10)),
+            Err(EnqueueError::PoolFull)
+        );
+        assert_eq!(
+            q.enqueue(item(3, "a", 0, 1.0, 0, 10)),
+            Err(EnqueueError::Duplicate(3))
+        );
+        assert_eq!((q.len(), q.bytes()), (2, 200));
+        assert_eq!(q.pop().unwrap().id, 1);
+    }
+
+    #[test]
+    fn a_newly_active_flow_starts_at_the_minimum_and_output_is_charged() {
+        let mut q = queues(Fairness::Vtc, Ordering::Fcfs);
+        // "heavy" works alone for a while and runs up a charge.
+        for i in 0..10 {
+            q.enqueue(item(i, "heavy", 0, 100.0, i, 1000)).unwrap();
+        }
+        for _ in 0..5 {
+            q.pop().unwrap();
+        }
+        q.charge_output(0, "heavy", 50.0);
+        assert_eq!(q.charge_of(0, "heavy"), Some(600.0));
+        // "light" arrives: it starts at heavy's charge (the band minimum), not at 0, so it
+        // does not get the next 6 dispatches in a row for the time it was idle.
+        q.enqueue(item(100, "light", 0, 100.0, 20, 1000)).unwrap();
+        assert_eq!(q.charge_of(0, "light"), Some(600.0));
+        let order: Vec<String> = (0..4).map(|_| q.pop().unwrap().flow).collect();
+        assert!(order.iter().any(|f| f == "heavy"), "{order:?}");
+    }
+}
