@@ -220,14 +220,11 @@ async fn seed_001_getting_started_and_canary_rollout() {
     let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
     let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let epp = spawn_epp_with(&args_ref, &env_ref, d);
-    // --zap-encoder json: every log line is a JSON object.
-    let first = epp
-        .proc
-        .logs()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    // --zap-encoder json: every log line is a JSON object (stderr may lag the stdout line).
+    let first = wait_for("a log line", Duration::from_secs(10), || async {
+        epp.proc.logs().lines().next().map(str::to_string)
+    })
+    .await;
     assert!(
         serde_json::from_str::<Value>(&first).is_ok(),
         "not JSON: {first}"
