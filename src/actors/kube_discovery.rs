@@ -338,10 +338,7 @@ impl KubeDiscovery {
                     .spec
                     .target_models
                     .iter()
-                    .map(|t| TargetModel {
-                        name: t.name.clone(),
-                        weight: t.weight.map(|w| w.max(0) as u32),
-                    })
+                    .map(|t| target(&t.name, t.weight))
                     .collect(),
             })
             .collect();
@@ -372,10 +369,7 @@ impl KubeDiscovery {
                     targets: rule
                         .targets
                         .iter()
-                        .map(|t| TargetModel {
-                            name: t.model_rewrite.clone(),
-                            weight: t.weight.map(|w| w.max(0) as u32),
-                        })
+                        .map(|t| target(&t.model_rewrite, t.weight))
                         .collect(),
                 }
             })
@@ -544,6 +538,14 @@ fn trim_pod(pod: &mut Pod) {
             conditions: ready,
             ..Default::default()
         };
+    }
+}
+
+/// A weighted target from an object (a negative weight, which the CRD refuses, counts as 0).
+fn target(name: &str, weight: Option<i32>) -> TargetModel {
+    TargetModel {
+        name: name.to_string(),
+        weight: weight.map(|w| w.max(0) as u32),
     }
 }
 
