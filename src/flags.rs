@@ -162,16 +162,14 @@ pub fn rewrite(
             Some((n, v)) => (n, Some(v.to_string())),
             None => (body, None),
         };
-        // Our own short flags (-h, -V) stay as they are.
+        // Our own short flags (clap's -h and -V, and any the command declares) stay as they are.
         if s.len() == 2
-            && cmd
-                .get_arguments()
-                .any(|a| a.get_short() == raw_name.chars().next())
+            && (raw_name == "h"
+                || raw_name == "V"
+                || cmd
+                    .get_arguments()
+                    .any(|a| a.get_short() == raw_name.chars().next()))
         {
-            out.args.push(arg);
-            continue;
-        }
-        if s.len() == 2 && (raw_name == "h" || raw_name == "V") {
             out.args.push(arg);
             continue;
         }

@@ -180,7 +180,7 @@ pub struct KubeDiscovery {
     last_rejected: Vec<String>,
     /// The Accepted condition this replica last wrote per InferenceModel (with what the
     /// objects carry, writes happen on change only and never loop through our own watch).
-    status_written: BTreeMap<String, (bool, String)>,
+    status_written: BTreeMap<String, (bool, String, String)>,
     /// A status write failed and that was logged (RBAC without inferencemodels/status).
     status_failing: bool,
 }
@@ -439,7 +439,8 @@ impl KubeDiscovery {
     ) {
         let mut writes = Vec::new();
         for name in names {
-            // What the object carries now (written by us, another replica or an earlier run).
+            // What the object carries now (written by us, another replica or an earlier run):
+            // (accepted, reason, message).
             let current = self
                 .models
                 .objects
@@ -449,35 +450,28 @@ impl KubeDiscovery {
                 .map(|c| {
                     (
                         c["status"] == "True",
-                        format!(
-                            "{}: {}",
-                            c["reason"].as_str().unwrap_or(""),
-                            c["message"].as_str().unwrap_or("")
-                        ),
+                        c["reason"].as_str().unwrap_or("").to_string(),
+                        c["message"].as_str().unwrap_or("").to_string(),
                     )
                 });
             let want = match refused.get(name) {
-                Some((reason, msg)) => (false, format!("{reason}: {msg}")),
+                Some((reason, msg)) => (false, reason.to_string(), msg.clone()),
                 // Accepted ones are written only to clear an Accepted=False.
-                None if current.as_ref().is_some_and(|(ok, _)| !ok) => {
-                    (true, "Accepted: ".to_string())
+                None if current.as_ref().is_some_and(|(ok, _, _)| !ok) => {
+                    (true, "Accepted".to_string(), String::new())
                 }
                 None => continue,
             };
             if current.as_ref() == Some(&want) || self.status_written.get(name) == Some(&want) {
                 continue;
             }
-            let (reason, message) = match refused.get(name) {
-                Some((reason, msg)) => (*reason, msg.clone()),
-                None => ("Accepted", String::new()),
-            };
-            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let (ok, reason, message) = &want;
             let patch = serde_json::json!({"status": {"conditions": [{
                 "type": "Accepted",
-                "status": if want.0 { "True" } else { "False" },
+                "status": if *ok { "True" } else { "False" },
                 "reason": reason,
                 "message": message,
-                "lastTransitionTime": now,
+                "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
             }]}});
             self.status_written.insert(name.clone(), want);
             writes.push((name.clone(), patch));

@@ -683,9 +683,11 @@ impl ExtProc {
             match req {
                 processing_request::Request::RequestHeaders(ref h) => {
                     st.headers.read(h);
-                    // Room for the whole body at once (no doubling copies), within the limit.
-                    // The slack lets a rewrite (model name, priority) patch it in place.
-                    if let Some(n) = st.headers.content_length
+                    // A streamed body arrives in chunks: room for all of it at once (no
+                    // doubling copies), within the limit, plus slack for a rewrite to patch
+                    // it in place. A buffered body arrives whole and is moved, not copied.
+                    if st.full_duplex
+                        && let Some(n) = st.headers.content_length
                         && n <= self.opts.max_body_bytes
                     {
                         st.body.reserve_exact(n + REWRITE_SLACK);
