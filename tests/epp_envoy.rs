@@ -990,3 +990,188 @@ async fn a_slow_fleet_is_not_evicted_a_stuck_server_is() {
     stall(&f.c, &f.sims[0], false).await;
     assert_eq!(sim_total(&f.c, &f.sims[0]).await, stuck_before);
 }
+
+/// Sum of a metric family's series whose line contains every `parts` (0 when none).
+fn metric_sum(page: &str, name: &str, parts: &[&str]) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+const HELD: &str = "inference_extension_flow_control_queue_size{";
+
+impl Fleet {
+    async fn held(&self) -> f64 {
+        metric_sum(&self.epp_metrics().await, HELD, &[])
+    }
+
+    async fn wait_held(&self, n: f64) {
+        wait_for(&format!("{n} requests held by flow control"), T, || async {
+            (self.held().await == n).then_some(())
+        })
+        .await;
+    }
+
+    /// A request that keeps the only batch slot busy for about `tokens` x 20 ms.
+    fn blocker(&self, tokens: u32) -> tokio::task::JoinHandle<u16> {
+        let c = self.c.clone();
+        let url = self.url("/v1/completions");
+        tokio::spawn(async move {
+            c.post(url)
+                .json(&json!({"model": BASE, "prompt": "blocker", "max_tokens": tokens}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        })
+    }
+}
+
+const FLOW_MODELS: &str = "models:\n- modelName: chat-critical\n  criticality: Critical\n  targetModels: [{name: meta-llama/Llama-3.1-8B-Instruct}]\n- modelName: batch\n  criticality: Sheddable\n  targetModels: [{name: meta-llama/Llama-3.1-8B-Instruct}]\n";
+
+/// With the pool saturated, requests are held in the EPP, not shed and not piled on the
+/// server: a critical request queued after sheddable ones is dispatched first, caps answer
+/// 429, and every held request is accounted for in the metrics.
+#[tokio::test]
+async fn flow_control_holds_requests_and_dispatches_critical_first() {
+    let cfg = "featureGates: [flowControl]\nsaturationDetector: {runningRequestsThreshold: 1}\nflowControl:\n  maxRequests: 4\n  defaultRequestTTL: 60s\n";
+    let f = Fleet::start(FleetOptions {
+        sims: 1,
+        sim_flags: &["--max-num-seqs", "1", "--decode-base-ms", "20"],
+        models_yaml: FLOW_MODELS,
+        epp_flags: &["--config-text", cfg],
+        ..Default::default()
+    })
+    .await;
+    let blocker = f.blocker(40);
+    wait_for("the blocker to run", T, || async {
+        (sim_total(&f.c, &f.sims[0]).await == 1).then_some(())
+    })
+    .await;
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let send = |model: &'static str, tag: String| {
+        let c = f.c.clone();
+        let url = f.url("/v1/completions");
+        let order = order.clone();
+        tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .json(&json!({"model": model, "prompt": tag, "max_tokens": 2}))
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            order.lock().unwrap().push(tag);
+            s
+        })
+    };
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(send("batch", format!("sheddable-{i}")));
+        f.wait_held(f64::from(i + 1)).await;
+    }
+    held.push(send("chat-critical", "critical".into()));
+    f.wait_held(4.0).await;
+    // Nothing reached the server while the batch slot was busy.
+    assert_eq!(sim_total(&f.c, &f.sims[0]).await, 1);
+    // The queues hold 4 (flowControl.maxRequests): the next one is refused at once.
+    let (s, body) = f
+        .complete(json!({"model": "batch", "prompt": "over", "max_tokens": 1}))
+        .await;
+    assert_eq!(s, 429, "{body}");
+    assert!(body.contains("maxRequests"), "{body}");
+    assert_eq!(blocker.await.unwrap(), 200);
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order[0], "critical", "completion order: {order:?}");
+    assert_eq!(sim_total(&f.c, &f.sims[0]).await, 5);
+    let page = f.epp_metrics().await;
+    let d = "inference_extension_flow_control_request_queue_duration_seconds_count{";
+    assert_eq!(
+        metric_sum(&page, d, &["outcome=\"Dispatched\"", "priority=\"-1\""]),
+        3.0,
+        "{page}"
+    );
+    assert_eq!(
+        metric_sum(&page, d, &["outcome=\"Dispatched\"", "priority=\"1\""]),
+        1.0
+    );
+    assert_eq!(metric_sum(&page, d, &["outcome=\"RejectedCapacity\""]), 1.0);
+    assert_eq!(metric_sum(&page, HELD, &[]), 0.0);
+    assert!(
+        page.contains(
+            "inference_extension_flow_control_pool_saturation{inference_pool=\"test-pool\"}"
+        ),
+        "{page}"
+    );
+}
+
+/// Held requests in full-duplex mode: one past its TTL gets 503 with a JSON error; one whose
+/// client goes away (a body-less GET here) leaves the queue at once and never reaches a
+/// server.
+#[tokio::test]
+async fn flow_control_ttl_gives_503_and_a_cancelled_request_never_runs() {
+    let cfg = "featureGates: [flowControl]\nsaturationDetector: {runningRequestsThreshold: 1}\nflowControl:\n  defaultRequestTTL: 400ms\n";
+    let f = Fleet::start(FleetOptions {
+        sims: 1,
+        sim_flags: &["--max-num-seqs", "1", "--decode-base-ms", "20"],
+        models_yaml: FLOW_MODELS,
+        epp_flags: &["--config-text", cfg],
+        full_duplex: true,
+        ..Default::default()
+    })
+    .await;
+    let blocker = f.blocker(100);
+    wait_for("the blocker to run", T, || async {
+        (sim_total(&f.c, &f.sims[0]).await == 1).then_some(())
+    })
+    .await;
+    let (s, body) = f
+        .complete(json!({"model": "chat-critical", "prompt": "late", "max_tokens": 1}))
+        .await;
+    assert_eq!(s, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("defaultRequestTTL"),
+        "{body}"
+    );
+    // Clients that give up while held: their requests leave the queue at once.
+    let gone =
+        f.c.post(f.url("/v1/completions"))
+            .json(&json!({"model": "chat-critical", "prompt": "gone", "max_tokens": 1}))
+            .timeout(Duration::from_millis(150))
+            .send()
+            .await;
+    assert!(gone.is_err(), "{gone:?}");
+    f.wait_held(0.0).await;
+    let gone =
+        f.c.get(f.url("/v1/models"))
+            .timeout(Duration::from_millis(150))
+            .send()
+            .await;
+    assert!(gone.is_err(), "{gone:?}");
+    f.wait_held(0.0).await;
+    let page = f.epp_metrics().await;
+    let d = "inference_extension_flow_control_request_queue_duration_seconds_count{";
+    assert_eq!(
+        metric_sum(&page, d, &["outcome=\"EvictedContextCancelled\""]),
+        2.0,
+        "{page}"
+    );
+    assert_eq!(metric_sum(&page, d, &["outcome=\"EvictedTTL\""]), 1.0);
+    assert_eq!(blocker.await.unwrap(), 200);
+    // The next request runs; the cancelled one never did (the server saw the blocker and it).
+    let (s, body) = f
+        .complete(json!({"model": "batch", "prompt": "next", "max_tokens": 1}))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(sim_total(&f.c, &f.sims[0]).await, 2);
+    let r = f.c.get(f.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

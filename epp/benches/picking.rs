@@ -86,6 +86,8 @@ fn picking(c: &mut Criterion) {
                 healthy: true,
                 has_model: ModelPresence::Yes,
                 dispatched_since_scrape: (i % 3) as u64,
+                in_flight: 0,
+                in_flight_at_scrape: 0,
             })
             .collect();
         let prefix: HashMap<u32, usize> = (0..n as u32).step_by(3).map(|i| (i, 5)).collect();
@@ -99,6 +101,7 @@ fn picking(c: &mut Criterion) {
                     prefix_matches: &prefix,
                     total_blocks: 10,
                     tie_break: 42,
+                    admitted: false,
                 };
                 pick(&cfg, black_box(cands), &input).unwrap()
             })

@@ -13,6 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+/// Idle flows (no items) whose VTC charge a band keeps at most; beyond it they are forgotten.
+pub const IDLE_FLOW_CAP: usize = 4096;
+
 /// A held request's handle.
 pub type ItemId = u64;
 
@@ -166,6 +169,11 @@ impl Band {
             self.flows
                 .retain(|_, f| !f.items.is_empty() || f.charge > floor);
         }
+        // Charges of idle flows are kept only while they are few: many one-off fairness ids
+        // (a client minting them) must not grow memory while the band stays busy.
+        if self.flows.len() > self.count + IDLE_FLOW_CAP {
+            self.flows.retain(|_, f| !f.items.is_empty());
+        }
     }
 }
 
@@ -315,12 +323,25 @@ impl FlowQueues {
 
     /// Charges a flow the output tokens its dispatched request produced (VTC).
     pub fn charge_output(&mut self, priority: i32, flow: &str, tokens: f64) {
-        let w = self.cfg.vtc_output_weight;
+        self.charge(priority, flow, tokens * self.cfg.vtc_output_weight);
+    }
+
+    /// Adds `amount` (already weighted; negative corrects an over-estimate) to a flow's
+    /// charge, if it still has state (a flow forgotten at the floor has nothing to correct).
+    pub fn charge(&mut self, priority: i32, flow: &str, amount: f64) {
+        if !amount.is_finite() {
+            return;
+        }
         if let Some(band) = self.bands.get_mut(&priority)
             && let Some(f) = band.flows.get_mut(flow)
         {
-            f.charge += tokens * w;
+            f.charge += amount;
         }
+    }
+
+    /// The layer's settings.
+    pub fn config(&self) -> &FlowConfig {
+        &self.cfg
     }
 
     /// A flow's charge (VTC), if it has state.
@@ -465,6 +486,28 @@ mod tests {
             prop_assert!(deadlines.windows(2).all(|w| w[0] <= w[1]), "{:?}", deadlines);
             prop_assert_eq!(expired.len() + deadlines.len() + gone.len(), ttls.len());
             prop_assert_eq!(q.flows(), 0);
+        }
+    }
+
+    #[test]
+    fn many_one_off_flows_keep_no_state_past_the_idle_cap() {
+        let mut q = queues(Fairness::Vtc, Ordering::Fcfs);
+        // One backlogged flow keeps the band busy while one-off flows come and go, each
+        // leaving a charge above the floor.
+        q.enqueue(item(0, "steady", 0, 1.0, 0, 1_000_000)).unwrap();
+        for i in 1..(3 * IDLE_FLOW_CAP as u64) {
+            q.enqueue(item(i, &format!("once-{i}"), 0, 1000.0, i, 1_000_000))
+                .unwrap();
+            let popped = q.pop().unwrap();
+            if popped.flow == "steady" {
+                q.enqueue(item(popped.id + 10_000_000, "steady", 0, 1.0, i, 1_000_000))
+                    .unwrap();
+            }
+            assert!(
+                q.flows() <= q.len() + IDLE_FLOW_CAP + 1,
+                "{} flows",
+                q.flows()
+            );
         }
     }
 

@@ -109,6 +109,24 @@ pub struct Candidate<'a> {
     pub has_model: ModelPresence,
     /// Requests we sent it since its last scrape (bursts see them before the server reports).
     pub dispatched_since_scrape: u64,
+    /// Requests we sent it that have not finished, now and when its metrics were scraped:
+    /// [`live_busy`] adds ours (current) to what the server had from others (its running and
+    /// waiting at the scrape, less ours then), so completions count at once and nothing is
+    /// counted twice. Both 0 where the caller does not track them.
+    pub in_flight: u64,
+    pub in_flight_at_scrape: u64,
+}
+
+/// Requests running or waiting on an endpoint now, as best known: ours in flight plus the
+/// others the server reported at its last scrape.
+pub fn live_busy(c: &Candidate<'_>) -> f64 {
+    let reported = c.metrics.map_or(0.0, |m| m.running + m.waiting);
+    let others = (reported - c.in_flight_at_scrape as f64).max(0.0);
+    if c.in_flight == 0 && c.in_flight_at_scrape == 0 {
+        // Not tracked: the scrape plus what was sent since.
+        return reported + c.dispatched_since_scrape as f64;
+    }
+    c.in_flight as f64 + others
 }
 
 /// The request as the picker sees it.
@@ -122,6 +140,10 @@ pub struct PickInput<'a> {
     pub total_blocks: usize,
     /// Random value for tie-breaking.
     pub tie_break: u64,
+    /// Flow control dispatched it because the pool has room: it is not shed, and with a
+    /// `runningRequestsThreshold` it goes to an endpoint below that threshold when one is
+    /// eligible (so it starts at once instead of queueing on a full server).
+    pub admitted: bool,
 }
 
 /// Why no endpoint was picked.
@@ -155,8 +177,7 @@ fn endpoint_saturation(cfg: &SchedulerConfig, c: &Candidate<'_>) -> f64 {
                 / cfg.queue_depth_threshold.max(1e-9);
             let kv = m.kv_usage / cfg.kv_cache_util_threshold.max(1e-9);
             let busy = if cfg.running_requests_threshold > 0.0 {
-                (m.running + m.waiting + c.dispatched_since_scrape as f64)
-                    / cfg.running_requests_threshold
+                live_busy(c) / cfg.running_requests_threshold
             } else {
                 0.0
             };
@@ -176,6 +197,28 @@ pub fn pool_saturation(cfg: &SchedulerConfig, candidates: &[Candidate<'_>]) -> f
         .map(|c| endpoint_saturation(cfg, c))
         .sum::<f64>()
         / candidates.len() as f64
+}
+
+/// Pool saturation as flow control's dispatcher sees it: [`pool_saturation`] over the healthy
+/// endpoints plus `reserved` requests it dispatched that have not been picked yet, each
+/// counted as one more request on an average endpoint (against the running threshold when
+/// set, else the queue threshold). No healthy endpoint is saturation 1.
+pub fn dispatch_saturation(
+    cfg: &SchedulerConfig,
+    candidates: &[Candidate<'_>],
+    reserved: u64,
+) -> f64 {
+    let healthy: Vec<Candidate<'_>> = candidates.iter().filter(|c| c.healthy).cloned().collect();
+    if healthy.is_empty() {
+        return 1.0;
+    }
+    let per_request = if cfg.running_requests_threshold > 0.0 {
+        cfg.running_requests_threshold
+    } else {
+        cfg.queue_depth_threshold
+    }
+    .max(1e-9);
+    pool_saturation(cfg, &healthy) + reserved as f64 / (per_request * healthy.len() as f64)
 }
 
 /// Where an adapter request would run at once: 0 = the adapter is in the running batch, 1 = a
@@ -263,7 +306,17 @@ pub fn pick(
             return Err(PickError::ModelUnavailable(input.target.to_string()));
         }
     };
-    if input.sheddable {
+    let eligible = if input.admitted && cfg.running_requests_threshold > 0.0 {
+        let room: Vec<usize> = eligible
+            .iter()
+            .copied()
+            .filter(|&i| live_busy(&candidates[i]) < cfg.running_requests_threshold)
+            .collect();
+        if room.is_empty() { eligible } else { room }
+    } else {
+        eligible
+    };
+    if input.sheddable && !input.admitted {
         let view: Vec<Candidate<'_>> = eligible.iter().map(|&i| candidates[i].clone()).collect();
         if pool_saturation(cfg, &view) >= 1.0 {
             return Err(PickError::Saturated);
@@ -387,6 +440,8 @@ mod tests {
             healthy: true,
             has_model: ModelPresence::Yes,
             dispatched_since_scrape: 0,
+            in_flight: 0,
+            in_flight_at_scrape: 0,
         }
     }
 
@@ -398,6 +453,7 @@ mod tests {
             prefix_matches: prefix,
             total_blocks: 0,
             tie_break: 1,
+            admitted: false,
         }
     }
 
@@ -516,6 +572,53 @@ mod tests {
         // Critical work is still served.
         inp.sheddable = false;
         assert_eq!(pick(&cfg, &[stale], &inp).unwrap(), [0]);
+    }
+
+    #[test]
+    fn live_busy_counts_our_requests_now_and_others_from_the_scrape() {
+        let mut x = m(2.0, 0.1);
+        x.running = 6.0;
+        let mut c = cand(1, &x);
+        // Untracked: scrape plus what was sent since.
+        c.dispatched_since_scrape = 1;
+        assert_eq!(live_busy(&c), 9.0);
+        // 8 reported, 5 of them ours then; 3 of ours now (two finished): 3 + 3 others.
+        c.in_flight_at_scrape = 5;
+        c.in_flight = 3;
+        assert_eq!(live_busy(&c), 6.0);
+        // Ours arrived after the scrape: never negative others.
+        c.in_flight_at_scrape = 12;
+        c.in_flight = 12;
+        assert_eq!(live_busy(&c), 12.0);
+    }
+
+    #[test]
+    fn admitted_requests_go_where_a_batch_slot_is_free_and_are_not_shed() {
+        let mut full = m(0.0, 0.1);
+        full.running = 8.0;
+        let mut room = m(0.0, 0.9);
+        room.running = 7.0;
+        let cfg = SchedulerConfig {
+            running_requests_threshold: 8.0,
+            kv_cache_weight: 10.0,
+            ..Default::default()
+        };
+        let p = HashMap::new();
+        let mut inp = input(&p);
+        inp.sheddable = true;
+        let cands = [cand(1, &full), cand(2, &room)];
+        // Shed when not admitted (mean saturation 0.94 + kv 0.9/0.8 on one = over 1).
+        assert_eq!(pick(&cfg, &cands, &inp), Err(PickError::Saturated));
+        inp.admitted = true;
+        // The KV scorer prefers the full one; the slot filter wins.
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [1]);
+        // Saturation for the dispatcher adds reserved requests.
+        let s0 = dispatch_saturation(&cfg, &cands, 0);
+        let s2 = dispatch_saturation(&cfg, &cands, 2);
+        assert!((s2 - s0 - 2.0 / 16.0).abs() < 1e-9, "{s0} {s2}");
+        let mut down = cands.clone();
+        down.iter_mut().for_each(|c| c.healthy = false);
+        assert_eq!(dispatch_saturation(&cfg, &down, 0), 1.0);
     }
 
     #[test]

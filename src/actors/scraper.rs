@@ -255,6 +255,7 @@ impl ScrapeLoop {
                 h.scraped.store(Some(Arc::new(Scraped {
                     metrics: page.metrics,
                     at: Instant::now(),
+                    in_flight: h.in_flight.load(Ordering::Relaxed),
                 })));
                 h.dispatched_since_scrape.store(0, Ordering::Relaxed);
                 if !h.healthy.swap(true, Ordering::Relaxed) {

@@ -26,6 +26,9 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::flow_control::{
+    DEFAULT_FLOW, FAIRNESS_HEADER, FlowControl, FlowRequest, MAX_FAIRNESS_ID_BYTES, Pass,
+};
 use super::metrics::{EndpointLabels, ErrorLabels, ModelLabels};
 use super::state::{EndpointHandle, Shared};
 use super::usage::UsageParser;
@@ -100,6 +103,7 @@ pub struct ExtProc {
     shared: Arc<Shared>,
     opts: ExtProcOptions,
     metrics: EppMetrics,
+    flow: Option<Arc<FlowControl>>,
 }
 
 impl ExtProc {
@@ -108,18 +112,29 @@ impl ExtProc {
             shared,
             opts,
             metrics,
+            flow: None,
         }
+    }
+
+    /// Admits requests through flow control (held while the pool is saturated).
+    pub fn with_flow_control(mut self, flow: Arc<FlowControl>) -> Self {
+        self.flow = Some(flow);
+        self
     }
 }
 
 pub(crate) type Tx = mpsc::Sender<Result<ProcessingResponse, Status>>;
 
-/// Decrements the endpoint's in-flight counter when the request's stream ends.
-struct InFlight(Arc<EndpointHandle>);
+/// Decrements the endpoint's in-flight counter when the request's stream ends, and tells
+/// flow control's dispatcher (if any) that a server has room.
+struct InFlight(Arc<EndpointHandle>, Option<Arc<tokio::sync::Notify>>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(n) = &self.1 {
+            n.notify_one();
+        }
     }
 }
 
@@ -161,6 +176,8 @@ struct RequestState {
     /// A request body phase was opened (a body message arrived): only then does a
     /// full-duplex request get its body streamed back.
     body_seen: bool,
+    /// Flow control let it through (its flow is charged its usage at the end).
+    flow_pass: Option<Pass>,
 }
 
 /// The request headers routing reads; the others are left unread (no copies, no map).
@@ -171,6 +188,8 @@ struct RequestHeaders {
     request_id: Option<String>,
     objective: Option<String>,
     model_rewrite: Option<String>,
+    /// `x-gateway-inference-fairness-id`: the request's flow for flow control.
+    fairness_id: Option<String>,
     /// The body's announced size, to allocate for it once.
     content_length: Option<usize>,
 }
@@ -189,6 +208,8 @@ impl RequestHeaders {
                 &mut self.objective
             } else if hv.key.eq_ignore_ascii_case(MODEL_REWRITE_HEADER) {
                 &mut self.model_rewrite
+            } else if hv.key.eq_ignore_ascii_case(FAIRNESS_HEADER) {
+                &mut self.fairness_id
             } else if hv.key.eq_ignore_ascii_case("content-length") {
                 self.content_length = header_value(hv).trim().parse().ok();
                 continue;
@@ -350,9 +371,18 @@ struct Decision {
     body_changed: bool,
 }
 
+/// A request read and resolved through the model rules, before it is admitted and picked.
+struct Prepared {
+    started: Instant,
+    parsed: Option<request::ParsedRequest>,
+    resolved: Option<inferlane_epp::rules::Resolved>,
+    extra_headers: Vec<HeaderValueOption>,
+}
+
 impl ExtProc {
-    /// Picks for a request; the only shared writes are atomics and the prefix index.
-    fn decide(&self, st: &mut RequestState) -> Result<Decision, Reject> {
+    /// Reads the body and resolves the model through the rules (what flow control needs to
+    /// queue it: its priority and size).
+    fn prepare(&self, st: &mut RequestState) -> Result<Prepared, Reject> {
         let started = Instant::now();
         let api = ApiKind::from_path(st.headers.path());
         let snap = self.shared.snapshot.load();
@@ -377,7 +407,7 @@ impl ExtProc {
                     .map_err(|e| Reject::new(400, "BadRequest", e.to_string()))?,
             )
         };
-        let (resolved, prompt) = match &parsed {
+        let resolved = match &parsed {
             Some(p) => {
                 // Named before anything can reject the request, so its errors (404, 429,
                 // 503) are counted under the model, as upstream does.
@@ -405,10 +435,34 @@ impl ExtProc {
                 } else {
                     model_label(&snap, &r.target)
                 };
-                (Some(r), p.prompt.as_str())
+                Some(r)
             }
-            None => (None, ""),
+            None => None,
         };
+        Ok(Prepared {
+            started,
+            parsed,
+            resolved,
+            extra_headers,
+        })
+    }
+
+    /// Picks for a prepared request; the only shared writes are atomics and the prefix index.
+    fn decide(
+        &self,
+        st: &mut RequestState,
+        prepared: Prepared,
+        admitted: bool,
+    ) -> Result<Decision, Reject> {
+        let Prepared {
+            started,
+            parsed,
+            resolved,
+            mut extra_headers,
+        } = prepared;
+        let snap = self.shared.snapshot.load();
+        let cfg = self.shared.scheduler.load();
+        let prompt = parsed.as_ref().map_or("", |p| p.prompt.as_str());
         let target = resolved.as_ref().map(|r| r.target.clone());
         let endpoints: Vec<&Arc<EndpointHandle>> = match &st.subset {
             Some(list) => {
@@ -456,6 +510,8 @@ impl ExtProc {
                     }
                 },
                 dispatched_since_scrape: h.dispatched_since_scrape.load(Ordering::Relaxed),
+                in_flight: h.in_flight.load(Ordering::Relaxed),
+                in_flight_at_scrape: scraped[i].as_ref().map_or(0, |s| s.in_flight),
             })
             .collect();
         let seed = target.as_deref().unwrap_or("");
@@ -480,6 +536,7 @@ impl ExtProc {
             prefix_matches: &matches,
             total_blocks: blocks.len(),
             tie_break: rand::random(),
+            admitted,
         };
         let picked = inferlane_epp::pick(&cfg, &candidates, &input).map_err(|e| {
             // A model no rule names and no server lists does not exist here: 404, as vLLM
@@ -507,7 +564,10 @@ impl ExtProc {
             .dispatched_since_scrape
             .fetch_add(1, Ordering::Relaxed);
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        st.in_flight = Some(InFlight(chosen.clone()));
+        st.in_flight = Some(InFlight(
+            chosen.clone(),
+            self.flow.as_ref().map(|_| self.shared.room_freed.clone()),
+        ));
         if !blocks.is_empty() {
             self.shared
                 .prefix
@@ -573,12 +633,69 @@ impl ExtProc {
     }
 
     /// Answers for the request once its body (if any) is complete.
+    /// Flow control's admission: `Ok(false)` without flow control, `Ok(true)` once admitted
+    /// (possibly after being held), or the answer the client gets.
+    async fn admit(&self, st: &mut RequestState, p: &Prepared) -> Result<bool, Reject> {
+        let Some(fc) = &self.flow else {
+            return Ok(false);
+        };
+        let fairness_id = match st.headers.fairness_id.as_deref() {
+            None | Some("") => DEFAULT_FLOW.to_string(),
+            Some(id) if id.len() > MAX_FAIRNESS_ID_BYTES => {
+                return Err(Reject::new(
+                    400,
+                    "BadRequest",
+                    format!(
+                        "{FAIRNESS_HEADER} is longer than {MAX_FAIRNESS_ID_BYTES} bytes; use a shorter tenant id"
+                    ),
+                ));
+            }
+            Some(id) => id.to_string(),
+        };
+        let req = FlowRequest {
+            fairness_id,
+            priority: p.resolved.as_ref().map_or(0, |r| r.priority),
+            bytes: st.body.len() as u64,
+            // ~4 bytes per token: the charge at dispatch, corrected by the reported usage.
+            prompt_tokens: st.body.len() as f64 / 4.0,
+            model_label: st.model_label.clone(),
+            target_label: st.target_label.clone(),
+        };
+        match fc.admit(req).await {
+            Ok(pass) => {
+                st.flow_pass = Some(pass);
+                Ok(true)
+            }
+            Err(e) => {
+                let (status, code) = e.status();
+                Err(Reject::new(status, code, e.to_string()))
+            }
+        }
+    }
+
     async fn route(&self, st: &mut RequestState, tx: &Tx) -> Result<bool, Status> {
-        match self.decide(st) {
+        let decided = match self.prepare(st) {
+            Err(r) => Err(r),
+            Ok(prepared) => match self.admit(st, &prepared).await {
+                Err(r) => Err(r),
+                Ok(admitted) => {
+                    let d = self.decide(st, prepared, admitted);
+                    if let Some(p) = st.flow_pass.as_mut() {
+                        p.picked();
+                    }
+                    d
+                }
+            },
+        };
+        match decided {
             Ok(d) => {
                 let mut set_headers = vec![set_header(DESTINATION_HEADER, &d.destination)];
                 set_headers.extend(d.extra_headers);
                 let mut remove_headers = Vec::new();
+                if self.flow.is_some() && st.headers.fairness_id.is_some() {
+                    // Upstream strips it: it is the gateway's, not the model server's.
+                    remove_headers.push(FAIRNESS_HEADER.to_string());
+                }
                 if st.full_duplex {
                     // The body goes upstream chunked.
                     remove_headers.push("content-length".to_string());
@@ -786,6 +903,9 @@ impl ExtProc {
                             .output_tokens
                             .get_or_create(&l)
                             .observe(completion as f64);
+                        if let Some(pass) = &st.flow_pass {
+                            pass.charge_usage(prompt, completion);
+                        }
                     }
                     let common = CommonResponse {
                         body_mutation: out.map(|b| BodyMutation {

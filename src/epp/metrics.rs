@@ -39,7 +39,53 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+/// A held request's outcome (`outcome`: Dispatched, RejectedCapacity, EvictedTTL,
+/// EvictedContextCancelled, as upstream).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowOutcomeLabels {
+    pub fairness_id: String,
+    pub priority: String,
+    pub outcome: String,
+    pub inference_pool: String,
+    pub model_name: String,
+    pub target_model_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowEnqueueLabels {
+    pub fairness_id: String,
+    pub priority: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowQueueLabels {
+    pub fairness_id: String,
+    pub priority: String,
+    pub inference_pool: String,
+    pub model_name: String,
+    pub target_model_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InferencePoolLabels {
+    pub inference_pool: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
+
+fn queue_duration_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ])
+}
+
+fn cycle_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+    ])
+}
 
 fn token_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 4.0, 12))
@@ -59,6 +105,12 @@ pub struct EppMetrics {
     pool_queue: Family<PoolLabels, FGauge>,
     pool_ready: Family<PoolLabels, Gauge>,
     pod_queue: Family<PodLabels, FGauge>,
+    pub flow_queue_duration: Family<FlowOutcomeLabels, Histogram, fn() -> Histogram>,
+    pub flow_dispatch_cycle: Histogram,
+    pub flow_enqueue_duration: Family<FlowEnqueueLabels, Histogram, fn() -> Histogram>,
+    pub flow_queue_size: Family<FlowQueueLabels, Gauge>,
+    pub flow_queue_bytes: Family<FlowQueueLabels, Gauge>,
+    pub flow_pool_saturation: Family<InferencePoolLabels, FGauge>,
 }
 
 impl EppMetrics {
@@ -76,6 +128,12 @@ impl EppMetrics {
             pool_queue: Family::default(),
             pool_ready: Family::default(),
             pod_queue: Family::default(),
+            flow_queue_duration: Family::new_with_constructor(queue_duration_histogram),
+            flow_dispatch_cycle: cycle_histogram(),
+            flow_enqueue_duration: Family::new_with_constructor(cycle_histogram),
+            flow_queue_size: Family::default(),
+            flow_queue_bytes: Family::default(),
+            flow_pool_saturation: Family::default(),
         };
         r.register(
             "inference_objective_request",
@@ -126,6 +184,36 @@ impl EppMetrics {
             "inference_pool_per_pod_queue_size",
             "Waiting queue per endpoint",
             m.pod_queue.clone(),
+        );
+        r.register(
+            "inference_extension_flow_control_request_queue_duration_seconds",
+            "[ALPHA] Time a request spent in flow control, by outcome",
+            m.flow_queue_duration.clone(),
+        );
+        r.register(
+            "inference_extension_flow_control_dispatch_cycle_duration_seconds",
+            "[ALPHA] Time of one flow-control dispatch cycle",
+            m.flow_dispatch_cycle.clone(),
+        );
+        r.register(
+            "inference_extension_flow_control_request_enqueue_duration_seconds",
+            "[ALPHA] Time to queue a request (or refuse it)",
+            m.flow_enqueue_duration.clone(),
+        );
+        r.register(
+            "inference_extension_flow_control_queue_size",
+            "[ALPHA] Requests held by flow control",
+            m.flow_queue_size.clone(),
+        );
+        r.register(
+            "inference_extension_flow_control_queue_bytes",
+            "[ALPHA] Bytes of requests held by flow control",
+            m.flow_queue_bytes.clone(),
+        );
+        r.register(
+            "inference_extension_flow_control_pool_saturation",
+            "[ALPHA] Pool saturation as flow control's dispatcher last saw it (>= 1: held)",
+            m.flow_pool_saturation.clone(),
         );
         Self {
             registry: Arc::new(r),

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod extproc;
+pub mod flow_control;
 pub mod health;
 pub mod metrics;
 pub mod scrape_http;
@@ -404,23 +405,30 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 /// Starts the EPP. Must run inside an actix `System`.
 pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
-    let mut scheduler = match (&args.config_text, &args.config_file) {
-        (Some(text), _) => {
-            config::parse_picker_config(text).map_err(|source| EppError::Config {
-                path: "--config-text".into(),
-                source,
-            })?
-        }
+    let config = match (&args.config_text, &args.config_file) {
+        (Some(text), _) => Some(("--config-text".to_string(), text.clone())),
         (None, Some(p)) => {
             let path = p.display().to_string();
             let text = std::fs::read_to_string(p).map_err(|source| EppError::ReadConfig {
                 path: path.clone(),
                 source,
             })?;
-            config::parse_picker_config(&text)
-                .map_err(|source| EppError::Config { path, source })?
+            Some((path, text))
         }
-        (None, None) => inferlane_epp::SchedulerConfig::default(),
+        (None, None) => None,
+    };
+    let (mut scheduler, flow_settings) = match &config {
+        Some((path, text)) => {
+            let err = |source| EppError::Config {
+                path: path.clone(),
+                source,
+            };
+            (
+                config::parse_picker_config(text).map_err(err)?,
+                config::parse_flow_control(text).map_err(err)?,
+            )
+        }
+        None => (inferlane_epp::SchedulerConfig::default(), None),
     };
     if let Some(d) = args.metrics_staleness_threshold {
         scheduler.metrics_staleness_threshold = d.as_secs_f64();
@@ -521,7 +529,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         }
     }
 
-    let svc = ExternalProcessorServer::new(ExtProc::new(
+    let mut extproc = ExtProc::new(
         shared.clone(),
         ExtProcOptions {
             max_body_bytes: args.max_body_bytes,
@@ -529,9 +537,23 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
             trust_model_rewrite_header: args.trust_model_rewrite_header,
         },
         metrics.clone(),
-    ))
-    // A buffered body arrives in one message; allow it past tonic's 4 MiB default.
-    .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
+    );
+    if let Some(settings) = flow_settings {
+        tracing::info!(
+            bands = settings.queues.bands.len(),
+            ttl = ?settings.default_ttl,
+            "flow control on: requests are held while the pool is saturated"
+        );
+        extproc = extproc.with_flow_control(flow_control::FlowControl::start(
+            settings,
+            shared.clone(),
+            metrics.clone(),
+            args.pool_name.clone(),
+        ));
+    }
+    let svc = ExternalProcessorServer::new(extproc)
+        // A buffered body arrives in one message; allow it past tonic's 4 MiB default.
+        .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
     let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
     serve::serve_pinned(
         grpc,

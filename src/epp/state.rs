@@ -14,6 +14,8 @@ use inferlane_epp::{EndpointMetrics, EngineType, ModelRules, PrefixIndex, Schedu
 pub struct Scraped {
     pub metrics: EndpointMetrics,
     pub at: Instant,
+    /// Our requests in flight on it when the scrape landed (see `Candidate::in_flight_at_scrape`).
+    pub in_flight: u64,
 }
 
 /// Models a server lists in `/v1/models`.
@@ -89,6 +91,8 @@ pub struct Shared {
     pub is_leader: Arc<AtomicBool>,
     /// The pool is known and its endpoints have been listed at least once (readiness).
     pub pool_synced: AtomicBool,
+    /// Woken when a request finishes (room on a server): flow control's dispatcher waits on it.
+    pub room_freed: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -100,6 +104,7 @@ impl Shared {
             prefix: Mutex::new(PrefixIndex::new(cap)),
             is_leader: Arc::new(AtomicBool::new(false)),
             pool_synced: AtomicBool::new(false),
+            room_freed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 }

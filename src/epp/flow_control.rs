@@ -1,0 +1,476 @@
+//! Flow control's I/O shell: requests held in the pure queues (`inferlane_epp::flow`) until a dispatcher task finds room in the pool.
+//!
+//! A request that finds the queues empty and the pool below saturation passes at once (no
+//! lock, no task hop). Otherwise it is queued and its ext_proc handler awaits a verdict: the
+//! handler is a future polled by hyper's per-stream task, so a held request costs memory
+//! only. The dispatcher wakes when a request finishes (room on a server), on every enqueue and
+//! every [`TICK`] while anything is held (scrapes change saturation, TTLs expire), and
+//! releases requests by strict priority and the bands' fairness while the pool stays below
+//! saturation, counting each released-but-not-yet-picked request as load (`reserved`) so a
+//! burst of completions does not over-release. When Envoy resets a held request's stream,
+//! hyper drops the handler and with it the [`Held`] guard, which takes the item out at once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use inferlane_epp::flow::{EnqueueError, FlowConfig, FlowQueues, Item, ItemId};
+use inferlane_epp::scheduler::{Candidate, ModelPresence, dispatch_saturation};
+use tokio::sync::oneshot;
+
+use super::metrics::{
+    EppMetrics, FlowEnqueueLabels, FlowOutcomeLabels, FlowQueueLabels, InferencePoolLabels,
+};
+use super::state::Shared;
+
+/// How often the dispatcher re-reads saturation and sweeps TTLs while requests are held.
+pub const TICK: Duration = Duration::from_millis(10);
+/// Header naming a request's fairness flow (upstream's).
+pub const FAIRNESS_HEADER: &str = "x-gateway-inference-fairness-id";
+/// Flow of requests without the header (upstream's).
+pub const DEFAULT_FLOW: &str = "default-flow";
+/// Longest fairness id accepted (a longer header is refused with 400).
+pub const MAX_FAIRNESS_ID_BYTES: usize = 256;
+/// Distinct fairness ids given their own metric series; later ones share `other`.
+pub const FLOW_LABELS_MAX: usize = 64;
+
+/// Flow control's settings (from `flowControl` of the EndpointPickerConfig).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowSettings {
+    pub queues: FlowConfig,
+    /// How long a request may wait; `None` waits until the client goes away.
+    pub default_ttl: Option<Duration>,
+    /// Sheddable requests (negative priority) are answered 429 at once when the pool is
+    /// saturated instead of being queued (upstream queues them with the gate on).
+    pub shed_sheddable: bool,
+}
+
+/// Why a held request was not dispatched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlowReject {
+    #[error("{0}; retry later")]
+    Capacity(String),
+    #[error(
+        "the request waited {0:?} in flow control (defaultRequestTTL) without room in the pool"
+    )]
+    Expired(Duration),
+    #[error("the pool is saturated; sheddable request dropped")]
+    Shed,
+}
+
+impl FlowReject {
+    /// The HTTP status and error type the client gets (upstream's codes).
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            FlowReject::Capacity(_) | FlowReject::Shed => (429, "TooManyRequests"),
+            FlowReject::Expired(_) => (503, "ServiceUnavailable"),
+        }
+    }
+}
+
+/// One request as flow control sees it.
+#[derive(Debug, Clone)]
+pub struct FlowRequest {
+    pub fairness_id: String,
+    pub priority: i32,
+    pub bytes: u64,
+    pub prompt_tokens: f64,
+    pub model_label: String,
+    pub target_label: String,
+}
+
+enum Verdict {
+    Dispatched,
+    Expired,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Verdict>,
+    labels: FlowQueueLabels,
+    bytes: u64,
+    since: Instant,
+}
+
+struct Inner {
+    queues: FlowQueues,
+    waiting: HashMap<ItemId, Waiter>,
+}
+
+/// The flow-control layer of one EPP.
+pub struct FlowControl {
+    settings: FlowSettings,
+    inner: Mutex<Inner>,
+    /// Items held (mirrors the queues, read without the lock on the fast path).
+    queued: AtomicUsize,
+    /// Released by the dispatcher, not yet picked: counted as load.
+    reserved: AtomicU64,
+    next_id: AtomicU64,
+    epoch: Instant,
+    shared: Arc<Shared>,
+    metrics: EppMetrics,
+    pool: String,
+    flow_labels: Mutex<HashSet<String>>,
+}
+
+/// A request allowed through: picking it releases its reservation ([`Pass::picked`]), as
+/// does dropping it unpicked (its stream went away or the pick failed).
+pub struct Pass {
+    fc: Arc<FlowControl>,
+    /// Released by the dispatcher and not picked yet (counted as load until then).
+    reserved: bool,
+    priority: i32,
+    fairness_id: String,
+    prompt_estimate: f64,
+    /// It waited in the queue (vs passed at once).
+    pub held: bool,
+}
+
+impl Pass {
+    /// The request has been given an endpoint (its in-flight count now carries its load).
+    pub fn picked(&mut self) {
+        if std::mem::take(&mut self.reserved) {
+            self.fc.release_reservation();
+        }
+    }
+
+    /// Charges the request's flow what it really cost (VTC): the prompt tokens the server
+    /// reported less the estimate charged at dispatch, plus its output tokens.
+    pub fn charge_usage(&self, prompt: u64, completion: u64) {
+        let mut inner = self.fc.inner.lock().expect("flow lock");
+        let (wi, wo) = {
+            let c = inner.queues.config();
+            (c.vtc_input_weight, c.vtc_output_weight)
+        };
+        let amount = (prompt as f64 - self.prompt_estimate) * wi + completion as f64 * wo;
+        inner
+            .queues
+            .charge(self.priority, &self.fairness_id, amount);
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        self.picked();
+    }
+}
+
+/// Takes a held item out if its request goes away before a verdict.
+struct Held {
+    fc: Arc<FlowControl>,
+    id: ItemId,
+    rx: Option<oneshot::Receiver<Verdict>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        let mut inner = self.fc.inner.lock().expect("flow lock");
+        if let Some(item) = inner.queues.remove(self.id) {
+            self.fc.queued.store(inner.queues.len(), Ordering::Relaxed);
+            if let Some(w) = inner.waiting.remove(&self.id) {
+                drop(inner);
+                self.fc.finish(&w, "EvictedContextCancelled");
+                tracing::debug!(fairness_id = %for_log(&item.flow), "held request cancelled by the client");
+            }
+            return;
+        }
+        drop(inner);
+        // Released (or expired) after the stream went away but before it read the verdict.
+        if let Ok(Verdict::Dispatched) = rx.try_recv() {
+            self.fc.release_reservation();
+        }
+    }
+}
+
+fn for_log(s: &str) -> &str {
+    let mut end = s.len().min(128);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl FlowControl {
+    /// The layer, and its dispatcher task (spawned on the current runtime; it ends when the
+    /// layer is dropped).
+    pub fn start(
+        settings: FlowSettings,
+        shared: Arc<Shared>,
+        metrics: EppMetrics,
+        pool: String,
+    ) -> Arc<Self> {
+        let fc = Arc::new(Self {
+            inner: Mutex::new(Inner {
+                queues: FlowQueues::new(settings.queues.clone()),
+                waiting: HashMap::new(),
+            }),
+            settings,
+            queued: AtomicUsize::new(0),
+            reserved: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            epoch: Instant::now(),
+            shared,
+            metrics,
+            pool,
+            flow_labels: Mutex::new(HashSet::new()),
+        });
+        let weak = Arc::downgrade(&fc);
+        let wake = fc.shared.room_freed.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(fc) = weak.upgrade() else { return };
+                let busy = fc.queued.load(Ordering::Relaxed) > 0;
+                drop(fc);
+                let idle = if busy { TICK } else { Duration::from_secs(1) };
+                let _ = tokio::time::timeout(idle, wake.notified()).await;
+                let Some(fc) = weak.upgrade() else { return };
+                fc.dispatch_cycle();
+            }
+        });
+        fc
+    }
+
+    pub fn settings(&self) -> &FlowSettings {
+        &self.settings
+    }
+
+    fn release_reservation(&self) {
+        let _ = self
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+        self.shared.room_freed.notify_one();
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The metric label of a fairness id: itself for the first [`FLOW_LABELS_MAX`] seen.
+    fn flow_label(&self, id: &str) -> String {
+        let mut seen = self.flow_labels.lock().expect("labels lock");
+        if seen.contains(id) {
+            return id.to_string();
+        }
+        if seen.len() < FLOW_LABELS_MAX {
+            seen.insert(id.to_string());
+            return id.to_string();
+        }
+        super::extproc::OTHER_MODEL.to_string()
+    }
+
+    /// The pool's saturation now, counting released-but-unpicked requests.
+    pub fn saturation(&self) -> f64 {
+        let snap = self.shared.snapshot.load();
+        let cfg = self.shared.scheduler.load();
+        let now = Instant::now();
+        let scraped: Vec<_> = snap
+            .endpoints
+            .iter()
+            .map(|h| h.scraped.load_full())
+            .collect();
+        let candidates: Vec<Candidate<'_>> = snap
+            .endpoints
+            .iter()
+            .zip(&scraped)
+            .map(|(h, s)| Candidate {
+                id: h.id,
+                metrics: s.as_ref().map(|s| &s.metrics),
+                metrics_age: s
+                    .as_ref()
+                    .map_or(f64::INFINITY, |s| now.duration_since(s.at).as_secs_f64()),
+                healthy: h.is_healthy(),
+                has_model: ModelPresence::Yes,
+                dispatched_since_scrape: h.dispatched_since_scrape.load(Ordering::Relaxed),
+                in_flight: h.in_flight.load(Ordering::Relaxed),
+                in_flight_at_scrape: s.as_ref().map_or(0, |s| s.in_flight),
+            })
+            .collect();
+        dispatch_saturation(&cfg, &candidates, self.reserved.load(Ordering::Acquire))
+    }
+
+    /// Admits a request: at once when nothing is held and the pool has room, else after
+    /// waiting its turn. An error is the answer the client gets.
+    pub async fn admit(self: &Arc<Self>, req: FlowRequest) -> Result<Pass, FlowReject> {
+        let pass = |reserved: bool, held| Pass {
+            fc: self.clone(),
+            reserved,
+            priority: req.priority,
+            fairness_id: req.fairness_id.clone(),
+            prompt_estimate: req.prompt_tokens,
+            held,
+        };
+        if self.queued.load(Ordering::Relaxed) == 0 && self.saturation() < 1.0 {
+            return Ok(pass(false, false));
+        }
+        if self.settings.shed_sheddable && req.priority < 0 {
+            return Err(FlowReject::Shed);
+        }
+        let started = Instant::now();
+        let flow_label = self.flow_label(&req.fairness_id);
+        let priority = req.priority.to_string();
+        let now = self.now_ms();
+        let ttl = self.settings.default_ttl;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let item = Item {
+            id,
+            flow: req.fairness_id.clone(),
+            priority: req.priority,
+            bytes: req.bytes,
+            prompt_tokens: req.prompt_tokens,
+            arrival_ms: now,
+            deadline_ms: ttl.map_or(u64::MAX, |t| now.saturating_add(t.as_millis() as u64)),
+        };
+        let (tx, rx) = oneshot::channel();
+        let labels = FlowQueueLabels {
+            fairness_id: flow_label.clone(),
+            priority: priority.clone(),
+            inference_pool: self.pool.clone(),
+            model_name: req.model_label.clone(),
+            target_model_name: req.target_label.clone(),
+        };
+        let outcome = {
+            let mut inner = self.inner.lock().expect("flow lock");
+            let r = inner.queues.enqueue(item);
+            if r.is_ok() {
+                inner.waiting.insert(
+                    id,
+                    Waiter {
+                        tx,
+                        labels: labels.clone(),
+                        bytes: req.bytes,
+                        since: started,
+                    },
+                );
+                self.queued.store(inner.queues.len(), Ordering::Relaxed);
+                self.metrics.flow_queue_size.get_or_create(&labels).inc();
+                self.metrics
+                    .flow_queue_bytes
+                    .get_or_create(&labels)
+                    .inc_by(req.bytes as i64);
+            }
+            r
+        };
+        self.metrics
+            .flow_enqueue_duration
+            .get_or_create(&FlowEnqueueLabels {
+                fairness_id: flow_label.clone(),
+                priority: priority.clone(),
+                outcome: if outcome.is_ok() {
+                    "Queued"
+                } else {
+                    "RejectedCapacity"
+                }
+                .into(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = outcome {
+            self.observe_outcome(&labels, "RejectedCapacity", Duration::ZERO);
+            return Err(FlowReject::Capacity(match e {
+                EnqueueError::BandFull(p) => format!(
+                    "flow control: priority band {p} is full (flowControl.priorityBands[].maxRequests/maxBytes)"
+                ),
+                EnqueueError::PoolFull => {
+                    "flow control: the queues are full (flowControl.maxRequests/maxBytes)".into()
+                }
+                EnqueueError::Duplicate(_) => "flow control: duplicate request id".into(),
+            }));
+        }
+        self.shared.room_freed.notify_one();
+        let mut held = Held {
+            fc: self.clone(),
+            id,
+            rx: Some(rx),
+        };
+        let verdict = held.rx.as_mut().expect("set above").await;
+        held.rx = None;
+        match verdict {
+            Ok(Verdict::Dispatched) => Ok(pass(true, true)),
+            Ok(Verdict::Expired) | Err(_) => Err(FlowReject::Expired(ttl.unwrap_or_default())),
+        }
+    }
+
+    fn observe_outcome(&self, l: &FlowQueueLabels, outcome: &str, waited: Duration) {
+        self.metrics
+            .flow_queue_duration
+            .get_or_create(&FlowOutcomeLabels {
+                fairness_id: l.fairness_id.clone(),
+                priority: l.priority.clone(),
+                outcome: outcome.into(),
+                inference_pool: l.inference_pool.clone(),
+                model_name: l.model_name.clone(),
+                target_model_name: l.target_model_name.clone(),
+            })
+            .observe(waited.as_secs_f64());
+    }
+
+    /// A held item left the queue: gauges down, its outcome observed.
+    fn finish(&self, w: &Waiter, outcome: &str) {
+        // Outcome first: whoever sees the gauge drop sees the outcome counted.
+        self.observe_outcome(&w.labels, outcome, w.since.elapsed());
+        self.metrics.flow_queue_size.get_or_create(&w.labels).dec();
+        self.metrics
+            .flow_queue_bytes
+            .get_or_create(&w.labels)
+            .dec_by(w.bytes as i64);
+    }
+
+    /// One dispatch cycle: expire what is past its TTL, then release by priority and
+    /// fairness while the pool has room.
+    pub fn dispatch_cycle(&self) {
+        let started = Instant::now();
+        let mut inner = self.inner.lock().expect("flow lock");
+        if inner.queues.is_empty() {
+            drop(inner);
+            self.metrics
+                .flow_pool_saturation
+                .get_or_create(&InferencePoolLabels {
+                    inference_pool: self.pool.clone(),
+                })
+                .set(self.saturation());
+            return;
+        }
+        let now = self.now_ms();
+        for item in inner.queues.expire(now) {
+            if let Some(w) = inner.waiting.remove(&item.id) {
+                self.finish(&w, "EvictedTTL");
+                let _ = w.tx.send(Verdict::Expired);
+            }
+        }
+        let mut saturation = self.saturation();
+        while saturation < 1.0 {
+            let Some(item) = inner.queues.pop() else {
+                break;
+            };
+            let Some(w) = inner.waiting.remove(&item.id) else {
+                continue;
+            };
+            self.finish(&w, "Dispatched");
+            self.reserved.fetch_add(1, Ordering::AcqRel);
+            if w.tx.send(Verdict::Dispatched).is_err() {
+                // Its stream is going away: the Held guard finds nothing queued and no
+                // verdict to read, so the reservation is ours to return.
+                let _ = self
+                    .reserved
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+            }
+            saturation = self.saturation();
+        }
+        self.queued.store(inner.queues.len(), Ordering::Relaxed);
+        drop(inner);
+        self.metrics
+            .flow_pool_saturation
+            .get_or_create(&InferencePoolLabels {
+                inference_pool: self.pool.clone(),
+            })
+            .set(saturation);
+        self.metrics
+            .flow_dispatch_cycle
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Requests held now.
+    pub fn held(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
