@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: formatting, lints and every test in the workspace.
-# Works on a fresh machine with the Rust toolchain; installs the project-local Envoy first.
+# Works on a fresh machine with the Rust toolchain; installs the project-local Envoy and
+# Prometheus first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -9,6 +10,8 @@ export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 if [ -x scripts/install-envoy.sh ]; then
   scripts/install-envoy.sh
 fi
+# Debian's Prometheus and promtool, for the observability tests (rules, alerts, dashboard).
+scripts/install-prometheus.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

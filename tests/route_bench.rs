@@ -29,7 +29,13 @@ fn route_bench_smoke_writes_well_formed_results() {
     let policies: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
     assert_eq!(
         policies,
-        ["round-robin", "random", "least-queue", "default"]
+        [
+            "round-robin",
+            "random",
+            "least-queue",
+            "default",
+            "flow-vtc"
+        ]
     );
     for r in runs {
         let sent = r["sent"].as_u64().unwrap();

@@ -42,6 +42,13 @@ pub struct BandConfig {
     pub max_requests: usize,
     pub fairness: Fairness,
     pub ordering: Ordering,
+    /// Saturation at or above which this band is not dispatched (upstream's usage-limit
+    /// ceiling, 1.0): a lower ceiling for low bands keeps room free for higher ones.
+    pub usage_limit: f64,
+    /// The ceiling for a flow that holds more than its share of the band's requests in
+    /// flight while other flows have some (ours; default `usage_limit`): below it, room is
+    /// kept for the tenants under their share, who then start at once.
+    pub over_share_usage_limit: f64,
 }
 
 /// The whole layer's settings.
@@ -130,26 +137,41 @@ impl Band {
 
     /// The flow to serve next, by the band's fairness policy.
     fn next_flow(&mut self) -> Option<String> {
-        match self.cfg.fairness {
-            Fairness::RoundRobin => {
-                let f = self.ring.pop_front()?;
-                // Back of the ring; dropped from it when its last item leaves.
-                self.ring.push_back(f.clone());
-                Some(f)
-            }
+        if self.cfg.fairness == Fairness::RoundRobin {
+            let f = self.ring.pop_front()?;
+            // Back of the ring; dropped from it when its last item leaves.
+            self.ring.push_back(f.clone());
+            return Some(f);
+        }
+        self.peek_flow().map(str::to_string)
+    }
+
+    /// The flow [`Band::next_flow`] would pick, without moving the round-robin ring.
+    fn peek_flow(&self) -> Option<&str> {
+        let best = match self.cfg.fairness {
+            Fairness::RoundRobin => self.ring.front(),
             Fairness::GlobalStrict => self
                 .flows
                 .iter()
                 .filter_map(|(name, f)| f.items.keys().next().map(|k| (k, name)))
                 .min()
-                .map(|(_, name)| name.clone()),
+                .map(|(_, name)| name),
+            // Equal charges (a flow just lifted to the floor ties with the flow that set it):
+            // the shorter backlog goes first, so a light tenant's one request does not wait
+            // behind a heavy tenant's queue; then the older item.
             Fairness::Vtc => self
                 .flows
                 .iter()
-                .filter_map(|(name, f)| f.items.keys().next().map(|k| (f.charge, k, name)))
-                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)))
-                .map(|(_, _, name)| name.clone()),
-        }
+                .filter_map(|(name, f)| {
+                    f.items
+                        .keys()
+                        .next()
+                        .map(|k| (f.charge, f.items.len(), k, name))
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(b.2)))
+                .map(|(_, _, _, name)| name),
+        };
+        best.map(String::as_str)
     }
 
     /// After `flow` lost an item: out of the ring when empty, and every empty flow whose
@@ -274,6 +296,27 @@ impl FlowQueues {
         Ok(())
     }
 
+    /// The priority of the band [`FlowQueues::pop`] would serve next.
+    pub fn head_priority(&self) -> Option<i32> {
+        self.bands
+            .iter()
+            .rev()
+            .find(|(_, b)| b.count > 0)
+            .map(|(p, _)| *p)
+    }
+
+    /// The band and flow [`FlowQueues::pop`] would serve next.
+    pub fn peek(&self) -> Option<(i32, &str)> {
+        let p = self.head_priority()?;
+        Some((p, self.bands.get(&p)?.peek_flow()?))
+    }
+
+    /// The usage limit of the band [`FlowQueues::pop`] would serve next.
+    pub fn head_usage_limit(&self) -> Option<f64> {
+        let p = self.head_priority()?;
+        self.bands.get(&p).map(|b| b.cfg.usage_limit)
+    }
+
     /// The next item to dispatch: the highest band holding items, its fairness policy's
     /// flow, that flow's first item by its ordering. Its prompt tokens are charged (VTC).
     pub fn pop(&mut self) -> Option<Item> {
@@ -362,6 +405,8 @@ mod tests {
             max_requests: usize::MAX,
             fairness,
             ordering,
+            usage_limit: 1.0,
+            over_share_usage_limit: 1.0,
         }
     }
 
@@ -431,6 +476,23 @@ mod tests {
             }
             let (sa, sb) = (served.get("a").copied().unwrap_or(0.0), served.get("b").copied().unwrap_or(0.0));
             prop_assert!((sa - sb).abs() <= 99.0, "{} vs {}", sa, sb);
+        }
+
+        /// `peek` names the band and flow `pop` serves, under every policy.
+        #[test]
+        fn peek_names_what_pop_serves(
+            policy in 0usize..3,
+            arrivals in prop::collection::vec((0usize..4, -1i32..2, 1u32..50), 1..40),
+        ) {
+            let fairness = [Fairness::RoundRobin, Fairness::GlobalStrict, Fairness::Vtc][policy];
+            let mut q = queues(fairness, Ordering::Fcfs);
+            for (i, (f, p, t)) in arrivals.iter().enumerate() {
+                q.enqueue(item(i as u64, &format!("f{f}"), *p, f64::from(*t), i as u64, 1000)).unwrap();
+            }
+            while let Some((p, f)) = q.peek().map(|(p, f)| (p, f.to_string())) {
+                let got = q.pop().unwrap();
+                prop_assert_eq!((got.priority, got.flow), (p, f));
+            }
         }
 
         /// Round robin: with k backlogged flows, every flow is served within k pops.
@@ -509,6 +571,18 @@ mod tests {
                 q.flows()
             );
         }
+    }
+
+    #[test]
+    fn vtc_ties_go_to_the_shorter_backlog() {
+        let mut q = queues(Fairness::Vtc, Ordering::Fcfs);
+        for i in 0..5 {
+            q.enqueue(item(i, "heavy", 0, 0.0, i, 1000)).unwrap();
+        }
+        // Lifted to heavy's charge (0): a tie, and its one item goes before heavy's five.
+        q.enqueue(item(9, "light", 0, 0.0, 9, 1000)).unwrap();
+        assert_eq!(q.pop().unwrap().flow, "light");
+        assert_eq!(q.pop().unwrap().flow, "heavy");
     }
 
     #[test]

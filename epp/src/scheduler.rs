@@ -122,11 +122,16 @@ pub struct Candidate<'a> {
 pub fn live_busy(c: &Candidate<'_>) -> f64 {
     let reported = c.metrics.map_or(0.0, |m| m.running + m.waiting);
     let others = (reported - c.in_flight_at_scrape as f64).max(0.0);
-    if c.in_flight == 0 && c.in_flight_at_scrape == 0 {
-        // Not tracked: the scrape plus what was sent since.
-        return reported + c.dispatched_since_scrape as f64;
-    }
     c.in_flight as f64 + others
+}
+
+/// The queue an endpoint has now, as best known: the waiting it reported plus our requests
+/// added since that scrape and still in flight (sent-and-finished ones do not count, unlike
+/// `dispatched_since_scrape`, which at thousands of short requests per second would read as
+/// a deep queue on idle servers).
+pub fn live_waiting(c: &Candidate<'_>) -> f64 {
+    let waiting = c.metrics.map_or(0.0, |m| m.waiting);
+    waiting + c.in_flight.saturating_sub(c.in_flight_at_scrape) as f64
 }
 
 /// The request as the picker sees it.
@@ -173,8 +178,7 @@ impl PickError {
 fn endpoint_saturation(cfg: &SchedulerConfig, c: &Candidate<'_>) -> f64 {
     match c.metrics {
         Some(m) if c.metrics_age <= cfg.metrics_staleness_threshold => {
-            let q = (m.waiting + c.dispatched_since_scrape as f64)
-                / cfg.queue_depth_threshold.max(1e-9);
+            let q = live_waiting(c) / cfg.queue_depth_threshold.max(1e-9);
             let kv = m.kv_usage / cfg.kv_cache_util_threshold.max(1e-9);
             let busy = if cfg.running_requests_threshold > 0.0 {
                 live_busy(c) / cfg.running_requests_threshold
@@ -579,17 +583,18 @@ mod tests {
         let mut x = m(2.0, 0.1);
         x.running = 6.0;
         let mut c = cand(1, &x);
-        // Untracked: scrape plus what was sent since.
-        c.dispatched_since_scrape = 1;
-        assert_eq!(live_busy(&c), 9.0);
-        // 8 reported, 5 of them ours then; 3 of ours now (two finished): 3 + 3 others.
+        // Sent-and-finished requests since the scrape are not load.
+        c.dispatched_since_scrape = 4;
+        assert_eq!((live_busy(&c), live_waiting(&c)), (8.0, 2.0));
+        // 8 reported, 5 of them ours then; 3 of ours now (two finished): 3 + 3 others, and
+        // nothing added to the queue since.
         c.in_flight_at_scrape = 5;
         c.in_flight = 3;
-        assert_eq!(live_busy(&c), 6.0);
-        // Ours arrived after the scrape: never negative others.
+        assert_eq!((live_busy(&c), live_waiting(&c)), (6.0, 2.0));
+        // Ours arrived after the scrape: never negative others; the new ones queue.
         c.in_flight_at_scrape = 12;
-        c.in_flight = 12;
-        assert_eq!(live_busy(&c), 12.0);
+        c.in_flight = 14;
+        assert_eq!((live_busy(&c), live_waiting(&c)), (14.0, 4.0));
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub struct Reconciler {
     was_healthy: Option<bool>,
     last_actual: Option<Actual>,
     ever_ready: bool,
+    /// When the config the server does not match yet arrived (for the sync-duration metric).
+    unsynced_since: Option<Instant>,
 }
 
 impl Reconciler {
@@ -119,6 +121,7 @@ impl Reconciler {
             was_healthy: None,
             last_actual: None,
             ever_ready: false,
+            unsynced_since: None,
         }
     }
 
@@ -369,6 +372,12 @@ impl Reconciler {
                 .set(i64::from(present));
         }
         let in_sync = missing.is_empty() && actual.is_some() && healthy;
+        self.metrics.in_sync.set(i64::from(in_sync));
+        if in_sync && let Some(since) = self.unsynced_since.take() {
+            self.metrics
+                .config_sync_duration
+                .observe(since.elapsed().as_secs_f64());
+        }
         if in_sync && !self.ever_ready {
             self.ever_ready = true;
             tracing::info!("every ensureExist adapter is loaded; reporting ready");
@@ -603,6 +612,7 @@ impl Handler<ConfigChanged<LoraConfig>> for Reconciler {
     fn handle(&mut self, msg: ConfigChanged<LoraConfig>, ctx: &mut Context<Self>) {
         // A changed (or removed) adapter entry starts over: no stale backoff.
         let cfg = &msg.config;
+        self.unsynced_since.get_or_insert_with(Instant::now);
         self.retries.retain(|id, r| {
             let keep = cfg
                 .ensure_exist

@@ -40,9 +40,19 @@ pub struct ScrapeOptions {
 pub struct FleetScrapes {
     loops: std::sync::atomic::AtomicUsize,
     timing_out: std::sync::atomic::AtomicUsize,
+    /// Failed scrapes, for the EPP's metrics page.
+    errors: prometheus_client::metrics::counter::Counter,
 }
 
 impl FleetScrapes {
+    /// Fleet state that counts failed scrapes into `errors`.
+    pub fn counting_errors(errors: prometheus_client::metrics::counter::Counter) -> Self {
+        Self {
+            errors,
+            ..Default::default()
+        }
+    }
+
     /// Whether an endpoint timing out may be evicted: at most half the fleet times out (one
     /// of two is evicted; a lone server, or most of a fleet, is kept).
     fn may_evict_slow(&self) -> bool {
@@ -269,6 +279,7 @@ impl ScrapeLoop {
             }
             Err(e) => {
                 self.failures += 1;
+                self.opts.fleet.errors.inc();
                 let timed_out = matches!(e, Fetch::Http(ScrapeError::Timeout(_)));
                 if timed_out {
                     if self.timeouts == 0 {

@@ -16,6 +16,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request, processing_response,
 };
 use inferlane_epp::bbr::{BaseModelMap, BbrError, parse_mapping};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use thiserror::Error;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -67,13 +70,6 @@ pub const UPSTREAM_FLAGS: &[(&str, crate::flags::Upstream)] = {
             },
         ),
         (
-            "metrics-port",
-            Ignored {
-                takes_value: true,
-                why: "bbr serves no Prometheus metrics yet; its gRPC health port is --grpc-health-port",
-            },
-        ),
-        (
             "enable-pprof",
             Ignored {
                 takes_value: false,
@@ -92,6 +88,9 @@ pub struct BbrArgs {
     /// gRPC health port.
     #[arg(long, default_value_t = 9005)]
     pub grpc_health_port: u16,
+    /// Prometheus metrics port (`/metrics`), as upstream's bbr.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: String,
     /// Mapping file: `baseModels: [{baseModel, adapters}]`, or ConfigMaps labelled
@@ -147,28 +146,119 @@ impl Handler<ConfigChanged<MappingFile>> for MappingStore {
     }
 }
 
+/// bbr's Prometheus metrics (upstream's names: `bbr_success_total`,
+/// `bbr_model_not_in_body_total`, `bbr_model_not_parsed_total`), plus `bbr_info`.
+#[derive(Clone, Debug)]
+pub struct BbrMetrics {
+    registry: Arc<prometheus_client::registry::Registry>,
+    success: Counter,
+    not_in_body: Counter,
+    not_parsed: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct InfoLabels {
+    version: String,
+}
+
+impl BbrMetrics {
+    pub fn new() -> Self {
+        let mut r = prometheus_client::registry::Registry::default();
+        let (success, not_in_body, not_parsed) =
+            (Counter::default(), Counter::default(), Counter::default());
+        r.register(
+            "bbr_success",
+            "Requests whose model was read from the body",
+            success.clone(),
+        );
+        r.register(
+            "bbr_model_not_in_body",
+            "Requests whose JSON body has no model (left to the pool's EPP, which answers 400)",
+            not_in_body.clone(),
+        );
+        r.register(
+            "bbr_model_not_parsed",
+            "Requests whose body is not a JSON object",
+            not_parsed.clone(),
+        );
+        let info = Family::<InfoLabels, Gauge>::default();
+        info.get_or_create(&InfoLabels {
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .set(1);
+        r.register("bbr_info", "Build information (value 1)", info);
+        Self {
+            registry: Arc::new(r),
+            success,
+            not_in_body,
+            not_parsed,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for BbrMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[derive(Clone)]
 struct Bbr {
     map: Arc<ArcSwap<BaseModelMap>>,
     max_body: usize,
+    metrics: BbrMetrics,
 }
 
-fn model_of(body: &[u8]) -> Option<String> {
+/// What a body says about its model.
+enum BodyModel {
+    Named(String),
+    /// Valid JSON without a usable `model`.
+    Missing,
+    NotJson,
+}
+
+fn model_of(body: &[u8]) -> BodyModel {
     #[derive(serde::Deserialize)]
     struct M {
         model: Option<String>,
     }
-    // A name past the EPP's limit is no model: no header carries it, the EPP answers 400.
-    serde_json::from_slice::<M>(body)
-        .ok()?
-        .model
-        .filter(|m| !m.is_empty() && m.len() <= inferlane_epp::request::MAX_MODEL_NAME_BYTES)
+    match serde_json::from_slice::<M>(body) {
+        Err(_) => BodyModel::NotJson,
+        // A name past the EPP's limit is no model: no header carries it, the EPP answers 400.
+        Ok(m) => match m
+            .model
+            .filter(|m| !m.is_empty() && m.len() <= inferlane_epp::request::MAX_MODEL_NAME_BYTES)
+        {
+            Some(name) => BodyModel::Named(name),
+            None => BodyModel::Missing,
+        },
+    }
 }
 
 impl Bbr {
     fn mutation(&self, body: &[u8]) -> HeaderMutation {
         let mut m = HeaderMutation::default();
-        match model_of(body) {
+        let model = match model_of(body) {
+            BodyModel::Named(name) => {
+                self.metrics.success.inc();
+                Some(name)
+            }
+            BodyModel::Missing => {
+                self.metrics.not_in_body.inc();
+                None
+            }
+            BodyModel::NotJson => {
+                self.metrics.not_parsed.inc();
+                None
+            }
+        };
+        match model {
             Some(model) => {
                 let base = self.map.load().base_of(&model).unwrap_or("").to_string();
                 if base.is_empty() {
@@ -288,6 +378,7 @@ impl ExternalProcessor for Bbr {
 pub struct BbrHandle {
     pub grpc: SocketAddr,
     pub health: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
 async fn bind(
@@ -346,9 +437,33 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
     let (grpc, grpc_addr) = bind("ext_proc gRPC", &args.bind_address, args.grpc_port).await?;
     let (health, health_addr) =
         bind("gRPC health", &args.bind_address, args.grpc_health_port).await?;
+    let (metrics_l, metrics_addr) = bind("metrics", &args.bind_address, args.metrics_port).await?;
+    let metrics = BbrMetrics::new();
+    let page = metrics.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let page = page.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    page.encode(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_l, app).await {
+            tracing::error!(error = %e, "bbr metrics server stopped");
+        }
+    });
     let svc = ExternalProcessorServer::new(Bbr {
         map,
         max_body: args.max_body_bytes,
+        metrics,
     })
     .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
     let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
@@ -384,6 +499,7 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
     Ok(BbrHandle {
         grpc: grpc_addr,
         health: health_addr,
+        metrics: metrics_addr,
     })
 }
 
@@ -420,6 +536,7 @@ mod tests {
         let svc = ExternalProcessorServer::new(Bbr {
             map: Arc::new(ArcSwap::from_pointee(map)),
             max_body: 1000,
+            metrics: BbrMetrics::new(),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

@@ -86,9 +86,13 @@ async fn send_one(
         error: String::new(),
     };
     let work = async {
-        let resp = client
+        let mut req = client
             .post(format!("{base}{}", p.path))
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(id) = &p.fairness_id {
+            req = req.header("x-gateway-inference-fairness-id", id);
+        }
+        let resp = req
             .body(p.body)
             .send()
             .await

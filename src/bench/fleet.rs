@@ -289,7 +289,12 @@ pub async fn start_epp(
     .collect();
     args.push("--pool-file".into());
     args.push(pool.display().to_string());
-    if let Some(cfg) = policy.picker_config(w.priority_scheduling, &w.epp_config_extra) {
+    if let Some(cfg) = policy.picker_config(
+        w.priority_scheduling,
+        &w.epp_config_extra,
+        w.fleet.max_num_seqs,
+        &w.flow_priority_bands,
+    ) {
         let p = write_file(dir, "picker.yaml", &cfg)?;
         args.push("--config-file".into());
         args.push(p.display().to_string());

@@ -51,15 +51,9 @@ pub struct BenchArgs {
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
-    match s {
-        "round-robin" => Ok(Policy::RoundRobin),
-        "random" => Ok(Policy::Random),
-        "least-queue" => Ok(Policy::LeastQueue),
-        "default" => Ok(Policy::Default),
-        other => Err(format!(
-            "unknown policy {other:?}: use round-robin, random, least-queue or default"
-        )),
-    }
+    Policy::parse(s).ok_or_else(|| {
+        format!("unknown policy {s:?}: use round-robin, random, least-queue, default, flow-control, flow-round-robin or flow-vtc")
+    })
 }
 
 /// The benchmark failed.

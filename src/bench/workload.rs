@@ -49,6 +49,14 @@ pub enum Policy {
     LeastQueue,
     /// The EPP with its default profile.
     Default,
+    /// The default profile with flow control on (global-strict fairness, FCFS): requests are
+    /// held in the EPP while every server's batch is full (`runningRequestsThreshold` = the
+    /// fleet's `max_num_seqs`).
+    FlowControl,
+    /// Flow control with round-robin fairness between `x-gateway-inference-fairness-id`s.
+    FlowRoundRobin,
+    /// Flow control with VTC (token-fair) fairness.
+    FlowVtc,
 }
 
 impl Policy {
@@ -58,11 +66,57 @@ impl Policy {
             Policy::Random => "random",
             Policy::LeastQueue => "least-queue",
             Policy::Default => "default",
+            Policy::FlowControl => "flow-control",
+            Policy::FlowRoundRobin => "flow-round-robin",
+            Policy::FlowVtc => "flow-vtc",
         }
     }
 
+    /// Every policy, by name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Policy::RoundRobin,
+            Policy::Random,
+            Policy::LeastQueue,
+            Policy::Default,
+            Policy::FlowControl,
+            Policy::FlowRoundRobin,
+            Policy::FlowVtc,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
+    }
+
+    /// The flow-control part of the policy's file, if it holds requests.
+    fn flow_control(self, max_num_seqs: usize, extra: &str, bands: &str) -> Option<String> {
+        let fairness = match self {
+            Policy::FlowControl => "global-strict-fairness-policy",
+            Policy::FlowRoundRobin => "round-robin-fairness-policy",
+            Policy::FlowVtc => "vtc-fairness-policy",
+            _ => return None,
+        };
+        let mut cfg = format!(
+            "featureGates: [flowControl]\nflowControl:\n  defaultPriorityBand: {{fairnessPolicyRef: {fairness}}}\n"
+        );
+        if !bands.trim().is_empty() {
+            cfg.push_str(&format!("  priorityBands: {}\n", bands.trim()));
+        }
+        if !extra.contains("saturationDetector") {
+            cfg.push_str(&format!(
+                "saturationDetector: {{runningRequestsThreshold: {max_num_seqs}}}\n"
+            ));
+        }
+        Some(cfg)
+    }
+
     /// The EndpointPickerConfig the EPP runs with (`None`: no EPP, or built-in defaults).
-    pub fn picker_config(self, forward_priority: bool, extra: &str) -> Option<String> {
+    pub fn picker_config(
+        self,
+        forward_priority: bool,
+        extra: &str,
+        max_num_seqs: usize,
+        flow_bands: &str,
+    ) -> Option<String> {
         if self == Policy::RoundRobin {
             return None;
         }
@@ -73,14 +127,23 @@ impl Policy {
         if forward_priority {
             cfg.push_str("forwardPriority: true\n");
         }
+        let flow = self.flow_control(max_num_seqs, extra, flow_bands);
+        if let Some(f) = &flow {
+            cfg.push_str(f);
+        }
         cfg.push_str(extra.trim_end());
         cfg.push('\n');
-        (self.profile().is_some() || forward_priority || !extra.trim().is_empty()).then_some(cfg)
+        (self.profile().is_some() || forward_priority || flow.is_some() || !extra.trim().is_empty())
+            .then_some(cfg)
     }
 
     fn profile(self) -> Option<&'static str> {
         match self {
-            Policy::RoundRobin | Policy::Default => None,
+            Policy::RoundRobin
+            | Policy::Default
+            | Policy::FlowControl
+            | Policy::FlowRoundRobin
+            | Policy::FlowVtc => None,
             Policy::Random => Some(
                 "kind: EndpointPickerConfig\nplugins:\n- type: random-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: random-picker\n",
             ),
@@ -181,6 +244,12 @@ impl Lengths {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Class {
+    /// Label of the class in the results (default: its criticality).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Sent as `x-gateway-inference-fairness-id` (the tenant, for flow control's fairness).
+    #[serde(default)]
+    pub fairness_id: Option<String>,
     /// The model name clients send; the pool maps it to the base model with this criticality.
     pub model: String,
     /// `Critical`, `Standard` or `Sheddable`.
@@ -248,6 +317,9 @@ pub struct Workload {
     /// the servers' batch size; the same for every EPP policy).
     #[serde(default)]
     pub epp_config_extra: String,
+    /// `flowControl.priorityBands` (a YAML flow list) for the flow-control policies.
+    #[serde(default)]
+    pub flow_priority_bands: String,
     pub traffic: Traffic,
 }
 
@@ -393,10 +465,16 @@ impl Workload {
     /// nothing, still reaches a served model).
     pub fn class_models(&self) -> Vec<(String, String)> {
         match &self.traffic {
-            Traffic::Classes { classes } => classes
-                .iter()
-                .map(|c| (c.model.clone(), c.criticality.clone()))
-                .collect(),
+            Traffic::Classes { classes } => {
+                // Classes may share a model (tenants of one model): each model once.
+                let mut out: Vec<(String, String)> = Vec::new();
+                for c in classes {
+                    if !out.iter().any(|(m, _)| *m == c.model) {
+                        out.push((c.model.clone(), c.criticality.clone()));
+                    }
+                }
+                out
+            }
             _ => Vec::new(),
         }
     }
@@ -420,6 +498,8 @@ pub struct Planned {
     pub model: String,
     pub body: String,
     pub max_tokens: u32,
+    /// `x-gateway-inference-fairness-id` to send, if any.
+    pub fairness_id: Option<String>,
 }
 
 /// Text of `tokens` simulated tokens (vllm-sim counts 4 characters as one token).
@@ -493,6 +573,7 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
                         model: a.clone(),
                         body: completion(a, words(&mut rng, p), o),
                         max_tokens: o,
+                        fairness_id: None,
                     }
                 })
                 .collect()
@@ -550,6 +631,7 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
                         model: BASE_MODEL.into(),
                         body: chat(BASE_MODEL, serde_json::Value::Array(messages), o),
                         max_tokens: o,
+                        fairness_id: None,
                     }
                 })
                 .collect()
@@ -573,10 +655,14 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
                     Planned {
                         at,
                         path: "/v1/completions",
-                        class: pick.criticality.clone(),
+                        class: pick
+                            .name
+                            .clone()
+                            .unwrap_or_else(|| pick.criticality.clone()),
                         model: pick.model.clone(),
                         body: completion(&pick.model, words(&mut rng, p), o),
                         max_tokens: o,
+                        fairness_id: pick.fairness_id.clone(),
                     }
                 })
                 .collect()
@@ -597,6 +683,7 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
                         o,
                     ),
                     max_tokens: o,
+                    fairness_id: None,
                 }
             })
             .collect(),

@@ -23,7 +23,10 @@ fn main() -> anyhow::Result<()> {
     }
     runtime::run_system(&cli.runtime, "bbr", || async move {
         let h = bbr::start(cli.bbr.clone()).await?;
-        println!("BBR_LISTENING grpc={} health={}", h.grpc, h.health);
+        println!(
+            "BBR_LISTENING grpc={} health={} metrics={}",
+            h.grpc, h.health, h.metrics
+        );
         tracing::info!(grpc = %h.grpc, health = %h.health, "bbr started");
         runtime::shutdown_signal().await;
         Ok(())

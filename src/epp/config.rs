@@ -246,6 +246,14 @@ struct RawBand {
     fairness_policy_ref: Option<String>,
     #[serde(default)]
     ordering_policy_ref: Option<String>,
+    /// Ours: saturation at which this band stops being dispatched (default: the usage-limit
+    /// policy's threshold, 1.0).
+    #[serde(default)]
+    usage_limit: Option<f64>,
+    /// Ours: the ceiling for a flow holding more than its share of the band's requests in
+    /// flight while other flows have some (default: the band's usageLimit).
+    #[serde(default)]
+    over_share_usage_limit: Option<f64>,
 }
 
 /// Feature gate that turns flow control on (upstream's name).
@@ -364,15 +372,30 @@ pub fn parse_flow_control(
             }
         }
     }
-    if let Some(r) = &fc.usage_limit_policy_plugin_ref
-        && kind_of(r) != "static-usage-limit-policy"
-    {
-        return Err(EppConfigError::Invalid {
-            field: "flowControl.usageLimitPolicyPluginRef".into(),
-            message: format!("unknown usage-limit policy {r:?}"),
-            fix: "leave it unset or use static-usage-limit-policy (dispatch below saturation 1.0)"
-                .into(),
-        });
+    let mut usage_threshold = 1.0;
+    if let Some(r) = &fc.usage_limit_policy_plugin_ref {
+        if kind_of(r) != "static-usage-limit-policy" {
+            return Err(EppConfigError::Invalid {
+                field: "flowControl.usageLimitPolicyPluginRef".into(),
+                message: format!("unknown usage-limit policy {r:?}"),
+                fix: "leave it unset or use static-usage-limit-policy (dispatch below its threshold, 1.0 by default)".into(),
+            });
+        }
+        if let Some(p) = plugin_types.get(r.as_str()) {
+            for (k, v) in &p.parameters {
+                match (k.as_str(), v.as_f64()) {
+                    ("threshold", Some(t)) if t > 0.0 && t.is_finite() => usage_threshold = t,
+                    _ => {
+                        return Err(EppConfigError::Invalid {
+                            field: format!("plugins[{r}].parameters.{k}"),
+                            message: "unknown parameter or not a positive number".into(),
+                            fix: "use threshold (saturation below which requests are dispatched)"
+                                .into(),
+                        });
+                    }
+                }
+            }
+        }
     }
     let band = |b: &RawBand, field: &str| -> Result<BandConfig, EppConfigError> {
         let fairness = match b.fairness_policy_ref.as_deref().map(kind_of).as_deref() {
@@ -408,7 +431,31 @@ pub fn parse_flow_control(
             Some(v) => quantity(v, &format!("{field}.maxRequests"))?,
             None => 0,
         };
+        let usage_limit = match b.usage_limit {
+            None => usage_threshold,
+            Some(u) if u > 0.0 && u.is_finite() => u,
+            Some(u) => {
+                return Err(EppConfigError::Invalid {
+                    field: format!("{field}.usageLimit"),
+                    message: format!("{u} must be a positive number"),
+                    fix: "use the saturation at which this band waits (e.g. 0.98 keeps about one batch slot in 64 free for higher bands)".into(),
+                });
+            }
+        };
+        let over_share_usage_limit = match b.over_share_usage_limit {
+            None => usage_limit,
+            Some(u) if u > 0.0 && u <= usage_limit => u,
+            Some(u) => {
+                return Err(EppConfigError::Invalid {
+                    field: format!("{field}.overShareUsageLimit"),
+                    message: format!("{u} must be positive and at most the band's usageLimit ({usage_limit})"),
+                    fix: "use a little under usageLimit, e.g. 0.98: a tenant over its share leaves about one batch slot in 64 for the others".into(),
+                });
+            }
+        };
         Ok(BandConfig {
+            usage_limit,
+            over_share_usage_limit,
             priority: b.priority.unwrap_or(0),
             max_bytes: if max_bytes == 0 {
                 BAND_MAX_BYTES_DEFAULT
@@ -662,6 +709,14 @@ mod tests {
             (s.queues.vtc_input_weight, s.queues.vtc_output_weight),
             (0.5, 3.0)
         );
+        assert_eq!(b.usage_limit, 1.0);
+        let u = parse_flow_control(
+            "featureGates: [flowControl]\nplugins:\n- {type: static-usage-limit-policy, name: lim, parameters: {threshold: 0.9}}\nflowControl:\n  usageLimitPolicyPluginRef: lim\n  priorityBands:\n  - {priority: -1, usageLimit: 0.8}\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(u.queues.default_band.usage_limit, 0.9);
+        assert_eq!(u.queues.bands[0].usage_limit, 0.8);
         // Defaults: unlimited pool caps, 60 s TTL, global-strict + FCFS; TTL 0 = none.
         let d = parse_flow_control("featureGates: [flowControl]\n")
             .unwrap()
@@ -703,6 +758,10 @@ mod tests {
             (
                 "featureGates: [flowControl, warpDrive]\n",
                 "featureGates[1]",
+            ),
+            (
+                "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, usageLimit: -1}]}\n",
+                "flowControl.priorityBands[0].usageLimit",
             ),
         ] {
             let e = parse_flow_control(text).unwrap_err().to_string();

@@ -178,6 +178,8 @@ struct RequestState {
     body_seen: bool,
     /// Flow control let it through (its flow is charged its usage at the end).
     flow_pass: Option<Pass>,
+    /// When its request headers arrived (for the end-to-end duration).
+    started: Option<Instant>,
 }
 
 /// The request headers routing reads; the others are left unread (no copies, no map).
@@ -799,6 +801,7 @@ impl ExtProc {
             };
             match req {
                 processing_request::Request::RequestHeaders(ref h) => {
+                    st.started = Some(Instant::now());
                     st.headers.read(h);
                     // A streamed body arrives in chunks: room for all of it at once (no
                     // doubling copies), within the limit, plus slack for a rewrite to patch
@@ -886,6 +889,18 @@ impl ExtProc {
                     }
                     if let Some(r) = st.restorer.as_mut() {
                         out = Some(r.feed(&b.body, b.end_of_stream));
+                    }
+                    if b.end_of_stream
+                        && st.usage.is_some()
+                        && let Some(t) = st.started
+                    {
+                        self.metrics
+                            .request_duration
+                            .get_or_create(&ModelLabels {
+                                model_name: st.model_label.clone(),
+                                target_model_name: st.target_label.clone(),
+                            })
+                            .observe(t.elapsed().as_secs_f64());
                     }
                     if b.end_of_stream
                         && let Some(u) = st.usage.take()

@@ -95,6 +95,50 @@ struct Waiter {
 struct Inner {
     queues: FlowQueues,
     waiting: HashMap<ItemId, Waiter>,
+    /// Admitted requests not finished, per band and flow (for the over-share ceiling).
+    in_flight: HashMap<i32, HashMap<String, u32>>,
+}
+
+impl Inner {
+    fn started(&mut self, priority: i32, flow: &str) {
+        let band = self.in_flight.entry(priority).or_default();
+        match band.get_mut(flow) {
+            Some(n) => *n += 1,
+            None => {
+                band.insert(flow.to_string(), 1);
+            }
+        }
+    }
+
+    fn finished(&mut self, priority: i32, flow: &str) {
+        let Some(band) = self.in_flight.get_mut(&priority) else {
+            return;
+        };
+        if let Some(n) = band.get_mut(flow) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                band.remove(flow);
+            }
+        }
+        if band.is_empty() {
+            self.in_flight.remove(&priority);
+        }
+    }
+
+    /// `flow` holds more than its share of its band's requests in flight while other flows
+    /// of the band have some.
+    fn over_share(&self, priority: i32, flow: &str) -> bool {
+        let Some(band) = self.in_flight.get(&priority) else {
+            return false;
+        };
+        let mine = band.get(flow).copied().unwrap_or(0);
+        let others = band.len() - usize::from(mine > 0);
+        if others == 0 {
+            return false;
+        }
+        let total: u64 = band.values().map(|&n| u64::from(n)).sum();
+        u64::from(mine) * (others as u64 + 1) > total
+    }
 }
 
 /// The flow-control layer of one EPP.
@@ -152,6 +196,11 @@ impl Pass {
 impl Drop for Pass {
     fn drop(&mut self) {
         self.picked();
+        self.fc
+            .inner
+            .lock()
+            .expect("flow lock")
+            .finished(self.priority, &self.fairness_id);
     }
 }
 
@@ -159,6 +208,8 @@ impl Drop for Pass {
 struct Held {
     fc: Arc<FlowControl>,
     id: ItemId,
+    priority: i32,
+    flow: String,
     rx: Option<oneshot::Receiver<Verdict>>,
 }
 
@@ -175,9 +226,10 @@ impl Drop for Held {
             }
             return;
         }
-        drop(inner);
         // Released (or expired) after the stream went away but before it read the verdict.
         if let Ok(Verdict::Dispatched) = rx.try_recv() {
+            inner.finished(self.priority, &self.flow);
+            drop(inner);
             self.fc.release_reservation();
         }
     }
@@ -204,6 +256,7 @@ impl FlowControl {
             inner: Mutex::new(Inner {
                 queues: FlowQueues::new(settings.queues.clone()),
                 waiting: HashMap::new(),
+                in_flight: HashMap::new(),
             }),
             settings,
             queued: AtomicUsize::new(0),
@@ -233,6 +286,17 @@ impl FlowControl {
 
     pub fn settings(&self) -> &FlowSettings {
         &self.settings
+    }
+
+    /// A priority band's saturation ceilings: for its flows, and for a flow over its share.
+    fn usage_limits(&self, priority: i32) -> (f64, f64) {
+        let q = &self.settings.queues;
+        let b = q
+            .bands
+            .iter()
+            .find(|b| b.priority == priority)
+            .unwrap_or(&q.default_band);
+        (b.usage_limit, b.over_share_usage_limit)
     }
 
     fn release_reservation(&self) {
@@ -300,8 +364,16 @@ impl FlowControl {
             prompt_estimate: req.prompt_tokens,
             held,
         };
-        if self.queued.load(Ordering::Relaxed) == 0 && self.saturation() < 1.0 {
-            return Ok(pass(false, false));
+        if self.queued.load(Ordering::Relaxed) == 0 {
+            let (limit, over) = self.usage_limits(req.priority);
+            let saturation = self.saturation();
+            if saturation < limit {
+                let mut inner = self.inner.lock().expect("flow lock");
+                if saturation < over || !inner.over_share(req.priority, &req.fairness_id) {
+                    inner.started(req.priority, &req.fairness_id);
+                    return Ok(pass(false, false));
+                }
+            }
         }
         if self.settings.shed_sheddable && req.priority < 0 {
             return Err(FlowReject::Shed);
@@ -380,6 +452,8 @@ impl FlowControl {
         let mut held = Held {
             fc: self.clone(),
             id,
+            priority: req.priority,
+            flow: req.fairness_id.clone(),
             rx: Some(rx),
         };
         let verdict = held.rx.as_mut().expect("set above").await;
@@ -438,7 +512,18 @@ impl FlowControl {
             }
         }
         let mut saturation = self.saturation();
-        while saturation < 1.0 {
+        // Strict priority: the head band waits while saturation is at its ceiling, and so
+        // does everything below it.
+        while let Some((priority, flow)) = inner.queues.peek() {
+            let (limit, over) = self.usage_limits(priority);
+            let ceiling = if over < limit && inner.over_share(priority, flow) {
+                over
+            } else {
+                limit
+            };
+            if saturation >= ceiling {
+                break;
+            }
             let Some(item) = inner.queues.pop() else {
                 break;
             };
@@ -447,7 +532,9 @@ impl FlowControl {
             };
             self.finish(&w, "Dispatched");
             self.reserved.fetch_add(1, Ordering::AcqRel);
+            inner.started(item.priority, &item.flow);
             if w.tx.send(Verdict::Dispatched).is_err() {
+                inner.finished(item.priority, &item.flow);
                 // Its stream is going away: the Held guard finds nothing queued and no
                 // verdict to read, so the reservation is ours to return.
                 let _ = self

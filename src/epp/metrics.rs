@@ -72,7 +72,22 @@ pub struct InferencePoolLabels {
     pub inference_pool: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InfoLabels {
+    pub commit: String,
+    pub build_ref: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
+
+fn request_duration_histogram() -> Histogram {
+    // Upstream's buckets for inference_objective_request_duration_seconds.
+    Histogram::new([
+        0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
+        10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0,
+        1200.0, 1800.0, 2700.0, 3600.0,
+    ])
+}
 
 fn queue_duration_histogram() -> Histogram {
     Histogram::new([
@@ -111,6 +126,13 @@ pub struct EppMetrics {
     pub flow_queue_size: Family<FlowQueueLabels, Gauge>,
     pub flow_queue_bytes: Family<FlowQueueLabels, Gauge>,
     pub flow_pool_saturation: Family<InferencePoolLabels, FGauge>,
+    pub request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    /// Failed `/metrics` scrapes of model servers (all endpoints together).
+    pub scrape_errors: Counter,
+    /// 1 while the EPP reports ready (pool synced; leader, with leader election).
+    pub ready: Gauge,
+    /// Generation of the pool snapshot (bumped on every membership or rules change).
+    pub pool_generation: Gauge,
 }
 
 impl EppMetrics {
@@ -134,6 +156,10 @@ impl EppMetrics {
             flow_queue_size: Family::default(),
             flow_queue_bytes: Family::default(),
             flow_pool_saturation: Family::default(),
+            request_duration: Family::new_with_constructor(request_duration_histogram),
+            scrape_errors: Counter::default(),
+            ready: Gauge::default(),
+            pool_generation: Gauge::default(),
         };
         r.register(
             "inference_objective_request",
@@ -214,6 +240,37 @@ impl EppMetrics {
             "inference_extension_flow_control_pool_saturation",
             "[ALPHA] Pool saturation as flow control's dispatcher last saw it (>= 1: held)",
             m.flow_pool_saturation.clone(),
+        );
+        r.register(
+            "inference_objective_request_duration_seconds",
+            "End-to-end request latency (request headers to the end of the response)",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "inference_extension_model_server_scrape_errors",
+            "Failed metrics scrapes of model servers",
+            m.scrape_errors.clone(),
+        );
+        r.register(
+            "inference_extension_ready",
+            "1 while the EPP reports ready (pool synced, and leader with leader election)",
+            m.ready.clone(),
+        );
+        r.register(
+            "inference_extension_pool_generation",
+            "Generation of the pool snapshot routing reads (bumped on each change)",
+            m.pool_generation.clone(),
+        );
+        let info = Family::<InfoLabels, Gauge>::default();
+        info.get_or_create(&InfoLabels {
+            commit: option_env!("INFERLANE_COMMIT").unwrap_or("unknown").into(),
+            build_ref: env!("CARGO_PKG_VERSION").into(),
+        })
+        .set(1);
+        r.register(
+            "inference_extension_info",
+            "Build information (value 1)",
+            info,
         );
         Self {
             registry: Arc::new(r),

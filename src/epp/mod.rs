@@ -338,7 +338,25 @@ async fn bind(
         .map_err(|source| EppError::Bind { what, addr, source })
 }
 
-async fn metrics_page(State(m): State<EppMetrics>) -> impl IntoResponse {
+/// What the metrics page reads besides the registry: readiness and the pool's generation
+/// are read when scraped, not pushed on every change.
+#[derive(Clone)]
+struct PageState {
+    metrics: EppMetrics,
+    shared: Arc<Shared>,
+    leader_election: bool,
+}
+
+async fn metrics_page(State(p): State<PageState>) -> impl IntoResponse {
+    let m = &p.metrics;
+    let synced = p
+        .shared
+        .pool_synced
+        .load(std::sync::atomic::Ordering::Acquire);
+    let leader = !p.leader_election || p.shared.is_leader.load(std::sync::atomic::Ordering::SeqCst);
+    m.ready.set(i64::from(synced && leader));
+    m.pool_generation
+        .set(i64::try_from(p.shared.snapshot.load().generation).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,
@@ -468,7 +486,9 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
                 ScrapeThreads::start(usize::from(args.scrape_threads))
                     .map_err(EppError::ScrapeThreads)?,
             ),
-            fleet: Arc::default(),
+            fleet: Arc::new(crate::actors::scraper::FleetScrapes::counting_errors(
+                metrics.scrape_errors.clone(),
+            )),
         },
         metrics.clone(),
         DatastoreOptions {
@@ -580,7 +600,11 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
 
     let app = Router::new()
         .route("/metrics", get(metrics_page))
-        .with_state(metrics)
+        .with_state(PageState {
+            metrics,
+            shared: shared.clone(),
+            leader_election: args.ha_enable_leader_election,
+        })
         .merge(
             Router::new()
                 .route("/debug/pool", get(debug_pool))

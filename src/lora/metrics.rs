@@ -27,6 +27,11 @@ pub struct AdapterErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InfoLabels {
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -48,6 +53,10 @@ pub struct SidecarMetrics {
     pub config_errors: Counter,
     pub server_healthy: Gauge,
     pub ready: Gauge,
+    /// From a new valid config to the server matching it (the swap-to-loaded latency).
+    pub config_sync_duration: Histogram,
+    /// 1 while the server matches the config (unlike `ready`, which latches).
+    pub in_sync: Gauge,
 }
 
 impl SidecarMetrics {
@@ -69,6 +78,10 @@ impl SidecarMetrics {
             config_errors: Counter::default(),
             server_healthy: Gauge::default(),
             ready: Gauge::default(),
+            config_sync_duration: Histogram::new([
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+            in_sync: Gauge::default(),
         };
         r.register(
             "lora_syncer_adapter_status",
@@ -130,6 +143,22 @@ impl SidecarMetrics {
             "1 when every ensureExist adapter is loaded",
             m.ready.clone(),
         );
+        r.register(
+            "lora_syncer_config_sync_duration_seconds",
+            "Time from a new valid config to the server matching it (adapters loaded and unloaded)",
+            m.config_sync_duration.clone(),
+        );
+        r.register(
+            "lora_syncer_in_sync",
+            "1 while the server's adapters match the config",
+            m.in_sync.clone(),
+        );
+        let info = Family::<InfoLabels, Gauge>::default();
+        info.get_or_create(&InfoLabels {
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .set(1);
+        r.register("lora_syncer_info", "Build information (value 1)", info);
         Self {
             registry: Arc::new(r),
             ..m

@@ -548,6 +548,8 @@ pub fn spawn_bbr_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> (
         "0",
         "--grpc-health-port",
         "0",
+        "--metrics-port",
+        "0",
     ];
     let args = with_defaults(&defaults, extra);
     let p = spawn_with_marker(&bin("bbr"), &args, env, "BBR_LISTENING", log_dir);
