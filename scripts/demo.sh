@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # The README's main command: three vllm-sim servers, each with a lora-sidecar, the EPP and a
 # real Envoy; sends the seeds' requests through Envoy and shows where each one went.
+# --observe: also starts Prometheus (Debian's, project-local) scraping the EPP and the sidecars
+# with deploy/observability/rules.yaml, and prints links to graphs of the demo's traffic; it
+# keeps running until Ctrl-C (or DEMO_OBSERVE_SECONDS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+OBSERVE=""
+for a in "$@"; do
+  case "$a" in
+    --observe) OBSERVE=1 ;;
+    *) echo "usage: scripts/demo.sh [--observe]" >&2; exit 2 ;;
+  esac
+done
 scripts/install-envoy.sh >/dev/null
+[ -n "$OBSERVE" ] && scripts/install-prometheus.sh >/dev/null
 cargo build --release --locked --bins 2>&1 | tail -1
 BIN=$PWD/target/release
 DEMO=$PWD/.demo
@@ -40,6 +51,7 @@ done
 echo "   ${SIMS[*]}"
 
 echo "== 2. a lora-sidecar per server, each watching its ConfigMap-style directory"
+SIDECARS=()
 for i in 1 2 3; do
   port=${SIMS[$((i-1))]##*:}
   mkdir -p "$DEMO/config$i/..v1"
@@ -64,6 +76,7 @@ for i in 1 2 3; do
     >"$DEMO/sidecar$i.out" 2>"$DEMO/sidecar$i.log" &
   pids+=($!)
   status=$(wait_line "$DEMO/sidecar$i.out" LORA_SIDECAR_LISTENING)
+  SIDECARS+=("$status")
   for _ in $(seq 1 100); do curl -sf "http://$status/readyz" >/dev/null && break; sleep 0.1; done
   echo "   sidecar $i ready: $(curl -s "http://$status/readyz")"
 done
@@ -111,6 +124,31 @@ for _ in $(seq 1 100); do
 done
 echo "   EPP $EPP, gateway $GW"
 
+if [ -n "$OBSERVE" ]; then
+  echo "== Prometheus (scraping the EPP and the sidecars every second, with deploy/observability/rules.yaml)"
+  PROM_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  cp deploy/observability/rules.yaml "$DEMO/rules.yaml"
+  {
+    echo "global: {scrape_interval: 1s, evaluation_interval: 1s}"
+    echo "rule_files: [rules.yaml]"
+    echo "scrape_configs:"
+    echo "- job_name: inferlane-epp"
+    echo "  static_configs: [{targets: ['$EPP_METRICS']}]"
+    echo "- job_name: lora-sidecar"
+    echo "  static_configs: [{targets: [$(printf "'%s'," "${SIDECARS[@]}" | sed 's/,$//')]}]"
+  } > "$DEMO/prometheus.yaml"
+  .prometheus/usr/bin/prometheus --config.file "$DEMO/prometheus.yaml" --storage.tsdb.path "$DEMO/prometheus-data" \
+    --web.listen-address "127.0.0.1:$PROM_PORT" --web.local-assets "$PWD/.prometheus/usr/share/prometheus/web/" \
+    --web.console.templates "$PWD/.prometheus/etc/prometheus/consoles" \
+    --web.console.libraries "$PWD/.prometheus/etc/prometheus/console_libraries" >"$DEMO/prometheus.log" 2>&1 &
+  pids+=($!)
+  PROM=http://127.0.0.1:$PROM_PORT
+  for _ in $(seq 1 100); do curl -sf "$PROM/-/ready" >/dev/null && break; sleep 0.1; done
+  # Two scrapes before the traffic, so every counter starts from a sample.
+  sleep 2
+  echo "   $PROM"
+fi
+
 stats() { # prints per-server requests by model
   for i in 1 2 3; do
     printf '   server %s (%s): ' "$i" "${SIMS[$((i-1))]}"
@@ -128,6 +166,8 @@ echo "== 5. food-review: 100 requests split 90/10 between food-review-1 and food
 for n in $(seq 1 100); do
   curl -s -o /dev/null "$GW/v1/chat/completions" -H 'content-type: application/json' \
     -d "{\"model\":\"food-review\",\"messages\":[{\"role\":\"user\",\"content\":\"Review $n: the soup was cold\"}],\"max_tokens\":2}"
+  # Observed: paced over ~10 s, so the graphs show the split growing, not one step.
+  [ -n "$OBSERVE" ] && sleep 0.1
 done
 stats
 echo "   a response names the adapter that served it (as vLLM and upstream; --restore-model-name gives the client's name):"
@@ -167,3 +207,24 @@ wait "${fill[@]}" 2>/dev/null || true
 echo "== 9. EPP metrics (excerpt)"
 curl -s "http://$EPP_METRICS/metrics" | grep -E '^inference_(objective_request_total|objective_request_error_total|pool_ready_pods|extension_picks_total)' | sed 's/^/   /'
 echo "demo done; logs in .demo/"
+
+if [ -n "$OBSERVE" ]; then
+  sleep 2 # the last scrape
+  link() { python3 -c 'import sys, urllib.parse; print(sys.argv[1] + "/graph?" + urllib.parse.urlencode({"g0.expr": sys.argv[2], "g0.tab": "0", "g0.range_input": "1m", "g0.stacked": "0"}))' "$PROM" "$1"; }
+  echo "== Graphs of the demo's traffic (Prometheus at $PROM)"
+  echo "   food-review split per target model (90/10):"
+  echo "     $(link 'sum by (target_model_name) (inference_objective_request_total{model_name="food-review"})')"
+  echo "   picks per model server:"
+  echo "     $(link 'sum by (endpoint) (inference_extension_picks_total)')"
+  echo "   errors by code (the 429s of step 8, the 400/404s of step 7):"
+  echo "     $(link 'sum by (error_code) (inference_objective_request_error_total)')"
+  echo "   adapters loaded per sidecar:"
+  echo "     $(link 'sum by (instance) (lora_syncer_adapter_status)')"
+  echo "   alerts: $PROM/alerts   rules: $PROM/rules   Grafana: import deploy/observability/grafana-dashboard.json"
+  if [ -n "${DEMO_OBSERVE_SECONDS:-}" ]; then
+    sleep "$DEMO_OBSERVE_SECONDS"
+  else
+    echo "   (Ctrl-C stops the demo and Prometheus)"
+    while true; do sleep 3600; done
+  fi
+fi

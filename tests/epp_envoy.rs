@@ -1175,3 +1175,86 @@ async fn flow_control_ttl_gives_503_and_a_cancelled_request_never_runs() {
     let r = f.c.get(f.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Two EPP replicas behind one Envoy (its ext_proc cluster lists both; Envoy balances the
+/// streams): requests sharing a prompt prefix land on the same model server whichever
+/// replica picks them (rendezvous affinity, no shared state), and both replicas answer.
+#[tokio::test]
+async fn two_replicas_send_one_prefix_to_one_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let sims: Vec<Proc> = (0..4)
+        .map(|_| spawn_sim(&["--time-scale", "0.1"], dir.path()))
+        .collect();
+    let pool_file = dir.path().join("pool.yaml");
+    std::fs::write(&pool_file, pool_yaml(&sims, "")).unwrap();
+    let epps = [
+        spawn_epp(&pool_file, &[], dir.path()),
+        spawn_epp(&pool_file, &[], dir.path()),
+    ];
+    for e in &epps {
+        wait_for("a replica to see every endpoint", T, || async {
+            let page = try_text(&c, &format!("http://{}/metrics", e.metrics)).await?;
+            (metric(&page, "inference_pool_ready_pods{name=\"test-pool\"}")? == 4.0).then_some(())
+        })
+        .await;
+    }
+    let (p0, p1) = (port_of(&epps[0].grpc), port_of(&epps[1].grpc));
+    let one = format!(
+        "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {p0} }}\n"
+    );
+    let cfg = deploy_file("envoy/envoy-epp.yaml.tmpl")
+        .replace("${LISTEN_PORT}", "0")
+        .replace("${EPP_PORT}", &p0.to_string())
+        .replace("${BODY_MODE}", "BUFFERED")
+        .replace("${TRAILER_MODE}", "SKIP")
+        .replace("${FAILURE_MODE_ALLOW}", "false");
+    assert!(cfg.contains(&one));
+    let cfg = cfg.replacen(
+        &one,
+        &format!("{one}{}", one.replace(&p0.to_string(), &p1.to_string())),
+        1,
+    );
+    let envoy = spawn_envoy_config(&cfg, dir.path()).await;
+    let url = format!("http://127.0.0.1:{}/v1/completions", envoy.port);
+    for tenant in ["alpha", "bravo", "charlie"] {
+        let before: Vec<u64> = {
+            let mut v = Vec::new();
+            for s in &sims {
+                v.push(sim_total(&c, s).await);
+            }
+            v
+        };
+        let system = format!("You are the assistant of tenant {tenant}. ").repeat(40);
+        for i in 0..12 {
+            let r = c
+                .post(&url)
+                .json(&json!({"model": BASE, "prompt": format!("{system} question {i}"), "max_tokens": 1}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let mut got = Vec::new();
+        for (s, b) in sims.iter().zip(&before) {
+            got.push(sim_total(&c, s).await - b);
+        }
+        assert_eq!(
+            got.iter().filter(|&&n| n > 0).count(),
+            1,
+            "tenant {tenant}'s requests were spread: {got:?}"
+        );
+    }
+    // Both replicas picked (Envoy spread the streams over them).
+    for e in &epps {
+        let page = try_text(&c, &format!("http://{}/metrics", e.metrics))
+            .await
+            .unwrap();
+        let picks: f64 = page
+            .lines()
+            .filter(|l| l.starts_with("inference_extension_picks_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(picks >= 3.0, "a replica picked {picks} times:\n{page}");
+    }
+}

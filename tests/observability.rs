@@ -302,10 +302,14 @@ async fn a_real_prometheus_scrapes_every_component_and_every_dashboard_query_has
     })
     .await;
     // Only once Prometheus has the sidecar's histogram, so the next sample is an increase.
-    wait_for("prometheus to scrape the sidecar", Duration::from_secs(20), || async {
-        let r = query(&c, &prom, "lora_syncer_config_sync_duration_seconds_count").await?;
-        has_number(&r).then_some(())
-    })
+    wait_for(
+        "prometheus to scrape the sidecar",
+        Duration::from_secs(20),
+        || async {
+            let r = query(&c, &prom, "lora_syncer_config_sync_duration_seconds_count").await?;
+            has_number(&r).then_some(())
+        },
+    )
     .await;
     let a2 = adapter(dir.path(), "tenant-b", 8);
     kd.write(&lora_config(

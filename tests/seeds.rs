@@ -408,6 +408,7 @@ async fn upstream_flag_spellings_start_every_binary() {
             "-grpcPort=0",
             "-grpcHealthPort",
             "0",
+            "-metricsPort=0",
             "--streaming",
             "-v",
             "3",

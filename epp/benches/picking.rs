@@ -88,6 +88,7 @@ fn picking(c: &mut Criterion) {
                 dispatched_since_scrape: (i % 3) as u64,
                 in_flight: 0,
                 in_flight_at_scrape: 0,
+                key: i as u64,
             })
             .collect();
         let prefix: HashMap<u32, usize> = (0..n as u32).step_by(3).map(|i| (i, 5)).collect();
@@ -102,6 +103,7 @@ fn picking(c: &mut Criterion) {
                     total_blocks: 10,
                     tie_break: 42,
                     admitted: false,
+                    affinity_key: Some(7),
                 };
                 pick(&cfg, black_box(cands), &input).unwrap()
             })

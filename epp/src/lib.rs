@@ -1,5 +1,6 @@
 //! Pure endpoint-picking domain: metrics parsing, request parsing, model rules, scheduling (no I/O).
 
+pub mod affinity;
 pub mod bbr;
 pub mod flow;
 pub mod metrics;

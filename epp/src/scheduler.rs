@@ -33,6 +33,14 @@ pub struct SchedulerConfig {
     pub prefix_max_blocks: usize,
     /// Entries the prefix index may hold (bounded memory, ~100 bytes each).
     pub prefix_index_capacity: usize,
+    /// Rendezvous prefix affinity: the prompt's first this-many blocks (fewer if shorter)
+    /// name its preferred endpoint by rendezvous hashing, the same on every EPP replica, and
+    /// that endpoint scores as a full prefix match. 0 turns it off (the replica-local prefix
+    /// index alone, as upstream).
+    pub rendezvous_blocks: usize,
+    /// A preferred endpoint whose load (requests running and waiting) is above this factor
+    /// times the mean, plus one, passes the prefix to the next endpoint in rendezvous order.
+    pub affinity_load_factor: f64,
     /// When no server lists the requested model, route anyway (servers that load adapters on
     /// first use, e.g. vLLM with a LoRA resolver) instead of answering 503.
     pub adapter_load_on_demand: bool,
@@ -80,6 +88,8 @@ impl Default for SchedulerConfig {
             prefix_block_chars: 64,
             prefix_max_blocks: 256,
             prefix_index_capacity: 200_000,
+            rendezvous_blocks: 8,
+            affinity_load_factor: 1.25,
             adapter_load_on_demand: false,
             picker: PickerKind::MaxScore,
             lora_affinity_queue_threshold: 2.0,
@@ -115,6 +125,8 @@ pub struct Candidate<'a> {
     /// counted twice. Both 0 where the caller does not track them.
     pub in_flight: u64,
     pub in_flight_at_scrape: u64,
+    /// Stable key of its address ([`crate::affinity::endpoint_key`]), for rendezvous affinity.
+    pub key: u64,
 }
 
 /// Requests running or waiting on an endpoint now, as best known: ours in flight plus the
@@ -145,6 +157,8 @@ pub struct PickInput<'a> {
     pub total_blocks: usize,
     /// Random value for tie-breaking.
     pub tie_break: u64,
+    /// The prompt prefix's rendezvous key (see `SchedulerConfig::rendezvous_blocks`).
+    pub affinity_key: Option<u64>,
     /// Flow control dispatched it because the pool has room: it is not shed, and with a
     /// `runningRequestsThreshold` it goes to an endpoint below that threshold when one is
     /// eligible (so it starts at once instead of queueing on a full server).
@@ -212,8 +226,13 @@ pub fn dispatch_saturation(
     candidates: &[Candidate<'_>],
     reserved: u64,
 ) -> f64 {
-    let healthy: Vec<Candidate<'_>> = candidates.iter().filter(|c| c.healthy).cloned().collect();
-    if healthy.is_empty() {
+    let (n, sum) = candidates
+        .iter()
+        .filter(|c| c.healthy)
+        .fold((0usize, 0.0), |(n, s), c| {
+            (n + 1, s + endpoint_saturation(cfg, c))
+        });
+    if n == 0 {
         return 1.0;
     }
     let per_request = if cfg.running_requests_threshold > 0.0 {
@@ -222,7 +241,7 @@ pub fn dispatch_saturation(
         cfg.queue_depth_threshold
     }
     .max(1e-9);
-    pool_saturation(cfg, &healthy) + reserved as f64 / (per_request * healthy.len() as f64)
+    (sum + reserved as f64 / per_request) / n as f64
 }
 
 /// Where an adapter request would run at once: 0 = the adapter is in the running batch, 1 = a
@@ -385,6 +404,19 @@ pub fn pick(
         amin = amin.min(a);
         amax = amax.max(a);
     }
+    // Rendezvous affinity: the same preferred endpoint on every replica for this prefix.
+    let preferred = match input.affinity_key {
+        Some(key) if cfg.prefix_cache_weight > 0.0 && cfg.rendezvous_blocks > 0 => {
+            let keys: Vec<u64> = eligible.iter().map(|&i| candidates[i].key).collect();
+            let loads: Vec<f64> = eligible
+                .iter()
+                .map(|&i| live_busy(&candidates[i]))
+                .collect();
+            crate::affinity::preferred(key, &keys, &loads, cfg.affinity_load_factor)
+                .map(|j| eligible[j])
+        }
+        _ => None,
+    };
     let mut scored: Vec<(f64, u64, usize)> = eligible
         .iter()
         .map(|&i| {
@@ -396,11 +428,14 @@ pub fn pick(
                 1.0
             };
             let kv_score = 1.0 - c.metrics.map(|m| m.kv_usage).unwrap_or(1.0).clamp(0.0, 1.0);
-            let prefix_score = if input.total_blocks > 0 {
+            let mut prefix_score = if input.total_blocks > 0 {
                 *input.prefix_matches.get(&c.id).unwrap_or(&0) as f64 / input.total_blocks as f64
             } else {
                 0.0
             };
+            if preferred == Some(i) {
+                prefix_score = 1.0;
+            }
             let active_score = if amax > amin {
                 (amax - active(i)) / (amax - amin)
             } else {
@@ -446,6 +481,7 @@ mod tests {
             dispatched_since_scrape: 0,
             in_flight: 0,
             in_flight_at_scrape: 0,
+            key: crate::affinity::endpoint_key(&id.to_string()),
         }
     }
 
@@ -458,6 +494,7 @@ mod tests {
             total_blocks: 0,
             tie_break: 1,
             admitted: false,
+            affinity_key: None,
         }
     }
 

@@ -64,6 +64,11 @@ impl Proc {
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
+
+    /// Kills the process at once (SIGKILL), as a node failure would.
+    pub fn kill_now(&mut self) {
+        let _ = self.child.start_kill();
+    }
 }
 
 impl Drop for Proc {
@@ -294,6 +299,7 @@ pub async fn start_epp(
         &w.epp_config_extra,
         w.fleet.max_num_seqs,
         &w.flow_priority_bands,
+        w.flow_over_share_usage_limit,
     ) {
         let p = write_file(dir, "picker.yaml", &cfg)?;
         args.push("--config-file".into());
@@ -376,14 +382,34 @@ const VHOST: &str = "            - name: inference\n              domains: [\"*\
 /// Envoy's bootstrap for a policy: the EPP gateway (BUFFERED, fail-closed) or, for
 /// round-robin, a STATIC cluster of the fleet. Both report the upstream they used in
 /// `x-bench-upstream` so the harness can measure the load spread.
-pub fn envoy_config(epp_port: Option<u16>, addrs: &[String]) -> String {
-    let cfg = match epp_port {
-        Some(port) => EPP_TEMPLATE
-            .replace("${LISTEN_PORT}", "0")
-            .replace("${EPP_PORT}", &port.to_string())
-            .replace("${BODY_MODE}", "BUFFERED")
-            .replace("${TRAILER_MODE}", "SKIP")
-            .replace("${FAILURE_MODE_ALLOW}", "false"),
+/// With several EPP ports (replicas), the ext_proc cluster lists them all and Envoy balances
+/// the streams across them.
+pub fn envoy_config(epp_ports: &[u16], addrs: &[String]) -> String {
+    let cfg = match epp_ports.split_first() {
+        Some((port, more)) => {
+            let mut cfg = EPP_TEMPLATE
+                .replace("${LISTEN_PORT}", "0")
+                .replace("${EPP_PORT}", &port.to_string())
+                .replace("${BODY_MODE}", "BUFFERED")
+                .replace("${TRAILER_MODE}", "SKIP")
+                .replace("${FAILURE_MODE_ALLOW}", "false");
+            let one = format!(
+                "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
+            );
+            let all: String = epp_ports
+                .iter()
+                .map(|p| {
+                    one.replace(
+                        &format!("port_value: {port} "),
+                        &format!("port_value: {p} "),
+                    )
+                })
+                .collect();
+            if !more.is_empty() {
+                cfg = cfg.replacen(&one, &all, 1);
+            }
+            cfg
+        }
         None => {
             let mut eps = String::new();
             for a in addrs {
@@ -466,12 +492,20 @@ mod tests {
     #[test]
     fn envoy_configs_carry_the_upstream_header() {
         let addrs = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
-        let rr = envoy_config(None, &addrs);
+        let rr = envoy_config(&[], &addrs);
         assert!(rr.contains("lb_policy: ROUND_ROBIN"));
         assert!(rr.contains("port_value: 2 }"));
         assert!(rr.contains("x-bench-upstream"));
-        let epp = envoy_config(Some(9), &addrs);
+        let epp = envoy_config(&[9], &addrs);
         assert!(epp.contains("port_value: 9 }"));
+        let three = envoy_config(&[9, 10, 11], &addrs);
+        for p in [9, 10, 11] {
+            assert_eq!(
+                three.matches(&format!("port_value: {p} }}")).count(),
+                1,
+                "{three}"
+            );
+        }
         assert!(epp.contains("x-bench-upstream"));
         assert!(!epp.contains("${"), "every placeholder filled");
         assert!(!rr.contains("${"), "every placeholder filled");

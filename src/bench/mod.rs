@@ -48,11 +48,18 @@ pub struct BenchArgs {
     /// Longest a single request may take before it counts as an error, in seconds.
     #[arg(long, default_value_t = 120)]
     pub request_timeout: u64,
+    /// EPP processes per run, all behind one Envoy whose ext_proc cluster lists them (Envoy
+    /// balances streams across them); policies are reported as `<policy>-x<N>`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub epp_replicas: u16,
+    /// Kill (SIGKILL) the first EPP replica this many seconds into each run.
+    #[arg(long)]
+    pub kill_replica_at: Option<f64>,
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
     Policy::parse(s).ok_or_else(|| {
-        format!("unknown policy {s:?}: use round-robin, random, least-queue, default, flow-control, flow-round-robin or flow-vtc")
+        format!("unknown policy {s:?}: use round-robin, random, least-queue, default, default-local-prefix, flow-control, flow-round-robin or flow-vtc")
     })
 }
 
@@ -112,6 +119,7 @@ fn apply_overrides(mut w: Workload, args: &BenchArgs) -> Workload {
 }
 
 /// One policy at one rate on a fresh fleet.
+#[allow(clippy::too_many_arguments)]
 async fn run_one(
     bins: &Binaries,
     w: &Workload,
@@ -119,19 +127,44 @@ async fn run_one(
     plan: Vec<workload::Planned>,
     dir: &Path,
     timeout: Duration,
+    replicas: u16,
+    kill_at: Option<f64>,
 ) -> Result<Vec<driver::Outcome>, BenchError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let fleet = fleet::start_fleet(bins, w, w.fleet.servers, dir).await?;
-    let epp = match policy {
-        Policy::RoundRobin => None,
-        _ => Some(fleet::start_epp(bins, w, policy, &fleet.addrs, dir).await?),
-    };
-    let cfg = fleet::envoy_config(epp.as_ref().map(|e| e.grpc_port), &fleet.addrs);
+    let mut epps = Vec::new();
+    if policy != Policy::RoundRobin {
+        for r in 0..replicas {
+            let d = if replicas == 1 {
+                dir.to_path_buf()
+            } else {
+                dir.join(format!("epp{r}"))
+            };
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
+            epps.push(fleet::start_epp(bins, w, policy, &fleet.addrs, &d).await?);
+        }
+    }
+    let ports: Vec<u16> = epps.iter().map(|e| e.grpc_port).collect();
+    let cfg = fleet::envoy_config(&ports, &fleet.addrs);
     let envoy = fleet::start_envoy(bins, &cfg, dir).await?;
     let base = format!("http://127.0.0.1:{}", envoy.port);
+    let epps = std::sync::Arc::new(std::sync::Mutex::new(epps));
+    let killer = kill_at.map(|at| {
+        let epps = epps.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(at)).await;
+            if let Some(e) = epps.lock().expect("epps").first_mut() {
+                tracing::info!(at, "killing EPP replica 0");
+                e.proc.kill_now();
+            }
+        })
+    });
     let outcomes = driver::run(plan, &base, timeout).await;
+    if let Some(k) = killer {
+        k.abort();
+    }
     drop(envoy);
-    drop(epp);
+    drop(epps);
     drop(fleet);
     Ok(outcomes)
 }
@@ -152,15 +185,27 @@ pub async fn run(args: BenchArgs) -> Result<Vec<RunSummary>, BenchError> {
         for &rate in &w.rates {
             let plan = workload::plan(&w, rate);
             for &policy in &w.policies {
-                let span = tracing::info_span!("run", workload = %w.name, policy = policy.name(), rate, requests = plan.len());
-                let dir = args
-                    .out
-                    .join(&w.name)
-                    .join(format!("{}-{rate}", policy.name()));
-                let outcomes = run_one(&bins, &w, policy, plan.clone(), &dir, timeout)
-                    .instrument(span.clone())
-                    .await?;
-                let s = report::summarize(&w, policy.name(), rate, &outcomes);
+                let name = if args.epp_replicas > 1 && policy != Policy::RoundRobin {
+                    format!("{}-x{}", policy.name(), args.epp_replicas)
+                } else {
+                    policy.name().to_string()
+                };
+                let name = name.as_str();
+                let span = tracing::info_span!("run", workload = %w.name, policy = name, rate, requests = plan.len());
+                let dir = args.out.join(&w.name).join(format!("{name}-{rate}"));
+                let outcomes = run_one(
+                    &bins,
+                    &w,
+                    policy,
+                    plan.clone(),
+                    &dir,
+                    timeout,
+                    args.epp_replicas,
+                    args.kill_replica_at,
+                )
+                .instrument(span.clone())
+                .await?;
+                let s = report::summarize(&w, name, rate, &outcomes);
                 span.in_scope(|| {
                     tracing::info!(
                         ok = s.ok,
@@ -179,14 +224,9 @@ pub async fn run(args: BenchArgs) -> Result<Vec<RunSummary>, BenchError> {
                         .filter_map(|o| o.ttft)
                         .collect();
                     t.sort_by(f64::total_cmp);
-                    ttfts.insert(policy.name().into(), t);
+                    ttfts.insert(name.into(), t);
                 }
-                csv.push_str(&report::requests_csv(
-                    &w.name,
-                    policy.name(),
-                    rate,
-                    &outcomes,
-                ));
+                csv.push_str(&report::requests_csv(&w.name, name, rate, &outcomes));
                 std::fs::write(&csv_path, &csv).map_err(io(&csv_path))?;
                 runs.push(s.clone());
                 all.push(s);

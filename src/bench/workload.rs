@@ -49,6 +49,9 @@ pub enum Policy {
     LeastQueue,
     /// The EPP with its default profile.
     Default,
+    /// The default profile without rendezvous prefix affinity (each replica's own prefix
+    /// index only, as before replicas were made to agree).
+    DefaultLocalPrefix,
     /// The default profile with flow control on (global-strict fairness, FCFS): requests are
     /// held in the EPP while every server's batch is full (`runningRequestsThreshold` = the
     /// fleet's `max_num_seqs`).
@@ -66,6 +69,7 @@ impl Policy {
             Policy::Random => "random",
             Policy::LeastQueue => "least-queue",
             Policy::Default => "default",
+            Policy::DefaultLocalPrefix => "default-local-prefix",
             Policy::FlowControl => "flow-control",
             Policy::FlowRoundRobin => "flow-round-robin",
             Policy::FlowVtc => "flow-vtc",
@@ -79,6 +83,7 @@ impl Policy {
             Policy::Random,
             Policy::LeastQueue,
             Policy::Default,
+            Policy::DefaultLocalPrefix,
             Policy::FlowControl,
             Policy::FlowRoundRobin,
             Policy::FlowVtc,
@@ -88,15 +93,24 @@ impl Policy {
     }
 
     /// The flow-control part of the policy's file, if it holds requests.
-    fn flow_control(self, max_num_seqs: usize, extra: &str, bands: &str) -> Option<String> {
+    fn flow_control(
+        self,
+        max_num_seqs: usize,
+        extra: &str,
+        bands: &str,
+        over_share: Option<f64>,
+    ) -> Option<String> {
         let fairness = match self {
             Policy::FlowControl => "global-strict-fairness-policy",
             Policy::FlowRoundRobin => "round-robin-fairness-policy",
             Policy::FlowVtc => "vtc-fairness-policy",
             _ => return None,
         };
+        let over = over_share
+            .map(|u| format!(", overShareUsageLimit: {u}"))
+            .unwrap_or_default();
         let mut cfg = format!(
-            "featureGates: [flowControl]\nflowControl:\n  defaultPriorityBand: {{fairnessPolicyRef: {fairness}}}\n"
+            "featureGates: [flowControl]\nflowControl:\n  defaultPriorityBand: {{fairnessPolicyRef: {fairness}{over}}}\n"
         );
         if !bands.trim().is_empty() {
             cfg.push_str(&format!("  priorityBands: {}\n", bands.trim()));
@@ -116,6 +130,7 @@ impl Policy {
         extra: &str,
         max_num_seqs: usize,
         flow_bands: &str,
+        over_share: Option<f64>,
     ) -> Option<String> {
         if self == Policy::RoundRobin {
             return None;
@@ -127,7 +142,7 @@ impl Policy {
         if forward_priority {
             cfg.push_str("forwardPriority: true\n");
         }
-        let flow = self.flow_control(max_num_seqs, extra, flow_bands);
+        let flow = self.flow_control(max_num_seqs, extra, flow_bands, over_share);
         if let Some(f) = &flow {
             cfg.push_str(f);
         }
@@ -146,6 +161,9 @@ impl Policy {
             | Policy::FlowVtc => None,
             Policy::Random => Some(
                 "kind: EndpointPickerConfig\nplugins:\n- type: random-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: random-picker\n",
+            ),
+            Policy::DefaultLocalPrefix => Some(
+                "kind: EndpointPickerConfig\nplugins:\n- type: prefix-cache-scorer\n  parameters: {rendezvousBlocks: 0}\n",
             ),
             Policy::LeastQueue => Some(
                 "kind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: max-score-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n    weight: 1\n  - pluginRef: max-score-picker\n",
@@ -320,6 +338,9 @@ pub struct Workload {
     /// `flowControl.priorityBands` (a YAML flow list) for the flow-control policies.
     #[serde(default)]
     pub flow_priority_bands: String,
+    /// `overShareUsageLimit` of the flow-control policies' default band.
+    #[serde(default)]
+    pub flow_over_share_usage_limit: Option<f64>,
     pub traffic: Traffic,
 }
 

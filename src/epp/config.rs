@@ -580,11 +580,15 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
                     ("indexCapacity", Some(n)) | ("lruCapacity", Some(n)) => {
                         cfg.prefix_index_capacity = n as usize
                     }
+                    ("rendezvousBlocks", Some(n)) if n >= 0.0 => cfg.rendezvous_blocks = n as usize,
+                    ("loadBoundFactor", Some(n)) if n >= 1.0 && n.is_finite() => {
+                        cfg.affinity_load_factor = n
+                    }
                     _ => {
                         return Err(EppConfigError::Invalid {
                             field: format!("plugins[prefix-cache-scorer].parameters.{k}"),
                             message: "unknown parameter or not a number".into(),
-                            fix: "use blockSize (tokens), maxPrefixBlocksToMatch or indexCapacity"
+                            fix: "use blockSize (tokens), maxPrefixBlocksToMatch, indexCapacity, rendezvousBlocks (0 = off) or loadBoundFactor (>= 1)"
                                 .into(),
                         });
                     }

@@ -126,14 +126,14 @@ impl ExtProc {
 pub(crate) type Tx = mpsc::Sender<Result<ProcessingResponse, Status>>;
 
 /// Decrements the endpoint's in-flight counter when the request's stream ends, and tells
-/// flow control's dispatcher (if any) that a server has room.
-struct InFlight(Arc<EndpointHandle>, Option<Arc<tokio::sync::Notify>>);
+/// flow control's dispatcher (if any, and if anything is held) that a server has room.
+struct InFlight(Arc<EndpointHandle>, Option<Arc<FlowControl>>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if let Some(n) = &self.1 {
-            n.notify_one();
+        if let Some(fc) = &self.1 {
+            fc.room_freed();
         }
     }
 }
@@ -514,6 +514,7 @@ impl ExtProc {
                 dispatched_since_scrape: h.dispatched_since_scrape.load(Ordering::Relaxed),
                 in_flight: h.in_flight.load(Ordering::Relaxed),
                 in_flight_at_scrape: scraped[i].as_ref().map_or(0, |s| s.in_flight),
+                key: h.key,
             })
             .collect();
         let seed = target.as_deref().unwrap_or("");
@@ -539,6 +540,10 @@ impl ExtProc {
             total_blocks: blocks.len(),
             tie_break: rand::random(),
             admitted,
+            affinity_key: match blocks.len().min(cfg.rendezvous_blocks) {
+                0 => None,
+                n => Some(blocks[n - 1]),
+            },
         };
         let picked = inferlane_epp::pick(&cfg, &candidates, &input).map_err(|e| {
             // A model no rule names and no server lists does not exist here: 404, as vLLM
@@ -566,10 +571,7 @@ impl ExtProc {
             .dispatched_since_scrape
             .fetch_add(1, Ordering::Relaxed);
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        st.in_flight = Some(InFlight(
-            chosen.clone(),
-            self.flow.as_ref().map(|_| self.shared.room_freed.clone()),
-        ));
+        st.in_flight = Some(InFlight(chosen.clone(), self.flow.clone()));
         if !blocks.is_empty() {
             self.shared
                 .prefix

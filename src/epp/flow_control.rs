@@ -155,6 +155,9 @@ pub struct FlowControl {
     metrics: EppMetrics,
     pool: String,
     flow_labels: Mutex<HashSet<String>>,
+    /// Some band has an over-share ceiling: only then are requests in flight counted per
+    /// flow (a lock per request start and end); otherwise the fast path takes no lock.
+    track_shares: bool,
 }
 
 /// A request allowed through: picking it releases its reservation ([`Pass::picked`]), as
@@ -196,11 +199,13 @@ impl Pass {
 impl Drop for Pass {
     fn drop(&mut self) {
         self.picked();
-        self.fc
-            .inner
-            .lock()
-            .expect("flow lock")
-            .finished(self.priority, &self.fairness_id);
+        if self.fc.track_shares {
+            self.fc
+                .inner
+                .lock()
+                .expect("flow lock")
+                .finished(self.priority, &self.fairness_id);
+        }
     }
 }
 
@@ -228,7 +233,9 @@ impl Drop for Held {
         }
         // Released (or expired) after the stream went away but before it read the verdict.
         if let Ok(Verdict::Dispatched) = rx.try_recv() {
-            inner.finished(self.priority, &self.flow);
+            if self.fc.track_shares {
+                inner.finished(self.priority, &self.flow);
+            }
             drop(inner);
             self.fc.release_reservation();
         }
@@ -267,7 +274,17 @@ impl FlowControl {
             metrics,
             pool,
             flow_labels: Mutex::new(HashSet::new()),
+            track_shares: false,
         });
+        // Set before anyone else holds the Arc.
+        let track = {
+            let q = &fc.settings.queues;
+            std::iter::once(&q.default_band)
+                .chain(&q.bands)
+                .any(|b| b.over_share_usage_limit < b.usage_limit)
+        };
+        let mut fc = fc;
+        Arc::get_mut(&mut fc).expect("not shared yet").track_shares = track;
         let weak = Arc::downgrade(&fc);
         let wake = fc.shared.room_freed.clone();
         tokio::spawn(async move {
@@ -297,6 +314,13 @@ impl FlowControl {
             .find(|b| b.priority == priority)
             .unwrap_or(&q.default_band);
         (b.usage_limit, b.over_share_usage_limit)
+    }
+
+    /// A request finished (a server has room): wake the dispatcher if anything waits for it.
+    pub fn room_freed(&self) {
+        if self.queued.load(Ordering::Relaxed) > 0 {
+            self.shared.room_freed.notify_one();
+        }
     }
 
     fn release_reservation(&self) {
@@ -348,6 +372,7 @@ impl FlowControl {
                 dispatched_since_scrape: h.dispatched_since_scrape.load(Ordering::Relaxed),
                 in_flight: h.in_flight.load(Ordering::Relaxed),
                 in_flight_at_scrape: s.as_ref().map_or(0, |s| s.in_flight),
+                key: h.key,
             })
             .collect();
         dispatch_saturation(&cfg, &candidates, self.reserved.load(Ordering::Acquire))
@@ -368,6 +393,9 @@ impl FlowControl {
             let (limit, over) = self.usage_limits(req.priority);
             let saturation = self.saturation();
             if saturation < limit {
+                if !self.track_shares {
+                    return Ok(pass(false, false));
+                }
                 let mut inner = self.inner.lock().expect("flow lock");
                 if saturation < over || !inner.over_share(req.priority, &req.fairness_id) {
                     inner.started(req.priority, &req.fairness_id);
@@ -496,6 +524,8 @@ impl FlowControl {
         let mut inner = self.inner.lock().expect("flow lock");
         if inner.queues.is_empty() {
             drop(inner);
+            // Only the idle tick gets here in steady state (completions wake the dispatcher
+            // only while something is held): keep the gauge current for dashboards.
             self.metrics
                 .flow_pool_saturation
                 .get_or_create(&InferencePoolLabels {
@@ -532,9 +562,13 @@ impl FlowControl {
             };
             self.finish(&w, "Dispatched");
             self.reserved.fetch_add(1, Ordering::AcqRel);
-            inner.started(item.priority, &item.flow);
+            if self.track_shares {
+                inner.started(item.priority, &item.flow);
+            }
             if w.tx.send(Verdict::Dispatched).is_err() {
-                inner.finished(item.priority, &item.flow);
+                if self.track_shares {
+                    inner.finished(item.priority, &item.flow);
+                }
                 // Its stream is going away: the Held guard finds nothing queued and no
                 // verdict to read, so the reservation is ours to return.
                 let _ = self

@@ -38,6 +38,8 @@ pub struct EndpointHandle {
     pub id: u32,
     /// `ip:port`, as the gateway's ORIGINAL_DST cluster expects it.
     pub address: String,
+    /// Rendezvous key of the address (the same on every replica).
+    pub key: u64,
     pub engine: EngineType,
     pub scraped: ArcSwapOption<Scraped>,
     pub models: ArcSwapOption<ServedModels>,
@@ -54,6 +56,7 @@ impl EndpointHandle {
     pub fn new(id: u32, address: String, engine: EngineType) -> Self {
         Self {
             id,
+            key: inferlane_epp::affinity::endpoint_key(&address),
             address,
             engine,
             scraped: ArcSwapOption::empty(),
