@@ -404,9 +404,19 @@ pub fn pick(
         amin = amin.min(a);
         amax = amax.max(a);
     }
-    // Rendezvous affinity: the same preferred endpoint on every replica for this prefix.
+    // Rendezvous affinity: a prefix this replica has never routed goes to the same
+    // preferred endpoint on every replica, so they all learn the same server for it (what
+    // the index already knows wins: it follows spills and where the cache really is).
     let preferred = match input.affinity_key {
-        Some(key) if cfg.prefix_cache_weight > 0.0 && cfg.rendezvous_blocks > 0 => {
+        Some(key)
+            // Not for adapters: where an adapter runs is server truth the LoRA affinity
+            // filter already reads (the same on every replica), and a hashed preference
+            // fights it.
+            if cfg.prefix_cache_weight > 0.0
+                && cfg.rendezvous_blocks > 0
+                && !input.is_adapter
+                && input.prefix_matches.values().all(|&m| m == 0) =>
+        {
             let keys: Vec<u64> = eligible.iter().map(|&i| candidates[i].key).collect();
             let loads: Vec<f64> = eligible
                 .iter()
