@@ -311,12 +311,6 @@ impl FlowQueues {
         Some((p, self.bands.get(&p)?.peek_flow()?))
     }
 
-    /// The usage limit of the band [`FlowQueues::pop`] would serve next.
-    pub fn head_usage_limit(&self) -> Option<f64> {
-        let p = self.head_priority()?;
-        self.bands.get(&p).map(|b| b.cfg.usage_limit)
-    }
-
     /// The next item to dispatch: the highest band holding items, its fairness policy's
     /// flow, that flow's first item by its ordering. Its prompt tokens are charged (VTC).
     pub fn pop(&mut self) -> Option<Item> {

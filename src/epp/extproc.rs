@@ -40,7 +40,7 @@ pub const OTHER_MODEL: &str = "other";
 const LOG_VALUE_MAX: usize = 128;
 
 /// `s` cut to [`LOG_VALUE_MAX`] bytes at a character boundary, for logs.
-fn for_log(s: &str) -> &str {
+pub(crate) fn for_log(s: &str) -> &str {
     if s.len() <= LOG_VALUE_MAX {
         return s;
     }
@@ -492,15 +492,8 @@ impl ExtProc {
         let candidates: Vec<Candidate<'_>> = endpoints
             .iter()
             .enumerate()
-            .map(|(i, h)| Candidate {
-                id: h.id,
-                metrics: scraped[i].as_ref().map(|s| &s.metrics),
-                metrics_age: scraped[i]
-                    .as_ref()
-                    .map(|s| now.duration_since(s.at).as_secs_f64())
-                    .unwrap_or(f64::INFINITY),
-                healthy: h.is_healthy(),
-                has_model: match (&target, &models[i]) {
+            .map(|(i, h)| {
+                let has_model = match (&target, &models[i]) {
                     (None, _) => ModelPresence::Yes,
                     (Some(_), None) => ModelPresence::Unknown,
                     (Some(t), Some(m)) => {
@@ -510,11 +503,8 @@ impl ExtProc {
                             ModelPresence::No
                         }
                     }
-                },
-                dispatched_since_scrape: h.dispatched_since_scrape.load(Ordering::Relaxed),
-                in_flight: h.in_flight.load(Ordering::Relaxed),
-                in_flight_at_scrape: scraped[i].as_ref().map_or(0, |s| s.in_flight),
-                key: h.key,
+                };
+                h.candidate(&scraped[i], now, has_model)
             })
             .collect();
         let seed = target.as_deref().unwrap_or("");
@@ -636,7 +626,6 @@ impl ExtProc {
             .inc();
     }
 
-    /// Answers for the request once its body (if any) is complete.
     /// Flow control's admission: `Ok(false)` without flow control, `Ok(true)` once admitted
     /// (possibly after being held), or the answer the client gets.
     async fn admit(&self, st: &mut RequestState, p: &Prepared) -> Result<bool, Reject> {
@@ -677,6 +666,7 @@ impl ExtProc {
         }
     }
 
+    /// Answers for the request once its body (if any) is complete.
     async fn route(&self, st: &mut RequestState, tx: &Tx) -> Result<bool, Status> {
         let decided = match self.prepare(st) {
             Err(r) => Err(r),
@@ -892,36 +882,33 @@ impl ExtProc {
                     if let Some(r) = st.restorer.as_mut() {
                         out = Some(r.feed(&b.body, b.end_of_stream));
                     }
-                    if b.end_of_stream
-                        && st.usage.is_some()
-                        && let Some(t) = st.started
-                    {
-                        self.metrics
-                            .request_duration
-                            .get_or_create(&ModelLabels {
-                                model_name: st.model_label.clone(),
-                                target_model_name: st.target_label.clone(),
-                            })
-                            .observe(t.elapsed().as_secs_f64());
-                    }
+                    // A routed request (its usage parser is set when it was counted): its
+                    // duration, and its token counts when the response carried usage.
                     if b.end_of_stream
                         && let Some(u) = st.usage.take()
-                        && let Some((prompt, completion)) = u.finish()
                     {
                         let l = ModelLabels {
                             model_name: st.model_label.clone(),
                             target_model_name: st.target_label.clone(),
                         };
-                        self.metrics
-                            .input_tokens
-                            .get_or_create(&l)
-                            .observe(prompt as f64);
-                        self.metrics
-                            .output_tokens
-                            .get_or_create(&l)
-                            .observe(completion as f64);
-                        if let Some(pass) = &st.flow_pass {
-                            pass.charge_usage(prompt, completion);
+                        if let Some(t) = st.started {
+                            self.metrics
+                                .request_duration
+                                .get_or_create(&l)
+                                .observe(t.elapsed().as_secs_f64());
+                        }
+                        if let Some((prompt, completion)) = u.finish() {
+                            self.metrics
+                                .input_tokens
+                                .get_or_create(&l)
+                                .observe(prompt as f64);
+                            self.metrics
+                                .output_tokens
+                                .get_or_create(&l)
+                                .observe(completion as f64);
+                            if let Some(pass) = &st.flow_pass {
+                                pass.charge_usage(prompt, completion);
+                            }
                         }
                     }
                     let common = CommonResponse {

@@ -19,6 +19,7 @@ use inferlane_epp::flow::{EnqueueError, FlowConfig, FlowQueues, Item, ItemId};
 use inferlane_epp::scheduler::{Candidate, ModelPresence, dispatch_saturation};
 use tokio::sync::oneshot;
 
+use super::extproc::for_log;
 use super::metrics::{
     EppMetrics, FlowEnqueueLabels, FlowOutcomeLabels, FlowQueueLabels, InferencePoolLabels,
 };
@@ -169,8 +170,6 @@ pub struct Pass {
     priority: i32,
     fairness_id: String,
     prompt_estimate: f64,
-    /// It waited in the queue (vs passed at once).
-    pub held: bool,
 }
 
 impl Pass {
@@ -242,14 +241,6 @@ impl Drop for Held {
     }
 }
 
-fn for_log(s: &str) -> &str {
-    let mut end = s.len().min(128);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 impl FlowControl {
     /// The layer, and its dispatcher task (spawned on the current runtime; it ends when the
     /// layer is dropped).
@@ -259,6 +250,12 @@ impl FlowControl {
         metrics: EppMetrics,
         pool: String,
     ) -> Arc<Self> {
+        let track_shares = {
+            let q = &settings.queues;
+            std::iter::once(&q.default_band)
+                .chain(&q.bands)
+                .any(|b| b.over_share_usage_limit < b.usage_limit)
+        };
         let fc = Arc::new(Self {
             inner: Mutex::new(Inner {
                 queues: FlowQueues::new(settings.queues.clone()),
@@ -274,17 +271,8 @@ impl FlowControl {
             metrics,
             pool,
             flow_labels: Mutex::new(HashSet::new()),
-            track_shares: false,
+            track_shares,
         });
-        // Set before anyone else holds the Arc.
-        let track = {
-            let q = &fc.settings.queues;
-            std::iter::once(&q.default_band)
-                .chain(&q.bands)
-                .any(|b| b.over_share_usage_limit < b.usage_limit)
-        };
-        let mut fc = fc;
-        Arc::get_mut(&mut fc).expect("not shared yet").track_shares = track;
         let weak = Arc::downgrade(&fc);
         let wake = fc.shared.room_freed.clone();
         tokio::spawn(async move {
@@ -299,10 +287,6 @@ impl FlowControl {
             }
         });
         fc
-    }
-
-    pub fn settings(&self) -> &FlowSettings {
-        &self.settings
     }
 
     /// A priority band's saturation ceilings: for its flows, and for a flow over its share.
@@ -323,10 +307,15 @@ impl FlowControl {
         }
     }
 
-    fn release_reservation(&self) {
+    /// One released request no longer counts as load (picked, or never to be).
+    fn unreserve(&self) {
         let _ = self
             .reserved
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+    }
+
+    fn release_reservation(&self) {
+        self.unreserve();
         self.shared.room_freed.notify_one();
     }
 
@@ -361,19 +350,7 @@ impl FlowControl {
             .endpoints
             .iter()
             .zip(&scraped)
-            .map(|(h, s)| Candidate {
-                id: h.id,
-                metrics: s.as_ref().map(|s| &s.metrics),
-                metrics_age: s
-                    .as_ref()
-                    .map_or(f64::INFINITY, |s| now.duration_since(s.at).as_secs_f64()),
-                healthy: h.is_healthy(),
-                has_model: ModelPresence::Yes,
-                dispatched_since_scrape: h.dispatched_since_scrape.load(Ordering::Relaxed),
-                in_flight: h.in_flight.load(Ordering::Relaxed),
-                in_flight_at_scrape: s.as_ref().map_or(0, |s| s.in_flight),
-                key: h.key,
-            })
+            .map(|(h, s)| h.candidate(s, now, ModelPresence::Yes))
             .collect();
         dispatch_saturation(&cfg, &candidates, self.reserved.load(Ordering::Acquire))
     }
@@ -381,25 +358,24 @@ impl FlowControl {
     /// Admits a request: at once when nothing is held and the pool has room, else after
     /// waiting its turn. An error is the answer the client gets.
     pub async fn admit(self: &Arc<Self>, req: FlowRequest) -> Result<Pass, FlowReject> {
-        let pass = |reserved: bool, held| Pass {
+        let pass = |reserved: bool| Pass {
             fc: self.clone(),
             reserved,
             priority: req.priority,
             fairness_id: req.fairness_id.clone(),
             prompt_estimate: req.prompt_tokens,
-            held,
         };
         if self.queued.load(Ordering::Relaxed) == 0 {
             let (limit, over) = self.usage_limits(req.priority);
             let saturation = self.saturation();
             if saturation < limit {
                 if !self.track_shares {
-                    return Ok(pass(false, false));
+                    return Ok(pass(false));
                 }
                 let mut inner = self.inner.lock().expect("flow lock");
                 if saturation < over || !inner.over_share(req.priority, &req.fairness_id) {
                     inner.started(req.priority, &req.fairness_id);
-                    return Ok(pass(false, false));
+                    return Ok(pass(false));
                 }
             }
         }
@@ -487,7 +463,7 @@ impl FlowControl {
         let verdict = held.rx.as_mut().expect("set above").await;
         held.rx = None;
         match verdict {
-            Ok(Verdict::Dispatched) => Ok(pass(true, true)),
+            Ok(Verdict::Dispatched) => Ok(pass(true)),
             Ok(Verdict::Expired) | Err(_) => Err(FlowReject::Expired(ttl.unwrap_or_default())),
         }
     }
@@ -571,9 +547,7 @@ impl FlowControl {
                 }
                 // Its stream is going away: the Held guard finds nothing queued and no
                 // verdict to read, so the reservation is ours to return.
-                let _ = self
-                    .reserved
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+                self.unreserve();
             }
             saturation = self.saturation();
         }
@@ -588,10 +562,5 @@ impl FlowControl {
         self.metrics
             .flow_dispatch_cycle
             .observe(started.elapsed().as_secs_f64());
-    }
-
-    /// Requests held now.
-    pub fn held(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
     }
 }

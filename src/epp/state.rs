@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use inferlane_epp::{EndpointMetrics, EngineType, ModelRules, PrefixIndex, SchedulerConfig};
+use inferlane_epp::{
+    Candidate, EndpointMetrics, EngineType, ModelPresence, ModelRules, PrefixIndex, SchedulerConfig,
+};
 
 /// Metrics of one scrape and when it was taken.
 #[derive(Debug, Clone)]
@@ -71,6 +73,29 @@ impl EndpointHandle {
 
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// How the picker and the saturation detector see it, from `scraped` (its last scrape,
+    /// loaded once by the caller so the metrics borrowed here stay alive) at `now`.
+    pub fn candidate<'a>(
+        &self,
+        scraped: &'a Option<Arc<Scraped>>,
+        now: Instant,
+        has_model: ModelPresence,
+    ) -> Candidate<'a> {
+        Candidate {
+            id: self.id,
+            metrics: scraped.as_ref().map(|s| &s.metrics),
+            metrics_age: scraped
+                .as_ref()
+                .map_or(f64::INFINITY, |s| now.duration_since(s.at).as_secs_f64()),
+            healthy: self.is_healthy(),
+            has_model,
+            dispatched_since_scrape: self.dispatched_since_scrape.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            in_flight_at_scrape: scraped.as_ref().map_or(0, |s| s.in_flight),
+            key: self.key,
+        }
     }
 }
 
