@@ -7,5 +7,6 @@ pub mod crds;
 pub mod epp;
 pub mod flags;
 pub mod lora;
+pub mod metrics_text;
 pub mod runtime;
 pub mod sim;

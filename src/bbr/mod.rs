@@ -17,8 +17,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use inferlane_epp::bbr::{BaseModelMap, BbrError, parse_mapping};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use thiserror::Error;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -156,11 +154,6 @@ pub struct BbrMetrics {
     not_parsed: Counter,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct InfoLabels {
-    version: String,
-}
-
 impl BbrMetrics {
     pub fn new() -> Self {
         let mut r = prometheus_client::registry::Registry::default();
@@ -181,12 +174,11 @@ impl BbrMetrics {
             "Requests whose body is not a JSON object",
             not_parsed.clone(),
         );
-        let info = Family::<InfoLabels, Gauge>::default();
-        info.get_or_create(&InfoLabels {
-            version: env!("CARGO_PKG_VERSION").into(),
-        })
-        .set(1);
-        r.register("bbr_info", "Build information (value 1)", info);
+        crate::metrics_text::register_info(
+            &mut r,
+            "bbr",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        );
         Self {
             registry: Arc::new(r),
             success,
@@ -196,9 +188,7 @@ impl BbrMetrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        crate::metrics_text::encode(&self.registry)
     }
 }
 
@@ -444,15 +434,7 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         "/metrics",
         axum::routing::get(move || {
             let page = page.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    page.encode(),
-                )
-            }
+            async move { crate::metrics_text::response(page.encode()) }
         }),
     );
     tokio::spawn(async move {

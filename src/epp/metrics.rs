@@ -72,12 +72,6 @@ pub struct InferencePoolLabels {
     pub inference_pool: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct InfoLabels {
-    pub commit: String,
-    pub build_ref: String,
-}
-
 type FGauge = Gauge<f64, AtomicU64>;
 
 fn request_duration_histogram() -> Histogram {
@@ -261,16 +255,16 @@ impl EppMetrics {
             "Generation of the pool snapshot routing reads (bumped on each change)",
             m.pool_generation.clone(),
         );
-        let info = Family::<InfoLabels, Gauge>::default();
-        info.get_or_create(&InfoLabels {
-            commit: option_env!("INFERLANE_COMMIT").unwrap_or("unknown").into(),
-            build_ref: env!("CARGO_PKG_VERSION").into(),
-        })
-        .set(1);
-        r.register(
-            "inference_extension_info",
-            "Build information (value 1)",
-            info,
+        crate::metrics_text::register_info(
+            &mut r,
+            "inference_extension",
+            &[
+                (
+                    "commit",
+                    option_env!("INFERLANE_COMMIT").unwrap_or("unknown"),
+                ),
+                ("build_ref", env!("CARGO_PKG_VERSION")),
+            ],
         );
         Self {
             registry: Arc::new(r),
@@ -308,9 +302,7 @@ impl EppMetrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        crate::metrics_text::encode(&self.registry)
     }
 }
 

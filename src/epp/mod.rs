@@ -19,7 +19,6 @@ use std::time::Duration;
 use actix::Actor;
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use clap::Args;
@@ -357,13 +356,7 @@ async fn metrics_page(State(p): State<PageState>) -> impl IntoResponse {
     m.ready.set(i64::from(synced && leader));
     m.pool_generation
         .set(i64::try_from(p.shared.snapshot.load().generation).unwrap_or(i64::MAX));
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
+    crate::metrics_text::response(m.encode())
 }
 
 fn endpoint_selector(args: &EppArgs) -> Result<Option<EndpointSelector>, EppError> {

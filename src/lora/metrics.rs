@@ -27,11 +27,6 @@ pub struct AdapterErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct InfoLabels {
-    pub version: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -153,12 +148,11 @@ impl SidecarMetrics {
             "1 while the server's adapters match the config",
             m.in_sync.clone(),
         );
-        let info = Family::<InfoLabels, Gauge>::default();
-        info.get_or_create(&InfoLabels {
-            version: env!("CARGO_PKG_VERSION").into(),
-        })
-        .set(1);
-        r.register("lora_syncer_info", "Build information (value 1)", info);
+        crate::metrics_text::register_info(
+            &mut r,
+            "lora_syncer",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        );
         Self {
             registry: Arc::new(r),
             ..m
@@ -167,10 +161,7 @@ impl SidecarMetrics {
 
     /// Text exposition (OpenMetrics).
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        crate::metrics_text::encode(&self.registry)
     }
 }
 

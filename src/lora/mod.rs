@@ -110,14 +110,7 @@ struct HttpState {
 }
 
 async fn metrics_handler(State(s): State<HttpState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
-        .into_response()
+    crate::metrics_text::response(s.metrics.encode()).into_response()
 }
 
 async fn healthz() -> &'static str {
