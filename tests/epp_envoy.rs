@@ -1199,21 +1199,10 @@ async fn two_replicas_send_one_prefix_to_one_server() {
         })
         .await;
     }
-    let (p0, p1) = (port_of(&epps[0].grpc), port_of(&epps[1].grpc));
-    let one = format!(
-        "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {p0} }}\n"
-    );
-    let cfg = deploy_file("envoy/envoy-epp.yaml.tmpl")
-        .replace("${LISTEN_PORT}", "0")
-        .replace("${EPP_PORT}", &p0.to_string())
-        .replace("${BODY_MODE}", "BUFFERED")
-        .replace("${TRAILER_MODE}", "SKIP")
-        .replace("${FAILURE_MODE_ALLOW}", "false");
-    assert!(cfg.contains(&one));
-    let cfg = cfg.replacen(
-        &one,
-        &format!("{one}{}", one.replace(&p0.to_string(), &p1.to_string())),
-        1,
+    // route-bench's gateway: the shipped template with every replica in the ext_proc cluster.
+    let cfg = inferlane::bench::fleet::envoy_config(
+        &[port_of(&epps[0].grpc), port_of(&epps[1].grpc)],
+        &[],
     );
     let envoy = spawn_envoy_config(&cfg, dir.path()).await;
     let url = format!("http://127.0.0.1:{}/v1/completions", envoy.port);

@@ -270,12 +270,7 @@ async fn a_real_prometheus_scrapes_every_component_and_every_dashboard_query_has
     )
     .unwrap();
     let (bbr, _grpc) = spawn_bbr(&mapping, dir.path());
-    let bbr_metrics = bbr
-        .addr
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("metrics="))
-        .unwrap()
-        .to_string();
+    let bbr_metrics = bbr.field("metrics");
     let envoy = spawn_envoy(
         &EnvoyOptions {
             epp_port: port_of(&epp.grpc),

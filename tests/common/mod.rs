@@ -39,6 +39,15 @@ impl Proc {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
+
+    /// A `key=value` word of its marker line (`grpc=127.0.0.1:4321 metrics=...`).
+    pub fn field(&self, key: &str) -> String {
+        self.addr
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {key}= in {:?}", self.addr))
+            .to_string()
+    }
 }
 
 /// Spawns `bin` with `args`, waits (bounded) for a stdout line starting with `marker` and
@@ -341,14 +350,11 @@ pub fn spawn_epp_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> E
     ];
     let args = with_defaults(&defaults, extra);
     let proc = spawn_with_marker(&bin("epp"), &args, env, "EPP_LISTENING", log_dir);
-    let field = |k: &str| -> String {
-        proc.addr
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap()
-            .to_string()
-    };
-    let (grpc, metrics, health) = (field("grpc"), field("metrics"), field("health"));
+    let (grpc, metrics, health) = (
+        proc.field("grpc"),
+        proc.field("metrics"),
+        proc.field("health"),
+    );
     Epp {
         proc,
         grpc,
@@ -553,11 +559,6 @@ pub fn spawn_bbr_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> (
     ];
     let args = with_defaults(&defaults, extra);
     let p = spawn_with_marker(&bin("bbr"), &args, env, "BBR_LISTENING", log_dir);
-    let grpc = p
-        .addr
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap()
-        .to_string();
+    let grpc = p.field("grpc");
     (p, grpc)
 }
