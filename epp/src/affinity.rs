@@ -5,6 +5,12 @@
 //! them in, and an endpoint leaving moves only the keys it was first for. The preferred
 //! endpoint is the first in that order whose load is within `factor x mean + 1`, so a hot
 //! prefix spills to its next endpoint instead of piling onto one server.
+//!
+//! Hashing alone leaves some endpoints with far more prefixes than others (50 prompts over 8
+//! servers: 10 or 11 on the fullest), more than a server's prefix cache holds. [`Placement`]
+//! bounds that without communication: every replica sees every active prefix (Envoy spreads
+//! each tenant's requests over all replicas), and the assignment is a pure function of the
+//! set of active prefixes and endpoints, so replicas that see the same sets agree.
 
 /// A stable 64-bit key for an endpoint address (FNV-1a): the same on every replica.
 pub fn endpoint_key(address: &str) -> u64 {
@@ -43,18 +49,219 @@ pub fn order(key: u64, endpoints: &[u64]) -> Vec<usize> {
 /// The preferred endpoint for `key`: the first in rendezvous order whose load is at most
 /// `factor x mean load + 1`. `None` only when there are no endpoints.
 pub fn preferred(key: u64, endpoints: &[u64], loads: &[f64], factor: f64) -> Option<usize> {
+    preferred_where(key, endpoints, loads, factor, |_| true)
+}
+
+/// [`preferred`], skipping endpoints `admissible` rejects (a full one: the request would
+/// queue there); when every endpoint is rejected or over the bound, the first in rendezvous
+/// order.
+pub fn preferred_where(
+    key: u64,
+    endpoints: &[u64],
+    loads: &[f64],
+    factor: f64,
+    admissible: impl Fn(usize) -> bool,
+) -> Option<usize> {
     if endpoints.is_empty() {
         return None;
     }
     let n = endpoints.len().min(loads.len());
-    let finite = |x: f64| if x.is_finite() { x.max(0.0) } else { 0.0 };
-    let mean = loads[..n].iter().map(|&x| finite(x)).sum::<f64>() / n.max(1) as f64;
-    let bound = factor.max(1.0) * mean + 1.0;
+    let bound = load_bound(&loads[..n], factor);
     let ord = order(key, &endpoints[..n]);
     ord.iter()
         .copied()
-        .find(|&i| finite(loads[i]) <= bound)
+        .find(|&i| finite(loads[i]) <= bound && admissible(i))
         .or_else(|| ord.first().copied())
+}
+
+/// A load as the bound reads it: NaN, infinite and negative loads count as 0.
+pub fn finite(x: f64) -> f64 {
+    if x.is_finite() { x.max(0.0) } else { 0.0 }
+}
+
+/// `factor x mean load + 1`: the most load a preferred endpoint may carry.
+pub fn load_bound(loads: &[f64], factor: f64) -> f64 {
+    let mean = loads.iter().map(|&x| finite(x)).sum::<f64>() / loads.len().max(1) as f64;
+    factor.max(1.0) * mean + 1.0
+}
+
+/// Keys in ascending order each take the first endpoint in their rendezvous order that
+/// holds fewer than `ceil(factor x keys / endpoints)` keys (consistent hashing with bounded
+/// loads, over the key set): a pure function of the two sets. Returns, per key, an index
+/// into `endpoints`.
+pub fn assign(keys: &[u64], endpoints: &[u64], factor: f64) -> Vec<(u64, usize)> {
+    if endpoints.is_empty() {
+        return Vec::new();
+    }
+    let mut sorted: Vec<u64> = keys.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let cap = capacity(sorted.len(), endpoints.len(), factor);
+    let mut count = vec![0usize; endpoints.len()];
+    sorted
+        .into_iter()
+        .map(|k| {
+            let ord = order(k, endpoints);
+            let i = ord
+                .iter()
+                .copied()
+                .find(|&i| count[i] < cap)
+                .unwrap_or(ord[0]);
+            count[i] += 1;
+            (k, i)
+        })
+        .collect()
+}
+
+fn capacity(keys: usize, endpoints: usize, factor: f64) -> usize {
+    let f = if factor.is_finite() {
+        factor.max(1.0)
+    } else {
+        1.0
+    };
+    ((f * keys as f64 / endpoints.max(1) as f64).ceil() as usize).max(1)
+}
+
+/// The prefixes seen in the last `window` seconds (at most `max_keys`) and their endpoints
+/// by [`assign`]. A new prefix gets the first endpoint in its order below the cap at once;
+/// the whole assignment is recomputed when the endpoint set changes, or at most once per
+/// `rebuild_every` seconds after the key set did, so replicas converge on the same answer.
+#[derive(Debug)]
+pub struct Placement {
+    window: f64,
+    max_keys: usize,
+    factor: f64,
+    rebuild_every: f64,
+    /// Key -> (last seen, endpoint key).
+    keys: std::collections::HashMap<u64, (f64, u64)>,
+    /// Endpoint key -> prefixes placed on it.
+    count: std::collections::HashMap<u64, usize>,
+    endpoints: Vec<u64>,
+    dirty: bool,
+    built_at: f64,
+}
+
+impl Placement {
+    pub fn new(window: f64, max_keys: usize, factor: f64) -> Self {
+        Self {
+            window,
+            max_keys: max_keys.max(1),
+            factor,
+            rebuild_every: 1.0,
+            keys: std::collections::HashMap::new(),
+            count: std::collections::HashMap::new(),
+            endpoints: Vec::new(),
+            dirty: false,
+            built_at: f64::NEG_INFINITY,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Changes the balance factor (a configuration reload); the next call rebuilds.
+    pub fn set_factor(&mut self, factor: f64) {
+        if factor != self.factor {
+            self.factor = factor;
+            self.dirty = true;
+            self.built_at = f64::NEG_INFINITY;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The endpoint (its key) for prefix `key` among `endpoints` at time `now` (seconds on
+    /// any monotonic clock); records the prefix as active. `None` only without endpoints.
+    pub fn place(&mut self, key: u64, endpoints: &[u64], now: f64) -> Option<u64> {
+        if endpoints.is_empty() {
+            return None;
+        }
+        if !now.is_finite() {
+            return None;
+        }
+        let mut eps = endpoints.to_vec();
+        eps.sort_unstable();
+        eps.dedup();
+        if eps != self.endpoints {
+            self.endpoints = eps;
+            self.dirty = true;
+            self.built_at = f64::NEG_INFINITY;
+        }
+        if let Some(e) = self.keys.get_mut(&key) {
+            e.0 = now;
+        } else {
+            if self.keys.len() >= self.max_keys {
+                self.expire(now, true);
+            }
+            let cap = capacity(self.keys.len() + 1, self.endpoints.len(), self.factor);
+            let ord = order(key, &self.endpoints);
+            let i = ord
+                .iter()
+                .copied()
+                .find(|&i| self.count.get(&self.endpoints[i]).copied().unwrap_or(0) < cap)
+                .unwrap_or(ord[0]);
+            let ep = self.endpoints[i];
+            self.keys.insert(key, (now, ep));
+            *self.count.entry(ep).or_insert(0) += 1;
+            self.dirty = true;
+        }
+        if self.dirty && now - self.built_at >= self.rebuild_every {
+            self.rebuild(now);
+        }
+        self.keys.get(&key).map(|&(_, ep)| ep)
+    }
+
+    /// Drops prefixes idle longer than the window (and, when `full`, the oldest until there
+    /// is room for one more).
+    fn expire(&mut self, now: f64, full: bool) {
+        let before = self.keys.len();
+        self.keys.retain(|_, (seen, _)| now - *seen <= self.window);
+        if full && self.keys.len() >= self.max_keys {
+            let mut seen: Vec<f64> = self.keys.values().map(|&(t, _)| t).collect();
+            // An eighth at a time, so a full table costs one scan per many new prefixes.
+            let cut = (self.keys.len() + 1 - self.max_keys)
+                .max(self.max_keys / 8)
+                .min(self.keys.len());
+            seen.select_nth_unstable_by(cut - 1, f64::total_cmp);
+            let oldest = seen[cut - 1];
+            let mut left = cut;
+            self.keys.retain(|_, (t, _)| {
+                if left > 0 && *t <= oldest {
+                    left -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if self.keys.len() != before {
+            self.dirty = true;
+            self.recount();
+        }
+    }
+
+    fn recount(&mut self) {
+        self.count.clear();
+        for &(_, ep) in self.keys.values() {
+            *self.count.entry(ep).or_insert(0) += 1;
+        }
+    }
+
+    fn rebuild(&mut self, now: f64) {
+        self.expire(now, false);
+        let keys: Vec<u64> = self.keys.keys().copied().collect();
+        for (k, i) in assign(&keys, &self.endpoints, self.factor) {
+            if let Some(e) = self.keys.get_mut(&k) {
+                e.1 = self.endpoints[i];
+            }
+        }
+        self.recount();
+        self.dirty = false;
+        self.built_at = now;
+    }
 }
 
 #[cfg(test)]
@@ -127,5 +334,119 @@ mod tests {
         assert_eq!(preferred(1, &[], &[], 1.25), None);
         // NaN or infinite loads never win nor panic.
         assert!(preferred(1, &eps, &[f64::NAN; 8], 1.25).is_some());
+        // A rejected endpoint passes the key to the next; all rejected: the first.
+        let first = order(7, &eps)[0];
+        let second = order(7, &eps)[1];
+        assert_eq!(
+            preferred_where(7, &eps, &[0.0; 8], 1.25, |i| i != first),
+            Some(second)
+        );
+        assert_eq!(
+            preferred_where(7, &eps, &[0.0; 8], 1.25, |_| false),
+            Some(first)
+        );
+    }
+
+    proptest! {
+        /// The assignment is a function of the sets: any order of keys or endpoints gives
+        /// the same endpoint per key, and no endpoint holds more than the cap.
+        #[test]
+        fn assignment_is_order_free_and_bounded(keys_in in prop::collection::vec(any::<u64>(), 1..300), n in 1usize..12, rot in 0usize..12, factor in 1.0f64..2.0) {
+            let eps = keys(n);
+            let a: std::collections::HashMap<u64, u64> = assign(&keys_in, &eps, factor).into_iter().map(|(k, i)| (k, eps[i])).collect();
+            let mut eps2 = eps.clone();
+            eps2.rotate_left(rot % n);
+            eps2.reverse();
+            let mut keys2 = keys_in.clone();
+            keys2.reverse();
+            let b: std::collections::HashMap<u64, u64> = assign(&keys2, &eps2, factor).into_iter().map(|(k, i)| (k, eps2[i])).collect();
+            prop_assert_eq!(&a, &b);
+            let distinct = a.len();
+            let cap = (factor * distinct as f64 / n as f64).ceil() as usize;
+            let mut per: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+            for e in a.values() { *per.entry(*e).or_insert(0) += 1; }
+            prop_assert!(per.values().all(|&c| c <= cap.max(1)));
+        }
+
+        /// Two replicas that see the same prefixes in different orders and at different
+        /// times agree once both have rebuilt.
+        #[test]
+        fn replicas_converge(keys_in in prop::collection::vec(any::<u64>(), 1..200), n in 1usize..10) {
+            let eps = keys(n);
+            let mut a = Placement::new(60.0, 10_000, 1.25);
+            let mut b = Placement::new(60.0, 10_000, 1.25);
+            for (t, k) in keys_in.iter().enumerate() {
+                a.place(*k, &eps, t as f64 * 0.01);
+            }
+            for (t, k) in keys_in.iter().rev().enumerate() {
+                b.place(*k, &eps, t as f64 * 0.013);
+            }
+            let later = 5.0;
+            for k in &keys_in {
+                prop_assert_eq!(a.place(*k, &eps, later), b.place(*k, &eps, later));
+            }
+        }
+    }
+
+    #[test]
+    fn placement_balances_where_hashing_alone_does_not() {
+        let eps = keys(8);
+        let tenants: Vec<u64> = (0..50u64).map(splitmix).collect();
+        let mut hashed = [0usize; 8];
+        for &t in &tenants {
+            hashed[order(t, &eps)[0]] += 1;
+        }
+        let mut p = Placement::new(60.0, 1000, 1.25);
+        for &t in &tenants {
+            p.place(t, &eps, 0.0);
+        }
+        let mut placed = std::collections::HashMap::new();
+        for &t in &tenants {
+            *placed
+                .entry(p.place(t, &eps, 2.0).unwrap())
+                .or_insert(0usize) += 1;
+        }
+        // ceil(1.25 x 50 / 8) = 8 per server at most.
+        assert!(placed.values().all(|&c| c <= 8), "{placed:?}");
+        assert!(*hashed.iter().max().unwrap() > 8, "{hashed:?}");
+    }
+
+    #[test]
+    fn placement_memory_is_bounded_and_idle_prefixes_leave() {
+        let eps = keys(4);
+        let mut p = Placement::new(10.0, 100, 1.25);
+        for k in 0..10_000u64 {
+            p.place(k, &eps, k as f64 * 0.001);
+        }
+        assert!(p.len() <= 100);
+        // An hour later the old prefixes are gone at the next rebuild.
+        p.place(u64::MAX, &eps, 3600.0);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.place(1, &[], 3601.0), None);
+    }
+
+    #[test]
+    fn an_endpoint_leaving_moves_few_prefixes() {
+        let eps = keys(8);
+        let tenants: Vec<u64> = (0..400u64).map(splitmix).collect();
+        let before: Vec<(u64, u64)> = assign(&tenants, &eps, 1.25)
+            .into_iter()
+            .map(|(k, i)| (k, eps[i]))
+            .collect();
+        let rest = &eps[1..];
+        let after: std::collections::HashMap<u64, u64> = assign(&tenants, rest, 1.25)
+            .into_iter()
+            .map(|(k, i)| (k, rest[i]))
+            .collect();
+        let moved = before
+            .iter()
+            .filter(|(k, e)| *e != eps[0] && after[k] != *e)
+            .count();
+        let on_gone = before.iter().filter(|(_, e)| *e == eps[0]).count();
+        // The gone endpoint's prefixes must move; of the others only a minority does.
+        assert!(
+            moved < 400 / 4,
+            "moved {moved}, on the gone endpoint {on_gone}"
+        );
     }
 }

@@ -35,12 +35,20 @@ pub struct SchedulerConfig {
     pub prefix_index_capacity: usize,
     /// Rendezvous prefix affinity: the prompt's first this-many blocks (fewer if shorter)
     /// name its preferred endpoint by rendezvous hashing, the same on every EPP replica, and
-    /// that endpoint scores as a full prefix match. 0 turns it off (the replica-local prefix
-    /// index alone, as upstream).
+    /// that endpoint scores as a full prefix match and the others as none (adapter requests
+    /// keep the replica-local index). 0 turns it off (the replica-local prefix index alone,
+    /// as upstream).
     pub rendezvous_blocks: usize,
     /// A preferred endpoint whose load (requests running and waiting) is above this factor
     /// times the mean, plus one, passes the prefix to the next endpoint in rendezvous order.
+    /// Wide by default: a miss costs a whole prefill, and [`Self::prefix_balance_factor`]
+    /// already spreads the prefixes.
     pub affinity_load_factor: f64,
+    /// No endpoint is home to more than this factor times the mean number of active
+    /// prefixes (rounded up), so hashing cannot pile more prompts onto one server than its
+    /// cache holds ([`crate::affinity::Placement`]). 0 = plain rendezvous homes.
+    pub prefix_balance_factor: f64,
+
     /// When no server lists the requested model, route anyway (servers that load adapters on
     /// first use, e.g. vLLM with a LoRA resolver) instead of answering 503.
     pub adapter_load_on_demand: bool,
@@ -89,7 +97,8 @@ impl Default for SchedulerConfig {
             prefix_max_blocks: 256,
             prefix_index_capacity: 200_000,
             rendezvous_blocks: 8,
-            affinity_load_factor: 1.25,
+            affinity_load_factor: 4.0,
+            prefix_balance_factor: 1.25,
             adapter_load_on_demand: false,
             picker: PickerKind::MaxScore,
             lora_affinity_queue_threshold: 2.0,
@@ -159,6 +168,9 @@ pub struct PickInput<'a> {
     pub tie_break: u64,
     /// The prompt prefix's rendezvous key (see `SchedulerConfig::rendezvous_blocks`).
     pub affinity_key: Option<u64>,
+    /// The endpoint (its key) the prefix is placed on by [`crate::affinity::Placement`];
+    /// `None`: its first endpoint in rendezvous order.
+    pub affinity_home: Option<u64>,
     /// Flow control dispatched it because the pool has room: it is not shed, and with a
     /// `runningRequestsThreshold` it goes to an endpoint below that threshold when one is
     /// eligible (so it starts at once instead of queueing on a full server).
@@ -404,26 +416,41 @@ pub fn pick(
         amin = amin.min(a);
         amax = amax.max(a);
     }
-    // Rendezvous affinity: a prefix this replica has never routed goes to the same
-    // preferred endpoint on every replica, so they all learn the same server for it (what
-    // the index already knows wins: it follows spills and where the cache really is).
+    // Rendezvous affinity: every replica names the same preferred endpoint for a prompt
+    // prefix (its home while within the load bound, else the first other endpoint in
+    // rendezvous order within it), and that endpoint alone gets the prefix score; the load
+    // scorers still outvote it on a busy home, one request at a time (a spill that is not
+    // learned). The
+    // replica-local index is not scored for such prompts: it holds only this replica's
+    // picks, so after a spill it would keep the spill server while the other replicas return
+    // to the preferred one, splitting the tenant's cache.
     let preferred = match input.affinity_key {
         Some(key)
             // Not for adapters: where an adapter runs is server truth the LoRA affinity
             // filter already reads (the same on every replica), and a hashed preference
             // fights it.
-            if cfg.prefix_cache_weight > 0.0
-                && cfg.rendezvous_blocks > 0
-                && !input.is_adapter
-                && input.prefix_matches.values().all(|&m| m == 0) =>
+            if cfg.prefix_cache_weight > 0.0 && cfg.rendezvous_blocks > 0 && !input.is_adapter =>
         {
             let keys: Vec<u64> = eligible.iter().map(|&i| candidates[i].key).collect();
             let loads: Vec<f64> = eligible
                 .iter()
                 .map(|&i| live_busy(&candidates[i]))
                 .collect();
-            crate::affinity::preferred(key, &keys, &loads, cfg.affinity_load_factor)
-                .map(|j| eligible[j])
+            let bound = crate::affinity::load_bound(&loads, cfg.affinity_load_factor);
+            let home = input
+                .affinity_home
+                .and_then(|h| keys.iter().position(|&k| k == h));
+            match home {
+                Some(j) if crate::affinity::finite(loads[j]) <= bound => Some(j),
+                _ => crate::affinity::preferred_where(
+                    key,
+                    &keys,
+                    &loads,
+                    cfg.affinity_load_factor,
+                    |j| Some(j) != home,
+                ),
+            }
+            .map(|j| eligible[j])
         }
         _ => None,
     };
@@ -438,14 +465,14 @@ pub fn pick(
                 1.0
             };
             let kv_score = 1.0 - c.metrics.map(|m| m.kv_usage).unwrap_or(1.0).clamp(0.0, 1.0);
-            let mut prefix_score = if input.total_blocks > 0 {
-                *input.prefix_matches.get(&c.id).unwrap_or(&0) as f64 / input.total_blocks as f64
-            } else {
-                0.0
+            let prefix_score = match preferred {
+                Some(p) => f64::from(u8::from(p == i)),
+                None if input.total_blocks > 0 => {
+                    *input.prefix_matches.get(&c.id).unwrap_or(&0) as f64
+                        / input.total_blocks as f64
+                }
+                None => 0.0,
             };
-            if preferred == Some(i) {
-                prefix_score = 1.0;
-            }
             let active_score = if amax > amin {
                 (amax - active(i)) / (amax - amin)
             } else {
@@ -505,6 +532,7 @@ mod tests {
             tie_break: 1,
             admitted: false,
             affinity_key: None,
+            affinity_home: None,
         }
     }
 
@@ -537,6 +565,109 @@ mod tests {
         inp.total_blocks = 10;
         let cfg = SchedulerConfig::default();
         assert_eq!(pick(&cfg, &[cand(1, &a), cand(2, &b)], &inp).unwrap(), [1]);
+    }
+
+    /// Endpoint ids in rendezvous order for `key` (as `cand` keys them).
+    fn rendezvous(key: u64, ids: &[u32]) -> Vec<u32> {
+        let keys: Vec<u64> = ids
+            .iter()
+            .map(|id| crate::affinity::endpoint_key(&id.to_string()))
+            .collect();
+        crate::affinity::order(key, &keys)
+            .into_iter()
+            .map(|i| ids[i])
+            .collect()
+    }
+
+    #[test]
+    fn a_prefix_goes_to_its_home_on_every_replica_whatever_its_index_says() {
+        let key = 0x5eed;
+        let ord = rendezvous(key, &[1, 2, 3]);
+        let (first, second) = (ord[0], ord[1]);
+        let idle = m(0.0, 0.1);
+        // This replica once spilled the prefix to `second` (its index says so): the index is
+        // not scored, the home is.
+        let p: HashMap<u32, usize> = [(second, 20)].into_iter().collect();
+        let mut inp = input(&p);
+        inp.total_blocks = 20;
+        inp.affinity_key = Some(key);
+        let cfg = SchedulerConfig::default();
+        let mut cands: Vec<Candidate<'_>> =
+            [1u32, 2, 3].iter().map(|&id| cand(id, &idle)).collect();
+        for _ in 0..3 {
+            let got = pick(&cfg, &cands, &inp).unwrap()[0];
+            assert_eq!(cands[got].id, first);
+            // Whatever order a replica lists its endpoints in.
+            cands.rotate_left(1);
+        }
+        // A placed home (balanced away from the first choice) wins the same way.
+        let home_key = crate::affinity::endpoint_key(&ord[2].to_string());
+        inp.affinity_home = Some(home_key);
+        let got = pick(&cfg, &cands, &inp).unwrap()[0];
+        assert_eq!(cands[got].id, ord[2]);
+        // A home over the load bound passes the prefix on, the same way everywhere: to the
+        // first other endpoint in rendezvous order.
+        inp.affinity_home = None;
+        let mut hot = m(0.0, 0.1);
+        hot.running = 10.0;
+        let tight = SchedulerConfig {
+            affinity_load_factor: 1.25,
+            ..SchedulerConfig::default()
+        };
+        let cands: Vec<Candidate<'_>> = [1u32, 2, 3]
+            .iter()
+            .map(|&id| cand(id, if id == first { &hot } else { &idle }))
+            .collect();
+        let got = pick(&tight, &cands, &inp).unwrap()[0];
+        assert_eq!(cands[got].id, second);
+        // Rendezvous off: the local index rules (upstream's behaviour).
+        let off = SchedulerConfig {
+            rendezvous_blocks: 0,
+            ..SchedulerConfig::default()
+        };
+        let got = pick(&off, &cands, &inp).unwrap()[0];
+        assert_eq!(cands[got].id, second);
+        // Adapters keep the index (LoRA affinity decides where they run).
+        let lp: HashMap<u32, usize> = [(ord[2], 20)].into_iter().collect();
+        let mut li = input(&lp);
+        li.total_blocks = 20;
+        li.affinity_key = Some(key);
+        li.is_adapter = true;
+        li.target = "fr";
+        let mut with = m(0.0, 0.1);
+        with.running_adapters = vec!["fr".into()];
+        with.max_lora = Some(4);
+        let cands: Vec<Candidate<'_>> = [1u32, 2, 3].iter().map(|&id| cand(id, &with)).collect();
+        let got = pick(&cfg, &cands, &li).unwrap()[0];
+        assert_eq!(cands[got].id, ord[2]);
+    }
+
+    #[test]
+    fn the_home_gets_the_prefix_score_but_load_still_counts() {
+        let key = 0xfeed;
+        let ord = rendezvous(key, &[1, 2]);
+        let (home, other) = (ord[0], ord[1]);
+        let p = HashMap::new();
+        let mut inp = input(&p);
+        inp.total_blocks = 20;
+        inp.affinity_key = Some(key);
+        let cfg = SchedulerConfig::default();
+        let (a, b) = (m(0.0, 0.1), m(0.0, 0.1));
+        let cands = [cand(1, &a), cand(2, &b)];
+        assert_eq!(cands[pick(&cfg, &cands, &inp).unwrap()[0]].id, home);
+        // A much busier home loses on scores.
+        let full = m(0.0, 0.79);
+        let cands: Vec<Candidate<'_>> = [1u32, 2]
+            .iter()
+            .map(|&id| {
+                let mut c = cand(id, if id == home { &full } else { &a });
+                if id == home {
+                    c.dispatched_since_scrape = 3;
+                }
+                c
+            })
+            .collect();
+        assert_eq!(cands[pick(&cfg, &cands, &inp).unwrap()[0]].id, other);
     }
 
     #[test]

@@ -435,6 +435,26 @@ pub fn envoy_config(epp_ports: &[u16], addrs: &[String]) -> String {
 pub struct Envoy {
     pub proc: Proc,
     pub port: u16,
+    /// Its admin address (host:port).
+    pub admin: String,
+}
+
+impl Envoy {
+    /// Saves the admin `/clusters` and the ext_proc cluster's stats into `dir` (how Envoy saw
+    /// the EPP replicas: health flags, ejections, connect failures); best effort.
+    pub async fn save_epp_cluster_state(&self, dir: &Path) {
+        for (path, file) in [
+            ("clusters", "envoy-clusters.txt"),
+            ("stats?filter=%5Ecluster%5C.epp%5C.", "envoy-epp-stats.txt"),
+        ] {
+            let url = format!("http://{}/{path}", self.admin);
+            if let Ok(r) = reqwest::get(&url).await
+                && let Ok(text) = r.text().await
+            {
+                let _ = std::fs::write(dir.join(file), text);
+            }
+        }
+    }
 }
 
 pub async fn start_envoy(bins: &Binaries, config: &str, dir: &Path) -> Result<Envoy, FleetError> {
@@ -460,7 +480,7 @@ pub async fn start_envoy(bins: &Binaries, config: &str, dir: &Path) -> Result<En
         "install it: scripts/install-envoy.sh (or pass --envoy PATH)",
         false,
     )?;
-    let port = poll(Duration::from_secs(30), || async {
+    let (port, admin_addr) = poll(Duration::from_secs(30), || async {
         let a = std::fs::read_to_string(&admin).ok()?;
         let v: serde_json::Value =
             reqwest::get(format!("http://{}/listeners?format=json", a.trim()))
@@ -471,7 +491,7 @@ pub async fn start_envoy(bins: &Binaries, config: &str, dir: &Path) -> Result<En
                 .ok()?;
         v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
             .as_u64()
-            .map(|p| p as u16)
+            .map(|p| (p as u16, a.trim().to_string()))
     })
     .await
     .ok_or_else(|| FleetError::NotReady {
@@ -482,6 +502,7 @@ pub async fn start_envoy(bins: &Binaries, config: &str, dir: &Path) -> Result<En
     Ok(Envoy {
         proc: Proc { child, log },
         port,
+        admin: admin_addr,
     })
 }
 

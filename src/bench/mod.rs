@@ -163,6 +163,9 @@ async fn run_one(
     if let Some(k) = killer {
         k.abort();
     }
+    if replicas > 1 {
+        envoy.save_epp_cluster_state(dir).await;
+    }
     drop(envoy);
     drop(epps);
     drop(fleet);

@@ -584,11 +584,14 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
                     ("loadBoundFactor", Some(n)) if n >= 1.0 && n.is_finite() => {
                         cfg.affinity_load_factor = n
                     }
+                    ("balanceFactor", Some(n)) if (n == 0.0 || n >= 1.0) && n.is_finite() => {
+                        cfg.prefix_balance_factor = n
+                    }
                     _ => {
                         return Err(EppConfigError::Invalid {
                             field: format!("plugins[prefix-cache-scorer].parameters.{k}"),
                             message: "unknown parameter or not a number".into(),
-                            fix: "use blockSize (tokens), maxPrefixBlocksToMatch, indexCapacity, rendezvousBlocks (0 = off) or loadBoundFactor (>= 1)"
+                            fix: "use blockSize (tokens), maxPrefixBlocksToMatch, indexCapacity, rendezvousBlocks (0 = off), loadBoundFactor (>= 1) or balanceFactor (>= 1, 0 = off)"
                                 .into(),
                         });
                     }
@@ -684,6 +687,31 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_affinity_parameters() {
+        let c = parse_picker_config(
+            "plugins:\n- type: prefix-cache-scorer\n  parameters: {rendezvousBlocks: 4, loadBoundFactor: 2, balanceFactor: 0}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.rendezvous_blocks,
+                c.affinity_load_factor,
+                c.prefix_balance_factor
+            ),
+            (4, 2.0, 0.0)
+        );
+        let e = parse_picker_config(
+            "plugins:\n- type: prefix-cache-scorer\n  parameters: {balanceFactor: 0.5}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("parameters.balanceFactor") && e.contains("balanceFactor (>= 1, 0 = off)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn flow_control_needs_its_gate_and_names_bad_fields() {

@@ -522,6 +522,25 @@ impl ExtProc {
                 .expect("prefix lock")
                 .match_lengths(&blocks)
         };
+        let affinity_key = match blocks.len().min(cfg.rendezvous_blocks) {
+            0 => None,
+            n => Some(blocks[n - 1]),
+        };
+        // Where the prefix lives: a function of the active prefixes and the endpoints that
+        // can serve it, the same on every replica (adapters follow LoRA affinity instead).
+        let affinity_home = match affinity_key {
+            Some(key) if cfg.prefix_balance_factor > 0.0 && !is_adapter => {
+                let keys: Vec<u64> = candidates
+                    .iter()
+                    .filter(|c| c.healthy && c.has_model != ModelPresence::No)
+                    .map(|c| c.key)
+                    .collect();
+                let mut placement = self.shared.placement.lock().expect("placement lock");
+                placement.set_factor(cfg.prefix_balance_factor);
+                placement.place(key, &keys, self.shared.epoch.elapsed().as_secs_f64())
+            }
+            _ => None,
+        };
         let input = PickInput {
             target: seed,
             is_adapter,
@@ -530,10 +549,8 @@ impl ExtProc {
             total_blocks: blocks.len(),
             tie_break: rand::random(),
             admitted,
-            affinity_key: match blocks.len().min(cfg.rendezvous_blocks) {
-                0 => None,
-                n => Some(blocks[n - 1]),
-            },
+            affinity_key,
+            affinity_home,
         };
         let picked = inferlane_epp::pick(&cfg, &candidates, &input).map_err(|e| {
             // A model no rule names and no server lists does not exist here: 404, as vLLM

@@ -107,6 +107,11 @@ pub struct PoolSnapshot {
     pub generation: u64,
 }
 
+/// A prompt prefix unseen this long no longer counts toward its home's share.
+const PLACEMENT_WINDOW_S: f64 = 120.0;
+/// Active prefixes tracked at most (~40 bytes each): beyond it the oldest leave first.
+const PLACEMENT_MAX_KEYS: usize = 16_384;
+
 /// State shared between the actors and the request path.
 #[derive(Debug)]
 pub struct Shared {
@@ -115,6 +120,10 @@ pub struct Shared {
     /// The only structure the request path writes besides the counters; one short lock per
     /// request.
     pub prefix: Mutex<PrefixIndex>,
+    /// Active prompt prefixes and their home endpoints (rendezvous affinity, balanced).
+    pub placement: Mutex<inferlane_epp::affinity::Placement>,
+    /// The placement's clock.
+    pub epoch: std::time::Instant,
     /// Set by the leader elector (only used with --ha-enable-leader-election).
     pub is_leader: Arc<AtomicBool>,
     /// The pool is known and its endpoints have been listed at least once (readiness).
@@ -126,10 +135,17 @@ pub struct Shared {
 impl Shared {
     pub fn new(scheduler: SchedulerConfig) -> Self {
         let cap = scheduler.prefix_index_capacity;
+        let balance = scheduler.prefix_balance_factor;
         Self {
             snapshot: ArcSwap::from_pointee(PoolSnapshot::default()),
             scheduler: ArcSwap::from_pointee(scheduler),
             prefix: Mutex::new(PrefixIndex::new(cap)),
+            placement: Mutex::new(inferlane_epp::affinity::Placement::new(
+                PLACEMENT_WINDOW_S,
+                PLACEMENT_MAX_KEYS,
+                balance,
+            )),
+            epoch: std::time::Instant::now(),
             is_leader: Arc::new(AtomicBool::new(false)),
             pool_synced: AtomicBool::new(false),
             room_freed: Arc::new(tokio::sync::Notify::new()),
