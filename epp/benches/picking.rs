@@ -104,6 +104,7 @@ fn picking(c: &mut Criterion) {
                     tie_break: 42,
                     admitted: false,
                     affinity_key: Some(7),
+                    affinity_home: None,
                 };
                 pick(&cfg, black_box(cands), &input).unwrap()
             })
@@ -112,5 +113,37 @@ fn picking(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, metrics_parse, body_and_prefix, picking);
+/// The placement lookup each prompt with a prefix key makes (under one short lock), with the
+/// typical 50 active prefixes and with the table full; and a full rebuild (at most once a
+/// second, when the prefix set changed).
+fn placement(c: &mut Criterion) {
+    use inferlane_epp::affinity::{Placement, assign, endpoint_key};
+    let eps: Vec<u64> = (0..8)
+        .map(|i| endpoint_key(&format!("10.0.0.{i}:8000")))
+        .collect();
+    let mut g = c.benchmark_group("placement lookup (8 endpoints, active prefixes)");
+    for n in [50u64, 16_384] {
+        let mut p = Placement::new(120.0, 16_384, 1.25);
+        for k in 0..n {
+            p.place(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), &eps, 0.0);
+        }
+        p.place(1, &eps, 2.0);
+        let mut k = 0u64;
+        g.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                k = (k + 1) % n;
+                p.place(black_box(k.wrapping_mul(0x9e37_79b9_7f4a_7c15)), &eps, 2.5)
+            })
+        });
+    }
+    g.finish();
+    let keys: Vec<u64> = (0..16_384u64)
+        .map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    c.bench_function("placement rebuild (16,384 prefixes, 8 endpoints)", |b| {
+        b.iter(|| assign(black_box(&keys), &eps, 1.25))
+    });
+}
+
+criterion_group!(benches, metrics_parse, body_and_prefix, picking, placement);
 criterion_main!(benches);

@@ -48,7 +48,6 @@ pub struct SchedulerConfig {
     /// prefixes (rounded up), so hashing cannot pile more prompts onto one server than its
     /// cache holds ([`crate::affinity::Placement`]). 0 = plain rendezvous homes.
     pub prefix_balance_factor: f64,
-
     /// When no server lists the requested model, route anyway (servers that load adapters on
     /// first use, e.g. vLLM with a LoRA resolver) instead of answering 503.
     pub adapter_load_on_demand: bool,
@@ -420,10 +419,9 @@ pub fn pick(
     // prefix (its home while within the load bound, else the first other endpoint in
     // rendezvous order within it), and that endpoint alone gets the prefix score; the load
     // scorers still outvote it on a busy home, one request at a time (a spill that is not
-    // learned). The
-    // replica-local index is not scored for such prompts: it holds only this replica's
-    // picks, so after a spill it would keep the spill server while the other replicas return
-    // to the preferred one, splitting the tenant's cache.
+    // learned). The replica-local index is not scored for such prompts: it holds only this
+    // replica's picks, so after a spill it would keep the spill server while the other
+    // replicas return to the preferred one, splitting the tenant's cache.
     let preferred = match input.affinity_key {
         Some(key)
             // Not for adapters: where an adapter runs is server truth the LoRA affinity
