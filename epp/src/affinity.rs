@@ -137,10 +137,18 @@ fn capacity(keys: usize, endpoints: usize, factor: f64) -> usize {
     ((f * keys as f64 / endpoints.max(1) as f64).ceil() as usize).max(1)
 }
 
+/// Up to this many active prefixes, a new prefix recomputes the whole assignment at once
+/// (about 0.1 ms at this size), so every answer is exactly [`assign`] of what this replica
+/// has seen: with 3 replicas that cut prefix-heavy's splits (a tenant on two servers) four
+/// times against rebuilding once a second. Keys live for the window, so in steady state
+/// this costs at most `IMMEDIATE_KEYS / window` rebuilds a second.
+pub const IMMEDIATE_KEYS: usize = 1024;
+
 /// The prefixes seen in the last `window` seconds (at most `max_keys`) and their endpoints
-/// by [`assign`]. A new prefix gets the first endpoint in its order below the cap at once;
-/// the whole assignment is recomputed when the endpoint set changes, or at most once per
-/// `rebuild_every` seconds after the key set did, so replicas converge on the same answer.
+/// by [`assign`]. The whole assignment is recomputed when the endpoint set changes, when a
+/// new prefix arrives while at most [`IMMEDIATE_KEYS`] are active, and otherwise at most
+/// once per `rebuild_every` seconds after the key set changed (a new prefix meanwhile takes
+/// the first endpoint in its order below the cap), so replicas converge on the same answer.
 #[derive(Debug)]
 pub struct Placement {
     window: f64,
@@ -229,7 +237,9 @@ impl Placement {
             *self.count.entry(ep).or_insert(0) += 1;
             self.dirty = true;
         }
-        if self.dirty && now - self.built_at >= self.rebuild_every {
+        if self.dirty
+            && (self.keys.len() <= IMMEDIATE_KEYS || now - self.built_at >= self.rebuild_every)
+        {
             self.rebuild(now);
         }
         self.keys.get(&key).map(|&(_, ep)| ep)
@@ -417,6 +427,73 @@ mod tests {
                 prop_assert_eq!(a.place(*k, &eps, later), b.place(*k, &eps, later));
             }
         }
+    }
+
+    /// Below [`IMMEDIATE_KEYS`] every answer is exactly [`assign`] of the prefixes seen so
+    /// far, with no wait for a timed rebuild.
+    #[test]
+    fn small_sets_answer_the_assignment_at_once() {
+        let eps = keys(8);
+        let mut p = Placement::new(60.0, 10_000, 1.25);
+        let mut seen = Vec::new();
+        for t in 0..300u64 {
+            let k = splitmix(t % 120);
+            if !seen.contains(&k) {
+                seen.push(k);
+            }
+            let got = p.place(k, &eps, 0.0).unwrap();
+            let want = assign(&seen, &eps, 1.25)
+                .into_iter()
+                .find(|&(key, _)| key == k)
+                .map(|(_, i)| eps[i]);
+            assert_eq!(Some(got), want, "request {t}");
+        }
+    }
+
+    /// Prefix-heavy traffic (50 tenants, 8 servers, 24 req/s, the first 50 requests one per
+    /// tenant) spread round-robin over 3 replicas: after a 10 s warm-up, the replicas send
+    /// a tenant somewhere other than the full-knowledge assignment for under 1 % of
+    /// requests over 40 layouts (0.87 %; rebuilding once a second instead: 1.3 %). What is
+    /// left comes from tenants a replica has not yet seen.
+    #[test]
+    fn three_replicas_agree_after_warm_up() {
+        let (tenants, rate, total, warm) = (50u64, 24.0, 960usize, 240usize);
+        let mut off = 0usize;
+        let mut measured = 0usize;
+        for layout in 0..40u64 {
+            let mut s = splitmix(layout * 7919 + 13);
+            let mut rnd = || {
+                s = splitmix(s);
+                s
+            };
+            let ks: Vec<u64> = (0..tenants).map(|_| rnd()).collect();
+            let eps: Vec<u64> = (0..8).map(|_| rnd()).collect();
+            let mut seq: Vec<usize> = (0..tenants as usize).collect();
+            for i in (1..seq.len()).rev() {
+                seq.swap(i, (rnd() % (i as u64 + 1)) as usize);
+            }
+            while seq.len() < total {
+                seq.push((rnd() % tenants) as usize);
+            }
+            let full: std::collections::HashMap<u64, u64> = assign(&ks, &eps, 1.25)
+                .into_iter()
+                .map(|(k, i)| (k, eps[i]))
+                .collect();
+            let mut replicas: Vec<Placement> = (0..3)
+                .map(|_| Placement::new(120.0, 16_384, 1.25))
+                .collect();
+            for (n, &t) in seq.iter().enumerate() {
+                let home = replicas[n % 3].place(ks[t], &eps, n as f64 / rate).unwrap();
+                if n >= warm {
+                    measured += 1;
+                    off += usize::from(home != full[&ks[t]]);
+                }
+            }
+        }
+        assert!(
+            off * 100 < measured,
+            "{off} of {measured} off the assignment"
+        );
     }
 
     #[test]

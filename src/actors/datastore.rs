@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use actix::prelude::*;
 use inferlane_epp::ModelRules;
+use inferlane_epp::affinity::endpoint_key;
 use inferlane_epp::rules::UnknownModelPolicy;
 
 use super::messages::ConfigChanged;
@@ -78,7 +79,7 @@ impl Datastore {
         self.endpoints.retain(|addr, (h, scraper)| {
             let keep = wanted
                 .get(addr.as_str())
-                .is_some_and(|s| s.engine == h.engine);
+                .is_some_and(|s| s.engine == h.engine && endpoint_key(s.identity()) == h.key);
             if !keep {
                 tracing::info!(endpoint = %addr, "endpoint left the pool");
                 scraper.do_send(StopScraping);
@@ -94,6 +95,7 @@ impl Datastore {
                 self.next_id,
                 s.address.clone(),
                 s.engine,
+                s.identity(),
             ));
             self.next_id += 1;
             let scraper = Scraper::new(handle.clone(), self.scrape.clone()).start();

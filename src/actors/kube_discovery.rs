@@ -284,7 +284,13 @@ impl KubeDiscovery {
                 } else {
                     format!("{ip}:{port}")
                 };
-                out.push(EndpointSpec { address, engine });
+                // The pod name survives an IP change and reads the same on every replica.
+                let name = pod.metadata.name.as_ref().map(|n| format!("{n}:{port}"));
+                out.push(EndpointSpec {
+                    address,
+                    engine,
+                    name,
+                });
             }
         }
         out.sort_by(|a, b| a.address.cmp(&b.address));

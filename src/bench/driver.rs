@@ -31,6 +31,8 @@ pub struct Outcome {
     /// The model server that served it (Envoy's `x-bench-upstream`).
     pub upstream: String,
     pub error: String,
+    /// [`Planned::group`].
+    pub group: String,
 }
 
 /// Reads `usage` from the last SSE event that carries one.
@@ -84,6 +86,7 @@ async fn send_one(
         completion_tokens: 0,
         upstream: String::new(),
         error: String::new(),
+        group: p.group,
     };
     let work = async {
         let mut req = client

@@ -246,8 +246,10 @@ pub async fn start_fleet(
 /// The standalone pool file for the EPP: the fleet plus the workload's model rules.
 pub fn pool_file(w: &Workload, addrs: &[String]) -> String {
     let mut s = format!("pool: {{name: {}}}\nendpoints:\n", w.name);
-    for a in addrs {
-        s.push_str(&format!("- address: {a}\n"));
+    // Named, so prefix placement (which hashes the name) is the same in every run whatever
+    // ports the fleet got: runs with 1 and N EPP replicas then compare like for like.
+    for (i, a) in addrs.iter().enumerate() {
+        s.push_str(&format!("- address: {a}\n  name: sim-{i}\n"));
     }
     let classes = w.class_models();
     if !classes.is_empty() {

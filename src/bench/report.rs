@@ -193,7 +193,7 @@ fn opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.6}")).unwrap_or_default()
 }
 
-pub const REQUESTS_HEADER: &str = "workload,policy,rate,idx,class,model,at,lag,status,ttft,e2e,prompt_tokens,cached_tokens,completion_tokens,upstream,error";
+pub const REQUESTS_HEADER: &str = "workload,policy,rate,idx,class,model,at,lag,status,ttft,e2e,prompt_tokens,cached_tokens,completion_tokens,upstream,error,group";
 
 /// Appends one run's outcomes as CSV rows (without the header).
 pub fn requests_csv(workload: &str, policy: &str, rate: f64, outcomes: &[Outcome]) -> String {
@@ -201,7 +201,7 @@ pub fn requests_csv(workload: &str, policy: &str, rate: f64, outcomes: &[Outcome
     for o in outcomes {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{:.6},{:.6},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{:.6},{:.6},{},{},{},{},{},{},{},{},{}",
             csv_field(workload),
             policy,
             rate,
@@ -217,7 +217,8 @@ pub fn requests_csv(workload: &str, policy: &str, rate: f64, outcomes: &[Outcome
             o.cached_tokens,
             o.completion_tokens,
             csv_field(&o.upstream),
-            csv_field(&o.error)
+            csv_field(&o.error),
+            csv_field(&o.group)
         );
     }
     s

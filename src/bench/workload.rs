@@ -521,6 +521,9 @@ pub struct Planned {
     pub max_tokens: u32,
     /// `x-gateway-inference-fairness-id` to send, if any.
     pub fairness_id: Option<String>,
+    /// The prompt family it belongs to (a prefix-heavy tenant), for per-group analysis of
+    /// requests.csv; empty elsewhere.
+    pub group: String,
 }
 
 /// Text of `tokens` simulated tokens (vllm-sim counts 4 characters as one token).
@@ -595,6 +598,7 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
                         body: completion(a, words(&mut rng, p), o),
                         max_tokens: o,
                         fairness_id: None,
+                        group: String::new(),
                     }
                 })
                 .collect()
@@ -653,6 +657,7 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
                         body: chat(BASE_MODEL, serde_json::Value::Array(messages), o),
                         max_tokens: o,
                         fairness_id: None,
+                        group: format!("tenant-{t}"),
                     }
                 })
                 .collect()
@@ -684,6 +689,7 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
                         body: completion(&pick.model, words(&mut rng, p), o),
                         max_tokens: o,
                         fairness_id: pick.fairness_id.clone(),
+                        group: String::new(),
                     }
                 })
                 .collect()
@@ -705,6 +711,7 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
                     ),
                     max_tokens: o,
                     fairness_id: None,
+                    group: String::new(),
                 }
             })
             .collect(),

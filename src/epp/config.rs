@@ -36,6 +36,17 @@ pub struct EndpointSpec {
     pub address: String,
     #[serde(default)]
     pub engine: EngineType,
+    /// Stable identity for prefix placement (a pod name); the address when absent. Every
+    /// replica must see the same name for the same server.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl EndpointSpec {
+    /// What rendezvous affinity hashes: the name, else the address.
+    pub fn identity(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.address)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

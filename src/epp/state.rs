@@ -40,7 +40,7 @@ pub struct EndpointHandle {
     pub id: u32,
     /// `ip:port`, as the gateway's ORIGINAL_DST cluster expects it.
     pub address: String,
-    /// Rendezvous key of the address (the same on every replica).
+    /// Rendezvous key of its identity (name, else address): the same on every replica.
     pub key: u64,
     pub engine: EngineType,
     pub scraped: ArcSwapOption<Scraped>,
@@ -55,10 +55,10 @@ pub struct EndpointHandle {
 }
 
 impl EndpointHandle {
-    pub fn new(id: u32, address: String, engine: EngineType) -> Self {
+    pub fn new(id: u32, address: String, engine: EngineType, identity: &str) -> Self {
         Self {
             id,
-            key: inferlane_epp::affinity::endpoint_key(&address),
+            key: inferlane_epp::affinity::endpoint_key(identity),
             address,
             engine,
             scraped: ArcSwapOption::empty(),
