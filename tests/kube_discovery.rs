@@ -150,6 +150,14 @@ async fn discovery_follows_pods_pools_and_models_through_outages() {
         &["food-review"],
     )
     .await;
+    // Prefix placement hashes the pod name and port, which every replica reads alike.
+    let names: Vec<String> = debug_pool(&c, &epp).await.unwrap()["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(names, ["p2:8000", "p2:8001"]);
 
     // Outage: the endpoint set must not be emptied while the API server is away.
     api.set_down(true);

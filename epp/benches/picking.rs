@@ -114,8 +114,8 @@ fn picking(c: &mut Criterion) {
 }
 
 /// The placement lookup each prompt with a prefix key makes (under one short lock), with the
-/// typical 50 active prefixes and with the table full; and a full rebuild (at most once a
-/// second, when the prefix set changed).
+/// typical 50 active prefixes and with the table full; a full rebuild (at most once a
+/// second, when the prefix set changed, above 1,024 prefixes); a new prefix below that.
 fn placement(c: &mut Criterion) {
     use inferlane_epp::affinity::{Placement, assign, endpoint_key};
     let eps: Vec<u64> = (0..8)
@@ -142,6 +142,20 @@ fn placement(c: &mut Criterion) {
         .collect();
     c.bench_function("placement rebuild (16,384 prefixes, 8 endpoints)", |b| {
         b.iter(|| assign(black_box(&keys), &eps, 1.25))
+    });
+    // A new prefix while about 1,000 are active: the worst case of the exact answer at once
+    // (a full table drops its oldest eighth, so this cycles between 897 and 1,024 keys).
+    let mut p = Placement::new(1e9, inferlane_epp::affinity::IMMEDIATE_KEYS, 1.25);
+    let mut k = 0u64;
+    c.bench_function("placement new prefix (~1,000 active, exact rebuild)", |b| {
+        b.iter(|| {
+            k += 1;
+            p.place(
+                black_box(k.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                &eps,
+                k as f64,
+            )
+        })
     });
 }
 

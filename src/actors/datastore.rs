@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 
 use actix::prelude::*;
 use inferlane_epp::ModelRules;
-use inferlane_epp::affinity::endpoint_key;
 use inferlane_epp::rules::UnknownModelPolicy;
 
 use super::messages::ConfigChanged;
@@ -79,7 +78,7 @@ impl Datastore {
         self.endpoints.retain(|addr, (h, scraper)| {
             let keep = wanted
                 .get(addr.as_str())
-                .is_some_and(|s| s.engine == h.engine && endpoint_key(s.identity()) == h.key);
+                .is_some_and(|s| s.engine == h.engine && s.identity() == h.identity);
             if !keep {
                 tracing::info!(endpoint = %addr, "endpoint left the pool");
                 scraper.do_send(StopScraping);

@@ -108,6 +108,7 @@ impl PoolFile {
             });
         };
         let mut seen = HashMap::new();
+        let mut identities = HashMap::new();
         for (i, e) in endpoints.iter().enumerate() {
             if e.address.parse::<std::net::SocketAddr>().is_err() {
                 return Err(EppConfigError::Invalid {
@@ -122,6 +123,24 @@ impl PoolFile {
                     field: format!("endpoints[{i}].address"),
                     message: format!("{} is also endpoints[{j}]", e.address),
                     fix: "list each endpoint once".into(),
+                });
+            }
+            if let Some(n) = &e.name
+                && (n.trim().is_empty() || n.len() > 253)
+            {
+                return Err(EppConfigError::Invalid {
+                    field: format!("endpoints[{i}].name"),
+                    message: format!("{} characters", n.len()),
+                    fix: "name the server in 1-253 characters (its pod name), or leave name out"
+                        .into(),
+                });
+            }
+            // Two servers with one identity would share every rendezvous weight.
+            if let Some(j) = identities.insert(e.identity(), i) {
+                return Err(EppConfigError::Invalid {
+                    field: format!("endpoints[{i}].name"),
+                    message: format!("{:?} also names endpoints[{j}]", e.identity()),
+                    fix: "give each endpoint its own name".into(),
                 });
             }
         }
@@ -836,6 +855,29 @@ mod tests {
                 .target,
             "food-review-2"
         );
+        assert_eq!(p.endpoints[0].identity(), "127.0.0.1:8000");
+        let named = PoolFile::parse(
+            "endpoints:\n- address: 127.0.0.1:8000\n  name: vllm-0\n- address: 127.0.0.1:8001\n",
+        )
+        .unwrap();
+        assert_eq!(named.endpoints[0].identity(), "vllm-0");
+        for (text, want) in [
+            (
+                "endpoints:\n- {address: 127.0.0.1:8000, name: a}\n- {address: 127.0.0.1:8001, name: a}\n",
+                "endpoints[1].name",
+            ),
+            (
+                "endpoints:\n- {address: 127.0.0.1:8000}\n- {address: 127.0.0.1:8001, name: 127.0.0.1:8000}\n",
+                "endpoints[1].name",
+            ),
+            (
+                "endpoints:\n- {address: 127.0.0.1:8000, name: ' '}\n",
+                "endpoints[0].name",
+            ),
+        ] {
+            let e = PoolFile::parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
         let e = PoolFile::parse("endpoints:\n- address: nope\n").unwrap_err();
         assert!(e.to_string().contains("endpoints[0].address"), "{e}");
         let e = PoolFile::parse("endpoints:\n- adress: 1.2.3.4:5\n").unwrap_err();

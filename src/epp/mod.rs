@@ -390,8 +390,10 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let endpoints: Vec<serde_json::Value> = snap
         .endpoints
         .iter()
-        .map(|h| serde_json::json!({"address": h.address, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy()}))
+        .map(|h| serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy()}))
         .collect();
+    // How many prompt prefixes this replica places: replicas that agree hold about as many.
+    let prefixes = shared.placement.lock().map_or(0, |p| p.len());
     let mut models: Vec<&str> = snap.rules.model_names().collect();
     models.sort_unstable();
     let targets: serde_json::Map<String, serde_json::Value> = models
@@ -408,7 +410,7 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .collect();
     axum::Json(
         serde_json::json!({"generation": snap.generation, "endpoints": endpoints, "models": models,
-                           "targets": targets,
+                           "targets": targets, "active_prefixes": prefixes,
                            "ready": shared.pool_synced.load(std::sync::atomic::Ordering::Acquire),
                            "leader": shared.is_leader.load(std::sync::atomic::Ordering::SeqCst)}),
     )

@@ -40,7 +40,9 @@ pub struct EndpointHandle {
     pub id: u32,
     /// `ip:port`, as the gateway's ORIGINAL_DST cluster expects it.
     pub address: String,
-    /// Rendezvous key of its identity (name, else address): the same on every replica.
+    /// What prefix placement hashes: its name, else its address.
+    pub identity: String,
+    /// Rendezvous key of `identity`: the same on every replica.
     pub key: u64,
     pub engine: EngineType,
     pub scraped: ArcSwapOption<Scraped>,
@@ -59,6 +61,7 @@ impl EndpointHandle {
         Self {
             id,
             key: inferlane_epp::affinity::endpoint_key(identity),
+            identity: identity.to_string(),
             address,
             engine,
             scraped: ArcSwapOption::empty(),
