@@ -1206,34 +1206,85 @@ async fn two_replicas_send_one_prefix_to_one_server() {
     );
     let envoy = spawn_envoy_config(&cfg, dir.path()).await;
     let url = format!("http://127.0.0.1:{}/v1/completions", envoy.port);
-    for tenant in ["alpha", "bravo", "charlie"] {
-        let before: Vec<u64> = {
-            let mut v = Vec::new();
-            for s in &sims {
-                v.push(sim_total(&c, s).await);
+    let one_server_per_tenant = |round: &'static str| {
+        let (c, sims, url) = (&c, &sims, &url);
+        async move {
+            for tenant in ["alpha", "bravo", "charlie"] {
+                let mut before = Vec::new();
+                for s in sims {
+                    before.push(sim_total(c, s).await);
+                }
+                let system = format!("You are the assistant of tenant {tenant}. ").repeat(40);
+                for i in 0..12 {
+                    let r = c
+                        .post(url)
+                        .json(&json!({"model": BASE, "prompt": format!("{system} question {i}"), "max_tokens": 1}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+                let mut got = Vec::new();
+                for (s, b) in sims.iter().zip(&before) {
+                    got.push(sim_total(c, s).await - b);
+                }
+                assert_eq!(
+                    got.iter().filter(|&&n| n > 0).count(),
+                    1,
+                    "{round}: tenant {tenant}'s requests were spread: {got:?}"
+                );
             }
-            v
-        };
-        let system = format!("You are the assistant of tenant {tenant}. ").repeat(40);
-        for i in 0..12 {
-            let r = c
-                .post(&url)
-                .json(&json!({"model": BASE, "prompt": format!("{system} question {i}"), "max_tokens": 1}))
+        }
+    };
+    one_server_per_tenant("addresses").await;
+    // Both replicas place the same three prefixes.
+    for e in &epps {
+        let v: Value = c
+            .get(format!("http://{}/debug/pool", e.metrics))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["active_prefixes"], 3, "{v}");
+    }
+    // Naming the servers live (placement then hashes the names) replaces the endpoints on
+    // both replicas, and they still agree.
+    let named: String = pool_yaml(&sims, "")
+        .lines()
+        .enumerate()
+        .map(|(i, l)| match l.strip_prefix("- address: ") {
+            Some(a) => format!("- {{address: {a}, name: vllm-{i}}}\n"),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&pool_file, named).unwrap();
+    for e in &epps {
+        wait_for("a replica to take the names", T, || async {
+            let v: Value = c
+                .get(format!("http://{}/debug/pool", e.metrics))
                 .send()
                 .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
-        let mut got = Vec::new();
-        for (s, b) in sims.iter().zip(&before) {
-            got.push(sim_total(&c, s).await - b);
-        }
-        assert_eq!(
-            got.iter().filter(|&&n| n > 0).count(),
-            1,
-            "tenant {tenant}'s requests were spread: {got:?}"
-        );
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let eps = v["endpoints"].as_array()?;
+            (eps.len() == 4
+                && eps
+                    .iter()
+                    .all(|e| e["name"].as_str().is_some_and(|n| n.starts_with("vllm-"))))
+            .then_some(())
+        })
+        .await;
+        wait_for("a replica to see every renamed endpoint", T, || async {
+            let page = try_text(&c, &format!("http://{}/metrics", e.metrics)).await?;
+            (metric(&page, "inference_pool_ready_pods{name=\"test-pool\"}")? == 4.0).then_some(())
+        })
+        .await;
     }
+    one_server_per_tenant("names").await;
     // Both replicas picked (Envoy spread the streams over them).
     for e in &epps {
         let page = try_text(&c, &format!("http://{}/metrics", e.metrics))
