@@ -143,6 +143,26 @@ fn placement(c: &mut Criterion) {
     c.bench_function("placement rebuild (16,384 prefixes, 8 endpoints)", |b| {
         b.iter(|| assign(black_box(&keys), &eps, 1.25))
     });
+    // A timed rebuild of a full table through the keeper's cycle: take (under the lock),
+    // compute (outside it), apply (under it). The lock is held for this minus the rebuild.
+    let mut p = Placement::new(1e9, 16_384, 1.25);
+    p.set_background(true);
+    for &k in &keys {
+        p.place(k, &eps, 0.0);
+    }
+    let mut now = 1.0;
+    c.bench_function(
+        "placement keeper cycle (16,384 prefixes: take + rebuild + apply)",
+        |b| {
+            b.iter(|| {
+                now += 1.0;
+                p.place(black_box(now as u64), &eps, now);
+                if let Some(job) = p.take_due(now) {
+                    p.apply(job.run());
+                }
+            })
+        },
+    );
     // A new prefix while about 1,000 are active: the worst case of the exact answer at once
     // (a full table drops its oldest eighth, so this cycles between 897 and 1,024 keys).
     let mut p = Placement::new(1e9, inferlane_epp::affinity::IMMEDIATE_KEYS, 1.25);

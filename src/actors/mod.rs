@@ -6,6 +6,7 @@ pub mod file_watcher;
 pub mod kube_discovery;
 pub mod leader;
 pub mod messages;
+pub mod placement;
 pub mod reconciler;
 pub mod scraper;
 pub mod sim_engine;

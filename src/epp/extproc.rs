@@ -535,7 +535,7 @@ impl ExtProc {
                     .filter(|c| c.healthy && c.has_model != ModelPresence::No)
                     .map(|c| c.key)
                     .collect();
-                let mut placement = self.shared.placement.lock().expect("placement lock");
+                let mut placement = crate::epp::state::lock_placement(&self.shared);
                 placement.set_factor(cfg.prefix_balance_factor);
                 placement.place(key, &keys, self.shared.epoch.elapsed().as_secs_f64())
             }

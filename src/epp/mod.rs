@@ -393,7 +393,7 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .map(|h| serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy()}))
         .collect();
     // How many prompt prefixes this replica places: replicas that agree hold about as many.
-    let prefixes = shared.placement.lock().map_or(0, |p| p.len());
+    let prefixes = crate::epp::state::lock_placement(&shared).len();
     let mut models: Vec<&str> = snap.rules.model_names().collect();
     models.sort_unstable();
     let targets: serde_json::Map<String, serde_json::Value> = models
@@ -470,6 +470,9 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         })?,
     };
 
+    // Rebuilds of a large prefix table (above 1,024) run here, not on a request.
+    crate::actors::placement::PlacementKeeper::new(shared.clone(), Duration::from_millis(250))
+        .start();
     let datastore = Datastore::new(
         shared.clone(),
         ScrapeOptions {

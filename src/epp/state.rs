@@ -135,6 +135,17 @@ pub struct Shared {
     pub room_freed: Arc<tokio::sync::Notify>,
 }
 
+/// The placement, locked. A poisoned lock is taken as it is: a panic exits the process
+/// (runtime.rs), so poisoning cannot outlive one, and the request path must not panic.
+pub fn lock_placement(
+    shared: &Shared,
+) -> std::sync::MutexGuard<'_, inferlane_epp::affinity::Placement> {
+    shared
+        .placement
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Shared {
     pub fn new(scheduler: SchedulerConfig) -> Self {
         let cap = scheduler.prefix_index_capacity;
