@@ -1239,12 +1239,7 @@ async fn two_replicas_send_one_prefix_to_one_server() {
     one_server_per_tenant("addresses").await;
     // Both replicas place the same three prefixes.
     for e in &epps {
-        let v: Value = c
-            .get(format!("http://{}/debug/pool", e.metrics))
-            .send()
-            .await
-            .unwrap()
-            .json()
+        let v = try_json(&c, &format!("http://{}/debug/pool", e.metrics))
             .await
             .unwrap();
         assert_eq!(v["active_prefixes"], 3, "{v}");
@@ -1262,14 +1257,7 @@ async fn two_replicas_send_one_prefix_to_one_server() {
     std::fs::write(&pool_file, named).unwrap();
     for e in &epps {
         wait_for("a replica to take the names", T, || async {
-            let v: Value = c
-                .get(format!("http://{}/debug/pool", e.metrics))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = try_json(&c, &format!("http://{}/debug/pool", e.metrics)).await?;
             let eps = v["endpoints"].as_array()?;
             (eps.len() == 4
                 && eps

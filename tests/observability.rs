@@ -363,12 +363,7 @@ async fn a_real_prometheus_scrapes_every_component_and_every_dashboard_query_has
         "dashboard queries without data after {round} rounds: {missing:#?}"
     );
     // Alerts evaluate (the rule files loaded) and none of the outage alerts is firing.
-    let v: Value = c
-        .get(format!("{}/api/v1/rules", prom.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let v = try_json(&c, &format!("{}/api/v1/rules", prom.url))
         .await
         .unwrap();
     let groups = v["data"]["groups"].as_array().unwrap();

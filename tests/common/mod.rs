@@ -497,6 +497,11 @@ pub async fn try_text(c: &reqwest::Client, url: &str) -> Option<String> {
     c.get(url).send().await.ok()?.text().await.ok()
 }
 
+/// GET `url` as JSON; `None` on any failure (for `wait_for` polls).
+pub async fn try_json(c: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    c.get(url).send().await.ok()?.json().await.ok()
+}
+
 /// A sim's `/sim/stats` (the simulator's own counters).
 pub async fn sim_stats(c: &reqwest::Client, sim: &Proc) -> serde_json::Value {
     c.get(format!("http://{}/sim/stats", sim.addr))
