@@ -963,14 +963,7 @@ async fn a_slow_fleet_is_not_evicted_a_stuck_server_is() {
     let stuck_before = sim_total(&f.c, &f.sims[0]).await;
     let stuck = f.sims[0].addr.clone();
     wait_for("the stuck server taken out", T, || async {
-        let v: Value =
-            f.c.get(format!("http://{}/debug/pool", f.epp.metrics))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+        let v = try_json(&f.c, &format!("http://{}/debug/pool", f.epp.metrics)).await?;
         v["endpoints"]
             .as_array()?
             .iter()

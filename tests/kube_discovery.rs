@@ -34,13 +34,7 @@ fn model(name: &str, pool: &str) -> Value {
 
 /// What the EPP's picker sees (`GET /debug/pool`).
 async fn debug_pool(c: &reqwest::Client, epp: &Epp) -> Option<Value> {
-    c.get(format!("http://{}/debug/pool", epp.metrics))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
+    try_json(c, &format!("http://{}/debug/pool", epp.metrics)).await
 }
 
 async fn seen(c: &reqwest::Client, epp: &Epp) -> Option<(Vec<String>, Vec<String>)> {

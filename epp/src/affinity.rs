@@ -243,16 +243,25 @@ impl Placement {
         {
             return None;
         }
-        if self.expire(now, false) {
+        let (job, expired) = self.take(now);
+        // Prefixes placed before the answers come back are capped by these counts.
+        if expired {
             self.recount();
         }
+        Some(job)
+    }
+
+    /// Drops idle prefixes and hands out the assignment's inputs; whether any prefix left.
+    fn take(&mut self, now: f64) -> (Pending, bool) {
+        let expired = self.expire(now, false);
         self.dirty = false;
         self.built_at = now;
-        Some(Pending {
+        let job = Pending {
             keys: self.keys.keys().copied().collect(),
             endpoints: self.endpoints.clone(),
             factor: self.factor,
-        })
+        };
+        (job, expired)
     }
 
     /// Puts a computed rebuild in force. Prefixes that arrived meanwhile keep their interim
@@ -373,17 +382,10 @@ impl Placement {
         }
     }
 
+    /// The timed rebuild's steps, inline: `apply` recounts.
     fn rebuild(&mut self, now: f64) {
-        self.expire(now, false);
-        let keys: Vec<u64> = self.keys.keys().copied().collect();
-        for (k, i) in assign(&keys, &self.endpoints, self.factor) {
-            if let Some(e) = self.keys.get_mut(&k) {
-                e.1 = self.endpoints[i];
-            }
-        }
-        self.recount();
-        self.dirty = false;
-        self.built_at = now;
+        let (job, _) = self.take(now);
+        self.apply(job.run());
     }
 }
 
