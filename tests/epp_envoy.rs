@@ -984,6 +984,108 @@ async fn a_slow_fleet_is_not_evicted_a_stuck_server_is() {
     assert_eq!(sim_total(&f.c, &f.sims[0]).await, stuck_before);
 }
 
+async fn faults(c: &reqwest::Client, sim: &Proc, faults: Value) {
+    let r = c
+        .post(format!("http://{}/sim/faults", sim.addr))
+        .json(&faults)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Sends `n` requests, `concurrency` at a time; the statuses in the order they were sent.
+async fn statuses(f: &Fleet, n: usize, concurrency: usize) -> Vec<u16> {
+    use futures::StreamExt;
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            f.complete(json!({"model": BASE, "prompt": format!("q{i}"), "max_tokens": 2}))
+                .await
+                .0
+        })
+        .buffered(concurrency)
+        .collect()
+        .await
+}
+
+/// A server whose engine died keeps answering `/metrics` while every request gets a 500
+/// (what vLLM does): passive health takes it out after a few failed answers, its `/health`
+/// keeps it out, and it comes back when it recovers. One whose `/health` still says fine is
+/// taken out by its answers alone.
+#[tokio::test]
+async fn a_server_whose_engine_dies_is_taken_out_by_its_answers() {
+    let f = Fleet::start(FleetOptions {
+        sims: 3,
+        ..Default::default()
+    })
+    .await;
+    let ready = || async {
+        let page = f.epp_metrics().await;
+        metric(&page, "inference_pool_ready_pods{name=\"test-pool\"}")
+    };
+    assert_eq!(statuses(&f, 12, 3).await, vec![200; 12]);
+    // Answers only: /health stays good, so this is the outlier detector's doing.
+    faults(&f.c, &f.sims[0], json!({"failure_rate": 1.0})).await;
+    let first = statuses(&f, 60, 4).await;
+    let failed = first.iter().filter(|s| **s != 200).count();
+    assert!((1..=6).contains(&failed), "{failed} failed: {first:?}");
+    assert!(first[30..].iter().all(|s| *s == 200), "{first:?}");
+    let pool = || async {
+        let v = try_json(&f.c, &format!("http://{}/debug/pool", f.epp.metrics))
+            .await
+            .unwrap();
+        v["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == f.sims[0].addr.as_str())
+            .unwrap()
+            .clone()
+    };
+    // Out for its first ejection (2 s): the sequence above took well under that.
+    let out = pool().await;
+    assert_eq!(
+        (&out["ejected"], &out["healthy"]),
+        (&json!(true), &json!(false)),
+        "{out}"
+    );
+    // The engine is dead: /health 503 keeps it out past its ejection time.
+    faults(
+        &f.c,
+        &f.sims[0],
+        json!({"failure_rate": 1.0, "unhealthy": true}),
+    )
+    .await;
+    let dead_before = sim_total(&f.c, &f.sims[0]).await;
+    for _ in 0..3 {
+        assert_eq!(statuses(&f, 20, 4).await, vec![200; 20]);
+    }
+    let dead = pool().await;
+    assert_eq!(
+        (&dead["engine_down"], &dead["healthy"]),
+        (&json!(true), &json!(false)),
+        "{dead}"
+    );
+    // Recovery: a good /health and scrape put it back.
+    faults(
+        &f.c,
+        &f.sims[0],
+        json!({"failure_rate": 0.0, "unhealthy": false}),
+    )
+    .await;
+    wait_for("the recovered server back in the pool", T, || async {
+        (ready().await? == 3.0).then_some(())
+    })
+    .await;
+    wait_for("traffic on the recovered server", T, || async {
+        assert_eq!(statuses(&f, 12, 3).await, vec![200; 12]);
+        (sim_total(&f.c, &f.sims[0]).await > dead_before).then_some(())
+    })
+    .await;
+    let logs = f.epp.proc.logs();
+    assert!(logs.contains("answers with server errors"), "{logs}");
+}
+
 /// Sum of a metric family's series whose line contains every `parts` (0 when none).
 fn metric_sum(page: &str, name: &str, parts: &[&str]) -> f64 {
     page.lines()

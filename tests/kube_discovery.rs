@@ -96,6 +96,61 @@ async fn endpoint_selector_mode_needs_no_inference_pool() {
     .await;
 }
 
+/// Without `--pool-group`, on a cluster serving both InferencePool groups (upstream's v1 CRDs
+/// plus the v1alpha2 ones), the named pool is found in whichever group holds it; when both
+/// do, v1 wins with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_found_in_whichever_group_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    api.put(PODS, pod("a", "vllm", "127.0.0.5", true));
+    let epp = spawn_kube_epp(dir.path(), &kc, &[]);
+    let c = client();
+    wait_for(
+        "the missing pool is logged",
+        Duration::from_secs(20),
+        || async {
+            epp.proc
+                .logs()
+                .contains("no InferencePool of this name yet")
+                .then_some(())
+        },
+    )
+    .await;
+    let v1alpha2 = json!({"apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferencePool",
+        "metadata": {"name": "llama", "namespace": "default"},
+        "spec": {"selector": {"app": "vllm"}, "targetPortNumber": 8000,
+                 "extensionRef": {"name": "llama-epp"}}});
+    api.put(
+        "inference.networking.x-k8s.io/v1alpha2/inferencepools",
+        v1alpha2,
+    );
+    expect(&c, &epp, "the v1alpha2 pool", &["127.0.0.5:8000"], &[]).await;
+    assert!(
+        epp.proc
+            .logs()
+            .contains("group=\"inference.networking.x-k8s.io\" version=\"v1alpha2\""),
+        "{}",
+        epp.proc.logs()
+    );
+    // A v1 pool of the same name (ports 8000 and 8001) takes over, with a warning.
+    api.put(POOLS, pool("vllm"));
+    expect(
+        &c,
+        &epp,
+        "the v1 pool wins",
+        &["127.0.0.5:8000", "127.0.0.5:8001"],
+        &[],
+    )
+    .await;
+    wait_for("both groups warned", Duration::from_secs(10), || async {
+        epp.proc.logs().contains("exists in both").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_follows_pods_pools_and_models_through_outages() {
     let dir = tempfile::tempdir().unwrap();

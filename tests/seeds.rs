@@ -165,9 +165,12 @@ async fn seed_001_getting_started_and_canary_rollout() {
     };
     listed(vec!["food-review-1"]).await;
 
-    // The cluster has only the v0.2.0 CRDs the seed installs.
+    // The cluster has the v0.2.0 CRDs the seed installs, and upstream's v1 InferencePool
+    // beside them (what any install from v1.0 on, or `kubectl apply -k deploy/`, adds): the
+    // seed's v1alpha2 pool must still be found.
     let api = FakeApi::new();
     api.serve_only(&[
+        &key_of("inference.networking.k8s.io", "v1", "inferencepools"),
         &key_of(
             "inference.networking.x-k8s.io",
             "v1alpha2",
@@ -344,13 +347,21 @@ async fn seed_001_getting_started_and_canary_rollout() {
         assert_eq!((*s, &r["model"]), (200, &json!("food-review-2")), "{r}");
     }
 
-    // "No matching model name returns an error": vLLM's own 404 for a model nobody serves.
-    let (s, r) = complete(&c, &url, &json!({"model": "food-review-3", "prompt": "x"})).await;
-    assert_eq!(s, 404, "{r}");
-    assert!(
-        r.to_string().contains("food-review-3") && r.to_string().contains("does not exist"),
-        "{r}"
-    );
+    // "No matching model name returns an error": a model no InferenceModel names is a 404 in
+    // the v1alpha2 API generation, as upstream v0.2.0 answers it, even where a server has it
+    // (a bare adapter name would otherwise bypass the canary split).
+    for model in [
+        "food-review-3",
+        "food-review-2",
+        "meta-llama/Llama-3.1-8B-Instruct",
+    ] {
+        let (s, r) = complete(&c, &url, &json!({"model": model, "prompt": "x"})).await;
+        assert_eq!(s, 404, "{model}: {r}");
+        assert!(
+            r.to_string().contains(model) && r.to_string().contains("does not exist"),
+            "{r}"
+        );
+    }
 
     // The seed's ClusterRole has no InferenceObjectives / InferenceModelRewrites and v0.2.0
     // has no such CRDs: each watch says so once, not once per retry.

@@ -4,6 +4,7 @@ pub mod affinity;
 pub mod bbr;
 pub mod flow;
 pub mod metrics;
+pub mod outlier;
 pub mod prefix;
 pub mod request;
 pub mod rules;

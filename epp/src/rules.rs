@@ -92,7 +92,7 @@ pub enum RuleError {
     ZeroWeights { index: usize, model: String },
     #[error("model {0:?} is defined twice")]
     Duplicate(String),
-    #[error("model {0:?} is not served by this pool")]
+    #[error("The model `{0}` does not exist: no InferenceModel names it in this pool")]
     UnknownModel(String),
     #[error("objective {0:?} (header x-gateway-inference-objective) does not exist")]
     UnknownObjective(String),

@@ -36,8 +36,9 @@ pub struct Datastore {
     generation: u64,
     metrics: EppMetrics,
     pool_name: String,
-    /// For models no rule names, unless the pool file says otherwise (`--unknown-models`).
-    unknown_models: UnknownModelPolicy,
+    /// `--unknown-models` when given: for models no rule names, unless the pool file says
+    /// otherwise. Without it, discovery's default for the pool's API generation applies.
+    unknown_models: Option<UnknownModelPolicy>,
     gauge_interval: Duration,
 }
 
@@ -45,7 +46,7 @@ pub struct Datastore {
 #[derive(Debug, Clone)]
 pub struct DatastoreOptions {
     pub pool_name: String,
-    pub unknown_models: UnknownModelPolicy,
+    pub unknown_models: Option<UnknownModelPolicy>,
     /// How often the pool-level gauges are recomputed.
     pub gauge_interval: Duration,
 }
@@ -150,7 +151,10 @@ impl Handler<ConfigChanged<PoolFile>> for Datastore {
     fn handle(&mut self, msg: ConfigChanged<PoolFile>, _ctx: &mut Context<Self>) {
         let pool = &msg.config;
         self.rules = pool.rules.clone();
-        self.rules.unknown_model = pool.unknown_models.unwrap_or(self.unknown_models);
+        self.rules.unknown_model = pool
+            .unknown_models
+            .or(self.unknown_models)
+            .unwrap_or_default();
         self.set_endpoints(pool.endpoints.clone());
         self.publish();
         self.shared.pool_synced.store(true, Ordering::Release);
@@ -172,7 +176,9 @@ impl Handler<RulesChanged> for Datastore {
 
     fn handle(&mut self, msg: RulesChanged, _ctx: &mut Context<Self>) {
         self.rules = msg.0;
-        self.rules.unknown_model = self.unknown_models;
+        if let Some(u) = self.unknown_models {
+            self.rules.unknown_model = u;
+        }
         self.publish();
     }
 }

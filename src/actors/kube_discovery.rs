@@ -150,7 +150,8 @@ enum KubeEvent {
 /// Which watch an error came from.
 #[derive(Debug, Clone, Copy)]
 enum Watch {
-    Pool,
+    PoolV1,
+    PoolV1alpha2,
     Pods,
     Models,
     Objectives,
@@ -174,8 +175,15 @@ pub struct KubeDiscovery {
     rewrites: Tracked<v1alpha2::InferenceModelRewrite>,
     last_endpoints: Option<Vec<EndpointSpec>>,
     last_rules: Option<ModelRules>,
-    /// The API group in use (from the flag, or discovered).
-    group: Option<String>,
+    /// `--pool-group`, when set: only that group is watched.
+    forced_group: Option<String>,
+    /// The group whose object is the pool now (logged when it changes), and whether both
+    /// groups held one then (warned once per change).
+    in_use: Option<(&'static str, bool)>,
+    /// The pool was missing once every group had listed, and that was logged.
+    missing_warned: bool,
+    /// The groups whose InferencePools are watched.
+    watching: Vec<&'static str>,
     /// Model objects rejected by the last rules build (logged when this set changes).
     last_rejected: Vec<String>,
     /// The Accepted condition this replica last wrote per InferenceModel (with what the
@@ -190,24 +198,35 @@ pub const GROUP_V1: &str = "inference.networking.k8s.io";
 /// The v1alpha2 API group of InferencePool (the seeds').
 pub const GROUP_V1ALPHA2: &str = "inference.networking.x-k8s.io";
 
-/// Which InferencePool API group the cluster serves: v1 if its InferencePool resource is
-/// there, else v1alpha2; `None` while neither is (CRDs not installed yet). Discovery needs no
-/// RBAC beyond what every authenticated client has.
-pub async fn discover_pool_group(client: &Client) -> Result<Option<&'static str>, kube::Error> {
+/// The InferencePool API groups the cluster serves (v1 first); empty while neither is (CRDs
+/// not installed yet). Discovery needs no RBAC beyond what every authenticated client has.
+pub async fn served_pool_groups(client: &Client) -> Result<Vec<&'static str>, kube::Error> {
+    let mut served = Vec::new();
     for (group, version) in [(GROUP_V1, "v1"), (GROUP_V1ALPHA2, "v1alpha2")] {
         match client
             .list_api_group_resources(&format!("{group}/{version}"))
             .await
         {
             Ok(list) if list.resources.iter().any(|r| r.name == "inferencepools") => {
-                return Ok(Some(group));
+                served.push(group);
             }
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(None)
+    Ok(served)
+}
+
+/// What a models request for a name no InferenceModel names gets, by the API generation the
+/// pool comes from: v1alpha2 (the InferenceModel era, upstream v0.2-0.5) answered 404; v1
+/// pools route it (later upstream), which is what base-model requests without an object need.
+pub fn unknown_models_for(group: &str) -> UnknownModelPolicy {
+    if group == GROUP_V1ALPHA2 {
+        UnknownModelPolicy::Reject
+    } else {
+        UnknownModelPolicy::Route
+    }
 }
 
 impl KubeDiscovery {
@@ -223,12 +242,54 @@ impl KubeDiscovery {
             rewrites: Tracked::new("InferenceModelRewrites"),
             last_endpoints: None,
             last_rules: None,
-            group: target.group.clone(),
+            forced_group: target.group.clone(),
+            in_use: None,
+            missing_warned: false,
+            watching: Vec::new(),
             last_rejected: Vec::new(),
             status_written: BTreeMap::new(),
             status_failing: false,
             target,
         }
+    }
+
+    /// The group whose object is the pool: `--pool-group`'s, else whichever group holds an
+    /// InferencePool of that name (v1 when both do).
+    fn pool_group(&self) -> Option<&'static str> {
+        let v1 = self.pools_v1.objects.contains_key(&self.target.name);
+        let v1alpha2 = self.pools_v1alpha2.objects.contains_key(&self.target.name);
+        match self.forced_group.as_deref() {
+            Some(GROUP_V1ALPHA2) => v1alpha2.then_some(GROUP_V1ALPHA2),
+            Some(_) => v1.then_some(GROUP_V1),
+            None if v1 => Some(GROUP_V1),
+            None if v1alpha2 => Some(GROUP_V1ALPHA2),
+            None => None,
+        }
+    }
+
+    /// Logs which group the pool was found in when that changes; true when it changed.
+    fn note_pool_group(&mut self) -> bool {
+        let Some(group) = self.pool_group() else {
+            return false;
+        };
+        let both = self.forced_group.is_none()
+            && self.pools_v1.objects.contains_key(&self.target.name)
+            && self.pools_v1alpha2.objects.contains_key(&self.target.name);
+        if self.in_use == Some((group, both)) {
+            return false;
+        }
+        let changed = self.in_use.map(|(g, _)| g) != Some(group);
+        self.in_use = Some((group, both));
+        let version = if group == GROUP_V1 { "v1" } else { "v1alpha2" };
+        if both {
+            tracing::warn!(group, version, pool = %self.target.name,
+                "an InferencePool of this name exists in both inference.networking.k8s.io (v1) and inference.networking.x-k8s.io (v1alpha2); serving the v1 one (delete the other, or set --pool-group)");
+        } else if changed {
+            tracing::info!(group, version, pool = %self.target.name,
+                unknown_models = ?unknown_models_for(group),
+                "InferencePool found (set --pool-group to choose the group)");
+        }
+        changed
     }
 
     fn pool(&self) -> Option<PoolView> {
@@ -238,7 +299,7 @@ impl KubeDiscovery {
                 ports: ports.clone(),
             });
         }
-        if self.group.as_deref() == Some(GROUP_V1ALPHA2) {
+        if self.pool_group()? == GROUP_V1ALPHA2 {
             let p = self.pools_v1alpha2.objects.get(&self.target.name)?;
             Some(PoolView {
                 selector: p.spec.selector.clone(),
@@ -259,7 +320,10 @@ impl KubeDiscovery {
         if !self.pods.synced {
             return;
         }
-        let Some(pool) = self.pool() else { return };
+        let Some(pool) = self.pool() else {
+            self.warn_pool_missing();
+            return;
+        };
         let mut out = Vec::new();
         for pod in self.pods.objects.values() {
             let labels = pod.labels();
@@ -299,6 +363,31 @@ impl KubeDiscovery {
             self.datastore.do_send(EndpointsDiscovered(out.clone()));
             self.last_endpoints = Some(out);
         }
+    }
+
+    /// Once every watched group has listed and none holds the pool, say so once: otherwise
+    /// the EPP stays unready with nothing in its log to say why.
+    fn warn_pool_missing(&mut self) {
+        if self.missing_warned || self.target.endpoint_selector.is_some() {
+            return;
+        }
+        let listed = |g: &str| {
+            if g == GROUP_V1ALPHA2 {
+                self.pools_v1alpha2.synced
+            } else {
+                self.pools_v1.synced
+            }
+        };
+        if self.watching.is_empty() || !self.watching.iter().all(|g| listed(g)) {
+            return;
+        }
+        self.missing_warned = true;
+        let groups = match self.forced_group.as_deref() {
+            Some(g) => g.to_string(),
+            None => format!("{GROUP_V1} or {GROUP_V1ALPHA2}"),
+        };
+        tracing::warn!(pool = %self.target.name, namespace = %self.target.namespace, %groups,
+            "no InferencePool of this name yet; the EPP stays unready until one is created (check --pool-name, --pool-namespace and --pool-group)");
     }
 
     fn publish_rules(&mut self, ctx: &mut Context<Self>) {
@@ -381,8 +470,8 @@ impl KubeDiscovery {
             })
             .collect();
         let n_models = kept.len();
-        let (rules, bad) =
-            ModelRules::lenient(models, objectives, rewrites, UnknownModelPolicy::Route);
+        let unknown = unknown_models_for(self.pool_group().unwrap_or(GROUP_V1));
+        let (rules, bad) = ModelRules::lenient(models, objectives, rewrites, unknown);
         for (i, e) in bad {
             rejected.push(if i < n_models {
                 let m = kept[i];
@@ -582,7 +671,7 @@ impl KubeDiscovery {
             watch(
                 Api::<v1alpha2::InferencePool>::namespaced(self.client.clone(), ns),
                 by_name,
-                Watch::Pool,
+                Watch::PoolV1alpha2,
                 KubeEvent::PoolV1alpha2,
             )
             .boxed()
@@ -590,7 +679,7 @@ impl KubeDiscovery {
             watch(
                 Api::<v1::InferencePool>::namespaced(self.client.clone(), ns),
                 by_name,
-                Watch::Pool,
+                Watch::PoolV1,
                 KubeEvent::PoolV1,
             )
             .boxed()
@@ -598,20 +687,22 @@ impl KubeDiscovery {
     }
 }
 
-/// Fact: the InferencePool API group to watch is known.
-struct GroupFound(&'static str);
+/// Fact: the API server serves InferencePools in this group (watch it for the pool).
+struct GroupServed(&'static str);
 
-impl Message for GroupFound {
+impl Message for GroupServed {
     type Result = ();
 }
 
-impl Handler<GroupFound> for KubeDiscovery {
+impl Handler<GroupServed> for KubeDiscovery {
     type Result = ();
 
-    fn handle(&mut self, msg: GroupFound, ctx: &mut Context<Self>) {
-        let version = if msg.0 == GROUP_V1 { "v1" } else { "v1alpha2" };
-        tracing::info!(group = msg.0, version, pool = %self.target.name, "InferencePool API group discovered (set --pool-group to choose)");
-        self.group = Some(msg.0.to_string());
+    fn handle(&mut self, msg: GroupServed, ctx: &mut Context<Self>) {
+        tracing::debug!(
+            group = msg.0,
+            "the API server serves InferencePools in this group"
+        );
+        self.watching.push(msg.0);
         ctx.add_stream(self.pool_stream(msg.0));
     }
 }
@@ -656,23 +747,35 @@ impl Actor for KubeDiscovery {
         if self.target.endpoint_selector.is_some() {
             return;
         }
-        if let Some(group) = self.group.clone() {
+        if let Some(group) = self.forced_group.clone() {
+            self.watching.push(if group == GROUP_V1ALPHA2 {
+                GROUP_V1ALPHA2
+            } else {
+                GROUP_V1
+            });
             ctx.add_stream(self.pool_stream(&group));
             return;
         }
-        // No --pool-group: ask the API server which group it serves, until one is there.
+        // No --pool-group: watch the pool's name in every group the API server serves (a
+        // cluster with upstream's v1 CRDs installed usually serves both), and look again for
+        // a group that is not there yet (CRDs installed after the EPP started).
         let client = self.client.clone();
         let me = ctx.address();
         actix::spawn(async move {
             let mut wait = std::time::Duration::from_millis(200);
             let mut warned = false;
-            loop {
-                match discover_pool_group(&client).await {
-                    Ok(Some(group)) => {
-                        me.do_send(GroupFound(group));
-                        return;
+            let mut watching: Vec<&'static str> = Vec::new();
+            while watching.len() < 2 {
+                match served_pool_groups(&client).await {
+                    Ok(served) if !served.is_empty() => {
+                        for g in served {
+                            if !watching.contains(&g) {
+                                watching.push(g);
+                                me.do_send(GroupServed(g));
+                            }
+                        }
                     }
-                    Ok(None) if !warned => {
+                    Ok(_) if !warned => {
                         warned = true;
                         tracing::warn!(
                             "the API server serves no InferencePool resource (neither inference.networking.k8s.io/v1 nor inference.networking.x-k8s.io/v1alpha2); install the CRDs (kubectl apply -f deploy/crds/). Retrying"
@@ -685,7 +788,8 @@ impl Actor for KubeDiscovery {
                     _ => {}
                 }
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                let cap = if watching.is_empty() { 10 } else { 60 };
+                wait = (wait * 2).min(std::time::Duration::from_secs(cap));
             }
         });
     }
@@ -703,10 +807,8 @@ impl StreamHandler<KubeEvent> for KubeDiscovery {
             KubeEvent::Error(which, e) => {
                 // The watcher retries with backoff; the last known state stays in force.
                 match which {
-                    Watch::Pool if self.group.as_deref() == Some(GROUP_V1ALPHA2) => {
-                        self.pools_v1alpha2.failed(&e)
-                    }
-                    Watch::Pool => self.pools_v1.failed(&e),
+                    Watch::PoolV1alpha2 => self.pools_v1alpha2.failed(&e),
+                    Watch::PoolV1 => self.pools_v1.failed(&e),
                     Watch::Pods => self.pods.failed(&e),
                     Watch::Models => self.models.failed(&e),
                     Watch::Objectives => self.objectives.failed(&e),
@@ -715,6 +817,8 @@ impl StreamHandler<KubeEvent> for KubeDiscovery {
                 return;
             }
         };
+        // The pool's group decides the unknown-model default, so the rules follow it.
+        let rules = rules || (endpoints && self.note_pool_group());
         if endpoints {
             self.publish_endpoints();
         }

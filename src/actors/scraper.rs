@@ -16,7 +16,8 @@ use inferlane_sidecar::models::parse_models;
 use tokio::task::JoinHandle;
 
 use crate::epp::scrape_http::{ScrapeClient, ScrapeError};
-use crate::epp::state::{EndpointHandle, Scraped, ServedModels};
+use crate::epp::state::{EndpointHandle, Scraped, ServedModels, clock_ms};
+use inferlane_epp::outlier::OutlierPolicy;
 
 /// Scrape settings.
 #[derive(Debug, Clone)]
@@ -181,7 +182,16 @@ struct ScrapeLoop {
     timeouts: u32,
     filter: NameFilter,
     filtered_path: String,
+    /// `/health` answered 404 (the engine has none): not asked again before this.
+    health_unsupported_until: Option<Instant>,
+    /// When an ejected endpoint's ejection counter was last forgiven.
+    last_forgive: Instant,
 }
+
+/// How long a clean spell lasts before an endpoint's next ejection starts short again.
+const FORGIVE_AFTER: Duration = Duration::from_secs(60);
+/// How long an engine without `/health` is not asked again.
+const HEALTH_UNSUPPORTED_RETRY: Duration = Duration::from_secs(300);
 
 impl Drop for ScrapeLoop {
     fn drop(&mut self) {
@@ -207,7 +217,70 @@ impl ScrapeLoop {
             if due {
                 self.last_models = Some(Instant::now());
                 self.scrape_models().await;
+                self.check_engine().await;
             }
+            self.passive_recovery().await;
+        }
+    }
+
+    /// Asks the engine's `/health` (vLLM, SGLang and TensorRT-LLM serve it): a 5xx means the
+    /// engine is down even while `/metrics` still answers (vLLM after its engine died).
+    /// Returns whether it answered 200 (`None`: no answer, or the engine has no `/health`).
+    async fn probe_health(&mut self) -> Option<bool> {
+        if self
+            .health_unsupported_until
+            .is_some_and(|t| Instant::now() < t)
+        {
+            return None;
+        }
+        match self.models.get("/health", self.opts.timeout).await {
+            Ok(_) => Some(true),
+            Err(ScrapeError::Status { status, .. }) if status >= 500 => Some(false),
+            Err(ScrapeError::Status { status, .. }) => {
+                tracing::debug!(endpoint = %self.handle.address, status, "no /health on this engine; relying on scrapes and answers");
+                self.health_unsupported_until = Some(Instant::now() + HEALTH_UNSUPPORTED_RETRY);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The periodic engine check: marks the engine down or up from `/health`.
+    async fn check_engine(&mut self) {
+        let Some(up) = self.probe_health().await else {
+            return;
+        };
+        let h = &self.handle;
+        let was_down = h.engine_down.swap(!up, Ordering::Relaxed);
+        if was_down && up {
+            tracing::info!(endpoint = %h.address, "engine /health is good again; back in the pool");
+        } else if !was_down && !up {
+            tracing::warn!(endpoint = %h.address, "engine /health answers 5xx; taken out of the pool until it recovers");
+        }
+    }
+
+    /// An endpoint ejected for failing answers comes back once its ejection time is over and
+    /// it passes a scrape and `/health`; otherwise it stays out for longer.
+    async fn passive_recovery(&mut self) {
+        let h = self.handle.clone();
+        let now = clock_ms();
+        if !h.outlier.due_for_check(now) {
+            if self.last_forgive.elapsed() >= FORGIVE_AFTER {
+                self.last_forgive = Instant::now();
+                h.outlier.forgive();
+            }
+            return;
+        }
+        let scraped = h.healthy.load(Ordering::Relaxed);
+        let health = self.probe_health().await;
+        if scraped && health != Some(false) {
+            if h.outlier.reinstate() {
+                tracing::info!(endpoint = %h.address, "endpoint answers its scrape and /health again; back in the pool");
+            }
+            h.engine_down.store(false, Ordering::Relaxed);
+            self.last_forgive = Instant::now();
+        } else {
+            h.outlier.extend(&OutlierPolicy::default(), now);
         }
     }
 
@@ -338,6 +411,8 @@ impl Actor for Scraper {
             } else {
                 NameFilter::Disabled
             },
+            health_unsupported_until: None,
+            last_forgive: Instant::now(),
             filtered_path: format!(
                 "/metrics?{}",
                 inferlane_epp::metrics::filter_query(self.handle.engine)

@@ -873,14 +873,22 @@ impl ExtProc {
                             f.0.models_stale.store(true, Ordering::Relaxed);
                         }
                     }
-                    let mut common = CommonResponse::default();
+                    if let Some(f) = &st.in_flight {
+                        self.shared.observe_answer(&f.0, st.response_status);
+                    }
+                    // Upstream's EPP marks every response it saw; some tooling checks for it.
+                    let mut mutation = HeaderMutation {
+                        set_headers: vec![set_header("x-went-into-resp-headers", "true")],
+                        ..Default::default()
+                    };
                     if st.restorer.is_some() {
                         // The body changes size when the model name is put back.
-                        common.header_mutation = Some(HeaderMutation {
-                            remove_headers: vec!["content-length".into()],
-                            ..Default::default()
-                        });
+                        mutation.remove_headers.push("content-length".into());
                     }
+                    let common = CommonResponse {
+                        header_mutation: Some(mutation),
+                        ..Default::default()
+                    };
                     send(
                         tx,
                         reply(processing_response::Response::ResponseHeaders(

@@ -104,10 +104,11 @@ pub struct EppArgs {
     #[arg(long)]
     pub pool_group: Option<String>,
     /// Requests for a model no InferenceModel (or pool file rule) names: `route` them as they
-    /// are (upstream's behaviour, and what routing base models without an object relies on)
-    /// or `reject` them with 404. A pool file's `unknownModels` wins over this flag.
-    #[arg(long, value_enum, default_value_t = UnknownModels::Route)]
-    pub unknown_models: UnknownModels,
+    /// are, or `reject` them with 404. Without it, as the pool's API generation did upstream:
+    /// a v1alpha2 pool (the InferenceModel era) rejects, a v1 pool or a pool file routes. A
+    /// pool file's `unknownModels` wins over this flag.
+    #[arg(long, value_enum)]
+    pub unknown_models: Option<UnknownModels>,
     /// Put the client's model name back into responses of rewritten requests (canary
     /// splits, rewrites). Off by default: like vLLM and upstream, a response names the model
     /// that served it (`"model": "food-review-1"`), which is how a canary is told apart.
@@ -390,7 +391,9 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let endpoints: Vec<serde_json::Value> = snap
         .endpoints
         .iter()
-        .map(|h| serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy()}))
+        .map(|h| serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy(),
+            "engine_down": h.engine_down.load(std::sync::atomic::Ordering::Relaxed),
+            "ejected": h.outlier.is_ejected()}))
         .collect();
     // How many prompt prefixes this replica places: replicas that agree hold about as many.
     let prefixes = crate::epp::state::lock_placement(&shared).len();
@@ -491,7 +494,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         metrics.clone(),
         DatastoreOptions {
             pool_name: args.pool_name.clone(),
-            unknown_models: args.unknown_models.into(),
+            unknown_models: args.unknown_models.map(Into::into),
             gauge_interval: args.refresh_prometheus_metrics_interval,
         },
     )

@@ -4,12 +4,20 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{LazyLock, MutexGuard};
 use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use inferlane_epp::outlier::{Outlier, OutlierPolicy, Verdict, may_eject};
 use inferlane_epp::{
     Candidate, EndpointMetrics, EngineType, ModelPresence, ModelRules, PrefixIndex, SchedulerConfig,
 };
+
+/// The process clock passive health keeps its times on, in milliseconds.
+pub fn clock_ms() -> u64 {
+    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+    u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
 
 /// Metrics of one scrape and when it was taken.
 #[derive(Debug, Clone)]
@@ -47,7 +55,13 @@ pub struct EndpointHandle {
     pub engine: EngineType,
     pub scraped: ArcSwapOption<Scraped>,
     pub models: ArcSwapOption<ServedModels>,
+    /// Its scrapes answer (a refused connection or a broken page clears it).
     pub healthy: AtomicBool,
+    /// Its engine says it is down (`/health` answered 5xx) while `/metrics` may still answer,
+    /// as vLLM's does after its engine died; cleared by a good `/health`.
+    pub engine_down: AtomicBool,
+    /// Passive health from the answers it gives our requests.
+    pub outlier: Outlier,
     /// Requests we picked it for since its last scrape.
     pub dispatched_since_scrape: AtomicU64,
     /// Requests we picked it for that have not finished.
@@ -68,14 +82,20 @@ impl EndpointHandle {
             models: ArcSwapOption::empty(),
             // Optimistic until the first scrape says otherwise, so a fresh pool is usable.
             healthy: AtomicBool::new(true),
+            engine_down: AtomicBool::new(false),
+            outlier: Outlier::default(),
             dispatched_since_scrape: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             models_stale: AtomicBool::new(false),
         }
     }
 
+    /// Usable for new requests: its scrapes answer, its engine is up and its answers have
+    /// not ejected it.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+            && !self.engine_down.load(Ordering::Relaxed)
+            && !self.outlier.is_ejected()
     }
 
     /// How the picker and the saturation detector see it, from `scraped` (its last scrape,
@@ -133,6 +153,10 @@ pub struct Shared {
     pub pool_synced: AtomicBool,
     /// Woken when a request finishes (room on a server): flow control's dispatcher waits on it.
     pub room_freed: Arc<tokio::sync::Notify>,
+    /// Passive health thresholds.
+    pub outlier_policy: OutlierPolicy,
+    /// Taken only to eject, so two failing endpoints cannot both pass the pool-wide limit.
+    eject_lock: Mutex<()>,
 }
 
 /// The placement, locked. A poisoned lock is taken as it is: a panic exits the process
@@ -163,6 +187,40 @@ impl Shared {
             is_leader: Arc::new(AtomicBool::new(false)),
             pool_synced: AtomicBool::new(false),
             room_freed: Arc::new(tokio::sync::Notify::new()),
+            outlier_policy: OutlierPolicy::default(),
+            eject_lock: Mutex::new(()),
+        }
+    }
+
+    /// Passive health: what the endpoint answered one of our requests (its HTTP status, or
+    /// 503 for a failed connection). Consecutive 5xx eject it while the pool allows.
+    pub fn observe_answer(&self, h: &EndpointHandle, status: u16) {
+        if status < 500 {
+            h.outlier.success();
+            return;
+        }
+        if h.outlier.failure(&self.outlier_policy) != Verdict::Eject {
+            return;
+        }
+        let _guard: MutexGuard<'_, ()> = self
+            .eject_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let snap = self.snapshot.load();
+        let ejected = snap
+            .endpoints
+            .iter()
+            .filter(|e| e.outlier.is_ejected())
+            .count();
+        let usable = snap.endpoints.iter().filter(|e| e.is_healthy()).count();
+        if !may_eject(snap.endpoints.len(), ejected, usable) {
+            tracing::debug!(endpoint = %h.address, status, "failing answers, but ejecting it would leave too little of the pool");
+            return;
+        }
+        if let Some(ms) = h.outlier.eject(&self.outlier_policy, clock_ms()) {
+            tracing::warn!(endpoint = %h.address, status, out_for_ms = ms,
+                consecutive = self.outlier_policy.consecutive_failures,
+                "endpoint answers with server errors; taken out of the pool until its scrape and /health pass");
         }
     }
 }
