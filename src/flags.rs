@@ -32,6 +32,8 @@ pub const LOGGING: &[(&str, Upstream)] = &[
     ("v", Upstream::Verbosity),
     ("zap-encoder", Upstream::ZapEncoder),
     ("zap-log-level", Upstream::ZapLevel),
+    // The charts' `--log-level error` (newer releases).
+    ("log-level", Upstream::ZapLevel),
     (
         "zap-devel",
         Upstream::Ignored {

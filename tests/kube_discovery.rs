@@ -64,10 +64,67 @@ async fn expect(c: &reqwest::Client, epp: &Epp, what: &str, eps: &[&str], models
     .await;
 }
 
+/// An EPP on the fake API server; its pages open (`--metrics-endpoint-auth=false`) unless
+/// `extra` says otherwise.
 fn spawn_kube_epp(dir: &std::path::Path, kc: &str, extra: &[&str]) -> Epp {
-    let mut args = vec!["--pool-name", "llama", "--pool-namespace", "default"];
-    args.extend_from_slice(extra);
-    spawn_epp_with(&args, &[("KUBECONFIG", kc)], dir)
+    let defaults = [
+        "--pool-name",
+        "llama",
+        "--pool-namespace",
+        "default",
+        "--metrics-endpoint-auth",
+        "false",
+    ];
+    spawn_epp_with(&with_defaults(&defaults, extra), &[("KUBECONFIG", kc)], dir)
+}
+
+/// Against Kubernetes the metrics and debug pages need a token the API server vouches for
+/// (TokenReview) whose identity may get the path (SubjectAccessReview), as upstream's
+/// `--metrics-endpoint-auth` (on by default there); `--kubeconfig` is where the EPP finds
+/// the API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pages_need_a_token_the_api_server_vouches_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    api.tokens.lock().unwrap().insert(
+        "prom-token".into(),
+        "system:serviceaccount:monitoring:prometheus".into(),
+    );
+    api.tokens.lock().unwrap().insert(
+        "other-token".into(),
+        "system:serviceaccount:default:other".into(),
+    );
+    api.grants.lock().unwrap().push((
+        "system:serviceaccount:monitoring:prometheus".into(),
+        "/metrics".into(),
+    ));
+    let epp = spawn_epp_with(
+        &["--pool-name", "llama", "--kubeconfig", kc.as_str()],
+        &[],
+        dir.path(),
+    );
+    let c = client();
+    let get = |path: &'static str, token: Option<&'static str>| {
+        let mut r = c.get(format!("http://{}{path}", epp.metrics));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get("/metrics", None).await, 401);
+    assert_eq!(get("/metrics", Some("forged")).await, 401);
+    assert_eq!(get("/metrics", Some("other-token")).await, 403);
+    assert_eq!(get("/metrics", Some("prom-token")).await, 200);
+    assert_eq!(get("/debug/pool", Some("prom-token")).await, 403);
+    assert_eq!(get("/debug/pool", None).await, 401);
+    // Verdicts are cached: the granted token is not reviewed again.
+    let reviews = api.reviews.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        assert_eq!(get("/metrics", Some("prom-token")).await, 200);
+    }
+    assert_eq!(api.reviews.load(Ordering::SeqCst), reviews);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use inferlane::crds;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn deploy() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy")
@@ -117,6 +117,10 @@ fn every_manifest_survives_a_typed_round_trip() {
                 }
                 ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(&v),
                 ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(&v),
+                ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(&v),
+                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                    round_trip::<ClusterRoleBinding>(&v)
+                }
                 ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
                     round_trip::<CustomResourceDefinition>(&v)
                 }
@@ -485,24 +489,32 @@ fn find<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} in {objs:#?}"))
 }
 
-/// An install with a provider component added, as a user uncommenting it would have it:
-/// written beside the installs (kustomize loads components only from below a root).
-fn with_provider(install: &str, provider: &str) -> PathBuf {
+/// An install with a provider component added exactly as a user would: the install's own
+/// kustomization.yaml with the provider's commented line uncommented (so that line must be
+/// valid YAML in place), written beside the installs (kustomize loads components only from
+/// below a root). `edit` changes the text further (a namespace, say).
+fn with_provider(install: &str, provider: &str, edit: &dyn Fn(String) -> String) -> PathBuf {
     let src = deploy().join("installs").join(install);
     let dir = deploy()
         .join("installs")
         .join(format!(".test-{install}-{}", provider.replace('/', "_")));
     std::fs::create_dir_all(&dir).unwrap();
-    let k = if src.join("values.yaml").exists() {
+    if src.join("values.yaml").exists() {
         std::fs::copy(src.join("values.yaml"), dir.join("values.yaml")).unwrap();
-        format!(
-            "resources:\n- ../../inferencepool/base\n- values.yaml\ncomponents:\n- ../../inferencepool/components/experimental-httproute\n- ../../{provider}\n- ../../inferencepool/components/values\n"
-        )
-    } else {
-        format!("resources:\n- ../../bbr\ncomponents:\n- ../../{provider}\n")
-    };
-    std::fs::write(dir.join("kustomization.yaml"), k).unwrap();
+    }
+    let text = std::fs::read_to_string(src.join("kustomization.yaml")).unwrap();
+    let commented = format!("# - ../../{provider}\n");
+    assert!(
+        text.contains(&commented),
+        "{install}: no commented line {commented:?} to uncomment"
+    );
+    let k = text.replace(&commented, &format!("- ../../{provider}\n"));
+    std::fs::write(dir.join("kustomization.yaml"), edit(k)).unwrap();
     dir
+}
+
+fn same(k: String) -> String {
+    k
 }
 
 /// Each `helm install ... --set ...` of seed 000 has a kustomize install in deploy/installs/
@@ -580,19 +592,85 @@ fn kustomize_installs_render_the_seeds_helm_values() {
         let gke = kustomize(&with_provider(
             pool,
             "inferencepool/components/provider-gke",
+            &same,
         ));
         for kind in ["HealthCheckPolicy", "GCPBackendPolicy"] {
             assert_eq!(find(&gke, kind)["spec"]["targetRef"]["name"], pool);
         }
+        assert_eq!(
+            find(&gke, "GCPBackendPolicy")["spec"]["default"]["timeoutSec"],
+            300
+        );
+        // As upstream's chart renders it for GKE: no route timeouts (GKE takes the backend
+        // policy's), and ext_proc open to GKE's managed proxies.
+        assert_eq!(
+            rule["timeouts"]["request"], "300s",
+            "non-GKE routes keep 300 s"
+        );
+        let gke_rule = &find(&gke, "HTTPRoute")["spec"]["rules"][0];
+        assert!(gke_rule.get("timeouts").is_none(), "{gke_rule}");
+        let np = find(&gke, "NetworkPolicy");
+        let cidrs: Vec<&str> = np["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["ports"][0]["port"] == 9002)
+            .flat_map(|r| r["from"].as_array().unwrap())
+            .filter_map(|f| f["ipBlock"]["cidr"].as_str())
+            .collect();
+        assert_eq!(
+            cidrs,
+            ["10.129.0.0/23", "35.191.0.0/16", "130.211.0.0/22"],
+            "{np}"
+        );
+        let crb = objs
+            .iter()
+            .find(|o| o["kind"] == "ClusterRoleBinding")
+            .expect("--metrics-endpoint-auth needs the review grants");
+        assert_eq!(crb["subjects"][0]["name"], format!("{pool}-epp"));
+        assert_eq!(crb["roleRef"]["name"], crb["metadata"]["name"]);
         let istio = kustomize(&with_provider(
             pool,
             "inferencepool/components/provider-istio",
+            &same,
         ));
         assert_eq!(
             find(&istio, "DestinationRule")["spec"]["host"],
             format!("{pool}-epp")
         );
     }
+    // Seed 002 (kgateway, v0.2.0 CRDs) with our EPP: the seed's v1alpha2 pool names our EPP
+    // Service, which watches that group; the seed's model and route come along.
+    let kg = kustomize(&deploy().join("installs/kgateway-qwen-pool"));
+    let pools: Vec<&Value> = kg.iter().filter(|o| o["kind"] == "InferencePool").collect();
+    assert_eq!(pools.len(), 1, "{pools:?}");
+    assert_eq!(
+        pools[0]["apiVersion"],
+        "inference.networking.x-k8s.io/v1alpha2"
+    );
+    assert_eq!(pools[0]["spec"]["extensionRef"]["name"], "qwen-pool-epp");
+    assert_eq!(
+        rejection(
+            &crd_validator("inference.networking.x-k8s.io_inferencepools.yaml"),
+            pools[0]
+        ),
+        None
+    );
+    let args = &find(&kg, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(args[0], "--pool-name=qwen-pool");
+    assert_eq!(args[2], "--pool-group=inference.networking.x-k8s.io");
+    assert_eq!(find(&kg, "Service")["metadata"]["name"], "qwen-pool-epp");
+    assert_eq!(find(&kg, "Service")["spec"]["ports"][0]["port"], 9002);
+    assert_eq!(
+        find(&kg, "InferenceModel")["spec"]["poolRef"]["name"],
+        "qwen-pool"
+    );
+    assert_eq!(find(&kg, "Gateway")["spec"]["gatewayClassName"], "kgateway");
+    let backend = &find(&kg, "HTTPRoute")["spec"]["rules"][0]["backendRefs"][0];
+    assert_eq!(
+        (&backend["group"], &backend["name"]),
+        (&json!("inference.networking.x-k8s.io"), &json!("qwen-pool"))
+    );
     // The README's one-shot `kubectl apply -k deploy/` renders too.
     let all = kustomize(&deploy());
     assert!(all.iter().any(|o| o["kind"] == "CustomResourceDefinition"));
@@ -605,20 +683,36 @@ fn kustomize_installs_render_the_seeds_helm_values() {
     let gke = kustomize(&with_provider(
         "body-based-router",
         "bbr/components/provider-gke",
+        &same,
     ));
     let ext = &find(&gke, "GCPRoutingExtension")["spec"]["extensionChains"][0]["extensions"][0];
     assert_eq!(ext["backendRef"]["name"], "body-based-router");
     assert_eq!(ext["backendRef"]["port"], 9004);
+    // GKE health-checks bbr over gRPC on its health port, as upstream's chart.
+    let hc = &find(&gke, "HealthCheckPolicy")["spec"];
+    assert_eq!(hc["default"]["config"]["type"], "GRPC");
+    assert_eq!(hc["default"]["config"]["grpcHealthCheck"]["port"], 9005);
+    assert_eq!(hc["targetRef"]["name"], "body-based-router");
+    // Istio, installed into another namespace: the EnvoyFilter's cluster and the
+    // DestinationRule (TLS to bbr, as upstream's chart ships) name that namespace.
     let istio = kustomize(&with_provider(
         "body-based-router",
         "bbr/components/provider-istio",
+        &|k: String| k.replace("namespace: default", "namespace: ai-gateway"),
     ));
+    let ef = find(&istio, "EnvoyFilter").to_string();
     assert!(
-        find(&istio, "EnvoyFilter")
-            .to_string()
-            .contains("body-based-router"),
-        "{istio:?}"
+        ef.contains("outbound|9004||body-based-router.ai-gateway.svc.cluster.local")
+            && !ef.contains(".default.")
+            && !ef.contains("NAMESPACE"),
+        "{ef}"
     );
+    let dr = find(&istio, "DestinationRule");
+    assert_eq!(
+        dr["spec"]["host"],
+        "body-based-router.ai-gateway.svc.cluster.local"
+    );
+    assert_eq!(dr["spec"]["trafficPolicy"]["tls"]["mode"], "SIMPLE");
 }
 
 /// Our containers run under the runtime's default seccomp profile, and the EPP's ext_proc

@@ -95,10 +95,19 @@ fn rules_alert_unit_tests_and_scrape_configs_check_out() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = std::fs::read_to_string(dir.join("prometheus.yaml")).unwrap();
     assert!(cfg.contains("kubernetes_sd_configs: [{role: pod}]"));
-    let local = cfg.replace(
-        "kubernetes_sd_configs: [{role: pod}]",
-        "static_configs: [{targets: ['127.0.0.1:1']}]",
-    );
+    // The pod's service account token, as kubelet mounts it (promtool checks it exists).
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "token").unwrap();
+    assert!(cfg.contains("/var/run/secrets/kubernetes.io/serviceaccount/token"));
+    let local = cfg
+        .replace(
+            "kubernetes_sd_configs: [{role: pod}]",
+            "static_configs: [{targets: ['127.0.0.1:1']}]",
+        )
+        .replace(
+            "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            &token.to_string_lossy(),
+        );
     std::fs::write(tmp.path().join("prometheus.yaml"), local).unwrap();
     std::fs::copy(dir.join("rules.yaml"), tmp.path().join("rules.yaml")).unwrap();
     let (ok, out) = promtool(&["check", "config", "prometheus.yaml"], tmp.path());
@@ -200,6 +209,7 @@ async fn spawn_prometheus(dir: &Path, targets: &[(&str, &str)]) -> Prometheus {
             child,
             addr: url.clone(),
             stderr_log: log,
+            group: false,
         },
         url,
     }

@@ -72,7 +72,13 @@ impl Cluster {
             api.put(PODS, pod(&format!("vllm-{i}"), ip, false));
         }
         let epp = spawn_epp_with(
-            &["--pool-name", "llama", "--pool-namespace", "default"],
+            &[
+                "--pool-name",
+                "llama",
+                "--pool-namespace",
+                "default",
+                "--metrics-endpoint-auth=false",
+            ],
             &[("KUBECONFIG", kc.as_str())],
             dir.path(),
         );

@@ -402,6 +402,7 @@ async fn upstream_flag_spellings_start_every_binary() {
             "vllm:num_requests_waiting",
             "--zap-log-level=info",
             "--zap-devel",
+            "--metrics-endpoint-auth=false",
         ],
         &[],
         "EPP_LISTENING",
@@ -416,7 +417,8 @@ async fn upstream_flag_spellings_start_every_binary() {
     let bbr_map = d.join("bbr.yaml");
     std::fs::write(&bbr_map, "baseModels: []\n").unwrap();
     let map_s = bbr_map.to_string_lossy().into_owned();
-    let _bbr = spawn_with_marker(
+    // The body-based-routing chart's args (`--streaming --log-level error`) and the auth flag.
+    let bbr = spawn_with_marker(
         &bin("bbr"),
         &[
             "-grpcPort=0",
@@ -424,8 +426,10 @@ async fn upstream_flag_spellings_start_every_binary() {
             "0",
             "-metricsPort=0",
             "--streaming",
-            "-v",
-            "3",
+            "--log-level",
+            "error",
+            "--metrics-endpoint-auth",
+            "false",
             "--mapping-file",
             &map_s,
             "--bind-address",
@@ -435,6 +439,55 @@ async fn upstream_flag_spellings_start_every_binary() {
         "BBR_LISTENING",
         d,
     );
+    // Upstream's bbr is serving for any service name: GKE's gRPC health check sends none,
+    // probes written for the EPP send theirs.
+    let bbr_health = bbr.field("health");
+    for name in [
+        "",
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+        "inference-extension",
+        "liveness",
+    ] {
+        assert_eq!(
+            health(&bbr_health, name).await,
+            Some(ServingStatus::Serving as i32),
+            "bbr health {name:?}"
+        );
+    }
+    // A --cert-path that is missing or empty: a clear exit naming the flag, not a panic.
+    let empty = d.join("no-certs");
+    std::fs::create_dir_all(&empty).unwrap();
+    let empty_s = empty.to_string_lossy().into_owned();
+    for (b, dir) in [
+        ("epp", "/nonexistent/certs"),
+        ("epp", empty_s.as_str()),
+        ("bbr", "/nonexistent/certs"),
+    ] {
+        let out = std::process::Command::new(bin(b))
+            .env("RUST_BACKTRACE", "0")
+            .args([
+                "--cert-path",
+                dir,
+                "--grpc-port",
+                "0",
+                "--grpc-health-port",
+                "0",
+            ])
+            .args(["--metrics-port", "0", "--bind-address", "127.0.0.1"])
+            .args(if b == "epp" {
+                ["--pool-file", pool_s.as_str()]
+            } else {
+                ["--mapping-file", map_s.as_str()]
+            })
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{b} --cert-path {dir}: {err}");
+        assert!(
+            err.contains(&format!("--cert-path {dir}")) && !err.contains("panic"),
+            "{b}: {err}"
+        );
+    }
     let cfg = d.join("lora.yaml");
     std::fs::write(
         &cfg,

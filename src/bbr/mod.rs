@@ -1,5 +1,7 @@
 //! Body-based routing: a gateway-level ext_proc server that names the base model in headers so HTTPRoutes can pick the pool.
 
+pub mod health;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +22,6 @@ use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
-use tonic_health::ServingStatus;
 
 use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
@@ -47,12 +48,12 @@ pub enum BbrStartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS: {0}")]
+    #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("cannot start the gRPC serving threads: {0}")]
     GrpcThreads(#[source] std::io::Error),
-    #[error("Kubernetes client (set KUBECONFIG, run in a pod, or give --mapping-file): {0}")]
-    Kube(#[source] kube::Error),
+    #[error("{0} (or give --mapping-file)")]
+    Kube(#[source] crate::kube_client::KubeClientError),
 }
 
 /// Upstream bbr flags we accept without acting on them (the reason is logged at start);
@@ -96,6 +97,14 @@ pub struct BbrArgs {
     /// Without it, bbr watches the labelled ConfigMaps of --namespace through the API.
     #[arg(long, env = "BBR_MAPPING_FILE")]
     pub mapping_file: Option<PathBuf>,
+    /// Protect `/metrics` with the API server's TokenReview and SubjectAccessReview, as
+    /// upstream. Default: on when watching ConfigMaps through the API, off with --mapping-file.
+    #[arg(long, value_parser = crate::runtime::parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_endpoint_auth: Option<bool>,
+    /// Kubeconfig file for the API server (upstream's `--kubeconfig`); without it `KUBECONFIG`,
+    /// `~/.kube/config` or the pod's service account.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// Namespace whose `bbr-managed` ConfigMaps are watched (without --mapping-file).
     #[arg(long, env = "NAMESPACE", default_value = "default")]
     pub namespace: String,
@@ -392,6 +401,8 @@ async fn bind(
 
 /// Starts BBR. Must run inside an actix `System`.
 pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
+    // Before any actor starts, so a bad --cert-path is a clean exit.
+    let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
     let map = Arc::new(ArcSwap::from_pointee(BaseModelMap::default()));
     let store = MappingStore(map.clone()).start();
     match &args.mapping_file {
@@ -409,7 +420,7 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
             .start();
         }
         None => {
-            let client = kube::Client::try_default()
+            let client = crate::kube_client::kube_client(args.kubeconfig.as_deref())
                 .await
                 .map_err(BbrStartError::Kube)?;
             ConfigMapWatcher::<MappingFile>::new(
@@ -430,13 +441,27 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
     let (metrics_l, metrics_addr) = bind("metrics", &args.bind_address, args.metrics_port).await?;
     let metrics = BbrMetrics::new();
     let page = metrics.clone();
-    let app = axum::Router::new().route(
+    let mut app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let page = page.clone();
             async move { crate::metrics_text::response(page.encode()) }
         }),
     );
+    if args
+        .metrics_endpoint_auth
+        .unwrap_or(args.mapping_file.is_none())
+    {
+        let client = crate::kube_client::kube_client(args.kubeconfig.as_deref())
+            .await
+            .map_err(BbrStartError::Kube)?;
+        app = app.layer(axum::middleware::from_fn_with_state(
+            crate::metrics_auth::MetricsAuth::new(Box::new(crate::metrics_auth::KubeReviewer(
+                client,
+            ))),
+            crate::metrics_auth::layer,
+        ));
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(metrics_l, app).await {
             tracing::error!(error = %e, "bbr metrics server stopped");
@@ -448,7 +473,6 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         metrics,
     })
     .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
-    let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
     crate::epp::serve::serve_pinned(
         grpc,
         svc,
@@ -460,18 +484,9 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         },
     )
     .map_err(BbrStartError::GrpcThreads)?;
-    let (reporter, health_svc) = tonic_health::server::health_reporter();
-    for s in [
-        "liveness",
-        "readiness",
-        "envoy.service.ext_proc.v3.ExternalProcessor",
-    ] {
-        reporter.set_service_status(s, ServingStatus::Serving).await;
-    }
     tokio::spawn(async move {
-        let _keep = reporter;
         if let Err(e) = tonic::transport::Server::builder()
-            .add_service(health_svc)
+            .add_service(health::BbrHealth.into_server())
             .serve_with_incoming(TcpListenerStream::new(health))
             .await
         {

@@ -59,12 +59,12 @@ pub enum EppError {
         #[source]
         source: config::EppConfigError,
     },
-    #[error("TLS: {0}")]
+    #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
     Selector(String),
-    #[error("Kubernetes client (set KUBECONFIG or run in a pod, or use --pool-file): {0}")]
-    Kube(#[source] kube::Error),
+    #[error("{0} (or use --pool-file)")]
+    Kube(#[source] crate::kube_client::KubeClientError),
     #[error("cannot start the scrape threads: {0}")]
     ScrapeThreads(#[source] std::io::Error),
     #[error("cannot start the gRPC serving threads: {0}")]
@@ -133,6 +133,15 @@ pub struct EppArgs {
     /// Ports of each selected pod that are endpoints (with --endpoint-selector), e.g. `8000,8001`.
     #[arg(long, value_delimiter = ',')]
     pub target_ports: Vec<i32>,
+    /// Protect `/metrics` and `/debug/*` with the API server's TokenReview and
+    /// SubjectAccessReview (a Bearer token whose identity may `get` the path), as upstream.
+    /// Default: on against Kubernetes, off with --pool-file (no API server to ask).
+    #[arg(long, value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_endpoint_auth: Option<bool>,
+    /// Kubeconfig file for the API server (upstream's `--kubeconfig`); without it `KUBECONFIG`,
+    /// `~/.kube/config` or the pod's service account.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// Standalone mode: YAML file with the pool's endpoints and model rules, watched live.
     /// Without it the EPP watches the InferencePool, its pods and models in Kubernetes.
     #[arg(long, env = "EPP_POOL_FILE")]
@@ -360,6 +369,12 @@ async fn metrics_page(State(p): State<PageState>) -> impl IntoResponse {
     crate::metrics_text::response(m.encode())
 }
 
+async fn kube_client(args: &EppArgs) -> Result<kube::Client, EppError> {
+    crate::kube_client::kube_client(args.kubeconfig.as_deref())
+        .await
+        .map_err(EppError::Kube)
+}
+
 fn endpoint_selector(args: &EppArgs) -> Result<Option<EndpointSelector>, EppError> {
     let Some(sel) = &args.endpoint_selector else {
         return Ok(None);
@@ -449,6 +464,9 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     if let Some(d) = args.metrics_staleness_threshold {
         scheduler.metrics_staleness_threshold = d.as_secs_f64();
     }
+    // Before any actor starts: a bad certificate is an error to exit on, not a half-started
+    // process to tear down.
+    let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
     let shared = Arc::new(Shared::new(scheduler));
     let metrics = EppMetrics::new();
 
@@ -514,7 +532,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
             .start();
         }
         None => {
-            let client = kube::Client::try_default().await.map_err(EppError::Kube)?;
+            let client = kube_client(&args).await?;
             if args.ha_enable_leader_election {
                 let identity = format!(
                     "{}-{:08x}",
@@ -575,7 +593,6 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     let svc = ExternalProcessorServer::new(extproc)
         // A buffered body arrives in one message; allow it past tonic's 4 MiB default.
         .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
-    let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
     serve::serve_pinned(
         grpc,
         svc,
@@ -599,7 +616,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         }
     });
 
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics_page))
         .with_state(PageState {
             metrics,
@@ -611,6 +628,19 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
                 .route("/debug/pool", get(debug_pool))
                 .with_state(shared.clone()),
         );
+    if args
+        .metrics_endpoint_auth
+        .unwrap_or(args.pool_file.is_none())
+    {
+        let reviewer = crate::metrics_auth::KubeReviewer(kube_client(&args).await?);
+        app = app.layer(axum::middleware::from_fn_with_state(
+            crate::metrics_auth::MetricsAuth::new(Box::new(reviewer)),
+            crate::metrics_auth::layer,
+        ));
+        tracing::info!(
+            "metrics and debug pages need a token the API server vouches for (--metrics-endpoint-auth)"
+        );
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(metrics_l, app).await {
             tracing::error!(error = %e, "metrics server stopped");

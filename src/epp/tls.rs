@@ -16,7 +16,11 @@ use tokio_rustls::TlsAcceptor;
 /// A certificate could not be loaded or made.
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("reading {path}: {message}")]
+    #[error(
+        "--cert-path {dir}: {problem}; give a directory holding tls.crt and tls.key (a mounted kubernetes.io/tls Secret), or leave --cert-path out for a self-signed certificate"
+    )]
+    CertDir { dir: String, problem: &'static str },
+    #[error("--cert-path: reading {path}: {message}")]
     Read { path: String, message: String },
     #[error("generating a self-signed certificate: {0}")]
     SelfSigned(String),
@@ -93,6 +97,7 @@ pub fn serving_acceptor(
 pub fn acceptor(cert_dir: Option<&Path>, reload_every: Duration) -> Result<TlsAcceptor, TlsError> {
     let resolver = match cert_dir {
         Some(dir) => {
+            check_dir(dir)?;
             let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
             let r = Arc::new(Resolver(ArcSwap::from_pointee(load(&cert, &key)?)));
             spawn_reloader(r.clone(), cert, key, reload_every);
@@ -106,6 +111,23 @@ pub fn acceptor(cert_dir: Option<&Path>, reload_every: Duration) -> Result<TlsAc
     // gRPC is HTTP/2.
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// A `--cert-path` that is not there, not a directory, or holds neither file gets an error
+/// that says so, rather than one about a file inside it.
+fn check_dir(dir: &Path) -> Result<(), TlsError> {
+    let problem = match std::fs::metadata(dir) {
+        Err(_) => "no such directory",
+        Ok(m) if !m.is_dir() => "not a directory",
+        Ok(_) if !dir.join("tls.crt").exists() && !dir.join("tls.key").exists() => {
+            "the directory holds neither tls.crt nor tls.key"
+        }
+        Ok(_) => return Ok(()),
+    };
+    Err(TlsError::CertDir {
+        dir: dir.display().to_string(),
+        problem,
+    })
 }
 
 fn spawn_reloader(r: Arc<Resolver>, cert: PathBuf, key: PathBuf, every: Duration) {
@@ -204,5 +226,21 @@ mod tests {
         );
         // At start this is an error of the acceptor (the process exits with it).
         assert!(acceptor(Some(dir.path()), Duration::from_secs(10)).is_err());
+    }
+
+    #[test]
+    fn a_missing_or_empty_cert_dir_is_named_with_the_flag() {
+        crate::runtime::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_dir(&dir.path().join("nope")).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--cert-path ") && e.contains("no such directory"),
+            "{e}"
+        );
+        let e = check_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("holds neither tls.crt nor tls.key"), "{e}");
+        std::fs::write(dir.path().join("f"), "").unwrap();
+        let e = check_dir(&dir.path().join("f")).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
     }
 }

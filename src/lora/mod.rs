@@ -37,8 +37,8 @@ pub enum SidecarError {
     Client(#[source] reqwest::Error),
     #[error("--configmap {0}")]
     ConfigMapSpec(String),
-    #[error("Kubernetes client for --configmap (set KUBECONFIG or run in a pod): {0}")]
-    Kube(#[source] kube::Error),
+    #[error("{0} (needed for --configmap)")]
+    Kube(#[source] crate::kube_client::KubeClientError),
 }
 
 /// Upstream's sidecar (Python argparse) spells every flag we share the same way; `-v` and
@@ -60,6 +60,10 @@ pub struct SidecarArgs {
     /// instead of a mounted file (needs get/list/watch on configmaps).
     #[arg(long)]
     pub configmap: Option<String>,
+    /// Kubeconfig file for --configmap; without it `KUBECONFIG`, `~/.kube/config` or the pod's
+    /// service account.
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
     /// Data key holding the config in --configmap.
     #[arg(long, default_value = "configmap.yaml")]
     pub configmap_key: String,
@@ -198,7 +202,7 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
         Some(spec) => {
             let source = ConfigMapSource::named(spec, &args.configmap_key)
                 .map_err(SidecarError::ConfigMapSpec)?;
-            let client = kube::Client::try_default()
+            let client = crate::kube_client::kube_client(args.kubeconfig.as_deref())
                 .await
                 .map_err(SidecarError::Kube)?;
             ConfigMapWatcher::<inferlane_sidecar::LoraConfig>::new(

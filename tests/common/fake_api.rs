@@ -49,6 +49,11 @@ pub struct FakeApi {
     /// While true, get/create/replace of leases hang (an API server that accepts the call
     /// and never answers); released when set back to false (or after a minute).
     pub hang_leases: Arc<tokio::sync::watch::Sender<bool>>,
+    /// TokenReview: bearer token -> user name; SubjectAccessReview: (user, path) allowed.
+    pub tokens: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    pub grants: Arc<Mutex<Vec<(String, String)>>>,
+    /// Reviews answered (TokenReview and SubjectAccessReview).
+    pub reviews: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub fn key_of(group: &str, version: &str, plural: &str) -> String {
@@ -59,6 +64,9 @@ impl FakeApi {
     pub fn new() -> Self {
         let (tx, _) = broadcast::channel(1024);
         Self {
+            tokens: Default::default(),
+            grants: Default::default(),
+            reviews: Default::default(),
             store: Arc::new(Mutex::new(Store {
                 rv: 100,
                 ..Default::default()
@@ -487,8 +495,45 @@ async fn patch_status(
     axum::Json(s.objects[&(key, name)].clone()).into_response()
 }
 
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews` and
+/// `/apis/authorization.k8s.io/v1/subjectaccessreviews`, from `tokens` and `grants`.
+async fn review(
+    State(api): State<FakeApi>,
+    Path((group, _version, plural)): Path<(String, String, String)>,
+    axum::Json(mut body): axum::Json<Value>,
+) -> Response {
+    api.reviews.fetch_add(1, Ordering::SeqCst);
+    match (group.as_str(), plural.as_str()) {
+        ("authentication.k8s.io", "tokenreviews") => {
+            let token = body["spec"]["token"].as_str().unwrap_or("").to_string();
+            let user = api.tokens.lock().unwrap().get(&token).cloned();
+            body["status"] = match user {
+                Some(u) => {
+                    json!({"authenticated": true, "user": {"username": u, "groups": ["system:authenticated"]}})
+                }
+                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+        }
+        ("authorization.k8s.io", "subjectaccessreviews") => {
+            let user = body["spec"]["user"].as_str().unwrap_or("").to_string();
+            let path = body["spec"]["nonResourceAttributes"]["path"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let allowed = api.grants.lock().unwrap().contains(&(user, path));
+            body["status"] = json!({"allowed": allowed});
+        }
+        _ => return status(404, "NotFound", "no such review"),
+    }
+    (axum::http::StatusCode::CREATED, axum::Json(body)).into_response()
+}
+
 pub async fn start_fake(api: FakeApi) -> String {
     let app = Router::new()
+        .route(
+            "/apis/{group}/{version}/{plural}",
+            axum::routing::post(review),
+        )
         .route(
             "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}/status",
             axum::routing::patch(patch_status),

@@ -20,15 +20,23 @@ pub fn bin(name: &str) -> PathBuf {
     }
 }
 
-/// A child process killed on drop.
+/// A child process killed on drop (with its whole process group when `group`).
 pub struct Proc {
     pub child: Child,
     pub addr: String,
     pub stderr_log: PathBuf,
+    pub group: bool,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.group {
+            // The group's id is the leader's pid (spawned with process_group(0)).
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -59,21 +67,36 @@ pub fn spawn_with_marker(
     marker: &str,
     log_dir: &Path,
 ) -> Proc {
+    let mut cmd = Command::new(bin_path);
+    cmd.args(args).env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    spawn_cmd_with_marker(cmd, marker, log_dir, false)
+}
+
+/// Spawns a prepared command (stdout piped, stderr to a log file), waits (bounded) for a
+/// stdout line starting with `marker` and returns the word after it as the address; `group`:
+/// the command leads a process group of its own, killed as a whole on drop.
+pub fn spawn_cmd_with_marker(mut cmd: Command, marker: &str, log_dir: &Path, group: bool) -> Proc {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let name = Path::new(&program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or(program.clone());
     let stderr_log = log_dir.join(format!(
         "{}-{}.log",
-        bin_path.file_name().unwrap().to_string_lossy(),
+        name,
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos()
     ));
-    let mut cmd = Command::new(bin_path);
-    cmd.args(args)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_log).unwrap())
-        .env("RUST_LOG", "info");
-    for (k, v) in env {
-        cmd.env(k, v);
+    cmd.stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_log).unwrap());
+    if group {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
     }
     let mut child = cmd.spawn().expect("spawn");
     let stdout = child.stdout.take().unwrap();
@@ -86,22 +109,20 @@ pub fn spawn_with_marker(
             }
         }
     });
-    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(a) => a,
-        Err(_) => {
-            let _ = child.kill();
-            panic!(
-                "{} did not print {marker:?} within 30 s; stderr:\n{}",
-                bin_path.display(),
-                std::fs::read_to_string(&stderr_log).unwrap_or_default()
-            );
-        }
-    };
-    Proc {
+    let mut proc = Proc {
         child,
-        addr,
+        addr: String::new(),
         stderr_log,
+        group,
+    };
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(a) => proc.addr = a,
+        Err(_) => panic!(
+            "{program} did not print {marker:?} within 30 s; stderr:\n{}",
+            proc.logs()
+        ),
     }
+    proc
 }
 
 /// Starts a vllm-sim on 127.0.0.1 with an ephemeral port and runtime LoRA updating on.
@@ -467,6 +488,7 @@ pub async fn spawn_envoy_config(cfg: &str, dir: &Path) -> Envoy {
         child,
         addr: String::new(),
         stderr_log: log,
+        group: false,
     };
     let c = client();
     let port = wait_for("envoy listener", Duration::from_secs(30), || {
