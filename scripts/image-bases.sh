@@ -31,15 +31,26 @@ have() { [ "$force" = 0 ] && podman image exists "$1"; }
 
 if ! have "$RUNTIME"; then
   echo "== $RUNTIME (local, from Debian $SUITE packages)"
-  # extract: the listed packages only, no maintainer scripts, hence no shell and no dpkg.
+  # extract: the listed packages only, no maintainer scripts, hence no shell and no dpkg (and
+  # no hooks either: the rest is done to the directory afterwards).
+  root="$tmp/runtime"
   mmdebstrap --quiet --variant=extract \
     --include=libc6,libgcc-s1,base-files,netbase,tzdata,ca-certificates \
-    --customize-hook='printf "root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n" > "$1/etc/passwd"' \
-    --customize-hook='printf "root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n" > "$1/etc/group"' \
-    --customize-hook='mkdir -p "$1/home/nonroot" "$1/tmp" "$1/etc/ssl/certs" && chown 65532:65532 "$1/home/nonroot" && chmod 1777 "$1/tmp"' \
-    --customize-hook='cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/ca-certificates.crt"' \
-    --customize-hook='rm -rf "$1/usr/share/doc" "$1/usr/share/man" "$1/usr/share/info" "$1/usr/share/lintian" "$1/var/lib/apt" "$1/var/cache/apt" "$1/etc/apt"' \
-    "$SUITE" "$tmp/runtime.tar"
+    "$SUITE" "$root"
+  printf 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' > "$root/etc/passwd"
+  printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' > "$root/etc/group"
+  mkdir -p "$root/home/nonroot" "$root/tmp" "$root/etc/ssl/certs"
+  chown 65532:65532 "$root/home/nonroot"
+  chmod 1777 "$root/tmp"
+  # The certificate bundle the package's maintainer script would have generated.
+  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+  rm -rf "$root/usr/share/doc" "$root/usr/share/man" "$root/usr/share/info" \
+    "$root/usr/share/lintian" "$root/var/lib/apt" "$root/var/cache/apt" "$root/etc/apt"
+  for sh in bin/sh bin/bash bin/dash usr/bin/sh; do
+    [ ! -e "$root/$sh" ] || { echo "the runtime base has a shell ($sh)" >&2; exit 1; }
+  done
+  tar -C "$root" -cf "$tmp/runtime.tar" .
+  rm -rf "$root"
   podman import --quiet \
     --change 'USER=65532:65532' --change 'WORKDIR=/home/nonroot' \
     --change 'ENV=PATH=/usr/local/bin:/usr/bin:/bin' \
@@ -52,10 +63,14 @@ if ! have "$BUILDER"; then
   sysroot=$(rustc --print sysroot)
   echo "== $BUILDER (local: Debian $SUITE + $(rustc --version) from $sysroot)"
   # The toolchain without its HTML docs (~800 MB); rustc finds its libraries relative to itself.
-  mmdebstrap --quiet --variant=minbase --include=gcc,libc6-dev,ca-certificates \
-    --customize-hook="mkdir -p \"\$1/usr/local/rust\" \"\$1/usr/local/cargo\" && cp -a $sysroot/bin $sysroot/lib $sysroot/libexec \"\$1/usr/local/rust/\"" \
-    --customize-hook='cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/ca-certificates.crt"' \
-    "$SUITE" "$tmp/builder.tar"
+  root="$tmp/builder"
+  mmdebstrap --quiet --variant=minbase --include=gcc,libc6-dev,ca-certificates "$SUITE" "$root"
+  mkdir -p "$root/usr/local/rust" "$root/usr/local/cargo"
+  cp -a "$sysroot/bin" "$sysroot/lib" "$sysroot/libexec" "$root/usr/local/rust/"
+  # cargo inside the build trusts the same roots as this machine (to reach crates.io).
+  cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+  tar -C "$root" -cf "$tmp/builder.tar" .
+  rm -rf "$root"
   podman import --quiet \
     --change 'ENV=CARGO_HOME=/usr/local/cargo' \
     --change 'ENV=PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

@@ -16,5 +16,13 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The four images, built the way a user builds them (local base images under the public
+# names, since no registry is reachable here); tests/images.rs starts each entrypoint in its
+# image. Needs root for podman; SKIP_IMAGES=1 leaves them out (the image test then skips).
+if [ "${SKIP_IMAGES:-0}" != 1 ]; then
+  echo "== images"
+  scripts/build-images.sh --local-bases
+  export INFERLANE_IMAGE_TESTS=1
+fi
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"

@@ -90,7 +90,10 @@ impl Container {
             .join(path.trim_start_matches('/'))
             .symlink_metadata()
             .is_ok();
-        let _ = Command::new("buildah").args(["umount", &self.id]).status();
+        let _ = Command::new("buildah")
+            .args(["umount", &self.id])
+            .stdout(Stdio::null())
+            .status();
         there
     }
 

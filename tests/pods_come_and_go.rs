@@ -152,7 +152,7 @@ impl Cluster {
                                 let s = r.status().as_u16();
                                 (s, r.text().await.unwrap_or_default())
                             }
-                            Err(e) => (0, e.to_string()),
+                            Err(e) => (0, format!("{e:?}")),
                         };
                         out.push(r);
                     }
@@ -247,10 +247,11 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     assert!(all.len() >= 100, "only {} requests", all.len());
     assert!(
         failed.is_empty(),
-        "{} of {} failed: {:?}",
+        "{} of {} failed: {:?}\nEnvoy: {}",
         failed.len(),
         all.len(),
-        &failed[..failed.len().min(5)]
+        &failed[..failed.len().min(5)],
+        cl.envoy.proc.logs()
     );
 }
 

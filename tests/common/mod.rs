@@ -508,6 +508,22 @@ pub async fn spawn_envoy_config(cfg: &str, dir: &Path) -> Envoy {
         }
     })
     .await;
+    // The listener accepts only once Envoy is LIVE (its clusters initialised: the EPP
+    // cluster's first health check has passed); until then connections are refused.
+    wait_for("envoy ready", Duration::from_secs(30), || {
+        let c = c.clone();
+        let admin_path = admin_path.clone();
+        async move {
+            let admin = std::fs::read_to_string(&admin_path).ok()?;
+            let r = c
+                .get(format!("http://{}/ready", admin.trim()))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(())
+        }
+    })
+    .await;
     Envoy {
         proc,
         port: port as u16,
