@@ -154,6 +154,20 @@ async fn routes_through_envoy_and_rejects_bad_bodies() {
     }
     let totals = f.totals().await;
     assert_eq!(totals.iter().sum::<u64>(), 20, "{totals:?}");
+    // Upstream's EPP marks the responses it saw.
+    let r =
+        f.c.post(f.url("/v1/completions"))
+            .json(&json!({"model": BASE, "prompt": "marked", "max_tokens": 1}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()
+            .get("x-went-into-resp-headers")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
 
     let r =
         f.c.post(f.url("/v1/completions"))
@@ -202,7 +216,7 @@ async fn routes_through_envoy_and_rejects_bad_bodies() {
     );
     let page = f.epp_metrics().await;
     assert!(
-        page.lines().any(|l| l == format!("inference_objective_request_total{{model_name=\"{BASE}\",target_model_name=\"{BASE}\"}} 20")),
+        page.lines().any(|l| l == format!("inference_objective_request_total{{model_name=\"{BASE}\",target_model_name=\"{BASE}\"}} 21")),
         "{page}"
     );
 }
