@@ -6,6 +6,12 @@
 //! and collecting them copies the page once more. Here the page is read straight into one
 //! buffer that lives as long as the connection (usually one or two `read` calls), parsed in
 //! place, and the head and chunk sizes are parsed by `httparse`.
+//!
+//! Measured again with the `name[]` filter on (a 2.3 KB page), 2026-12-06, three alternating
+//! runs of `scripts/bench-scrape.sh` (100 endpoints every 50 ms, release): this client 0.048-
+//! 0.052 cores; hyper's `client::conn::http1` with its connection polled in the same task
+//! 0.068-0.070 (+40 %), with the connection on a task of its own 0.077-0.088 (+50 %). Kept:
+//! the rule was to go back to hyper within 10 % (docs/benchmarks.md, "Scrape client").
 
 use std::io::ErrorKind;
 use std::time::Duration;
