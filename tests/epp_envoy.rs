@@ -1042,7 +1042,10 @@ async fn a_server_whose_engine_dies_is_taken_out_by_its_answers() {
     faults(&f.c, &f.sims[0], json!({"failure_rate": 1.0})).await;
     let first = statuses(&f, 60, 4).await;
     let failed = first.iter().filter(|s| **s != 200).count();
-    eprintln!("engine died (file mode): {failed} of {} failed", first.len());
+    eprintln!(
+        "engine died (file mode): {failed} of {} failed",
+        first.len()
+    );
     assert!((1..=6).contains(&failed), "{failed} failed: {first:?}");
     assert!(first[30..].iter().all(|s| *s == 200), "{first:?}");
     let pool = || async {

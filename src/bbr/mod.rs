@@ -30,7 +30,7 @@ use crate::epp::extproc::{
     ResponseStream, Tx, continue_headers, driven_processor, immediate_error, is_full_duplex,
     pass_through, reply, send, send_streamed_body, set_header,
 };
-use crate::epp::tls;
+use crate::net::tls;
 use crate::runtime::parse_bool;
 
 /// Header naming the model the client asked for.
@@ -53,7 +53,7 @@ pub enum BbrStartError {
     #[error("cannot start the gRPC serving threads: {0}")]
     GrpcThreads(#[source] std::io::Error),
     #[error("{0} (or give --mapping-file)")]
-    Kube(#[source] crate::kube_client::KubeClientError),
+    Kube(#[source] crate::net::kube_client::KubeClientError),
 }
 
 /// Upstream bbr flags we accept without acting on them (the reason is logged at start);
@@ -183,7 +183,7 @@ impl BbrMetrics {
             "Requests whose body is not a JSON object",
             not_parsed.clone(),
         );
-        crate::metrics_text::register_info(
+        crate::net::metrics_text::register_info(
             &mut r,
             "bbr",
             &[("version", env!("CARGO_PKG_VERSION"))],
@@ -197,7 +197,7 @@ impl BbrMetrics {
     }
 
     pub fn encode(&self) -> String {
-        crate::metrics_text::encode(&self.registry)
+        crate::net::metrics_text::encode(&self.registry)
     }
 }
 
@@ -420,7 +420,7 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
             .start();
         }
         None => {
-            let client = crate::kube_client::kube_client(args.kubeconfig.as_deref())
+            let client = crate::net::kube_client::kube_client(args.kubeconfig.as_deref())
                 .await
                 .map_err(BbrStartError::Kube)?;
             ConfigMapWatcher::<MappingFile>::new(
@@ -445,21 +445,21 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         "/metrics",
         axum::routing::get(move || {
             let page = page.clone();
-            async move { crate::metrics_text::response(page.encode()) }
+            async move { crate::net::metrics_text::response(page.encode()) }
         }),
     );
     if args
         .metrics_endpoint_auth
         .unwrap_or(args.mapping_file.is_none())
     {
-        let client = crate::kube_client::kube_client(args.kubeconfig.as_deref())
+        let client = crate::net::kube_client::kube_client(args.kubeconfig.as_deref())
             .await
             .map_err(BbrStartError::Kube)?;
         app = app.layer(axum::middleware::from_fn_with_state(
-            crate::metrics_auth::MetricsAuth::new(Box::new(crate::metrics_auth::KubeReviewer(
-                client,
-            ))),
-            crate::metrics_auth::layer,
+            crate::net::metrics_auth::MetricsAuth::new(Box::new(
+                crate::net::metrics_auth::KubeReviewer(client),
+            )),
+            crate::net::metrics_auth::layer,
         ));
     }
     tokio::spawn(async move {
@@ -473,14 +473,14 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         metrics,
     })
     .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
-    crate::epp::serve::serve_pinned(
+    crate::net::serve::serve_pinned(
         grpc,
         svc,
-        crate::epp::serve::ServeOptions {
-            threads: crate::epp::serve::grpc_threads(args.grpc_threads),
+        crate::net::serve::ServeOptions {
+            threads: crate::net::serve::grpc_threads(args.grpc_threads),
             tls,
             name: "bbr",
-            max_concurrent_streams: crate::epp::serve::DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_concurrent_streams: crate::net::serve::DEFAULT_MAX_CONCURRENT_STREAMS,
         },
     )
     .map_err(BbrStartError::GrpcThreads)?;

@@ -35,7 +35,7 @@ use crate::epp::extproc::{
     DESTINATION_HEADER, ResponseStream, continue_headers, driven_processor, is_full_duplex,
     pass_through, reply, send, set_header, streamed_body,
 };
-use crate::epp::{serve, tls};
+use crate::net::{serve, tls};
 use crate::runtime::parse_bool;
 
 /// Which server stack answers.

@@ -255,7 +255,7 @@ impl EppMetrics {
             "Generation of the pool snapshot routing reads (bumped on each change)",
             m.pool_generation.clone(),
         );
-        crate::metrics_text::register_info(
+        crate::net::metrics_text::register_info(
             &mut r,
             "inference_extension",
             &[
@@ -302,7 +302,7 @@ impl EppMetrics {
     }
 
     pub fn encode(&self) -> String {
-        crate::metrics_text::encode(&self.registry)
+        crate::net::metrics_text::encode(&self.registry)
     }
 }
 

@@ -5,10 +5,7 @@ pub mod extproc;
 pub mod flow_control;
 pub mod health;
 pub mod metrics;
-pub mod scrape_http;
-pub mod serve;
 pub mod state;
-pub mod tls;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -31,6 +28,7 @@ use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatcherOptions};
 use crate::actors::kube_discovery::{EndpointSelector, KubeDiscovery, PoolTarget};
 use crate::actors::leader::{LeaderElector, LeaseOptions};
 use crate::actors::scraper::{ScrapeOptions, ScrapeThreads};
+use crate::net::{serve, tls};
 use crate::runtime::{parse_bool, parse_duration};
 use config::PoolFile;
 use extproc::{ExtProc, ExtProcOptions};
@@ -64,7 +62,7 @@ pub enum EppError {
     #[error("{0}")]
     Selector(String),
     #[error("{0} (or use --pool-file)")]
-    Kube(#[source] crate::kube_client::KubeClientError),
+    Kube(#[source] crate::net::kube_client::KubeClientError),
     #[error("cannot start the scrape threads: {0}")]
     ScrapeThreads(#[source] std::io::Error),
     #[error("cannot start the gRPC serving threads: {0}")]
@@ -366,11 +364,11 @@ async fn metrics_page(State(p): State<PageState>) -> impl IntoResponse {
     m.ready.set(i64::from(synced && leader));
     m.pool_generation
         .set(i64::try_from(p.shared.snapshot.load().generation).unwrap_or(i64::MAX));
-    crate::metrics_text::response(m.encode())
+    crate::net::metrics_text::response(m.encode())
 }
 
 async fn kube_client(args: &EppArgs) -> Result<kube::Client, EppError> {
-    crate::kube_client::kube_client(args.kubeconfig.as_deref())
+    crate::net::kube_client::kube_client(args.kubeconfig.as_deref())
         .await
         .map_err(EppError::Kube)
 }
@@ -632,10 +630,10 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         .metrics_endpoint_auth
         .unwrap_or(args.pool_file.is_none())
     {
-        let reviewer = crate::metrics_auth::KubeReviewer(kube_client(&args).await?);
+        let reviewer = crate::net::metrics_auth::KubeReviewer(kube_client(&args).await?);
         app = app.layer(axum::middleware::from_fn_with_state(
-            crate::metrics_auth::MetricsAuth::new(Box::new(reviewer)),
-            crate::metrics_auth::layer,
+            crate::net::metrics_auth::MetricsAuth::new(Box::new(reviewer)),
+            crate::net::metrics_auth::layer,
         ));
         tracing::info!(
             "metrics and debug pages need a token the API server vouches for (--metrics-endpoint-auth)"

@@ -148,7 +148,7 @@ impl SidecarMetrics {
             "1 while the server's adapters match the config",
             m.in_sync.clone(),
         );
-        crate::metrics_text::register_info(
+        crate::net::metrics_text::register_info(
             &mut r,
             "lora_syncer",
             &[("version", env!("CARGO_PKG_VERSION"))],
@@ -161,7 +161,7 @@ impl SidecarMetrics {
 
     /// Text exposition (OpenMetrics).
     pub fn encode(&self) -> String {
-        crate::metrics_text::encode(&self.registry)
+        crate::net::metrics_text::encode(&self.registry)
     }
 }
 

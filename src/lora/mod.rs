@@ -38,7 +38,7 @@ pub enum SidecarError {
     #[error("--configmap {0}")]
     ConfigMapSpec(String),
     #[error("{0} (needed for --configmap)")]
-    Kube(#[source] crate::kube_client::KubeClientError),
+    Kube(#[source] crate::net::kube_client::KubeClientError),
 }
 
 /// Upstream's sidecar (Python argparse) spells every flag we share the same way; `-v` and
@@ -114,7 +114,7 @@ struct HttpState {
 }
 
 async fn metrics_handler(State(s): State<HttpState>) -> Response {
-    crate::metrics_text::response(s.metrics.encode()).into_response()
+    crate::net::metrics_text::response(s.metrics.encode()).into_response()
 }
 
 async fn healthz() -> &'static str {
@@ -202,7 +202,7 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
         Some(spec) => {
             let source = ConfigMapSource::named(spec, &args.configmap_key)
                 .map_err(SidecarError::ConfigMapSpec)?;
-            let client = crate::kube_client::kube_client(args.kubeconfig.as_deref())
+            let client = crate::net::kube_client::kube_client(args.kubeconfig.as_deref())
                 .await
                 .map_err(SidecarError::Kube)?;
             ConfigMapWatcher::<inferlane_sidecar::LoraConfig>::new(
