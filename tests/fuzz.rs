@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use inferlane::epp::config::PoolFile;
+use inferlane::pool::config::PoolFile;
 use inferlane_epp::request::{self, ApiKind, MAX_MODEL_NAME_BYTES};
 use inferlane_epp::{EngineType, metrics};
 use proptest::prelude::*;

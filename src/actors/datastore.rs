@@ -12,9 +12,9 @@ use inferlane_epp::rules::UnknownModelPolicy;
 
 use super::messages::ConfigChanged;
 use super::scraper::{ScrapeOptions, Scraper, StopScraping};
-use crate::epp::config::{EndpointSpec, PoolFile};
-use crate::epp::metrics::EppMetrics;
-use crate::epp::state::{EndpointHandle, PoolSnapshot, Shared};
+use crate::pool::config::{EndpointSpec, PoolFile};
+use crate::pool::metrics::EppMetrics;
+use crate::pool::state::{EndpointHandle, PoolSnapshot, Shared};
 
 /// Fact: discovery found this set of endpoints (replaces the previous set).
 #[derive(Debug, Message)]

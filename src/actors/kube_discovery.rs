@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 
 use super::datastore::{Datastore, EndpointsDiscovered, RulesChanged};
 use crate::crds::{v1, v1alpha2};
-use crate::epp::config::EndpointSpec;
+use crate::pool::config::EndpointSpec;
 
 /// The pod label naming the engine (vllm, sglang, trt-llm).
 pub const ENGINE_LABEL: &str = "inference.networking.k8s.io/engine-type";

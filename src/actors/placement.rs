@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::epp::state::{Shared, lock_placement};
+use crate::pool::state::{Shared, lock_placement};
 
 /// The placement keeper actor.
 pub struct PlacementKeeper {

@@ -15,8 +15,8 @@ use inferlane_epp::metrics::{FamilySet, MetricsError, Page, parse_page};
 use inferlane_sidecar::models::parse_models;
 use tokio::task::JoinHandle;
 
-use crate::epp::state::{EndpointHandle, Scraped, ServedModels, clock_ms};
 use crate::net::scrape_http::{ScrapeClient, ScrapeError};
+use crate::pool::state::{EndpointHandle, Scraped, ServedModels, clock_ms};
 use inferlane_epp::outlier::OutlierPolicy;
 
 /// Scrape settings.

@@ -15,7 +15,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use super::state::Shared;
+use crate::pool::state::Shared;
 
 /// Always serving while the process answers.
 pub const LIVENESS: &str = "liveness";

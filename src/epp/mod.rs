@@ -1,12 +1,6 @@
 //! epp wiring: flags, the ext_proc and health gRPC servers, the metrics server, actor start-up.
 
-pub mod config;
-pub mod extproc;
-pub mod flow_control;
 pub mod health;
-pub mod metrics;
-pub mod state;
-pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,16 +18,16 @@ use thiserror::Error;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::actors::datastore::{Datastore, DatastoreOptions};
-use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatcherOptions};
+use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::kube_discovery::{EndpointSelector, KubeDiscovery, PoolTarget};
 use crate::actors::leader::{LeaderElector, LeaseOptions};
 use crate::actors::scraper::{ScrapeOptions, ScrapeThreads};
+use crate::extproc::{ExtProc, ExtProcOptions};
 use crate::net::{serve, tls};
+use crate::pool::config::{self, PoolFile};
+use crate::pool::metrics::EppMetrics;
+use crate::pool::state::Shared;
 use crate::runtime::{parse_bool, parse_duration};
-use config::PoolFile;
-use extproc::{ExtProc, ExtProcOptions};
-use metrics::EppMetrics;
-use state::Shared;
 
 /// Errors that stop the EPP from starting.
 #[derive(Debug, Error)]
@@ -409,7 +403,7 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "ejected": h.outlier.is_ejected()}))
         .collect();
     // How many prompt prefixes this replica places: replicas that agree hold about as many.
-    let prefixes = crate::epp::state::lock_placement(&shared).len();
+    let prefixes = crate::pool::state::lock_placement(&shared).len();
     let mut models: Vec<&str> = snap.rules.model_names().collect();
     models.sort_unstable();
     let targets: serde_json::Map<String, serde_json::Value> = models
@@ -430,6 +424,24 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
                            "ready": shared.pool_synced.load(std::sync::atomic::Ordering::Acquire),
                            "leader": shared.is_leader.load(std::sync::atomic::Ordering::SeqCst)}),
     )
+}
+
+/// The pool file, as the file watcher reads it.
+impl WatchedConfig for PoolFile {
+    type Error = config::EppConfigError;
+
+    fn parse(text: &str, _validate: bool) -> Result<Self, Self::Error> {
+        PoolFile::parse(text)
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "pool {} with {} endpoints, {} model rules",
+            self.name.as_deref().unwrap_or("(unnamed)"),
+            self.endpoints.len(),
+            self.rules.model_names().count()
+        )
+    }
 }
 
 /// Starts the EPP. Must run inside an actix `System`.
@@ -581,7 +593,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
             ttl = ?settings.default_ttl,
             "flow control on: requests are held while the pool is saturated"
         );
-        extproc = extproc.with_flow_control(flow_control::FlowControl::start(
+        extproc = extproc.with_flow_control(crate::flow_control::FlowControl::start(
             settings,
             shared.clone(),
             metrics.clone(),

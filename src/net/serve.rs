@@ -284,14 +284,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer::new(
-            crate::epp::extproc::ExtProc::new(
-                Arc::new(crate::epp::state::Shared::new(Default::default())),
-                crate::epp::extproc::ExtProcOptions {
+            crate::extproc::ExtProc::new(
+                Arc::new(crate::pool::state::Shared::new(Default::default())),
+                crate::extproc::ExtProcOptions {
                     max_body_bytes: 1024,
                     restore_model_name: false,
                     trust_model_rewrite_header: false,
                 },
-                crate::epp::metrics::EppMetrics::new(),
+                crate::pool::metrics::EppMetrics::new(),
             ),
         );
         serve_pinned(

@@ -15,15 +15,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use inferlane_epp::flow::{EnqueueError, FlowConfig, FlowQueues, Item, ItemId};
+use inferlane_epp::flow::{EnqueueError, FlowQueues, Item, ItemId};
 use inferlane_epp::scheduler::{Candidate, ModelPresence, dispatch_saturation};
 use tokio::sync::oneshot;
 
-use super::extproc::for_log;
-use super::metrics::{
+use crate::pool::config::FlowSettings;
+use crate::pool::labels::for_log;
+use crate::pool::metrics::{
     EppMetrics, FlowEnqueueLabels, FlowOutcomeLabels, FlowQueueLabels, InferencePoolLabels,
 };
-use super::state::Shared;
+use crate::pool::state::Shared;
 
 /// How often the dispatcher re-reads saturation and sweeps TTLs while requests are held.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -35,17 +36,6 @@ pub const DEFAULT_FLOW: &str = "default-flow";
 pub const MAX_FAIRNESS_ID_BYTES: usize = 256;
 /// Distinct fairness ids given their own metric series; later ones share `other`.
 pub const FLOW_LABELS_MAX: usize = 64;
-
-/// Flow control's settings (from `flowControl` of the EndpointPickerConfig).
-#[derive(Debug, Clone, PartialEq)]
-pub struct FlowSettings {
-    pub queues: FlowConfig,
-    /// How long a request may wait; `None` waits until the client goes away.
-    pub default_ttl: Option<Duration>,
-    /// Sheddable requests (negative priority) are answered 429 at once when the pool is
-    /// saturated instead of being queued (upstream queues them with the gate on).
-    pub shed_sheddable: bool,
-}
 
 /// Why a held request was not dispatched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -333,7 +323,7 @@ impl FlowControl {
             seen.insert(id.to_string());
             return id.to_string();
         }
-        super::extproc::OTHER_MODEL.to_string()
+        crate::pool::labels::OTHER_MODEL.to_string()
     }
 
     /// The pool's saturation now, counting released-but-unpicked requests.

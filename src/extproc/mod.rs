@@ -1,5 +1,7 @@
 //! Envoy ext_proc server: one gRPC stream per HTTP request; picks from the snapshot, never a mailbox.
 
+pub mod usage;
+
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,47 +28,14 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::flow_control::{
+use crate::flow_control::{
     DEFAULT_FLOW, FAIRNESS_HEADER, FlowControl, FlowRequest, MAX_FAIRNESS_ID_BYTES, Pass,
 };
-use super::metrics::{EndpointLabels, ErrorLabels, ModelLabels};
-use super::state::{EndpointHandle, Shared};
-use super::usage::UsageParser;
-use crate::epp::metrics::EppMetrics;
-
-/// The metric label of every model name no rule and no server knows.
-pub const OTHER_MODEL: &str = "other";
-/// Longest client-chosen value (model name, request id) written into a log line.
-const LOG_VALUE_MAX: usize = 128;
-
-/// `s` cut to [`LOG_VALUE_MAX`] bytes at a character boundary, for logs.
-pub(crate) fn for_log(s: &str) -> &str {
-    if s.len() <= LOG_VALUE_MAX {
-        return s;
-    }
-    let mut end = LOG_VALUE_MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// The metric label for a model name: itself when a rule names or targets it or a server of
-/// the pool lists it, else [`OTHER_MODEL`].
-fn model_label(snap: &super::state::PoolSnapshot, name: &str) -> String {
-    let known = name.is_empty()
-        || snap.rules.knows(name)
-        || snap.rules.targets(name)
-        || snap
-            .endpoints
-            .iter()
-            .any(|h| h.models.load().as_ref().is_some_and(|m| m.contains(name)));
-    if known {
-        name.to_string()
-    } else {
-        OTHER_MODEL.to_string()
-    }
-}
+use crate::pool::labels::{for_log, model_label};
+use crate::pool::metrics::EppMetrics;
+use crate::pool::metrics::{EndpointLabels, ErrorLabels, ModelLabels};
+use crate::pool::state::{EndpointHandle, Shared};
+use usage::UsageParser;
 
 /// Header carrying the decision to the gateway (and Envoy's ORIGINAL_DST cluster).
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -165,13 +134,13 @@ struct RequestState {
     requested_model: String,
     target_model: String,
     /// Metric label values of the two: the name itself when a rule or a server knows it,
-    /// otherwise [`OTHER_MODEL`], so clients cannot mint series.
+    /// otherwise [`crate::pool::labels::OTHER_MODEL`], so clients cannot mint series.
     model_label: String,
     target_label: String,
     in_flight: Option<InFlight>,
     usage: Option<UsageParser>,
     /// Set for rewritten requests when --restore-model-name is on.
-    restorer: Option<super::usage::ModelRestorer>,
+    restorer: Option<usage::ModelRestorer>,
     response_status: u16,
     /// A request body phase was opened (a body message arrived): only then does a
     /// full-duplex request get its body streamed back.
@@ -535,7 +504,7 @@ impl ExtProc {
                     .filter(|c| c.healthy && c.has_model != ModelPresence::No)
                     .map(|c| c.key)
                     .collect();
-                let mut placement = crate::epp::state::lock_placement(&self.shared);
+                let mut placement = crate::pool::state::lock_placement(&self.shared);
                 placement.set_factor(cfg.prefix_balance_factor);
                 placement.place(key, &keys, self.shared.epoch.elapsed().as_secs_f64())
             }
@@ -594,7 +563,7 @@ impl ExtProc {
         let mut body_changed = false;
         if let (Some(r), Some(_)) = (&resolved, &parsed) {
             if r.rewritten() && self.opts.restore_model_name {
-                st.restorer = Some(super::usage::ModelRestorer::new(&r.target, &r.requested));
+                st.restorer = Some(usage::ModelRestorer::new(&r.target, &r.requested));
             }
             let priority =
                 (cfg.forward_priority && r.priority != 0).then(|| -i64::from(r.priority));

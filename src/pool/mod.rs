@@ -1,0 +1,6 @@
+//! The pool as the actors and the request path share it: the snapshot and endpoint handles, the configuration formats, metrics and labels.
+
+pub mod config;
+pub mod labels;
+pub mod metrics;
+pub mod state;
