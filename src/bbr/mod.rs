@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
-use crate::extproc::{
+use crate::extproc::proto::{
     ResponseStream, Tx, continue_headers, driven_processor, immediate_error, is_full_duplex,
     pass_through, reply, send, send_streamed_body, set_header,
 };

@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::extproc::{
+use crate::extproc::proto::{
     DESTINATION_HEADER, ResponseStream, continue_headers, driven_processor, is_full_duplex,
     pass_through, reply, send, set_header, streamed_body,
 };

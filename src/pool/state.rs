@@ -170,6 +170,14 @@ pub fn lock_placement(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The prefix index, locked; poison-tolerant for the same reason as [`lock_placement`].
+pub fn lock_prefix(shared: &Shared) -> std::sync::MutexGuard<'_, PrefixIndex> {
+    shared
+        .prefix
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Shared {
     pub fn new(scheduler: SchedulerConfig) -> Self {
         let cap = scheduler.prefix_index_capacity;

@@ -1,0 +1,292 @@
+//! The pick: the endpoints the request may go to, as the scheduler sees them, the prompt's prefix and its home, then the scheduler's choice and what it changes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
+use inferlane_epp::request;
+use inferlane_epp::rules::Resolved;
+use inferlane_epp::scheduler::{Candidate, ModelPresence, PickInput, pool_saturation};
+use inferlane_epp::{PickError, SchedulerConfig};
+
+use super::ExtProc;
+use super::prepare::Prepared;
+use super::proto::set_header;
+use super::state::{InFlight, Reject, RequestState};
+use super::usage::{ModelRestorer, UsageParser};
+use crate::pool::labels::for_log;
+use crate::pool::metrics::{EndpointLabels, ModelLabels};
+use crate::pool::state::{
+    EndpointHandle, PoolSnapshot, Scraped, ServedModels, lock_placement, lock_prefix,
+};
+
+/// The routing decision: where to send the request and how to change it.
+pub(super) struct Decision {
+    pub(super) destination: String,
+    pub(super) extra_headers: Vec<HeaderValueOption>,
+    /// The request body (rewritten in place) must be sent on.
+    pub(super) body_changed: bool,
+}
+
+/// What the endpoints reported, loaded once for this pick (candidates borrow from it).
+struct FleetView {
+    scraped: Vec<Option<Arc<Scraped>>>,
+    models: Vec<Option<Arc<ServedModels>>>,
+}
+
+impl FleetView {
+    fn load(endpoints: &[&Arc<EndpointHandle>]) -> Self {
+        Self {
+            scraped: endpoints.iter().map(|h| h.scraped.load_full()).collect(),
+            models: endpoints.iter().map(|h| h.models.load_full()).collect(),
+        }
+    }
+
+    /// The target is an adapter: some server lists it as one and none as a base model.
+    fn is_adapter(&self, target: Option<&str>) -> bool {
+        target.is_some_and(|t| {
+            let mut models = self.models.iter().flatten();
+            models.clone().any(|m| m.adapters.contains(t)) && !models.any(|m| m.base.contains(t))
+        })
+    }
+
+    fn candidates<'a>(
+        &'a self,
+        endpoints: &[&Arc<EndpointHandle>],
+        target: Option<&str>,
+    ) -> Vec<Candidate<'a>> {
+        let now = Instant::now();
+        endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let has_model = match (target, &self.models[i]) {
+                    (None, _) => ModelPresence::Yes,
+                    (Some(_), None) => ModelPresence::Unknown,
+                    (Some(t), Some(m)) if m.contains(t) => ModelPresence::Yes,
+                    (Some(_), Some(_)) => ModelPresence::No,
+                };
+                h.candidate(&self.scraped[i], now, has_model)
+            })
+            .collect()
+    }
+}
+
+/// The prompt's prefix as the prefix scorer and affinity read it.
+struct Prefix {
+    blocks: Vec<u64>,
+    matches: HashMap<u32, usize>,
+    key: Option<u64>,
+    home: Option<u64>,
+}
+
+/// The endpoints the gateway allows (its subset hint), else the whole pool.
+fn allowed<'a>(
+    st: &RequestState,
+    snap: &'a PoolSnapshot,
+) -> Result<Vec<&'a Arc<EndpointHandle>>, Reject> {
+    let Some(list) = &st.subset else {
+        return Ok(snap.endpoints.iter().collect());
+    };
+    if list.is_empty() {
+        return Err(Reject::new(
+            503,
+            "ServiceUnavailable",
+            "the gateway's subset hint lists no endpoints",
+        ));
+    }
+    Ok(snap
+        .endpoints
+        .iter()
+        .filter(|h| list.iter().any(|a| *a == h.address))
+        .collect())
+}
+
+impl ExtProc {
+    /// Picks for a prepared request; the only shared writes are atomics and the prefix index.
+    pub(super) fn decide(
+        &self,
+        st: &mut RequestState,
+        prepared: Prepared,
+        admitted: bool,
+    ) -> Result<Decision, Reject> {
+        let Prepared {
+            started,
+            parsed,
+            resolved,
+            mut extra_headers,
+        } = prepared;
+        let snap = self.shared.snapshot.load();
+        let cfg = self.shared.scheduler.load();
+        let prompt = parsed.as_ref().map_or("", |p| p.prompt.as_str());
+        let target = resolved.as_ref().map(|r| r.target.as_str());
+        let endpoints = allowed(st, &snap)?;
+        let view = FleetView::load(&endpoints);
+        let is_adapter = view.is_adapter(target);
+        let candidates = view.candidates(&endpoints, target);
+        let prefix = self.prefix(&cfg, target.unwrap_or(""), prompt, &candidates, is_adapter);
+        let input = PickInput {
+            target: target.unwrap_or(""),
+            is_adapter,
+            sheddable: resolved.as_ref().is_some_and(|r| r.sheddable()),
+            prefix_matches: &prefix.matches,
+            total_blocks: prefix.blocks.len(),
+            tie_break: rand::random(),
+            admitted,
+            affinity_key: prefix.key,
+            affinity_home: prefix.home,
+        };
+        let picked = inferlane_epp::pick(&cfg, &candidates, &input)
+            .map_err(|e| pick_error(e, &snap, st, &cfg, &candidates))?;
+        let chosen = endpoints[picked[0]];
+        self.commit(st, chosen, &prefix.blocks);
+        let destination = picked
+            .iter()
+            .map(|&i| endpoints[i].address.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let body_changed = match (&resolved, &parsed) {
+            (Some(r), Some(_)) => self.apply_rules(st, r, &cfg, &mut extra_headers)?,
+            _ => false,
+        };
+        self.metrics
+            .picks
+            .get_or_create(&EndpointLabels {
+                endpoint: chosen.address.clone(),
+            })
+            .inc();
+        self.metrics
+            .scheduler_e2e
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(request_id = for_log(st.headers.request_id()), model = for_log(&st.requested_model), target = for_log(&st.target_model), endpoint = %destination, "picked");
+        Ok(Decision {
+            destination,
+            extra_headers,
+            body_changed,
+        })
+    }
+
+    /// The prompt's blocks, what the prefix index has seen of them, and where the prefix
+    /// lives: a function of the active prefixes and the endpoints that can serve it, the
+    /// same on every replica (adapters follow LoRA affinity instead).
+    fn prefix(
+        &self,
+        cfg: &SchedulerConfig,
+        seed: &str,
+        prompt: &str,
+        candidates: &[Candidate<'_>],
+        is_adapter: bool,
+    ) -> Prefix {
+        let blocks = if cfg.prefix_cache_weight > 0.0 {
+            request::prefix_blocks(seed, prompt, cfg.prefix_block_chars, cfg.prefix_max_blocks)
+        } else {
+            Vec::new()
+        };
+        let matches = if blocks.is_empty() {
+            HashMap::new()
+        } else {
+            lock_prefix(&self.shared).match_lengths(&blocks)
+        };
+        let key = match blocks.len().min(cfg.rendezvous_blocks) {
+            0 => None,
+            n => Some(blocks[n - 1]),
+        };
+        let home = match key {
+            Some(key) if cfg.prefix_balance_factor > 0.0 && !is_adapter => {
+                let keys: Vec<u64> = candidates
+                    .iter()
+                    .filter(|c| c.healthy && c.has_model != ModelPresence::No)
+                    .map(|c| c.key)
+                    .collect();
+                let mut placement = lock_placement(&self.shared);
+                placement.set_factor(cfg.prefix_balance_factor);
+                placement.place(key, &keys, self.shared.epoch.elapsed().as_secs_f64())
+            }
+            _ => None,
+        };
+        Prefix {
+            blocks,
+            matches,
+            key,
+            home,
+        }
+    }
+
+    /// The chosen endpoint's counters and the prefix index learn of the pick.
+    fn commit(&self, st: &mut RequestState, chosen: &Arc<EndpointHandle>, blocks: &[u64]) {
+        chosen
+            .dispatched_since_scrape
+            .fetch_add(1, Ordering::Relaxed);
+        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+        st.in_flight = Some(InFlight(chosen.clone(), self.flow.clone()));
+        if !blocks.is_empty() {
+            lock_prefix(&self.shared).insert(blocks, chosen.id);
+        }
+    }
+
+    /// What the rules change in a request with a body: the target model (and a forwarded
+    /// priority) written into the body in place, the client's name kept to put back, the
+    /// request counted. True when the body changed.
+    fn apply_rules(
+        &self,
+        st: &mut RequestState,
+        r: &Resolved,
+        cfg: &SchedulerConfig,
+        extra_headers: &mut Vec<HeaderValueOption>,
+    ) -> Result<bool, Reject> {
+        if r.rewritten() && self.opts.restore_model_name {
+            st.restorer = Some(ModelRestorer::new(&r.target, &r.requested));
+        }
+        let priority = (cfg.forward_priority && r.priority != 0).then(|| -i64::from(r.priority));
+        let changed = r.rewritten() || priority.is_some();
+        if changed {
+            request::rewrite_in_place(&mut st.body, &r.target, priority)
+                .map_err(|e| Reject::new(400, "BadRequest", e.to_string()))?;
+            if !st.full_duplex {
+                extra_headers.push(set_header("content-length", &st.body.len().to_string()));
+            }
+        }
+        self.metrics
+            .requests
+            .get_or_create(&ModelLabels {
+                model_name: st.model_label.clone(),
+                target_model_name: st.target_label.clone(),
+            })
+            .inc();
+        st.usage = Some(UsageParser::default());
+        Ok(changed)
+    }
+}
+
+/// The client's answer when nothing was picked. A model no rule names and no server lists
+/// does not exist here: 404, as vLLM answers it (a named model whose servers lack it is a
+/// 503: it may come back).
+fn pick_error(
+    e: PickError,
+    snap: &PoolSnapshot,
+    st: &RequestState,
+    cfg: &SchedulerConfig,
+    candidates: &[Candidate<'_>],
+) -> Reject {
+    if let PickError::ModelUnavailable(m) = &e
+        && !snap.rules.knows(&st.requested_model)
+    {
+        return Reject::new(
+            404,
+            "ModelNotFound",
+            format!(
+                "The model `{m}` does not exist in this pool: no InferenceModel names it and no model server lists it."
+            ),
+        );
+    }
+    let code = match e {
+        PickError::Saturated => "TooManyRequests",
+        _ => "ServiceUnavailable",
+    };
+    if matches!(e, PickError::Saturated) {
+        tracing::debug!(saturation = pool_saturation(cfg, candidates), "shedding");
+    }
+    Reject::new(e.status(), code, e.to_string())
+}
