@@ -1,0 +1,266 @@
+//! The EPP's flags: upstream's names where upstream has them, and the upstream spellings mapped onto ours.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::net::serve;
+use crate::runtime::{parse_bool, parse_duration};
+
+/// epp flags (upstream-compatible names where upstream has them).
+#[derive(Debug, Clone, Args)]
+pub struct EppArgs {
+    /// ext_proc gRPC port.
+    #[arg(long, default_value_t = 9002)]
+    pub grpc_port: u16,
+    /// gRPC health port (services `liveness`, `readiness`, the ExternalProcessor).
+    #[arg(long, default_value_t = 9003)]
+    pub grpc_health_port: u16,
+    /// Prometheus metrics port.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Address every server binds.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: String,
+    /// The InferencePool this EPP serves (labels metrics).
+    #[arg(long, default_value = "default-pool")]
+    pub pool_name: String,
+    /// Namespace of the InferencePool (and of its pods and models); env NAMESPACE as upstream.
+    #[arg(long, env = "NAMESPACE", default_value = "default")]
+    pub pool_namespace: String,
+    /// EndpointPickerConfig file (scorer weights, saturation thresholds).
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// EndpointPickerConfig given as text instead of a file (wins over --config-file).
+    #[arg(long)]
+    pub config_text: Option<String>,
+    /// API group of the InferencePool: `inference.networking.k8s.io` (v1) or
+    /// `inference.networking.x-k8s.io` (v1alpha2). Without it, the group the cluster serves
+    /// is discovered at start (v1 preferred) and logged.
+    #[arg(long)]
+    pub pool_group: Option<String>,
+    /// Requests for a model no InferenceModel (or pool file rule) names: `route` them as they
+    /// are, or `reject` them with 404. Without it, as the pool's API generation did upstream:
+    /// a v1alpha2 pool (the InferenceModel era) rejects, a v1 pool or a pool file routes. A
+    /// pool file's `unknownModels` wins over this flag.
+    #[arg(long, value_enum)]
+    pub unknown_models: Option<UnknownModels>,
+    /// Put the client's model name back into responses of rewritten requests (canary
+    /// splits, rewrites). Off by default: like vLLM and upstream, a response names the model
+    /// that served it (`"model": "food-review-1"`), which is how a canary is told apart.
+    #[arg(long, default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub restore_model_name: bool,
+    /// Honour the request header `x-gateway-model-name-rewrite` (it replaces the target
+    /// model, overriding canary splits and `--unknown-models reject`). Off by default: only
+    /// turn it on where the gateway strips the client's copy and sets its own.
+    #[arg(long, default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub trust_model_rewrite_header: bool,
+    /// Metrics older than this count as stale (saturated, not trusted for picking); overrides
+    /// the EndpointPickerConfig's saturationDetector.metricsStalenessThreshold.
+    #[arg(long, value_parser = parse_duration)]
+    pub metrics_staleness_threshold: Option<Duration>,
+    /// How often the pool-level gauges (inference_pool_*) are recomputed.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub refresh_prometheus_metrics_interval: Duration,
+    /// Standalone on Kubernetes: select pods by labels (`app=vllm,tier=gpu`) instead of
+    /// watching an InferencePool; needs --target-ports.
+    #[arg(long)]
+    pub endpoint_selector: Option<String>,
+    /// Ports of each selected pod that are endpoints (with --endpoint-selector), e.g. `8000,8001`.
+    #[arg(long, value_delimiter = ',')]
+    pub target_ports: Vec<i32>,
+    /// Protect `/metrics` and `/debug/*` with the API server's TokenReview and
+    /// SubjectAccessReview (a Bearer token whose identity may `get` the path), as upstream.
+    /// Default: on against Kubernetes, off with --pool-file (no API server to ask).
+    #[arg(long, value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_endpoint_auth: Option<bool>,
+    /// Kubeconfig file for the API server (upstream's `--kubeconfig`); without it `KUBECONFIG`,
+    /// `~/.kube/config` or the pod's service account.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Standalone mode: YAML file with the pool's endpoints and model rules, watched live.
+    /// Without it the EPP watches the InferencePool, its pods and models in Kubernetes.
+    #[arg(long, env = "EPP_POOL_FILE")]
+    pub pool_file: Option<PathBuf>,
+    /// Metrics scrape period per endpoint.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub refresh_metrics_interval: Duration,
+    /// Period for re-reading each endpoint's /v1/models (adapter availability).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub refresh_models_interval: Duration,
+    /// Timeout of one scrape.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub scrape_timeout: Duration,
+    /// OS threads that run the scrape loops (endpoints are spread over them); one thread
+    /// scrapes a few hundred endpoints every 50 ms. Scraping off the request path's worker
+    /// pool keeps its wake-ups from costing the request path.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub scrape_threads: u16,
+    /// Threads serving ext_proc connections (0 = one per core). Each gateway connection and
+    /// all its streams are served by one thread (no cross-thread hand-offs per message);
+    /// Envoy opens one connection per worker, so a gateway with N workers uses up to N.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub grpc_threads: u16,
+    /// Ask model servers for only the metric families routing reads (`/metrics?name[]=...`,
+    /// prometheus_client's filter, which vLLM's `/metrics` honours): a ~2 KB answer instead
+    /// of a ~50 KB page, less work for the model server and the EPP. Checked against a whole
+    /// page at start and every minute; servers that ignore or break the filter are read whole.
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_name_filter: bool,
+    /// Serve ext_proc over TLS (as upstream, on by default; gateways connect without verifying).
+    #[arg(long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub secure_serving: bool,
+    /// Directory with `tls.crt` and `tls.key` for --secure-serving (re-read when they change);
+    /// without it a self-signed certificate is generated at start.
+    #[arg(long)]
+    pub cert_path: Option<PathBuf>,
+    /// Several replicas: only the holder of a coordination.k8s.io Lease reports ready (the
+    /// others keep scraping, ready to take over). Without it replicas run active-active.
+    #[arg(long)]
+    pub ha_enable_leader_election: bool,
+    /// Lease duration: a dead leader is replaced after this long.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the lease is renewed or tried.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub lease_renew_interval: Duration,
+    /// Most concurrent requests one gateway connection may have open (HTTP/2
+    /// MAX_CONCURRENT_STREAMS; the gateway opens another connection past it). Idle gateway
+    /// connections are checked with HTTP/2 PINGs every 30 s.
+    #[arg(long, default_value_t = serve::DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_concurrent_streams: u32,
+    /// Largest request body accepted (413 above).
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// `--unknown-models`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnknownModels {
+    Route,
+    Reject,
+}
+
+impl From<UnknownModels> for inferlane_epp::rules::UnknownModelPolicy {
+    fn from(u: UnknownModels) -> Self {
+        match u {
+            UnknownModels::Route => Self::Route,
+            UnknownModels::Reject => Self::Reject,
+        }
+    }
+}
+
+/// Upstream EPP flags spelled differently from ours, or accepted without effect (the reason
+/// is logged at start). Flags we share are matched in either spelling without an entry here.
+pub const UPSTREAM_FLAGS: &[(&str, crate::flags::Upstream)] = {
+    use crate::flags::Upstream::{Ignored, Rename};
+    &[
+        (
+            "enable-pprof",
+            Ignored {
+                takes_value: false,
+                why: "no pprof handlers (the Rust EPP has no Go runtime)",
+            },
+        ),
+        (
+            "health-checking",
+            Ignored {
+                takes_value: false,
+                why: "the gRPC health service always runs",
+            },
+        ),
+        (
+            "tracing",
+            Ignored {
+                takes_value: false,
+                why: "no OpenTelemetry export; logs carry x-request-id",
+            },
+        ),
+        (
+            "enable-cert-reload",
+            Ignored {
+                takes_value: false,
+                why: "--cert-path is always re-read when it changes",
+            },
+        ),
+        (
+            "total-queued-requests-metric",
+            Ignored {
+                takes_value: true,
+                why: "metric names follow each pod's inference.networking.k8s.io/engine-type label",
+            },
+        ),
+        (
+            "kv-cache-usage-percentage-metric",
+            Ignored {
+                takes_value: true,
+                why: "metric names follow each pod's inference.networking.k8s.io/engine-type label",
+            },
+        ),
+        (
+            "lora-info-metric",
+            Ignored {
+                takes_value: true,
+                why: "metric names follow each pod's inference.networking.k8s.io/engine-type label",
+            },
+        ),
+        (
+            "cache-info-metric",
+            Ignored {
+                takes_value: true,
+                why: "metric names follow each pod's inference.networking.k8s.io/engine-type label",
+            },
+        ),
+        (
+            "model-server-metrics-port",
+            Ignored {
+                takes_value: true,
+                why: "metrics are read from each endpoint's target port",
+            },
+        ),
+        (
+            "model-server-metrics-path",
+            Ignored {
+                takes_value: true,
+                why: "metrics are read from /metrics",
+            },
+        ),
+        (
+            "model-server-metrics-scheme",
+            Ignored {
+                takes_value: true,
+                why: "metrics are read over http",
+            },
+        ),
+        (
+            "model-server-metrics-https-insecure-skip-verify",
+            Ignored {
+                takes_value: false,
+                why: "metrics are read over http",
+            },
+        ),
+        (
+            "target-endpoint-key",
+            Ignored {
+                takes_value: true,
+                why: "the destination header is x-gateway-destination-endpoint",
+            },
+        ),
+        (
+            "destination-endpoint-hint-key",
+            Ignored {
+                takes_value: true,
+                why: "the destination header is x-gateway-destination-endpoint",
+            },
+        ),
+        (
+            "destination-endpoint-hint-metadata-namespace",
+            Ignored {
+                takes_value: true,
+                why: "the metadata namespace is envoy.lb",
+            },
+        ),
+        ("endpoint-target-ports", Rename("target-ports")),
+    ]
+};

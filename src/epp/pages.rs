@@ -1,0 +1,95 @@
+//! The EPP's HTTP pages on the metrics port: `/metrics` and `/debug/pool`, behind `--metrics-endpoint-auth` when it is on.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::pool::metrics::EppMetrics;
+use crate::pool::state::Shared;
+
+/// What the metrics page reads besides the registry: readiness and the pool's generation
+/// are read when scraped, not pushed on every change.
+#[derive(Clone)]
+struct PageState {
+    metrics: EppMetrics,
+    shared: Arc<Shared>,
+    leader_election: bool,
+}
+
+async fn metrics_page(State(p): State<PageState>) -> impl IntoResponse {
+    let m = &p.metrics;
+    let synced = p
+        .shared
+        .pool_synced
+        .load(std::sync::atomic::Ordering::Acquire);
+    let leader = !p.leader_election || p.shared.is_leader.load(std::sync::atomic::Ordering::SeqCst);
+    m.ready.set(i64::from(synced && leader));
+    m.pool_generation
+        .set(i64::try_from(p.shared.snapshot.load().generation).unwrap_or(i64::MAX));
+    crate::net::metrics_text::response(m.encode())
+}
+
+/// What the picker sees: endpoints (with health) and model names, for operators and tests.
+async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let snap = shared.snapshot.load();
+    let endpoints: Vec<serde_json::Value> = snap
+        .endpoints
+        .iter()
+        .map(|h| serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy(),
+            "engine_down": h.engine_down.load(std::sync::atomic::Ordering::Relaxed),
+            "ejected": h.outlier.is_ejected()}))
+        .collect();
+    // How many prompt prefixes this replica places: replicas that agree hold about as many.
+    let prefixes = crate::pool::state::lock_placement(&shared).len();
+    let mut models: Vec<&str> = snap.rules.model_names().collect();
+    models.sort_unstable();
+    let targets: serde_json::Map<String, serde_json::Value> = models
+        .iter()
+        .map(|m| {
+            let t = snap.rules.targets_of(m).unwrap_or_default();
+            (
+                m.to_string(),
+                t.into_iter()
+                    .map(|(name, w)| serde_json::json!({"name": name, "weight": w}))
+                    .collect(),
+            )
+        })
+        .collect();
+    axum::Json(
+        serde_json::json!({"generation": snap.generation, "endpoints": endpoints, "models": models,
+                           "targets": targets, "active_prefixes": prefixes,
+                           "ready": shared.pool_synced.load(std::sync::atomic::Ordering::Acquire),
+                           "leader": shared.is_leader.load(std::sync::atomic::Ordering::SeqCst)}),
+    )
+}
+
+/// The pages' router; `auth` in front of all of them when given.
+pub fn router(
+    metrics: EppMetrics,
+    shared: Arc<Shared>,
+    leader_election: bool,
+    auth: Option<Arc<crate::net::metrics_auth::MetricsAuth>>,
+) -> Router {
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .with_state(PageState {
+            metrics,
+            shared: shared.clone(),
+            leader_election,
+        })
+        .merge(
+            Router::new()
+                .route("/debug/pool", get(debug_pool))
+                .with_state(shared),
+        );
+    match auth {
+        Some(auth) => app.layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::net::metrics_auth::layer,
+        )),
+        None => app,
+    }
+}
