@@ -9,4 +9,3 @@ pub mod messages;
 pub mod placement;
 pub mod reconciler;
 pub mod scraper;
-pub mod sim_engine;

@@ -1,7 +1,5 @@
 //! lora-sidecar wiring: flags, the status/metrics HTTP server, and actor start-up.
 
-pub mod metrics;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,9 +18,9 @@ use thiserror::Error;
 
 use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
+use crate::actors::reconciler::metrics::SidecarMetrics;
 use crate::actors::reconciler::{Reconciler, ReconcilerOptions, SyncStatus};
 use crate::runtime::{parse_bool, parse_duration};
-use metrics::SidecarMetrics;
 
 /// Errors that stop the sidecar from starting.
 #[derive(Debug, Error)]

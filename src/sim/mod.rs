@@ -1,6 +1,7 @@
 //! vllm-sim: a vLLM 0.32-compatible model server simulator for tests, the demo and benchmarks.
 
 pub mod engine;
+pub mod engine_actor;
 pub mod lora;
 pub mod metrics;
 pub mod openai;

@@ -27,7 +27,7 @@ use super::engine::{Engine, EngineEvent, EngineRequest, block_hashes};
 use super::lora::{LoadRequest, LoraRegistry, UnloadRequest};
 use super::metrics::{self, MetricsConfig, SimMetrics};
 use super::openai::{self, Api, ApiError, ResponseMeta};
-use crate::actors::sim_engine::{Abort, EngineActor, Restart, Submit};
+use crate::sim::engine_actor::{Abort, EngineActor, Restart, Submit};
 
 /// Errors that stop the simulator from starting.
 #[derive(Debug, Error)]
