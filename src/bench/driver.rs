@@ -7,7 +7,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::workload::Planned;
+use super::plan::Planned;
 
 /// What happened to one request.
 #[derive(Debug, Clone, Serialize)]

@@ -8,7 +8,8 @@ use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::workload::{BASE_MODEL, Policy, Workload};
+use super::policy::Policy;
+use super::workload::{BASE_MODEL, Workload};
 
 /// A process of the run could not be started.
 #[derive(Debug, Error)]

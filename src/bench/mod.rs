@@ -3,6 +3,8 @@
 pub mod driver;
 pub mod fleet;
 pub mod floor;
+pub mod plan;
+pub mod policy;
 pub mod report;
 pub mod workload;
 
@@ -15,8 +17,9 @@ use thiserror::Error;
 use tracing::Instrument;
 
 use fleet::{Binaries, FleetError};
+use policy::Policy;
 use report::{ReportError, RunSummary};
-use workload::{Policy, Workload, WorkloadError};
+use workload::{Workload, WorkloadError};
 
 /// route-bench flags.
 #[derive(Debug, Clone, Args)]
@@ -124,7 +127,7 @@ async fn run_one(
     bins: &Binaries,
     w: &Workload,
     policy: Policy,
-    plan: Vec<workload::Planned>,
+    plan: Vec<plan::Planned>,
     dir: &Path,
     timeout: Duration,
     replicas: u16,
@@ -186,7 +189,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<RunSummary>, BenchError> {
         let mut runs = Vec::new();
         let mut ttfts: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for &rate in &w.rates {
-            let plan = workload::plan(&w, rate);
+            let plan = plan::plan(&w, rate);
             for &policy in &w.policies {
                 let name = if args.epp_replicas > 1 && policy != Policy::RoundRobin {
                     format!("{}-x{}", policy.name(), args.epp_replicas)
