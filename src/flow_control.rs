@@ -37,6 +37,19 @@ pub const MAX_FAIRNESS_ID_BYTES: usize = 256;
 /// Distinct fairness ids given their own metric series; later ones share `other`.
 pub const FLOW_LABELS_MAX: usize = 64;
 
+/// What a client is told when its band or the pool is full.
+fn capacity_message(e: EnqueueError) -> String {
+    match e {
+        EnqueueError::BandFull(p) => format!(
+            "flow control: priority band {p} is full (flowControl.priorityBands[].maxRequests/maxBytes)"
+        ),
+        EnqueueError::PoolFull => {
+            "flow control: the queues are full (flowControl.maxRequests/maxBytes)".into()
+        }
+        EnqueueError::Duplicate(_) => "flow control: duplicate request id".into(),
+    }
+}
+
 /// Why a held request was not dispatched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FlowReject {
@@ -173,7 +186,7 @@ impl Pass {
     /// Charges the request's flow what it really cost (VTC): the prompt tokens the server
     /// reported less the estimate charged at dispatch, plus its output tokens.
     pub fn charge_usage(&self, prompt: u64, completion: u64) {
-        let mut inner = self.fc.inner.lock().expect("flow lock");
+        let mut inner = self.fc.lock();
         let (wi, wo) = {
             let c = inner.queues.config();
             (c.vtc_input_weight, c.vtc_output_weight)
@@ -192,7 +205,7 @@ impl Drop for Pass {
             self.fc
                 .inner
                 .lock()
-                .expect("flow lock")
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .finished(self.priority, &self.fairness_id);
         }
     }
@@ -210,7 +223,7 @@ struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let Some(mut rx) = self.rx.take() else { return };
-        let mut inner = self.fc.inner.lock().expect("flow lock");
+        let mut inner = self.fc.lock();
         if let Some(item) = inner.queues.remove(self.id) {
             self.fc.queued.store(inner.queues.len(), Ordering::Relaxed);
             if let Some(w) = inner.waiting.remove(&self.id) {
@@ -315,7 +328,10 @@ impl FlowControl {
 
     /// The metric label of a fairness id: itself for the first [`FLOW_LABELS_MAX`] seen.
     fn flow_label(&self, id: &str) -> String {
-        let mut seen = self.flow_labels.lock().expect("labels lock");
+        let mut seen = self
+            .flow_labels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if seen.contains(id) {
             return id.to_string();
         }
@@ -348,33 +364,71 @@ impl FlowControl {
     /// Admits a request: at once when nothing is held and the pool has room, else after
     /// waiting its turn. An error is the answer the client gets.
     pub async fn admit(self: &Arc<Self>, req: FlowRequest) -> Result<Pass, FlowReject> {
-        let pass = |reserved: bool| Pass {
+        if self.queued.load(Ordering::Relaxed) == 0 && self.room_now(&req) {
+            return Ok(self.pass(&req, false));
+        }
+        if self.settings.shed_sheddable && req.priority < 0 {
+            return Err(FlowReject::Shed);
+        }
+        let (id, rx) = self.enqueue(&req)?;
+        self.shared.room_freed.notify_one();
+        let mut held = Held {
+            fc: self.clone(),
+            id,
+            priority: req.priority,
+            flow: req.fairness_id.clone(),
+            rx: Some(rx),
+        };
+        // Dropped while waiting (the client went away): `Held` takes it out of the queue.
+        let verdict = match held.rx.as_mut() {
+            Some(rx) => rx.await,
+            None => Ok(Verdict::Expired),
+        };
+        held.rx = None;
+        match verdict {
+            Ok(Verdict::Dispatched) => Ok(self.pass(&req, true)),
+            Ok(Verdict::Expired) | Err(_) => Err(FlowReject::Expired(
+                self.settings.default_ttl.unwrap_or_default(),
+            )),
+        }
+    }
+
+    fn pass(self: &Arc<Self>, req: &FlowRequest, reserved: bool) -> Pass {
+        Pass {
             fc: self.clone(),
             reserved,
             priority: req.priority,
             fairness_id: req.fairness_id.clone(),
             prompt_estimate: req.prompt_tokens,
-        };
-        if self.queued.load(Ordering::Relaxed) == 0 {
-            let (limit, over) = self.usage_limits(req.priority);
-            let saturation = self.saturation();
-            if saturation < limit {
-                if !self.track_shares {
-                    return Ok(pass(false));
-                }
-                let mut inner = self.inner.lock().expect("flow lock");
-                if saturation < over || !inner.over_share(req.priority, &req.fairness_id) {
-                    inner.started(req.priority, &req.fairness_id);
-                    return Ok(pass(false));
-                }
-            }
         }
-        if self.settings.shed_sheddable && req.priority < 0 {
-            return Err(FlowReject::Shed);
+    }
+
+    /// The fast path (nothing held): the pool is below the band's usage limit, and the flow
+    /// is not over its share while above the over-share ceiling.
+    fn room_now(&self, req: &FlowRequest) -> bool {
+        let (limit, over) = self.usage_limits(req.priority);
+        let saturation = self.saturation();
+        if saturation >= limit {
+            return false;
         }
+        if !self.track_shares {
+            return true;
+        }
+        let mut inner = self.lock();
+        if saturation < over || !inner.over_share(req.priority, &req.fairness_id) {
+            inner.started(req.priority, &req.fairness_id);
+            return true;
+        }
+        false
+    }
+
+    /// Queues the request in its band and flow; the receiver gets its verdict. A full band
+    /// or pool is the client's 429.
+    fn enqueue(
+        &self,
+        req: &FlowRequest,
+    ) -> Result<(ItemId, oneshot::Receiver<Verdict>), FlowReject> {
         let started = Instant::now();
-        let flow_label = self.flow_label(&req.fairness_id);
-        let priority = req.priority.to_string();
         let now = self.now_ms();
         let ttl = self.settings.default_ttl;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -389,25 +443,23 @@ impl FlowControl {
         };
         let (tx, rx) = oneshot::channel();
         let labels = FlowQueueLabels {
-            fairness_id: flow_label.clone(),
-            priority: priority.clone(),
+            fairness_id: self.flow_label(&req.fairness_id),
+            priority: req.priority.to_string(),
             inference_pool: self.pool.clone(),
             model_name: req.model_label.clone(),
             target_model_name: req.target_label.clone(),
         };
         let outcome = {
-            let mut inner = self.inner.lock().expect("flow lock");
+            let mut inner = self.lock();
             let r = inner.queues.enqueue(item);
             if r.is_ok() {
-                inner.waiting.insert(
-                    id,
-                    Waiter {
-                        tx,
-                        labels: labels.clone(),
-                        bytes: req.bytes,
-                        since: started,
-                    },
-                );
+                let waiter = Waiter {
+                    tx,
+                    labels: labels.clone(),
+                    bytes: req.bytes,
+                    since: started,
+                };
+                inner.waiting.insert(id, waiter);
                 self.queued.store(inner.queues.len(), Ordering::Relaxed);
                 self.metrics.flow_queue_size.get_or_create(&labels).inc();
                 self.metrics
@@ -420,8 +472,8 @@ impl FlowControl {
         self.metrics
             .flow_enqueue_duration
             .get_or_create(&FlowEnqueueLabels {
-                fairness_id: flow_label.clone(),
-                priority: priority.clone(),
+                fairness_id: labels.fairness_id.clone(),
+                priority: labels.priority.clone(),
                 outcome: if outcome.is_ok() {
                     "Queued"
                 } else {
@@ -430,32 +482,21 @@ impl FlowControl {
                 .into(),
             })
             .observe(started.elapsed().as_secs_f64());
-        if let Err(e) = outcome {
-            self.observe_outcome(&labels, "RejectedCapacity", Duration::ZERO);
-            return Err(FlowReject::Capacity(match e {
-                EnqueueError::BandFull(p) => format!(
-                    "flow control: priority band {p} is full (flowControl.priorityBands[].maxRequests/maxBytes)"
-                ),
-                EnqueueError::PoolFull => {
-                    "flow control: the queues are full (flowControl.maxRequests/maxBytes)".into()
-                }
-                EnqueueError::Duplicate(_) => "flow control: duplicate request id".into(),
-            }));
+        match outcome {
+            Ok(()) => Ok((id, rx)),
+            Err(e) => {
+                self.observe_outcome(&labels, "RejectedCapacity", Duration::ZERO);
+                Err(FlowReject::Capacity(capacity_message(e)))
+            }
         }
-        self.shared.room_freed.notify_one();
-        let mut held = Held {
-            fc: self.clone(),
-            id,
-            priority: req.priority,
-            flow: req.fairness_id.clone(),
-            rx: Some(rx),
-        };
-        let verdict = held.rx.as_mut().expect("set above").await;
-        held.rx = None;
-        match verdict {
-            Ok(Verdict::Dispatched) => Ok(pass(true)),
-            Ok(Verdict::Expired) | Err(_) => Err(FlowReject::Expired(ttl.unwrap_or_default())),
-        }
+    }
+
+    /// The flow-control state, locked. A poisoned lock is taken as it is: a panic exits the
+    /// process (runtime.rs), and the request path must not panic.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn observe_outcome(&self, l: &FlowQueueLabels, outcome: &str, waited: Duration) {
@@ -487,7 +528,7 @@ impl FlowControl {
     /// fairness while the pool has room.
     pub fn dispatch_cycle(&self) {
         let started = Instant::now();
-        let mut inner = self.inner.lock().expect("flow lock");
+        let mut inner = self.lock();
         if inner.queues.is_empty() {
             drop(inner);
             // Only the idle tick gets here in steady state (completions wake the dispatcher
