@@ -671,7 +671,7 @@ fn kustomize_installs_render_the_seeds_helm_values() {
         (&backend["group"], &backend["name"]),
         (&json!("inference.networking.x-k8s.io"), &json!("qwen-pool"))
     );
-    // The README's one-shot `kubectl apply -k deploy/` renders too.
+    // The one-shot `kubectl apply -k deploy/` (docs/deploying.md) renders too.
     let all = kustomize(&deploy());
     assert!(all.iter().any(|o| o["kind"] == "CustomResourceDefinition"));
     let bbr = kustomize(&deploy().join("installs/body-based-router"));
