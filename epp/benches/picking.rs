@@ -92,7 +92,12 @@ fn picking(c: &mut Criterion) {
             })
             .collect();
         let prefix: HashMap<u32, usize> = (0..n as u32).step_by(3).map(|i| (i, 5)).collect();
-        let cfg = SchedulerConfig::default();
+        // Upstream's queue threshold: the fleet above is busy but not saturated, so the pick
+        // runs whole (with ours, 1, a sheddable request is shed before any scoring).
+        let cfg = SchedulerConfig {
+            queue_depth_threshold: 5.0,
+            ..SchedulerConfig::default()
+        };
         g.bench_with_input(BenchmarkId::from_parameter(n), &cands, |b, cands| {
             b.iter(|| {
                 let input = PickInput {
