@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 const PREFIX: &str = "ghcr.io/inferlane";
 const T: Duration = Duration::from_secs(30);
@@ -137,21 +135,6 @@ fn spawn_grouped(program: &str, args: &[&str], marker: &str, dir: &Path) -> Proc
     let mut cmd = Command::new(program);
     cmd.args(args);
     common::spawn_cmd_with_marker(cmd, marker, dir, true)
-}
-
-async fn grpc_health(addr: &str, service: &str) -> Option<i32> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let r = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .ok()?;
-    Some(r.into_inner().status)
 }
 
 /// Every runtime image: a non-root numeric user, OCI labels, its binary and no shell.
@@ -290,18 +273,7 @@ async fn every_entrypoint_starts_in_its_image_and_answers_its_probe() {
     let bbr_c = Container::new(&bbr_i);
     let bbr = bbr_c.run(
         "/usr/local/bin/bbr",
-        &[
-            "--mapping-file",
-            "/config/mapping.yaml",
-            "--bind-address",
-            "127.0.0.1",
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
+        &with_defaults(&LOOPBACK_GRPC, &["--mapping-file", "/config/mapping.yaml"]),
         &[format!("{}:/config", bbr_dir.display())],
         "BBR_LISTENING",
         d,
@@ -326,20 +298,10 @@ async fn every_entrypoint_starts_in_its_image_and_answers_its_probe() {
     let epp_c = Container::new(&epp_i);
     let epp = epp_c.run(
         "/usr/local/bin/epp",
-        &[
-            "--pool-file",
-            "/config/pool.yaml",
-            "--pool-name",
-            "images",
-            "--bind-address",
-            "127.0.0.1",
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
+        &with_defaults(
+            &LOOPBACK_GRPC,
+            &["--pool-file", "/config/pool.yaml", "--pool-name", "images"],
+        ),
         &[format!("{}:/config", pool_dir.display())],
         "EPP_LISTENING",
         d,

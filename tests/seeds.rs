@@ -7,9 +7,7 @@ use std::time::Duration;
 use common::fake_api::*;
 use common::*;
 use serde_json::{Value, json};
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// A fixture from tests/data/seeds/.
 fn seed(name: &str) -> String {
@@ -59,19 +57,7 @@ fn apply(api: &FakeApi, mut obj: Value) {
 }
 
 async fn health(addr: &str, service: &str) -> Option<i32> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let mut c = HealthClient::new(channel);
-    let r = c
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .ok()?;
-    Some(r.into_inner().status)
+    grpc_health(addr, service).await
 }
 
 /// The `model` field of a completion from the gateway, with its status.

@@ -605,3 +605,31 @@ pub fn spawn_bbr_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> (
     let grpc = p.field("grpc");
     (p, grpc)
 }
+
+/// The gRPC health status `addr` gives `service` (`None` while it does not answer).
+pub async fn grpc_health(addr: &str, service: &str) -> Option<i32> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let r = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().status)
+}
+
+/// Flags putting a gRPC server (EPP, bbr) on ephemeral loopback ports.
+pub const LOOPBACK_GRPC: [&str; 8] = [
+    "--bind-address",
+    "127.0.0.1",
+    "--grpc-port",
+    "0",
+    "--grpc-health-port",
+    "0",
+    "--metrics-port",
+    "0",
+];
