@@ -11,7 +11,7 @@
 //! or pool refuses the item, and a flow's state goes when it holds no items and no charge
 //! above the band's minimum.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Idle flows (no items) whose VTC charge a band keeps at most; beyond it they are forgotten.
 pub const IDLE_FLOW_CAP: usize = 4096;
@@ -91,19 +91,56 @@ pub enum EnqueueError {
     Duplicate(ItemId),
 }
 
-#[derive(Debug, Default)]
-struct Flow {
-    /// (order key, arrival sequence) -> item.
-    items: BTreeMap<(u64, u64), Item>,
-    charge: f64,
+/// An `f64` charge ordered by `total_cmp`, so charges can key ordered sets.
+#[derive(Debug, Clone, Copy)]
+struct Charge(f64);
+
+impl PartialEq for Charge {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.total_cmp(&other.0).is_eq()
+    }
 }
 
+impl Eq for Charge {}
+
+impl PartialOrd for Charge {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Charge {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// An item's place: (order key, arrival sequence).
+type Key = (u64, u64);
+
+#[derive(Debug, Default)]
+struct Flow {
+    items: BTreeMap<Key, Item>,
+    charge: f64,
+    /// In the round-robin ring (possibly emptied since: the ring drops it lazily).
+    in_ring: bool,
+}
+
+/// One band: its flows, and an index per fairness policy kept in step with them so that the
+/// next flow is found in O(log n) whatever the number of flows (a scan per dispatch made a
+/// drain of n one-request flows quadratic).
 #[derive(Debug)]
 struct Band {
     cfg: BandConfig,
     flows: HashMap<String, Flow>,
-    /// Round-robin order of flows with items.
+    /// Round robin: flows in turn; an emptied flow leaves when it reaches the front.
     ring: VecDeque<String>,
+    /// Global strict: each active flow by its first item.
+    heads: BTreeSet<(Key, String)>,
+    /// VTC: each active flow by (charge, backlog, first item).
+    vtc: BTreeSet<(Charge, usize, Key, String)>,
+    /// VTC: idle flows whose charge is above the floor (forgotten once it reaches them).
+    idle: BTreeSet<(Charge, String)>,
     bytes: u64,
     count: usize,
 }
@@ -114,6 +151,9 @@ impl Band {
             cfg,
             flows: HashMap::new(),
             ring: VecDeque::new(),
+            heads: BTreeSet::new(),
+            vtc: BTreeSet::new(),
+            idle: BTreeSet::new(),
             bytes: 0,
             count: 0,
         }
@@ -121,11 +161,7 @@ impl Band {
 
     /// The least charge among flows holding items (VTC's floor for newly active flows).
     fn min_active_charge(&self) -> Option<f64> {
-        self.flows
-            .values()
-            .filter(|f| !f.items.is_empty())
-            .map(|f| f.charge)
-            .min_by(f64::total_cmp)
+        self.vtc.first().map(|(c, ..)| c.0)
     }
 
     fn key(&self, item: &Item) -> u64 {
@@ -135,66 +171,149 @@ impl Band {
         }
     }
 
+    /// Takes an active flow out of its policy's ordered index before it changes.
+    fn unindex(&mut self, name: &str) {
+        let Some(f) = self.flows.get(name) else {
+            return;
+        };
+        let Some(head) = f.items.keys().next().copied() else {
+            return;
+        };
+        match self.cfg.fairness {
+            Fairness::RoundRobin => {}
+            Fairness::GlobalStrict => {
+                self.heads.remove(&(head, name.to_string()));
+            }
+            Fairness::Vtc => {
+                self.vtc
+                    .remove(&(Charge(f.charge), f.items.len(), head, name.to_string()));
+            }
+        }
+    }
+
+    /// Puts a flow holding items back into its policy's index.
+    fn index(&mut self, name: &str) {
+        let Some(f) = self.flows.get_mut(name) else {
+            return;
+        };
+        let Some(head) = f.items.keys().next().copied() else {
+            return;
+        };
+        match self.cfg.fairness {
+            Fairness::RoundRobin => {
+                if !f.in_ring {
+                    f.in_ring = true;
+                    self.ring.push_back(name.to_string());
+                }
+            }
+            Fairness::GlobalStrict => {
+                self.heads.insert((head, name.to_string()));
+            }
+            Fairness::Vtc => {
+                let entry = (Charge(f.charge), f.items.len(), head, name.to_string());
+                self.vtc.insert(entry);
+            }
+        }
+    }
+
+    /// Round robin: drops emptied flows from the front of the ring.
+    fn clean_ring_front(&mut self) {
+        while let Some(front) = self.ring.front() {
+            match self.flows.get_mut(front) {
+                Some(f) if !f.items.is_empty() => return,
+                Some(f) => f.in_ring = false,
+                None => {}
+            }
+            self.ring.pop_front();
+        }
+    }
+
     /// The flow to serve next, by the band's fairness policy.
     fn next_flow(&mut self) -> Option<String> {
         if self.cfg.fairness == Fairness::RoundRobin {
+            self.clean_ring_front();
             let f = self.ring.pop_front()?;
-            // Back of the ring; dropped from it when its last item leaves.
+            // Back of the ring; it leaves once it reaches the front empty.
             self.ring.push_back(f.clone());
             return Some(f);
         }
         self.peek_flow().map(str::to_string)
     }
 
-    /// The flow [`Band::next_flow`] would pick, without moving the round-robin ring.
-    fn peek_flow(&self) -> Option<&str> {
-        let best = match self.cfg.fairness {
-            Fairness::RoundRobin => self.ring.front(),
-            Fairness::GlobalStrict => self
-                .flows
-                .iter()
-                .filter_map(|(name, f)| f.items.keys().next().map(|k| (k, name)))
-                .min()
-                .map(|(_, name)| name),
+    /// The flows in the order the band's fairness policy would serve them.
+    fn in_turn(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match self.cfg.fairness {
+            Fairness::RoundRobin => Box::new(
+                self.ring
+                    .iter()
+                    .filter(|n| self.flows.get(*n).is_some_and(|f| !f.items.is_empty()))
+                    .map(String::as_str),
+            ),
+            Fairness::GlobalStrict => Box::new(self.heads.iter().map(|(_, n)| n.as_str())),
             // Equal charges (a flow just lifted to the floor ties with the flow that set it):
             // the shorter backlog goes first, so a light tenant's one request does not wait
             // behind a heavy tenant's queue; then the older item.
-            Fairness::Vtc => self
-                .flows
-                .iter()
-                .filter_map(|(name, f)| {
-                    f.items
-                        .keys()
-                        .next()
-                        .map(|k| (f.charge, f.items.len(), k, name))
-                })
-                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(b.2)))
-                .map(|(_, _, _, name)| name),
-        };
-        best.map(String::as_str)
+            Fairness::Vtc => Box::new(self.vtc.iter().map(|(.., n)| n.as_str())),
+        }
     }
 
-    /// After `flow` lost an item: out of the ring when empty, and every empty flow whose
-    /// charge would be lifted to the band's minimum anyway is dropped (all of them once the
-    /// band is empty), so state is kept only for flows that hold items or a charge above
-    /// the floor.
-    fn tidy(&mut self, flow: &str) {
-        if self.flows.get(flow).is_some_and(|f| f.items.is_empty()) {
-            self.ring.retain(|n| n != flow);
-        }
+    /// The flow [`Band::next_flow`] would pick, without moving the round-robin ring.
+    fn peek_flow(&self) -> Option<&str> {
+        self.in_turn().next()
+    }
+
+    /// Takes `flow`'s first item out, charging its prompt tokens (VTC).
+    fn take_first(&mut self, name: &str, input_weight: f64) -> Option<Item> {
+        self.unindex(name);
+        let f = self.flows.get_mut(name)?;
+        let (_, item) = f.items.pop_first()?;
+        f.charge += item.prompt_tokens * input_weight;
+        self.bytes -= item.bytes;
+        self.count -= 1;
+        self.index(name);
+        self.tidy(name);
+        Some(item)
+    }
+
+    /// After `flow` lost an item: an emptied flow is dropped, or (VTC) kept idle while its
+    /// charge is above the band's minimum; idle flows the minimum has reached are forgotten
+    /// (they would be lifted to it anyway), and at most [`IDLE_FLOW_CAP`] are kept, so many
+    /// one-off fairness ids cannot grow memory while the band stays busy.
+    fn tidy(&mut self, name: &str) {
         if self.count == 0 {
             self.flows.clear();
             self.ring.clear();
+            self.heads.clear();
+            self.vtc.clear();
+            self.idle.clear();
             return;
         }
-        if let Some(floor) = self.min_active_charge() {
-            self.flows
-                .retain(|_, f| !f.items.is_empty() || f.charge > floor);
+        if self.flows.get(name).is_some_and(|f| f.items.is_empty()) {
+            let floor = self.min_active_charge();
+            let keep = self.cfg.fairness == Fairness::Vtc
+                && floor.is_some_and(|m| self.flows.get(name).is_some_and(|f| f.charge > m));
+            if keep {
+                let c = self.flows.get(name).map_or(0.0, |f| f.charge);
+                self.idle.insert((Charge(c), name.to_string()));
+            } else if !self.flows.get(name).is_some_and(|f| f.in_ring) {
+                self.flows.remove(name);
+            }
         }
-        // Charges of idle flows are kept only while they are few: many one-off fairness ids
-        // (a client minting them) must not grow memory while the band stays busy.
-        if self.flows.len() > self.count + IDLE_FLOW_CAP {
-            self.flows.retain(|_, f| !f.items.is_empty());
+        let Some(floor) = self.min_active_charge() else {
+            return;
+        };
+        while let Some((c, n)) = self.idle.first().cloned() {
+            if c.0 > floor && self.idle.len() <= IDLE_FLOW_CAP {
+                break;
+            }
+            self.idle.pop_first();
+            if self
+                .flows
+                .get(&n)
+                .is_some_and(|f| f.items.is_empty() && !f.in_ring)
+            {
+                self.flows.remove(&n);
+            }
         }
     }
 }
@@ -205,7 +324,9 @@ pub struct FlowQueues {
     cfg: FlowConfig,
     /// By priority, highest first when iterated in reverse.
     bands: BTreeMap<i32, Band>,
-    where_is: HashMap<ItemId, (i32, String, (u64, u64))>,
+    where_is: HashMap<ItemId, (i32, String, Key)>,
+    /// Items by deadline, so expiry finds what is due without a scan.
+    deadlines: BTreeSet<(u64, ItemId)>,
     bytes: u64,
     seq: u64,
 }
@@ -216,6 +337,7 @@ impl FlowQueues {
             cfg,
             bands: BTreeMap::new(),
             where_is: HashMap::new(),
+            deadlines: BTreeSet::new(),
             bytes: 0,
             seq: 0,
         }
@@ -242,7 +364,10 @@ impl FlowQueues {
 
     /// Flows with state (items, or a charge above their band's minimum).
     pub fn flows(&self) -> usize {
-        self.bands.values().map(|b| b.flows.len()).sum()
+        self.bands
+            .values()
+            .map(|b| b.flows.values().filter(|f| !f.items.is_empty()).count() + b.idle.len())
+            .sum()
     }
 
     fn band_config(&self, priority: i32) -> BandConfig {
@@ -276,23 +401,28 @@ impl FlowQueues {
             return Err(EnqueueError::BandFull(item.priority));
         }
         let floor = band.min_active_charge();
+        band.unindex(&item.flow);
         let flow = band.flows.entry(item.flow.clone()).or_default();
         if flow.items.is_empty() {
             // Newly active: no banking of idle time.
+            let was = flow.charge;
             if let Some(m) = floor {
                 flow.charge = flow.charge.max(m);
             }
-            band.ring.push_back(item.flow.clone());
+            band.idle.remove(&(Charge(was), item.flow.clone()));
         }
         self.seq += 1;
         let key = (band.key(&item), self.seq);
-        let flow = band.flows.get_mut(&item.flow).expect("just inserted");
+        if let Some(flow) = band.flows.get_mut(&item.flow) {
+            flow.items.insert(key, item.clone());
+        }
+        band.index(&item.flow);
         band.bytes += item.bytes;
         band.count += 1;
         self.bytes += item.bytes;
+        self.deadlines.insert((item.deadline_ms, item.id));
         self.where_is
-            .insert(item.id, (item.priority, item.flow.clone(), key));
-        flow.items.insert(key, item);
+            .insert(item.id, (item.priority, item.flow, key));
         Ok(())
     }
 
@@ -311,25 +441,41 @@ impl FlowQueues {
         Some((p, self.bands.get(&p)?.peek_flow()?))
     }
 
+    /// The head band's flows in the order its fairness policy would serve them: for a
+    /// dispatcher that holds some flows back (over their share) and serves the next in turn.
+    pub fn in_turn(&self) -> Option<(i32, impl Iterator<Item = &str>)> {
+        let p = self.head_priority()?;
+        Some((p, self.bands.get(&p)?.in_turn()))
+    }
+
     /// The next item to dispatch: the highest band holding items, its fairness policy's
     /// flow, that flow's first item by its ordering. Its prompt tokens are charged (VTC).
     pub fn pop(&mut self) -> Option<Item> {
-        let priority = *self
-            .bands
-            .iter()
-            .rev()
-            .find(|(_, b)| b.count > 0)
-            .map(|(p, _)| p)?;
+        let priority = self.head_priority()?;
         let band = self.bands.get_mut(&priority)?;
         let name = band.next_flow()?;
-        let flow = band.flows.get_mut(&name)?;
-        let (_, item) = flow.items.pop_first()?;
-        flow.charge += item.prompt_tokens * self.cfg.vtc_input_weight;
-        band.bytes -= item.bytes;
-        band.count -= 1;
-        band.tidy(&name);
+        self.take(priority, &name)
+    }
+
+    /// `flow`'s first item in band `priority` (a flow [`FlowQueues::in_turn`] named); a
+    /// round-robin flow served at its turn goes to the back of the ring, as with `pop`.
+    pub fn pop_flow(&mut self, priority: i32, flow: &str) -> Option<Item> {
+        let band = self.bands.get_mut(&priority)?;
+        if band.cfg.fairness == Fairness::RoundRobin {
+            band.clean_ring_front();
+            if band.ring.front().is_some_and(|f| f == flow) {
+                band.ring.rotate_left(1);
+            }
+        }
+        self.take(priority, flow)
+    }
+
+    fn take(&mut self, priority: i32, flow: &str) -> Option<Item> {
+        let w = self.cfg.vtc_input_weight;
+        let item = self.bands.get_mut(&priority)?.take_first(flow, w)?;
         self.bytes -= item.bytes;
         self.where_is.remove(&item.id);
+        self.deadlines.remove(&(item.deadline_ms, item.id));
         Some(item)
     }
 
@@ -337,25 +483,28 @@ impl FlowQueues {
     pub fn remove(&mut self, id: ItemId) -> Option<Item> {
         let (priority, name, key) = self.where_is.remove(&id)?;
         let band = self.bands.get_mut(&priority)?;
+        band.unindex(&name);
         let item = band.flows.get_mut(&name)?.items.remove(&key)?;
+        band.index(&name);
         band.bytes -= item.bytes;
         band.count -= 1;
         band.tidy(&name);
         self.bytes -= item.bytes;
+        self.deadlines.remove(&(item.deadline_ms, item.id));
         Some(item)
     }
 
     /// Removes and returns every item whose deadline has passed at `now_ms`.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Item> {
-        let due: Vec<ItemId> = self
-            .bands
-            .values()
-            .flat_map(|b| b.flows.values())
-            .flat_map(|f| f.items.values())
-            .filter(|i| i.deadline_ms <= now_ms)
-            .map(|i| i.id)
-            .collect();
-        due.into_iter().filter_map(|id| self.remove(id)).collect()
+        let mut out = Vec::new();
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            if deadline > now_ms {
+                break;
+            }
+            self.deadlines.pop_first();
+            out.extend(self.remove(id));
+        }
+        out
     }
 
     /// Charges a flow the output tokens its dispatched request produced (VTC).
@@ -369,11 +518,21 @@ impl FlowQueues {
         if !amount.is_finite() {
             return;
         }
-        if let Some(band) = self.bands.get_mut(&priority)
-            && let Some(f) = band.flows.get_mut(flow)
-        {
+        let Some(band) = self.bands.get_mut(&priority) else {
+            return;
+        };
+        let Some(old) = band.flows.get(flow).map(|f| f.charge) else {
+            return;
+        };
+        band.unindex(flow);
+        let idle = band.idle.remove(&(Charge(old), flow.to_string()));
+        if let Some(f) = band.flows.get_mut(flow) {
             f.charge += amount;
+            if idle {
+                band.idle.insert((Charge(f.charge), flow.to_string()));
+            }
         }
+        band.index(flow);
     }
 
     /// The layer's settings.
@@ -489,6 +648,34 @@ mod tests {
             }
         }
 
+        /// Round robin through `in_turn` + `pop_flow` (the dispatcher's way) serves every
+        /// backlogged flow within k pops too.
+        #[test]
+        fn round_robin_by_turn_starves_no_flow(k in 1usize..6, per in 1usize..8) {
+            let mut q = queues(Fairness::RoundRobin, Ordering::Fcfs);
+            let mut id = 0;
+            for i in 0..per {
+                for f in 0..k {
+                    id += 1;
+                    q.enqueue(item(id, &format!("f{f}"), 0, 1.0, i as u64, 1000)).unwrap();
+                }
+            }
+            for _ in 0..per {
+                let mut seen: Vec<String> = (0..k)
+                    .map(|_| {
+                        let (p, f) = {
+                            let (p, mut turn) = q.in_turn().unwrap();
+                            (p, turn.next().unwrap().to_string())
+                        };
+                        q.pop_flow(p, &f).unwrap().flow
+                    })
+                    .collect();
+                seen.sort();
+                seen.dedup();
+                prop_assert_eq!(seen.len(), k);
+            }
+        }
+
         /// Round robin: with k backlogged flows, every flow is served within k pops.
         #[test]
         fn round_robin_starves_no_flow(k in 1usize..6, per in 1usize..8) {
@@ -543,6 +730,92 @@ mod tests {
             prop_assert_eq!(expired.len() + deadlines.len() + gone.len(), ttls.len());
             prop_assert_eq!(q.flows(), 0);
         }
+    }
+
+    /// The brute-force choice the old scans made: the flow the index must agree with.
+    fn scan(q: &FlowQueues, p: i32) -> Option<String> {
+        let band = q.bands.get(&p)?;
+        let active = band.flows.iter().filter(|(_, f)| !f.items.is_empty());
+        match band.cfg.fairness {
+            Fairness::GlobalStrict => active
+                .map(|(n, f)| (*f.items.keys().next().unwrap(), n.clone()))
+                .min()
+                .map(|(_, n)| n),
+            Fairness::Vtc => active
+                .map(|(n, f)| {
+                    (
+                        Charge(f.charge),
+                        f.items.len(),
+                        *f.items.keys().next().unwrap(),
+                        n.clone(),
+                    )
+                })
+                .min()
+                .map(|(.., n)| n),
+            Fairness::RoundRobin => band.peek_flow().map(str::to_string),
+        }
+    }
+
+    proptest! {
+        /// Whatever mix of arrivals, cancels, charges, expiries and targeted pops, the
+        /// ordered indexes name the flow a scan of every flow would, and the counts agree.
+        #[test]
+        fn the_index_agrees_with_a_scan(
+            policy in 0usize..3,
+            ops in prop::collection::vec((0u8..5, 0usize..6, 0u64..40, 1u32..30), 1..120),
+        ) {
+            let fairness = [Fairness::RoundRobin, Fairness::GlobalStrict, Fairness::Vtc][policy];
+            let mut q = queues(fairness, Ordering::Edf);
+            let mut next = 0u64;
+            let mut live: Vec<u64> = Vec::new();
+            for (op, f, t, c) in ops {
+                match op {
+                    0 | 1 => {
+                        next += 1;
+                        q.enqueue(item(next, &format!("f{f}"), 0, f64::from(c), t, u64::from(c) * 3)).unwrap();
+                        live.push(next);
+                    }
+                    2 if !live.is_empty() => {
+                        let id = live.remove(f % live.len());
+                        q.remove(id);
+                    }
+                    3 => q.charge(0, &format!("f{f}"), f64::from(c) - 10.0),
+                    _ => {
+                        for it in q.expire(t) {
+                            live.retain(|x| *x != it.id);
+                        }
+                    }
+                }
+                prop_assert_eq!(q.peek().map(|(_, n)| n.to_string()), scan(&q, 0));
+                prop_assert_eq!(q.len(), q.bands.get(&0).map_or(0, |b| b.flows.values().map(|f| f.items.len()).sum()));
+                prop_assert_eq!(q.deadlines.len(), q.len());
+            }
+            while let Some(it) = q.pop() {
+                live.retain(|x| *x != it.id);
+                prop_assert_eq!(q.peek().map(|(_, n)| n.to_string()), scan(&q, 0));
+            }
+            prop_assert!(live.is_empty());
+            prop_assert_eq!(q.flows(), 0);
+        }
+    }
+
+    #[test]
+    fn a_flow_named_in_turn_can_be_served_out_of_turn() {
+        let mut q = queues(Fairness::GlobalStrict, Ordering::Fcfs);
+        q.enqueue(item(1, "early", 0, 1.0, 0, 100)).unwrap();
+        q.enqueue(item(2, "early", 0, 1.0, 1, 100)).unwrap();
+        q.enqueue(item(3, "late", 0, 1.0, 5, 100)).unwrap();
+        let (p, order) = q.in_turn().unwrap();
+        let order: Vec<String> = order.map(str::to_string).collect();
+        assert_eq!(
+            (p, order),
+            (0, vec!["early".to_string(), "late".to_string()])
+        );
+        assert_eq!(q.pop_flow(0, "late").unwrap().id, 3);
+        assert_eq!(q.pop().unwrap().id, 1);
+        assert_eq!(q.pop_flow(0, "late"), None);
+        assert_eq!(q.pop().unwrap().id, 2);
+        assert!(q.is_empty());
     }
 
     #[test]

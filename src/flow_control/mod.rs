@@ -10,7 +10,9 @@
 //! burst of completions does not over-release. When Envoy resets a held request's stream,
 //! hyper drops the handler and with it the [`Held`] guard, which takes the item out at once.
 
-use std::collections::{HashMap, HashSet};
+mod labels;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,8 +36,6 @@ pub const FAIRNESS_HEADER: &str = "x-gateway-inference-fairness-id";
 pub const DEFAULT_FLOW: &str = "default-flow";
 /// Longest fairness id accepted (a longer header is refused with 400).
 pub const MAX_FAIRNESS_ID_BYTES: usize = 256;
-/// Distinct fairness ids given their own metric series; later ones share `other`.
-pub const FLOW_LABELS_MAX: usize = 64;
 
 /// What a client is told when its band or the pool is full.
 fn capacity_message(e: EnqueueError) -> String {
@@ -100,16 +100,24 @@ struct Inner {
     queues: FlowQueues,
     waiting: HashMap<ItemId, Waiter>,
     /// Admitted requests not finished, per band and flow (for the over-share ceiling).
-    in_flight: HashMap<i32, HashMap<String, u32>>,
+    in_flight: HashMap<i32, BandInFlight>,
+}
+
+/// One band's admitted requests in flight, per flow and in total (so a flow's share is O(1)).
+#[derive(Default)]
+struct BandInFlight {
+    per_flow: HashMap<String, u32>,
+    total: u64,
 }
 
 impl Inner {
     fn started(&mut self, priority: i32, flow: &str) {
         let band = self.in_flight.entry(priority).or_default();
-        match band.get_mut(flow) {
+        band.total += 1;
+        match band.per_flow.get_mut(flow) {
             Some(n) => *n += 1,
             None => {
-                band.insert(flow.to_string(), 1);
+                band.per_flow.insert(flow.to_string(), 1);
             }
         }
     }
@@ -118,13 +126,14 @@ impl Inner {
         let Some(band) = self.in_flight.get_mut(&priority) else {
             return;
         };
-        if let Some(n) = band.get_mut(flow) {
+        if let Some(n) = band.per_flow.get_mut(flow) {
             *n = n.saturating_sub(1);
+            band.total = band.total.saturating_sub(1);
             if *n == 0 {
-                band.remove(flow);
+                band.per_flow.remove(flow);
             }
         }
-        if band.is_empty() {
+        if band.per_flow.is_empty() {
             self.in_flight.remove(&priority);
         }
     }
@@ -135,13 +144,36 @@ impl Inner {
         let Some(band) = self.in_flight.get(&priority) else {
             return false;
         };
-        let mine = band.get(flow).copied().unwrap_or(0);
-        let others = band.len() - usize::from(mine > 0);
+        let mine = band.per_flow.get(flow).copied().unwrap_or(0);
+        let others = band.per_flow.len() - usize::from(mine > 0);
         if others == 0 {
             return false;
         }
-        let total: u64 = band.values().map(|&n| u64::from(n)).sum();
-        u64::from(mine) * (others as u64 + 1) > total
+        u64::from(mine) * (others as u64 + 1) > band.total
+    }
+
+    /// The next item to release at `saturation`: the head band's flows in their policy's
+    /// turn, passing over a flow above its share while saturation is at the over-share
+    /// ceiling (so the tenants the ceiling protects are served, not held behind it).
+    fn next_release(
+        &mut self,
+        saturation: f64,
+        limits: impl Fn(i32) -> (f64, f64),
+    ) -> Option<Item> {
+        let (priority, flow) = {
+            let (priority, mut turn) = self.queues.in_turn()?;
+            let (limit, over) = limits(priority);
+            if saturation >= limit {
+                return None;
+            }
+            let flow = if over < limit && saturation >= over {
+                turn.find(|f| !self.over_share(priority, f))?
+            } else {
+                turn.next()?
+            };
+            (priority, flow.to_string())
+        };
+        self.queues.pop_flow(priority, &flow)
     }
 }
 
@@ -158,7 +190,7 @@ pub struct FlowControl {
     shared: Arc<Shared>,
     metrics: EppMetrics,
     pool: String,
-    flow_labels: Mutex<HashSet<String>>,
+    flow_labels: Mutex<labels::LabelSlots>,
     /// Some band has an over-share ceiling: only then are requests in flight counted per
     /// flow (a lock per request start and end); otherwise the fast path takes no lock.
     track_shares: bool,
@@ -273,7 +305,7 @@ impl FlowControl {
             shared,
             metrics,
             pool,
-            flow_labels: Mutex::new(HashSet::new()),
+            flow_labels: Mutex::new(labels::LabelSlots::new(labels::FLOW_LABEL_IDLE)),
             track_shares,
         });
         let weak = Arc::downgrade(&fc);
@@ -326,20 +358,16 @@ impl FlowControl {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The metric label of a fairness id: itself for the first [`FLOW_LABELS_MAX`] seen.
+    /// The metric label of a fairness id: itself while it has one of the label slots
+    /// ([`labels::FLOW_LABELS_MAX`], handed on when an id goes idle), else `other`.
     fn flow_label(&self, id: &str) -> String {
-        let mut seen = self
-            .flow_labels
+        self.label_slots().label(id, &self.metrics)
+    }
+
+    fn label_slots(&self) -> std::sync::MutexGuard<'_, labels::LabelSlots> {
+        self.flow_labels
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seen.contains(id) {
-            return id.to_string();
-        }
-        if seen.len() < FLOW_LABELS_MAX {
-            seen.insert(id.to_string());
-            return id.to_string();
-        }
-        crate::pool::labels::OTHER_MODEL.to_string()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The pool's saturation now, counting released-but-unpicked requests.
@@ -460,6 +488,7 @@ impl FlowControl {
                     since: started,
                 };
                 inner.waiting.insert(id, waiter);
+                self.label_slots().held(&labels);
                 self.queued.store(inner.queues.len(), Ordering::Relaxed);
                 self.metrics.flow_queue_size.get_or_create(&labels).inc();
                 self.metrics
@@ -522,6 +551,7 @@ impl FlowControl {
             .flow_queue_bytes
             .get_or_create(&w.labels)
             .dec_by(w.bytes as i64);
+        self.label_slots().released(&w.labels);
     }
 
     /// One dispatch cycle: expire what is past its TTL, then release by priority and
@@ -551,19 +581,7 @@ impl FlowControl {
         let mut saturation = self.saturation();
         // Strict priority: the head band waits while saturation is at its ceiling, and so
         // does everything below it.
-        while let Some((priority, flow)) = inner.queues.peek() {
-            let (limit, over) = self.usage_limits(priority);
-            let ceiling = if over < limit && inner.over_share(priority, flow) {
-                over
-            } else {
-                limit
-            };
-            if saturation >= ceiling {
-                break;
-            }
-            let Some(item) = inner.queues.pop() else {
-                break;
-            };
+        while let Some(item) = inner.next_release(saturation, |p| self.usage_limits(p)) {
             let Some(w) = inner.waiting.remove(&item.id) else {
                 continue;
             };
@@ -593,5 +611,89 @@ impl FlowControl {
         self.metrics
             .flow_dispatch_cycle
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use inferlane_epp::flow::{BandConfig, Fairness, FlowConfig, Ordering as Order};
+
+    fn inner(fairness: Fairness) -> Inner {
+        let band = BandConfig {
+            priority: 0,
+            max_bytes: u64::MAX,
+            max_requests: usize::MAX,
+            fairness,
+            ordering: Order::Fcfs,
+            usage_limit: 1.0,
+            over_share_usage_limit: 0.8,
+        };
+        Inner {
+            queues: FlowQueues::new(FlowConfig {
+                max_bytes: u64::MAX,
+                max_requests: usize::MAX,
+                bands: vec![],
+                default_band: band,
+                vtc_input_weight: 1.0,
+                vtc_output_weight: 2.0,
+            }),
+            waiting: HashMap::new(),
+            in_flight: HashMap::new(),
+        }
+    }
+
+    fn item(id: u64, flow: &str, arrival: u64) -> Item {
+        Item {
+            id,
+            flow: flow.into(),
+            priority: 0,
+            bytes: 1,
+            prompt_tokens: 1.0,
+            arrival_ms: arrival,
+            deadline_ms: u64::MAX,
+        }
+    }
+
+    /// Between the over-share ceiling and the band's limit, a flow over its share waits, and
+    /// the flows it would crowd out go ahead of it, under every fairness policy (global
+    /// strict held them behind the over-share flow's earlier items).
+    #[test]
+    fn over_share_flows_wait_and_the_others_go_ahead() {
+        for fairness in [Fairness::GlobalStrict, Fairness::RoundRobin, Fairness::Vtc] {
+            let mut i = inner(fairness);
+            for n in 0..4 {
+                i.started(0, "heavy");
+                i.queues.enqueue(item(n, "heavy", n)).unwrap();
+            }
+            i.started(0, "light");
+            i.queues.enqueue(item(10, "light", 10)).unwrap();
+            let limits = |_| (1.0, 0.8);
+            // At the over-share ceiling: heavy (4 in flight of 5) waits, light goes.
+            let got = i.next_release(0.9, limits).map(|it| it.flow);
+            assert_eq!(got.as_deref(), Some("light"), "{fairness:?}");
+            // Only heavy is left: it waits until saturation drops below the ceiling.
+            assert!(i.next_release(0.9, limits).is_none(), "{fairness:?}");
+            assert!(i.next_release(1.0, limits).is_none());
+            // Below the ceiling: the policy's own order again.
+            assert_eq!(i.next_release(0.7, limits).map(|it| it.id), Some(0));
+        }
+    }
+
+    #[test]
+    fn shares_are_counted_in_constant_time_per_band() {
+        let mut i = inner(Fairness::Vtc);
+        for f in 0..1000 {
+            i.started(0, &format!("f{f}"));
+        }
+        i.started(0, "f0");
+        assert!(i.over_share(0, "f0"));
+        assert!(!i.over_share(0, "f1"));
+        assert_eq!(i.in_flight[&0].total, 1001);
+        for f in 0..1000 {
+            i.finished(0, &format!("f{f}"));
+        }
+        i.finished(0, "f0");
+        assert!(i.in_flight.is_empty());
     }
 }
