@@ -65,6 +65,9 @@ pub struct ParsedRequest {
     pub stream: bool,
     /// Prompt text in a stable form, for prefix-cache affinity.
     pub prompt: String,
+    /// The body's own `priority`: absent, or present (as an integer when it is one). A
+    /// client's priority is clamped to what its objective allows before it reaches a server.
+    pub priority: Option<Option<i64>>,
 }
 
 /// The top-level fields routing reads; serde skips every other field without building it.
@@ -75,6 +78,7 @@ struct Fields {
     prompt: Option<Text>,
     messages: Option<Text>,
     input: Option<Text>,
+    priority: Option<Value>,
 }
 
 /// The text of a prompt-like value, collected while parsing (see [`Collect`]).
@@ -331,6 +335,7 @@ fn parse_body_inner(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, RequestE
         model,
         stream,
         prompt: text.map(|t| t.0).unwrap_or_default(),
+        priority: f.priority.map(|v| v.as_i64()),
     })
 }
 
@@ -363,6 +368,10 @@ fn parse_body_via_value(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, Requ
         model,
         stream,
         prompt,
+        priority: obj
+            .get("priority")
+            .filter(|v| !v.is_null())
+            .map(Value::as_i64),
     })
 }
 

@@ -426,6 +426,12 @@ pub fn envoy_config(epp_ports: &[u16], addrs: &[String]) -> String {
                 .replace("${ENDPOINTS}\n", &eps)
         }
     };
+    // The benchmark's own load generator stands in for an authenticated identity: its
+    // gateway keeps the tenant header the shipped config strips from clients.
+    let cfg = cfg.replace(
+        "                - remove: x-gateway-inference-fairness-id\n",
+        "",
+    );
     cfg.replacen(
         VHOST,
         &format!("{VHOST}              response_headers_to_add:\n              - header: {{ key: x-bench-upstream, value: \"%UPSTREAM_HOST%\" }}\n"),

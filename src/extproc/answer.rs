@@ -61,6 +61,7 @@ impl ExtProc {
         let mut remove_headers = Vec::new();
         if self.flow.is_some() && st.headers.fairness_id.is_some() {
             remove_headers.push(FAIRNESS_HEADER.to_string());
+            remove_headers.push(super::state::LLMD_FAIRNESS_HEADER.to_string());
         }
         if st.full_duplex {
             remove_headers.push("content-length".to_string());

@@ -148,7 +148,7 @@ impl ExtProc {
             .collect::<Vec<_>>()
             .join(",");
         let body_changed = match (&resolved, &parsed) {
-            (Some(r), Some(_)) => self.apply_rules(st, r, &cfg, &mut extra_headers)?,
+            (Some(r), Some(p)) => self.apply_rules(st, r, p.priority, &cfg, &mut extra_headers)?,
             _ => false,
         };
         self.metrics
@@ -227,19 +227,20 @@ impl ExtProc {
     }
 
     /// What the rules change in a request with a body: the target model (and a forwarded
-    /// priority) written into the body in place, the client's name kept to put back, the
-    /// request counted. True when the body changed.
+    /// or clamped priority) written into the body in place, the client's name kept to put
+    /// back, the request counted. True when the body changed.
     fn apply_rules(
         &self,
         st: &mut RequestState,
         r: &Resolved,
+        body_priority: Option<Option<i64>>,
         cfg: &SchedulerConfig,
         extra_headers: &mut Vec<HeaderValueOption>,
     ) -> Result<bool, Reject> {
         if r.rewritten() && self.opts.restore_model_name {
             st.restorer = Some(ModelRestorer::new(&r.target, &r.requested));
         }
-        let priority = (cfg.forward_priority && r.priority != 0).then(|| -i64::from(r.priority));
+        let priority = server_priority(r, body_priority, cfg.forward_priority);
         let changed = r.rewritten() || priority.is_some();
         if changed {
             request::rewrite_in_place(&mut st.body, &r.target, priority)
@@ -257,6 +258,19 @@ impl ExtProc {
             .inc();
         st.usage = Some(UsageParser::default());
         Ok(changed)
+    }
+}
+
+/// The `priority` a server gets (vLLM: lower runs first): none of the client's may be more
+/// urgent than its objective allows (`-objective priority`); with `forwardPriority` the
+/// objective's is written when the client set none.
+fn server_priority(r: &Resolved, body: Option<Option<i64>>, forward: bool) -> Option<i64> {
+    let allowed = -i64::from(r.priority);
+    match body {
+        Some(Some(b)) if b >= allowed => None,
+        Some(_) => Some(allowed),
+        None if forward && r.priority != 0 => Some(allowed),
+        None => None,
     }
 }
 
@@ -289,4 +303,39 @@ fn pick_error(
         tracing::debug!(saturation = pool_saturation(cfg, candidates), "shedding");
     }
     Reject::new(e.status(), code, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolved(priority: i32) -> Resolved {
+        Resolved {
+            requested: "m".into(),
+            target: "m".into(),
+            priority,
+            objective: None,
+        }
+    }
+
+    #[test]
+    fn a_client_priority_is_never_more_urgent_than_its_objective() {
+        // A Standard request (0) asking for -100 is written back to 0, forwarded or not.
+        assert_eq!(
+            server_priority(&resolved(0), Some(Some(-100)), true),
+            Some(0)
+        );
+        assert_eq!(
+            server_priority(&resolved(0), Some(Some(-100)), false),
+            Some(0)
+        );
+        // Asking for less urgency than allowed is kept.
+        assert_eq!(server_priority(&resolved(10), Some(Some(5)), true), None);
+        // Not an integer: replaced by the allowed one.
+        assert_eq!(server_priority(&resolved(10), Some(None), false), Some(-10));
+        // No priority in the body: forwarded only with forwardPriority, and never 0.
+        assert_eq!(server_priority(&resolved(10), None, true), Some(-10));
+        assert_eq!(server_priority(&resolved(10), None, false), None);
+        assert_eq!(server_priority(&resolved(0), None, true), None);
+    }
 }

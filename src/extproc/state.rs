@@ -104,11 +104,15 @@ impl RequestHeaders {
                 &mut self.path
             } else if hv.key.eq_ignore_ascii_case(REQUEST_ID_HEADER) {
                 &mut self.request_id
-            } else if hv.key.eq_ignore_ascii_case(OBJECTIVE_HEADER) {
+            } else if hv.key.eq_ignore_ascii_case(OBJECTIVE_HEADER)
+                || hv.key.eq_ignore_ascii_case(LLMD_OBJECTIVE_HEADER)
+            {
                 &mut self.objective
             } else if hv.key.eq_ignore_ascii_case(MODEL_REWRITE_HEADER) {
                 &mut self.model_rewrite
-            } else if hv.key.eq_ignore_ascii_case(FAIRNESS_HEADER) {
+            } else if hv.key.eq_ignore_ascii_case(FAIRNESS_HEADER)
+                || hv.key.eq_ignore_ascii_case(LLMD_FAIRNESS_HEADER)
+            {
                 &mut self.fairness_id
             } else if hv.key.eq_ignore_ascii_case("content-length") {
                 self.content_length = header_value(hv).trim().parse().ok();
@@ -132,6 +136,11 @@ impl RequestHeaders {
 pub(super) const REQUEST_ID_HEADER: &str = "x-request-id";
 pub(super) const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
 pub(super) const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
+/// llm-d's router's names for the objective and the tenant, accepted beside upstream's (when
+/// a request carries both, the one later in the header list wins). Both come from the
+/// gateway: the shipped Envoy configs strip every one of them from clients.
+pub(super) const LLMD_OBJECTIVE_HEADER: &str = "x-llm-d-inference-objective";
+pub(super) const LLMD_FAIRNESS_HEADER: &str = "x-llm-d-inference-fairness-id";
 
 #[cfg(test)]
 mod tests {
@@ -168,6 +177,15 @@ mod tests {
         assert_eq!(h.request_id(), "abc");
         assert_eq!(h.objective.as_deref(), Some("critical"));
         assert_eq!(h.model_rewrite, None);
+
+        // llm-d's names are read too.
+        let mut h = RequestHeaders::default();
+        h.read(&headers(&[
+            ("x-llm-d-inference-objective", "premium"),
+            ("X-LLM-D-Inference-Fairness-Id", "tenant-a"),
+        ]));
+        assert_eq!(h.objective.as_deref(), Some("premium"));
+        assert_eq!(h.fairness_id.as_deref(), Some("tenant-a"));
 
         let mut h = RequestHeaders::default();
         h.read(&headers(&[("x-gateway-model-name-rewrite", "fast")]));
