@@ -25,6 +25,11 @@ pub const FLOW_CONTROL_GATE: &str = "flowControl";
 pub const BAND_MAX_BYTES_DEFAULT: u64 = 1_000_000_000;
 /// A band's request cap when unset or 0 (llm-d-router's; upstream's v1.5 is unlimited).
 pub const BAND_MAX_REQUESTS_DEFAULT: u64 = 5000;
+/// All bands' held requests together when `flowControl.maxRequests` is unset or 0 (ours;
+/// upstream leaves it unlimited): below the shipped gateway's ext_proc circuit breaker
+/// (32,768 streams, deploy/envoy/), so held requests meet the EPP's 429, never the gateway's
+/// overflow, with room left for the requests in flight.
+pub const POOL_MAX_REQUESTS_DEFAULT: u64 = 10_000;
 /// How long a request may be held when `defaultRequestTTL` is unset (llm-d-router's).
 pub const DEFAULT_REQUEST_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// VTC's default charge per prompt and per output token (the VTC paper's 1 and 2).
@@ -231,11 +236,12 @@ pub fn parse_flow_control(text: &str) -> Result<Option<FlowSettings>, EppConfigE
     Ok(Some(FlowSettings {
         queues: FlowConfig {
             max_bytes: if max_bytes == 0 { u64::MAX } else { max_bytes },
-            max_requests: if max_requests == 0 {
-                usize::MAX
+            max_requests: usize::try_from(if max_requests == 0 {
+                POOL_MAX_REQUESTS_DEFAULT
             } else {
-                usize::try_from(max_requests).unwrap_or(usize::MAX)
-            },
+                max_requests
+            })
+            .unwrap_or(usize::MAX),
             bands,
             default_band,
             vtc_input_weight: weights.0,
