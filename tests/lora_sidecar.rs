@@ -350,13 +350,28 @@ async fn bad_adapters_back_off_while_good_ones_load() {
         ),
         "{page}"
     );
+    // The metric label says which operation failed with which status, never the text (an
+    // error text from a server or a source can be anything, and any length).
     assert!(
-        page.contains("No adapter found for /no/such/adapter"),
+        page.contains(
+            "lora_syncer_adapter_last_error{adapter_name=\"ghost\",error=\"load 404\"} 1"
+        ),
         "{page}"
     );
     assert!(
-        page.contains("LoRA rank 64 is greater than max_lora_rank 16"),
+        page.contains(
+            "lora_syncer_adapter_last_error{adapter_name=\"broken\",error=\"load 500\"} 1"
+        ),
         "{page}"
+    );
+    assert!(!page.contains("No adapter found"), "{page}");
+    // The messages are in /readyz (and the log).
+    let (_, body) = readyz(&c, &sidecar).await;
+    let failing = body["failing"].to_string();
+    assert!(
+        failing.contains("No adapter found for /no/such/adapter")
+            && failing.contains("LoRA rank 64 is greater than max_lora_rank 16"),
+        "{failing}"
     );
     let (code, body) = readyz(&c, &sidecar).await;
     assert_eq!(code, 503);
@@ -672,4 +687,40 @@ async fn thousands_of_failing_adapters_stay_cheap() {
     eprintln!("{used:.3} cores with 3,000 failing adapters");
     // Was ~0.7 core (release) with a plan per deferred adapter in every pass.
     assert!(used < 0.35, "{used:.2} cores with 3,000 failing adapters");
+}
+
+/// A ConfigMap source is what vLLM fetches: a URL (or a `..` path) is refused by the sidecar
+/// and never sent to vLLM, the adapter is reported failing with the reason, and the others
+/// load. `--allowed-source` lists what else may be fetched.
+#[tokio::test]
+async fn sources_outside_the_allowed_ones_never_reach_vllm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = spawn_sim(
+        &["--enable-lora", "--lora-load-latency-ms", "1"],
+        tmp.path(),
+    );
+    let good = adapter(tmp.path(), "good", 8);
+    let mut dir = KubeletDir::new(&tmp.path().join("config"));
+    dir.write(&lora_config(
+        port_of(&sim.addr),
+        &[
+            ("metadata", "http://169.254.169.254/latest/meta-data"),
+            ("escape", "/adapters/../../etc/secrets"),
+            ("good", &good),
+        ],
+        &[],
+    ));
+    let sidecar = spawn_sidecar(&dir.file(), &[], tmp.path());
+    let c = client();
+    wait_ids(&c, &sim.addr, &["good"]).await;
+    let body = wait_for("both refusals reported", T, || async {
+        let (_, body) = readyz(&c, &sidecar).await;
+        let failing = body["failing"].to_string();
+        (failing.contains("metadata") && failing.contains("escape")).then_some(failing)
+    })
+    .await;
+    assert!(body.contains("--allowed-source"), "{body}");
+    let stats = sim_stats(&c, &sim).await;
+    assert!(stats["load_attempts"]["metadata"].is_null(), "{stats}");
+    assert!(stats["load_attempts"]["escape"].is_null(), "{stats}");
 }

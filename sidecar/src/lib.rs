@@ -4,7 +4,9 @@ pub mod classify;
 pub mod config;
 pub mod models;
 pub mod plan;
+pub mod source;
 
 pub use classify::{Outcome, classify_load, classify_unload};
 pub use config::{AdapterSpec, ConfigError, LoraConfig, Problem, parse};
 pub use plan::{Actual, AdapterOp, plan};
+pub use source::{SourcePolicy, SourceRefused};

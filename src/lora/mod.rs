@@ -58,6 +58,16 @@ pub struct SidecarArgs {
     /// instead of a mounted file (needs get/list/watch on configmaps).
     #[arg(long)]
     pub configmap: Option<String>,
+    /// Adapter sources that may be handed to vLLM to load (repeatable): a prefix such as
+    /// `/models/` or `s3://adapters/`, or `local` (absolute paths) and `hub` (hub ids
+    /// `org/name`). Without it, local paths and hub ids only: a source that is a URL or a
+    /// relative or `..` path is refused (the adapter reported failing) and never sent.
+    #[arg(
+        long = "allowed-source",
+        env = "LORA_ALLOWED_SOURCES",
+        value_delimiter = ','
+    )]
+    pub allowed_source: Vec<String>,
     /// Kubeconfig file for --configmap; without it `KUBECONFIG`, `~/.kube/config` or the pod's
     /// service account.
     #[arg(long)]
@@ -185,6 +195,7 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
             max_concurrent_ops: args.max_concurrent_ops,
             retry_initial: args.retry_initial_backoff,
             retry_max: args.retry_max_backoff,
+            allowed_sources: inferlane_sidecar::SourcePolicy::new(args.allowed_source.clone()),
         },
         client,
         status,

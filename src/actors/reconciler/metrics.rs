@@ -95,7 +95,7 @@ impl SidecarMetrics {
         );
         r.register(
             "lora_syncer_adapter_last_error",
-            "Last error per failing adapter (value 1; the label holds the message)",
+            "Last error per failing adapter (value 1; the label is the operation and HTTP status, the message is in the log and /readyz)",
             m.adapter_last_error.clone(),
         );
         r.register(

@@ -43,6 +43,8 @@ struct AdapterRetry {
     backoff: backoff::ExponentialBackoff,
     next_attempt: Instant,
     last_error: String,
+    /// The metric label of the last error: `<operation> <status>`, never the text.
+    last_class: String,
 }
 
 /// The reconciler actor.
@@ -207,7 +209,7 @@ impl Reconciler {
                 Outcome::Done | Outcome::AlreadySo => {
                     if let Some(r) = self.retries.remove(&id) {
                         tracing::info!(adapter = %id, after_failures = r.failures, "{operation} succeeded after earlier failures");
-                        self.clear_error_metric(&id, &r.last_error);
+                        self.clear_error_metric(&id, &r.last_class);
                     } else if *outcome == Outcome::Done {
                         tracing::info!(adapter = %id, "{operation} done");
                     }
@@ -221,7 +223,10 @@ impl Reconciler {
                 Outcome::AdapterFailed { status, message }
                 | Outcome::ServerUnavailable { status, message } => {
                     all_ok = false;
-                    let message = format!("{operation} failed ({status}): {message}");
+                    // Whatever the server or the adapter source says, a bounded text for logs
+                    // and /readyz, and a bounded class for the metric label.
+                    let message = bounded(&format!("{operation} failed ({status}): {message}"));
+                    let class = format!("{operation} {status}");
                     self.metrics
                         .adapter_failures
                         .get_or_create(&AdapterOpLabels {
@@ -242,13 +247,15 @@ impl Reconciler {
                             backoff,
                             next_attempt: now,
                             last_error: String::new(),
+                            last_class: String::new(),
                         }
                     });
                     entry.failures += 1;
                     let delay = entry.backoff.next_backoff().unwrap_or(self.opts.retry_max);
                     entry.next_attempt = now + delay;
                     let changed = entry.last_error != message;
-                    let old = std::mem::replace(&mut entry.last_error, message.clone());
+                    entry.last_error.clone_from(&message);
+                    let old = std::mem::replace(&mut entry.last_class, class.clone());
                     let failures = entry.failures;
                     if changed {
                         // Logged when the failure starts or changes, not on every retry.
@@ -258,7 +265,7 @@ impl Reconciler {
                             .adapter_last_error
                             .get_or_create(&AdapterErrorLabels {
                                 adapter_name: id.clone(),
-                                error: message.clone(),
+                                error: class,
                             })
                             .set(1);
                     } else {
@@ -389,7 +396,7 @@ impl Handler<ConfigChanged<LoraConfig>> for Reconciler {
             if !keep {
                 self.metrics.adapter_last_error.remove(&AdapterErrorLabels {
                     adapter_name: id.clone(),
-                    error: r.last_error.clone(),
+                    error: r.last_class.clone(),
                 });
                 self.metrics
                     .adapter_consecutive_failures
@@ -433,4 +440,19 @@ impl Handler<ReconcileNow> for Reconciler {
     fn handle(&mut self, msg: ReconcileNow, ctx: &mut Context<Self>) {
         self.start_pass(msg.trigger, ctx);
     }
+}
+
+/// Longest error text kept per adapter (a server or source can send megabytes).
+const ERROR_TEXT_MAX: usize = 512;
+
+/// `text` cut to [`ERROR_TEXT_MAX`] bytes at a character boundary.
+fn bounded(text: &str) -> String {
+    if text.len() <= ERROR_TEXT_MAX {
+        return text.to_string();
+    }
+    let mut end = ERROR_TEXT_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
 }

@@ -20,6 +20,8 @@ pub struct ReconcilerOptions {
     pub max_concurrent_ops: usize,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Which adapter sources may be handed to vLLM (`--allowed-source`).
+    pub allowed_sources: inferlane_sidecar::SourcePolicy,
 }
 
 /// Why a reconcile pass could not finish.
@@ -80,6 +82,16 @@ pub(super) async fn run_pass(
         let client = client.clone();
         let base = base.clone();
         async move {
+            // A source vLLM must not be asked to fetch never reaches it.
+            if let AdapterOp::Load { source, .. } = &op
+                && let Err(e) = opts.allowed_sources.check(source)
+            {
+                let outcome = Outcome::AdapterFailed {
+                    status: 403,
+                    message: e.to_string(),
+                };
+                return (op, outcome);
+            }
             let outcome = execute(&client, &base, &op).await;
             (op, outcome)
         }
