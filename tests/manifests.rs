@@ -557,6 +557,15 @@ fn kustomize_installs_render_the_seeds_helm_values() {
         let svc = find(&objs, "Service");
         assert_eq!(svc["metadata"]["name"], format!("{pool}-epp"));
         assert_eq!(svc["spec"]["selector"], *labels);
+        // The lease rule names this pool's lease only (what the leader elector uses).
+        let lease_rule = find(&objs, "Role")["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resources"][0] == "leases" && r["verbs"][0] == "get")
+            .cloned()
+            .unwrap();
+        assert_eq!(lease_rule["resourceNames"], json!([format!("{pool}-epp-leader")]));
         let rb = find(&objs, "RoleBinding");
         assert_eq!(rb["subjects"][0]["name"], format!("{pool}-epp"));
         assert_eq!(rb["roleRef"]["name"], format!("{pool}-epp"));
@@ -723,6 +732,8 @@ fn our_pods_run_with_seccomp_and_the_epp_admits_only_the_gateway() {
     yaml_files(&deploy(), &mut files);
     let mut ours = 0;
     let mut policies = 0;
+    let mut epp_policies = 0;
+    let mut server_policies = 0;
     for f in files
         .iter()
         .filter(|f| !f.to_string_lossy().contains("/.test-"))
@@ -732,11 +743,29 @@ fn our_pods_run_with_seccomp_and_the_epp_admits_only_the_gateway() {
             if v["kind"] == "NetworkPolicy" {
                 policies += 1;
                 let rule = &v["spec"]["ingress"][0];
-                assert_eq!(rule["ports"][0]["port"], 9002, "{}", f.display());
+                let gateway = &rule["from"][0];
                 assert_eq!(
-                    rule["from"][0]["podSelector"]["matchLabels"]["gateway.networking.k8s.io/gateway-name"],
+                    gateway["podSelector"]["matchLabels"]["gateway.networking.k8s.io/gateway-name"],
                     "inference-gateway"
                 );
+                // The gateway's pods in the gateway's namespace, not any pod that labels
+                // itself so in any namespace.
+                assert!(
+                    gateway["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                        .is_string(),
+                    "{}: {gateway}",
+                    f.display()
+                );
+                let port = &rule["ports"][0]["port"];
+                if port == 9002 {
+                    epp_policies += 1;
+                } else {
+                    // A model server's: its port admits the gateway, the pool's EPP and
+                    // monitoring, nothing else (vLLM's admin routes live on it).
+                    assert_eq!(port, 8000, "{}", f.display());
+                    assert_eq!(rule["from"].as_array().map(Vec::len), Some(3), "{}", f.display());
+                    server_policies += 1;
+                }
             }
             if v["kind"] != "Deployment" {
                 continue;
@@ -767,5 +796,6 @@ fn our_pods_run_with_seccomp_and_the_epp_admits_only_the_gateway() {
         }
     }
     assert!(ours >= 5, "{ours}");
-    assert!(policies >= 2, "{policies}");
+    assert!(policies >= 4, "{policies}");
+    assert!(epp_policies >= 2 && server_policies >= 2, "{epp_policies} {server_policies}");
 }
