@@ -192,23 +192,29 @@ pub fn rewrite(
             }
         };
         if let Some(takes) = ours(&name) {
-            // Our flag (possibly spelled camelCase or with one dash).
+            // Our flag (possibly spelled camelCase or with one dash). An `=value` stays one
+            // token: split, a value that looks like a flag (`--a=--b`) became a flag of its own.
             let flag = format!("--{name}");
-            match value(takes)? {
-                Some(v) => {
+            match (&inline, value(takes)?) {
+                (Some(_), Some(v)) => out.args.push(format!("{flag}={v}").into()),
+                (None, Some(v)) => {
                     out.args.push(flag.into());
                     out.args.push(v.into());
                 }
-                None => out.args.push(flag.into()),
+                (_, None) => out.args.push(flag.into()),
             }
             continue;
         }
         match lookup(&name) {
             Some(Upstream::Rename(to)) => {
                 let takes = ours(to).unwrap_or(false);
-                out.args.push(format!("--{to}").into());
-                if let Some(v) = value(takes)? {
-                    out.args.push(v.into());
+                match (&inline, value(takes)?) {
+                    (Some(_), Some(v)) => out.args.push(format!("--{to}={v}").into()),
+                    (None, Some(v)) => {
+                        out.args.push(format!("--{to}").into());
+                        out.args.push(v.into());
+                    }
+                    (_, None) => out.args.push(format!("--{to}").into()),
                 }
             }
             Some(Upstream::Verbosity) => {
@@ -325,6 +331,17 @@ mod tests {
         assert_eq!(t.grpc_port, 9002);
         assert_eq!(t.log_format, "json");
         assert!(t.log_filter.contains("inferlane=debug"), "{}", t.log_filter);
+    }
+
+    /// `--flag=value` keeps its value even when the value looks like a flag: split in two, a
+    /// value `--other` became a second flag and turned it on silently.
+    #[test]
+    fn an_inline_value_that_looks_like_a_flag_stays_a_value() {
+        let e = parse(&["--secure-serving=--enable-pprof"]).unwrap_err();
+        assert!(e.contains("--secure-serving"), "{e}");
+        let (t, _) = parse(&["-secureServing=false", "--metrics-listen-port=7"]).unwrap();
+        assert!(!t.secure_serving);
+        assert_eq!(t.metrics_port, Some(7));
     }
 
     #[test]

@@ -157,14 +157,20 @@ async fn routes_through_envoy_and_rejects_bad_bodies() {
     // vLLM's admin routes are refused at the gateway (403), before the EPP or a server sees
     // them: a client could otherwise swap an adapter's weights.
     for path in ["/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep"] {
-        let r =
-            f.c.post(f.url(path))
-                .json(&json!({"lora_name": "food-review-1", "lora_path": "/tmp/evil", "model": BASE}))
-                .send()
-                .await
-                .unwrap();
+        let r = f
+            .c
+            .post(f.url(path))
+            .json(&json!({"lora_name": "food-review-1", "lora_path": "/tmp/evil", "model": BASE}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 403, "{path}");
-        assert!(r.text().await.unwrap().contains("not served through the gateway"));
+        assert!(
+            r.text()
+                .await
+                .unwrap()
+                .contains("not served through the gateway")
+        );
     }
     for s in &f.sims {
         let stats = sim_stats(&f.c, s).await;

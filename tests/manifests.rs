@@ -565,7 +565,10 @@ fn kustomize_installs_render_the_seeds_helm_values() {
             .find(|r| r["resources"][0] == "leases" && r["verbs"][0] == "get")
             .cloned()
             .unwrap();
-        assert_eq!(lease_rule["resourceNames"], json!([format!("{pool}-epp-leader")]));
+        assert_eq!(
+            lease_rule["resourceNames"],
+            json!([format!("{pool}-epp-leader")])
+        );
         let rb = find(&objs, "RoleBinding");
         assert_eq!(rb["subjects"][0]["name"], format!("{pool}-epp"));
         assert_eq!(rb["roleRef"]["name"], format!("{pool}-epp"));
@@ -763,7 +766,12 @@ fn our_pods_run_with_seccomp_and_the_epp_admits_only_the_gateway() {
                     // A model server's: its port admits the gateway, the pool's EPP and
                     // monitoring, nothing else (vLLM's admin routes live on it).
                     assert_eq!(port, 8000, "{}", f.display());
-                    assert_eq!(rule["from"].as_array().map(Vec::len), Some(3), "{}", f.display());
+                    assert_eq!(
+                        rule["from"].as_array().map(Vec::len),
+                        Some(3),
+                        "{}",
+                        f.display()
+                    );
                     server_policies += 1;
                 }
             }
@@ -797,5 +805,8 @@ fn our_pods_run_with_seccomp_and_the_epp_admits_only_the_gateway() {
     }
     assert!(ours >= 5, "{ours}");
     assert!(policies >= 4, "{policies}");
-    assert!(epp_policies >= 2 && server_policies >= 2, "{epp_policies} {server_policies}");
+    assert!(
+        epp_policies >= 2 && server_policies >= 2,
+        "{epp_policies} {server_policies}"
+    );
 }

@@ -494,6 +494,22 @@ impl FlowQueues {
         Some(item)
     }
 
+    /// Makes room for a request of priority `above` when the queues are full: takes the
+    /// item that would be served last in the lowest band below it (the longest flow's last
+    /// item, so the tenant holding most gives way first). `None` when nothing held is below
+    /// `above`. A scan of that band's flows: it runs only when the queues are full.
+    pub fn displace(&mut self, above: i32) -> Option<Item> {
+        let (_, band) = self.bands.range(..above).find(|(_, b)| b.count > 0)?;
+        let id = band
+            .flows
+            .iter()
+            .filter(|(_, f)| !f.items.is_empty())
+            .max_by(|(an, a), (bn, b)| a.items.len().cmp(&b.items.len()).then(bn.cmp(an)))
+            .and_then(|(_, f)| f.items.last_key_value())
+            .map(|(_, it)| it.id)?;
+        self.remove(id)
+    }
+
     /// Removes and returns every item whose deadline has passed at `now_ms`.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Item> {
         let mut out = Vec::new();
@@ -881,6 +897,28 @@ mod tests {
         );
         assert_eq!((q.len(), q.bytes()), (2, 200));
         assert_eq!(q.pop().unwrap().id, 1);
+    }
+
+    #[test]
+    fn a_full_queue_gives_way_from_its_lowest_band_and_longest_flow() {
+        let mut q = queues(Fairness::GlobalStrict, Ordering::Fcfs);
+        q.enqueue(item(1, "light", -1, 1.0, 1, 10)).unwrap();
+        for i in 2..5 {
+            q.enqueue(item(i, "heavy", -1, 1.0, i, 10)).unwrap();
+        }
+        q.enqueue(item(5, "std", 0, 1.0, 5, 10)).unwrap();
+        // Nothing below -1: a sheddable arrival displaces nothing.
+        assert_eq!(q.displace(-1), None);
+        // The heaviest sheddable flow's last item goes first, then its next.
+        assert_eq!(q.displace(0).map(|i| i.id), Some(4));
+        assert_eq!(q.displace(100).map(|i| i.id), Some(3));
+        assert_eq!((q.len(), q.bytes()), (3, 300));
+        // Tie (one each): the name decides, deterministically.
+        assert_eq!(q.displace(0).map(|i| i.flow), Some("heavy".into()));
+        assert_eq!(q.displace(0).map(|i| i.flow), Some("light".into()));
+        assert_eq!(q.displace(0), None, "std is not below 0");
+        assert_eq!(q.displace(1).map(|i| i.id), Some(5));
+        assert!(q.is_empty());
     }
 
     #[test]

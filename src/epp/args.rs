@@ -133,6 +133,16 @@ pub struct EppArgs {
     /// Largest request body accepted (413 above).
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Memory the process may spend on requests (open streams, bodies, held requests;
+    /// 429 past it): bytes or a quantity (`512Mi`), or `auto` for 60% of the container's
+    /// memory limit (cgroup), else 25% of the machine's.
+    #[arg(long, default_value = "auto")]
+    pub memory_budget: String,
+    /// Serve `/debug/*` to any address. Without it, and without
+    /// `--metrics-endpoint-auth`, they answer loopback clients only (403 otherwise): they
+    /// list pod names, addresses and canary weights.
+    #[arg(long)]
+    pub public_debug_endpoints: bool,
 }
 
 /// `--unknown-models`.

@@ -21,6 +21,7 @@ use crate::actors::kube_discovery::{EndpointSelector, KubeDiscovery, PoolTarget}
 use crate::actors::leader::{LeaderElector, LeaseOptions};
 use crate::actors::scraper::{ScrapeOptions, ScrapeThreads};
 use crate::extproc::{ExtProc, ExtProcOptions};
+use crate::memory::MemoryBudget;
 use crate::net::{serve, tls};
 use crate::pool::config::{self, PoolFile};
 use crate::pool::metrics::EppMetrics;
@@ -58,6 +59,8 @@ pub enum EppError {
     ScrapeThreads(#[source] std::io::Error),
     #[error("cannot start the gRPC serving threads: {0}")]
     GrpcThreads(#[source] std::io::Error),
+    #[error(transparent)]
+    MemoryBudget(#[from] crate::memory::BudgetError),
 }
 
 /// Addresses the servers bound (ports may have been 0).
@@ -134,8 +137,12 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     // Before any actor starts: a bad certificate is an error to exit on, not a half-started
     // process to tear down.
     let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
+    let budget = memory_budget(&args.memory_budget)?;
     let shared = Arc::new(Shared::new(scheduler));
     let metrics = EppMetrics::new();
+    metrics
+        .memory_budget
+        .set(i64::try_from(budget.limit()).unwrap_or(i64::MAX));
     let grpc = bind("ext_proc gRPC", &args.bind_address, args.grpc_port).await?;
     let health = bind("gRPC health", &args.bind_address, args.grpc_health_port).await?;
     let pages_l = bind("metrics", &args.bind_address, args.metrics_port).await?;
@@ -145,7 +152,13 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         metrics: local_addr(&pages_l, "metrics", &args)?,
     };
     start_pool(&args, &shared, &metrics).await?;
-    start_extproc(&args, &shared, &metrics, flow_settings, grpc, tls)?;
+    let serving = Serving {
+        flow_settings,
+        budget: budget.clone(),
+        grpc,
+        tls,
+    };
+    start_extproc(&args, &shared, &metrics, serving)?;
     let health_svc = health::EppHealth::new(shared.clone(), args.ha_enable_leader_election);
     tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
@@ -156,13 +169,19 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
             tracing::error!(error = %e, "health server stopped");
         }
     });
+    let auth = pages_auth(&args).await?;
     let app = pages::router(
-        metrics,
-        shared.clone(),
-        args.ha_enable_leader_election,
-        pages_auth(&args).await?,
+        pages::Pages {
+            metrics,
+            shared: shared.clone(),
+            leader_election: args.ha_enable_leader_election,
+            budget,
+            public_debug: args.public_debug_endpoints || auth.is_some(),
+        },
+        auth,
     );
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(pages_l, app).await {
             tracing::error!(error = %e, "metrics server stopped");
         }
@@ -312,15 +331,39 @@ async fn start_kube(
     Ok(())
 }
 
+/// What the ext_proc server is started with besides the flags.
+struct Serving {
+    flow_settings: Option<config::FlowSettings>,
+    budget: Arc<MemoryBudget>,
+    grpc: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The process's memory budget from `--memory-budget` (logged with where it came from).
+fn memory_budget(flag: &str) -> Result<Arc<MemoryBudget>, EppError> {
+    let (bytes, source) =
+        crate::memory::derive_budget(flag, std::path::Path::new("/sys/fs/cgroup"))?;
+    tracing::info!(
+        bytes,
+        ?source,
+        "memory budget for streams, bodies and held requests"
+    );
+    Ok(MemoryBudget::new(bytes))
+}
+
 /// The ext_proc service (with flow control when configured) on its pinned serving threads.
 fn start_extproc(
     args: &EppArgs,
     shared: &Arc<Shared>,
     metrics: &EppMetrics,
-    flow_settings: Option<config::FlowSettings>,
-    grpc: tokio::net::TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    serving: Serving,
 ) -> Result<(), EppError> {
+    let Serving {
+        flow_settings,
+        budget,
+        grpc,
+        tls,
+    } = serving;
     let mut extproc = ExtProc::new(
         shared.clone(),
         ExtProcOptions {
@@ -329,7 +372,8 @@ fn start_extproc(
             trust_model_rewrite_header: args.trust_model_rewrite_header,
         },
         metrics.clone(),
-    );
+    )
+    .with_memory_budget(budget);
     if let Some(settings) = flow_settings {
         tracing::info!(
             bands = settings.queues.bands.len(),

@@ -1,25 +1,31 @@
-//! The EPP's HTTP pages on the metrics port: `/metrics` and `/debug/pool`, behind `--metrics-endpoint-auth` when it is on.
+//! The EPP's HTTP pages on the metrics port: `/metrics`, `/debug/pool` and `/debug/memory`, behind `--metrics-endpoint-auth` when it is on; without it `/debug/*` answers loopback clients only.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::memory::MemoryBudget;
 use crate::pool::metrics::EppMetrics;
 use crate::pool::state::Shared;
 
 /// What the metrics page reads besides the registry: readiness and the pool's generation
 /// are read when scraped, not pushed on every change.
 #[derive(Clone)]
-struct PageState {
-    metrics: EppMetrics,
-    shared: Arc<Shared>,
-    leader_election: bool,
+pub struct Pages {
+    pub metrics: EppMetrics,
+    pub shared: Arc<Shared>,
+    pub leader_election: bool,
+    pub budget: Arc<MemoryBudget>,
+    /// `/debug/*` to any client (auth is on, or `--public-debug-endpoints`).
+    pub public_debug: bool,
 }
 
-async fn metrics_page(State(p): State<PageState>) -> impl IntoResponse {
+async fn metrics_page(State(p): State<Pages>) -> impl IntoResponse {
     let m = &p.metrics;
     let synced = p
         .shared
@@ -29,6 +35,8 @@ async fn metrics_page(State(p): State<PageState>) -> impl IntoResponse {
     m.ready.set(i64::from(synced && leader));
     m.pool_generation
         .set(i64::try_from(p.shared.snapshot.load().generation).unwrap_or(i64::MAX));
+    m.memory_used
+        .set(i64::try_from(p.budget.used()).unwrap_or(i64::MAX));
     crate::net::metrics_text::response(m.encode())
 }
 
@@ -66,25 +74,49 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
-/// The pages' router; `auth` in front of all of them when given.
-pub fn router(
-    metrics: EppMetrics,
-    shared: Arc<Shared>,
-    leader_election: bool,
-    auth: Option<Arc<crate::net::metrics_auth::MetricsAuth>>,
-) -> Router {
-    let app = Router::new()
-        .route("/metrics", get(metrics_page))
-        .with_state(PageState {
-            metrics,
-            shared: shared.clone(),
-            leader_election,
-        })
+/// The memory budget: its size and what is charged to it.
+async fn debug_memory(State(budget): State<Arc<MemoryBudget>>) -> impl IntoResponse {
+    axum::Json(
+        serde_json::json!({"budget_bytes": budget.limit(), "charged_bytes": budget.used(),
+                                  "stream_cost": crate::memory::STREAM_COST, "held_cost": crate::memory::HELD_COST,
+                                  "held_share": crate::memory::HELD_SHARE}),
+    )
+}
+
+/// `/debug/*` without auth: loopback clients only (a port-forward or the pod itself).
+async fn loopback_only(
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    req: Request,
+    next: Next,
+) -> axum::response::Response {
+    if peer.ip().is_loopback() {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::FORBIDDEN,
+        "debug pages answer loopback clients only; use kubectl port-forward, or turn on --metrics-endpoint-auth or --public-debug-endpoints\n",
+    )
+        .into_response()
+}
+
+/// The pages' router; `auth` in front of all of them when given. Served with
+/// `ConnectInfo<SocketAddr>` (the debug pages check the peer).
+pub fn router(p: Pages, auth: Option<Arc<crate::net::metrics_auth::MetricsAuth>>) -> Router {
+    let mut debug = Router::new()
+        .route("/debug/pool", get(debug_pool))
+        .with_state(p.shared.clone())
         .merge(
             Router::new()
-                .route("/debug/pool", get(debug_pool))
-                .with_state(shared),
+                .route("/debug/memory", get(debug_memory))
+                .with_state(p.budget.clone()),
         );
+    if !p.public_debug {
+        debug = debug.layer(axum::middleware::from_fn(loopback_only));
+    }
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .with_state(p)
+        .merge(debug);
     match auth {
         Some(auth) => app.layer(axum::middleware::from_fn_with_state(
             auth,

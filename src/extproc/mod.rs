@@ -26,6 +26,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, processin
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::flow_control::FlowControl;
+use crate::memory::{MemoryBudget, STREAM_COST};
 use crate::pool::metrics::{EppMetrics, ErrorLabels};
 use crate::pool::state::Shared;
 use proto::{ResponseStream, Tx, driven_processor, is_full_duplex, send, subset_hint};
@@ -51,6 +52,7 @@ pub struct ExtProc {
     opts: ExtProcOptions,
     metrics: EppMetrics,
     flow: Option<Arc<FlowControl>>,
+    budget: Arc<MemoryBudget>,
 }
 
 /// What a phase leaves the stream to do next.
@@ -69,7 +71,14 @@ impl ExtProc {
             opts,
             metrics,
             flow: None,
+            budget: MemoryBudget::unlimited(),
         }
+    }
+
+    /// Charges every stream, body and held request to `budget` (429 past it).
+    pub fn with_memory_budget(mut self, budget: Arc<MemoryBudget>) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// Admits requests through flow control (held while the pool is saturated).
@@ -85,7 +94,10 @@ impl ExtProc {
         tx: &Tx,
     ) -> Result<(), Status> {
         use processing_request::Request as Rq;
-        let mut st = RequestState::default();
+        let mut st = RequestState {
+            charge: self.budget.charge(STREAM_COST),
+            ..RequestState::default()
+        };
         loop {
             let msg = match inbound.message().await {
                 Ok(Some(m)) => m,

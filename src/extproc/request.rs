@@ -4,8 +4,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, proce
 use tonic::Status;
 
 use super::proto::{Tx, continue_headers, pass_through, send};
-use super::state::{REWRITE_SLACK, Reject, RequestState};
+use super::state::{REWRITE_SLACK, Reject, RequestState, over_budget};
 use super::{ExtProc, Next};
+use crate::memory::STREAM_COST;
 
 impl ExtProc {
     /// Request headers: read what routing needs. A request without a body is routed now; a
@@ -19,6 +20,9 @@ impl ExtProc {
     ) -> Result<Next, Status> {
         st.started = Some(std::time::Instant::now());
         st.headers.read(h);
+        if let Err(e) = &st.charge {
+            return self.refuse(st, over_budget(*e), tx).await;
+        }
         // A streamed body arrives in chunks: room for all of it at once (no doubling
         // copies), within the limit, plus slack for a rewrite to patch it in place. A
         // buffered body arrives whole and is moved, not copied.
@@ -27,6 +31,9 @@ impl ExtProc {
             && n <= self.opts.max_body_bytes
         {
             st.body.reserve_exact(n + REWRITE_SLACK);
+            if let Err(r) = st.charge_body(STREAM_COST) {
+                return self.refuse(st, r, tx).await;
+            }
         }
         if h.end_of_stream {
             return self.route(st, tx).await;
@@ -54,21 +61,30 @@ impl ExtProc {
                     self.opts.max_body_bytes
                 ),
             );
-            self.record_error(st, 413);
-            send(tx, r.answer()).await?;
-            return Ok(Next::Done);
+            return self.refuse(st, r, tx).await;
         }
         st.body_seen = true;
+        st.largest_message = st.largest_message.max(b.body.len());
         if st.body.is_empty() && st.body.capacity() < b.body.len() {
             // Moved, not copied; a rewrite that needs more room grows it then.
             st.body = b.body;
         } else {
             st.body.extend_from_slice(&b.body);
         }
+        if let Err(r) = st.charge_body(STREAM_COST) {
+            return self.refuse(st, r, tx).await;
+        }
         if b.end_of_stream {
             return self.route(st, tx).await;
         }
         Ok(Next::Continue)
+    }
+
+    /// Answers the request in the EPP's name (counted as an error under its labels).
+    async fn refuse(&self, st: &RequestState, r: Reject, tx: &Tx) -> Result<Next, Status> {
+        self.record_error(st, r.status);
+        send(tx, r.answer()).await?;
+        Ok(Next::Done)
     }
 
     /// Request trailers end a streamed body that had no last-chunk flag.

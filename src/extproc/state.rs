@@ -9,6 +9,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRespo
 use super::proto::{header_value, immediate_error};
 use super::usage::{ModelRestorer, UsageParser};
 use crate::flow_control::{FAIRNESS_HEADER, FlowControl, Pass};
+use crate::memory::{Charge, OverBudget};
 use crate::pool::state::EndpointHandle;
 
 /// Room kept after an announced body for in-place rewrites (target names are at most 256
@@ -54,8 +55,12 @@ impl Reject {
     }
 }
 
-#[derive(Default)]
 pub(super) struct RequestState {
+    /// What the stream has charged to the memory budget (its own cost, its body, holding);
+    /// an error when the budget had no room for the stream itself.
+    pub(super) charge: Result<Charge, OverBudget>,
+    /// The largest body message seen: the gRPC decoder keeps a buffer that large.
+    pub(super) largest_message: usize,
     pub(super) headers: RequestHeaders,
     pub(super) full_duplex: bool,
     pub(super) body: Vec<u8>,
@@ -78,6 +83,51 @@ pub(super) struct RequestState {
     pub(super) flow_pass: Option<Pass>,
     /// When its request headers arrived (for the end-to-end duration).
     pub(super) started: Option<Instant>,
+}
+
+impl Default for RequestState {
+    fn default() -> Self {
+        Self {
+            charge: Err(OverBudget {
+                used: 0,
+                limit: 0,
+                wanted: 0,
+            }),
+            largest_message: 0,
+            headers: RequestHeaders::default(),
+            full_duplex: false,
+            body: Vec::new(),
+            subset: None,
+            requested_model: String::new(),
+            target_model: String::new(),
+            model_label: String::new(),
+            target_label: String::new(),
+            in_flight: None,
+            usage: None,
+            restorer: None,
+            response_status: 0,
+            body_seen: false,
+            flow_pass: None,
+            started: None,
+        }
+    }
+}
+
+impl RequestState {
+    /// Charges the body as it stands (its buffer and the decoder's), a 429 when the memory
+    /// budget has no room for it.
+    pub(super) fn charge_body(&mut self, stream_cost: u64) -> Result<(), Reject> {
+        let want = stream_cost + (self.body.capacity() + self.largest_message) as u64;
+        match &mut self.charge {
+            Ok(c) => c.grow_to(want).map_err(over_budget),
+            Err(e) => Err(over_budget(*e)),
+        }
+    }
+}
+
+/// The client's answer when the memory budget is full.
+pub(super) fn over_budget(e: OverBudget) -> Reject {
+    Reject::new(429, "TooManyRequests", e.to_string())
 }
 
 /// The request headers routing reads; the others are left unread (no copies, no map).

@@ -10,6 +10,7 @@
 //! burst of completions does not over-release. When Envoy resets a held request's stream,
 //! hyper drops the handler and with it the [`Held`] guard, which takes the item out at once.
 
+mod inner;
 mod labels;
 
 use std::collections::HashMap;
@@ -21,12 +22,14 @@ use inferlane_epp::flow::{EnqueueError, FlowQueues, Item, ItemId};
 use inferlane_epp::scheduler::{Candidate, ModelPresence, dispatch_saturation};
 use tokio::sync::oneshot;
 
+use crate::memory::{Charge, HELD_COST, OverBudget};
 use crate::pool::config::FlowSettings;
 use crate::pool::labels::for_log;
 use crate::pool::metrics::{
     EppMetrics, FlowEnqueueLabels, FlowOutcomeLabels, FlowQueueLabels, InferencePoolLabels,
 };
 use crate::pool::state::Shared;
+use inner::{Inner, Verdict, Waiter};
 
 /// How often the dispatcher re-reads saturation and sweeps TTLs while requests are held.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -61,13 +64,19 @@ pub enum FlowReject {
     Expired(Duration),
     #[error("the pool is saturated; sheddable request dropped")]
     Shed,
+    #[error(
+        "flow control: the queues were full and a higher-priority request took this one's place; retry later"
+    )]
+    Displaced,
 }
 
 impl FlowReject {
     /// The HTTP status and error type the client gets (upstream's codes).
     pub fn status(&self) -> (u16, &'static str) {
         match self {
-            FlowReject::Capacity(_) | FlowReject::Shed => (429, "TooManyRequests"),
+            FlowReject::Capacity(_) | FlowReject::Shed | FlowReject::Displaced => {
+                (429, "TooManyRequests")
+            }
             FlowReject::Expired(_) => (503, "ServiceUnavailable"),
         }
     }
@@ -84,97 +93,10 @@ pub struct FlowRequest {
     pub target_label: String,
 }
 
-enum Verdict {
-    Dispatched,
-    Expired,
-}
-
-struct Waiter {
-    tx: oneshot::Sender<Verdict>,
-    labels: FlowQueueLabels,
-    bytes: u64,
-    since: Instant,
-}
-
-struct Inner {
-    queues: FlowQueues,
-    waiting: HashMap<ItemId, Waiter>,
-    /// Admitted requests not finished, per band and flow (for the over-share ceiling).
-    in_flight: HashMap<i32, BandInFlight>,
-}
-
-/// One band's admitted requests in flight, per flow and in total (so a flow's share is O(1)).
-#[derive(Default)]
-struct BandInFlight {
-    per_flow: HashMap<String, u32>,
-    total: u64,
-}
-
-impl Inner {
-    fn started(&mut self, priority: i32, flow: &str) {
-        let band = self.in_flight.entry(priority).or_default();
-        band.total += 1;
-        match band.per_flow.get_mut(flow) {
-            Some(n) => *n += 1,
-            None => {
-                band.per_flow.insert(flow.to_string(), 1);
-            }
-        }
-    }
-
-    fn finished(&mut self, priority: i32, flow: &str) {
-        let Some(band) = self.in_flight.get_mut(&priority) else {
-            return;
-        };
-        if let Some(n) = band.per_flow.get_mut(flow) {
-            *n = n.saturating_sub(1);
-            band.total = band.total.saturating_sub(1);
-            if *n == 0 {
-                band.per_flow.remove(flow);
-            }
-        }
-        if band.per_flow.is_empty() {
-            self.in_flight.remove(&priority);
-        }
-    }
-
-    /// `flow` holds more than its share of its band's requests in flight while other flows
-    /// of the band have some.
-    fn over_share(&self, priority: i32, flow: &str) -> bool {
-        let Some(band) = self.in_flight.get(&priority) else {
-            return false;
-        };
-        let mine = band.per_flow.get(flow).copied().unwrap_or(0);
-        let others = band.per_flow.len() - usize::from(mine > 0);
-        if others == 0 {
-            return false;
-        }
-        u64::from(mine) * (others as u64 + 1) > band.total
-    }
-
-    /// The next item to release at `saturation`: the head band's flows in their policy's
-    /// turn, passing over a flow above its share while saturation is at the over-share
-    /// ceiling (so the tenants the ceiling protects are served, not held behind it).
-    fn next_release(
-        &mut self,
-        saturation: f64,
-        limits: impl Fn(i32) -> (f64, f64),
-    ) -> Option<Item> {
-        let (priority, flow) = {
-            let (priority, mut turn) = self.queues.in_turn()?;
-            let (limit, over) = limits(priority);
-            if saturation >= limit {
-                return None;
-            }
-            let flow = if over < limit && saturation >= over {
-                turn.find(|f| !self.over_share(priority, f))?
-            } else {
-                turn.next()?
-            };
-            (priority, flow.to_string())
-        };
-        self.queues.pop_flow(priority, &flow)
-    }
+/// Why a request could not be held.
+enum HoldError {
+    Queue(EnqueueError),
+    Memory(OverBudget),
 }
 
 /// The flow-control layer of one EPP.
@@ -390,15 +312,20 @@ impl FlowControl {
     }
 
     /// Admits a request: at once when nothing is held and the pool has room, else after
-    /// waiting its turn. An error is the answer the client gets.
-    pub async fn admit(self: &Arc<Self>, req: FlowRequest) -> Result<Pass, FlowReject> {
+    /// waiting its turn, its `charge` grown by what holding it costs (within the memory
+    /// budget's held share). An error is the answer the client gets.
+    pub async fn admit(
+        self: &Arc<Self>,
+        req: FlowRequest,
+        charge: &mut Charge,
+    ) -> Result<Pass, FlowReject> {
         if self.queued.load(Ordering::Relaxed) == 0 && self.room_now(&req) {
             return Ok(self.pass(&req, false));
         }
         if self.settings.shed_sheddable && req.priority < 0 {
             return Err(FlowReject::Shed);
         }
-        let (id, rx) = self.enqueue(&req)?;
+        let (id, rx) = self.enqueue(&req, charge)?;
         self.shared.room_freed.notify_one();
         let mut held = Held {
             fc: self.clone(),
@@ -415,6 +342,7 @@ impl FlowControl {
         held.rx = None;
         match verdict {
             Ok(Verdict::Dispatched) => Ok(self.pass(&req, true)),
+            Ok(Verdict::Displaced) => Err(FlowReject::Displaced),
             Ok(Verdict::Expired) | Err(_) => Err(FlowReject::Expired(
                 self.settings.default_ttl.unwrap_or_default(),
             )),
@@ -450,11 +378,12 @@ impl FlowControl {
         false
     }
 
-    /// Queues the request in its band and flow; the receiver gets its verdict. A full band
-    /// or pool is the client's 429.
+    /// Queues the request in its band and flow; the receiver gets its verdict. A full band,
+    /// pool or memory budget is the client's 429.
     fn enqueue(
         &self,
         req: &FlowRequest,
+        charge: &mut Charge,
     ) -> Result<(ItemId, oneshot::Receiver<Verdict>), FlowReject> {
         let started = Instant::now();
         let now = self.now_ms();
@@ -479,7 +408,7 @@ impl FlowControl {
         };
         let outcome = {
             let mut inner = self.lock();
-            let r = inner.queues.enqueue(item);
+            let r = self.hold(&mut inner, item, charge);
             if r.is_ok() {
                 let waiter = Waiter {
                     tx,
@@ -515,9 +444,43 @@ impl FlowControl {
             Ok(()) => Ok((id, rx)),
             Err(e) => {
                 self.observe_outcome(&labels, "RejectedCapacity", Duration::ZERO);
-                Err(FlowReject::Capacity(capacity_message(e)))
+                Err(FlowReject::Capacity(match e {
+                    HoldError::Queue(e) => capacity_message(e),
+                    HoldError::Memory(e) => e.to_string(),
+                }))
             }
         }
+    }
+
+    /// Queues `item`, its charge grown by [`HELD_COST`]. When the queues or the memory
+    /// budget's held share are full, the lowest-priority held request below it gives way (a
+    /// Critical arrival is never refused for sheddable work already held); its memory comes
+    /// back as its stream ends.
+    fn hold(&self, inner: &mut Inner, item: Item, charge: &mut Charge) -> Result<(), HoldError> {
+        let memory = charge.grow_held(HELD_COST);
+        let first = match memory {
+            Ok(()) => inner.queues.enqueue(item.clone()).map_err(HoldError::Queue),
+            Err(e) => Err(HoldError::Memory(e)),
+        };
+        let full = matches!(
+            first,
+            Err(HoldError::Memory(_) | HoldError::Queue(EnqueueError::PoolFull))
+        );
+        if !full {
+            return first;
+        }
+        let Some(victim) = inner.queues.displace(item.priority) else {
+            return first;
+        };
+        if let Some(w) = inner.waiting.remove(&victim.id) {
+            self.finish(&w, "EvictedOther");
+            let _ = w.tx.send(Verdict::Displaced);
+            tracing::debug!(fairness_id = %for_log(&victim.flow), priority = victim.priority, "held request displaced by a higher-priority one");
+        }
+        if memory.is_err() {
+            charge.force(HELD_COST);
+        }
+        inner.queues.enqueue(item).map_err(HoldError::Queue)
     }
 
     /// The flow-control state, locked. A poisoned lock is taken as it is: a panic exits the
@@ -611,89 +574,5 @@ impl FlowControl {
         self.metrics
             .flow_dispatch_cycle
             .observe(started.elapsed().as_secs_f64());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use inferlane_epp::flow::{BandConfig, Fairness, FlowConfig, Ordering as Order};
-
-    fn inner(fairness: Fairness) -> Inner {
-        let band = BandConfig {
-            priority: 0,
-            max_bytes: u64::MAX,
-            max_requests: usize::MAX,
-            fairness,
-            ordering: Order::Fcfs,
-            usage_limit: 1.0,
-            over_share_usage_limit: 0.8,
-        };
-        Inner {
-            queues: FlowQueues::new(FlowConfig {
-                max_bytes: u64::MAX,
-                max_requests: usize::MAX,
-                bands: vec![],
-                default_band: band,
-                vtc_input_weight: 1.0,
-                vtc_output_weight: 2.0,
-            }),
-            waiting: HashMap::new(),
-            in_flight: HashMap::new(),
-        }
-    }
-
-    fn item(id: u64, flow: &str, arrival: u64) -> Item {
-        Item {
-            id,
-            flow: flow.into(),
-            priority: 0,
-            bytes: 1,
-            prompt_tokens: 1.0,
-            arrival_ms: arrival,
-            deadline_ms: u64::MAX,
-        }
-    }
-
-    /// Between the over-share ceiling and the band's limit, a flow over its share waits, and
-    /// the flows it would crowd out go ahead of it, under every fairness policy (global
-    /// strict held them behind the over-share flow's earlier items).
-    #[test]
-    fn over_share_flows_wait_and_the_others_go_ahead() {
-        for fairness in [Fairness::GlobalStrict, Fairness::RoundRobin, Fairness::Vtc] {
-            let mut i = inner(fairness);
-            for n in 0..4 {
-                i.started(0, "heavy");
-                i.queues.enqueue(item(n, "heavy", n)).unwrap();
-            }
-            i.started(0, "light");
-            i.queues.enqueue(item(10, "light", 10)).unwrap();
-            let limits = |_| (1.0, 0.8);
-            // At the over-share ceiling: heavy (4 in flight of 5) waits, light goes.
-            let got = i.next_release(0.9, limits).map(|it| it.flow);
-            assert_eq!(got.as_deref(), Some("light"), "{fairness:?}");
-            // Only heavy is left: it waits until saturation drops below the ceiling.
-            assert!(i.next_release(0.9, limits).is_none(), "{fairness:?}");
-            assert!(i.next_release(1.0, limits).is_none());
-            // Below the ceiling: the policy's own order again.
-            assert_eq!(i.next_release(0.7, limits).map(|it| it.id), Some(0));
-        }
-    }
-
-    #[test]
-    fn shares_are_counted_in_constant_time_per_band() {
-        let mut i = inner(Fairness::Vtc);
-        for f in 0..1000 {
-            i.started(0, &format!("f{f}"));
-        }
-        i.started(0, "f0");
-        assert!(i.over_share(0, "f0"));
-        assert!(!i.over_share(0, "f1"));
-        assert_eq!(i.in_flight[&0].total, 1001);
-        for f in 0..1000 {
-            i.finished(0, &format!("f{f}"));
-        }
-        i.finished(0, "f0");
-        assert!(i.in_flight.is_empty());
     }
 }

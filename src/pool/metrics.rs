@@ -127,6 +127,9 @@ pub struct EppMetrics {
     pub ready: Gauge,
     /// Generation of the pool snapshot (bumped on every membership or rules change).
     pub pool_generation: Gauge,
+    /// The memory budget (`--memory-budget`) and what is charged to it now.
+    pub memory_budget: Gauge,
+    pub memory_used: Gauge,
 }
 
 impl EppMetrics {
@@ -154,6 +157,8 @@ impl EppMetrics {
             scrape_errors: Counter::default(),
             ready: Gauge::default(),
             pool_generation: Gauge::default(),
+            memory_budget: Gauge::default(),
+            memory_used: Gauge::default(),
         };
         r.register(
             "inference_objective_request",
@@ -254,6 +259,16 @@ impl EppMetrics {
             "inference_extension_pool_generation",
             "Generation of the pool snapshot routing reads (bumped on each change)",
             m.pool_generation.clone(),
+        );
+        r.register(
+            "inferlane_epp_memory_budget_bytes",
+            "The process's memory budget (--memory-budget, else 60% of the container's limit)",
+            m.memory_budget.clone(),
+        );
+        r.register(
+            "inferlane_epp_memory_charged_bytes",
+            "Bytes charged to the memory budget now (open streams, bodies, held requests)",
+            m.memory_used.clone(),
         );
         crate::net::metrics_text::register_info(
             &mut r,

@@ -40,14 +40,8 @@ pub const VTC_WEIGHTS_DEFAULT: (f64, f64) = (1.0, 2.0);
 pub fn parse_flow_control(text: &str) -> Result<Option<FlowSettings>, EppConfigError> {
     use inferlane_epp::flow::{BandConfig, Fairness, FlowConfig, Ordering};
     let raw: RawPickerConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
-    if !raw.feature_gates.iter().any(|g| g == FLOW_CONTROL_GATE) {
-        if raw.flow_control.is_some() {
-            tracing::warn!(
-                "flowControl is set but the flowControl feature gate is not: flow control stays off (add `featureGates: [flowControl]`)"
-            );
-        }
-        return Ok(None);
-    }
+    // Every gate is checked, on or not: a misspelt one (`flowControll`) would otherwise
+    // leave the feature off without a word.
     for (i, g) in raw.feature_gates.iter().enumerate() {
         if g != FLOW_CONTROL_GATE {
             return Err(EppConfigError::Invalid {
@@ -56,6 +50,14 @@ pub fn parse_flow_control(text: &str) -> Result<Option<FlowSettings>, EppConfigE
                 fix: format!("the gates known here: {FLOW_CONTROL_GATE}"),
             });
         }
+    }
+    if !raw.feature_gates.iter().any(|g| g == FLOW_CONTROL_GATE) {
+        if raw.flow_control.is_some() {
+            tracing::warn!(
+                "flowControl is set but the flowControl feature gate is not: flow control stays off (add `featureGates: [flowControl]`)"
+            );
+        }
+        return Ok(None);
     }
     let fc = raw.flow_control.unwrap_or_default();
     let plugin_types: HashMap<String, &PluginDef> = raw
@@ -258,6 +260,17 @@ mod tests {
     use crate::pool::config::parse_picker_config;
 
     #[test]
+    fn an_unknown_gate_is_refused_naming_it() {
+        let e = parse_flow_control("featureGates: [flowControll]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("featureGates[0]") && e.contains("flowControll"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn flow_control_needs_its_gate_and_names_bad_fields() {
         use inferlane_epp::flow::{Fairness, Ordering};
         // Without the gate the block is ignored, as upstream.
@@ -293,13 +306,13 @@ mod tests {
         .unwrap();
         assert_eq!(u.queues.default_band.usage_limit, 0.9);
         assert_eq!(u.queues.bands[0].usage_limit, 0.8);
-        // Defaults: unlimited pool caps, 60 s TTL, global-strict + FCFS; TTL 0 = none.
+        // Defaults: 10,000 held in all (upstream: unlimited), 60 s TTL, global-strict + FCFS; TTL 0 = none.
         let d = parse_flow_control("featureGates: [flowControl]\n")
             .unwrap()
             .unwrap();
         assert_eq!(d.default_ttl, Some(DEFAULT_REQUEST_TTL));
         assert_eq!(d.queues.default_band.fairness, Fairness::GlobalStrict);
-        assert_eq!(d.queues.max_requests, usize::MAX);
+        assert_eq!(d.queues.max_requests, POOL_MAX_REQUESTS_DEFAULT as usize);
         let none = parse_flow_control(
             "featureGates: [flowControl]\nflowControl: {defaultRequestTTL: 0}\n",
         )
