@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("BIN_DIR", os.path.join(ROOT, "target", "release"))
 WORK = os.path.join(ROOT, ".soak")
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
-DURATION = float(sys.argv[1]) if len(sys.argv) > 1 else 180.0
+DURATION = float(sys.argv[1]) if len(sys.argv) > 1 and __name__ == "__main__" else 180.0
 WORKERS = 8
 RSS_BOUND_MB = 48      # growth allowed over the warmed-up RSS
 SERIES_BOUND = 400     # metric series on the EPP's page

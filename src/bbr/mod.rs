@@ -1,6 +1,10 @@
 //! Body-based routing: a gateway-level ext_proc server that names the base model in headers so HTTPRoutes can pick the pool.
 
 pub mod health;
+mod service;
+
+use service::Bbr;
+pub use service::BbrMetrics;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,26 +14,14 @@ use std::time::Duration;
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 use clap::Args;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
-    ExternalProcessor, ExternalProcessorServer,
-};
-use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
-    processing_request, processing_response,
-};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use inferlane_epp::bbr::{BaseModelMap, BbrError, parse_mapping};
-use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status, Streaming};
 
 use crate::actors::configmap_watcher::{ConfigMapSource, ConfigMapWatcher};
 use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, WatcherOptions};
 use crate::actors::messages::ConfigChanged;
-use crate::extproc::proto::{
-    ResponseStream, Tx, continue_headers, driven_processor, immediate_error, is_full_duplex,
-    pass_through, reply, send, send_streamed_body, set_header,
-};
 use crate::net::tls;
 use crate::runtime::parse_bool;
 
@@ -54,6 +46,8 @@ pub enum BbrStartError {
     GrpcThreads(#[source] std::io::Error),
     #[error("{0} (or give --mapping-file)")]
     Kube(#[source] crate::net::kube_client::KubeClientError),
+    #[error(transparent)]
+    MemoryBudget(#[from] crate::memory::BudgetError),
 }
 
 /// Upstream bbr flags we accept without acting on them (the reason is logged at start);
@@ -120,6 +114,10 @@ pub struct BbrArgs {
     /// streams stay on one thread, as in the EPP.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub grpc_threads: u16,
+    /// Memory the process may spend on streams and bodies being read (429 past it): bytes,
+    /// a quantity (`256Mi`), or `auto` for 60% of the container's memory limit.
+    #[arg(long, default_value = "auto")]
+    pub memory_budget: String,
 }
 
 /// A validated mapping file.
@@ -150,225 +148,6 @@ impl Handler<ConfigChanged<MappingFile>> for MappingStore {
 
     fn handle(&mut self, msg: ConfigChanged<MappingFile>, _: &mut Context<Self>) {
         self.0.store(Arc::new(msg.config.0.clone()));
-    }
-}
-
-/// bbr's Prometheus metrics (upstream's names: `bbr_success_total`,
-/// `bbr_model_not_in_body_total`, `bbr_model_not_parsed_total`), plus `bbr_info`.
-#[derive(Clone, Debug)]
-pub struct BbrMetrics {
-    registry: Arc<prometheus_client::registry::Registry>,
-    success: Counter,
-    not_in_body: Counter,
-    not_parsed: Counter,
-}
-
-impl BbrMetrics {
-    pub fn new() -> Self {
-        let mut r = prometheus_client::registry::Registry::default();
-        let (success, not_in_body, not_parsed) =
-            (Counter::default(), Counter::default(), Counter::default());
-        r.register(
-            "bbr_success",
-            "Requests whose model was read from the body",
-            success.clone(),
-        );
-        r.register(
-            "bbr_model_not_in_body",
-            "Requests whose JSON body has no model (left to the pool's EPP, which answers 400)",
-            not_in_body.clone(),
-        );
-        r.register(
-            "bbr_model_not_parsed",
-            "Requests whose body is not a JSON object",
-            not_parsed.clone(),
-        );
-        crate::net::metrics_text::register_info(
-            &mut r,
-            "bbr",
-            &[("version", env!("CARGO_PKG_VERSION"))],
-        );
-        Self {
-            registry: Arc::new(r),
-            success,
-            not_in_body,
-            not_parsed,
-        }
-    }
-
-    pub fn encode(&self) -> String {
-        crate::net::metrics_text::encode(&self.registry)
-    }
-}
-
-impl Default for BbrMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-#[derive(Clone)]
-struct Bbr {
-    map: Arc<ArcSwap<BaseModelMap>>,
-    max_body: usize,
-    metrics: BbrMetrics,
-}
-
-/// What a body says about its model.
-enum BodyModel {
-    Named(String),
-    /// Valid JSON without a usable `model`.
-    Missing,
-    NotJson,
-}
-
-fn model_of(body: &[u8]) -> BodyModel {
-    #[derive(serde::Deserialize)]
-    struct M {
-        model: Option<String>,
-    }
-    match serde_json::from_slice::<M>(body) {
-        Err(_) => BodyModel::NotJson,
-        // A name past the EPP's limit is no model: no header carries it, the EPP answers 400.
-        Ok(m) => match m
-            .model
-            .filter(|m| !m.is_empty() && m.len() <= inferlane_epp::request::MAX_MODEL_NAME_BYTES)
-        {
-            Some(name) => BodyModel::Named(name),
-            None => BodyModel::Missing,
-        },
-    }
-}
-
-impl Bbr {
-    fn mutation(&self, body: &[u8]) -> HeaderMutation {
-        let mut m = HeaderMutation::default();
-        let model = match model_of(body) {
-            BodyModel::Named(name) => {
-                self.metrics.success.inc();
-                Some(name)
-            }
-            BodyModel::Missing => {
-                self.metrics.not_in_body.inc();
-                None
-            }
-            BodyModel::NotJson => {
-                self.metrics.not_parsed.inc();
-                None
-            }
-        };
-        match model {
-            Some(model) => {
-                let base = self.map.load().base_of(&model).unwrap_or("").to_string();
-                if base.is_empty() {
-                    tracing::debug!(%model, "no base model known for this model");
-                }
-                m.set_headers.push(set_header(MODEL_HEADER, &model));
-                m.set_headers.push(set_header(BASE_MODEL_HEADER, &base));
-            }
-            // No model: leave routing alone; the pool's EPP answers the 400.
-            None => m.remove_headers = vec![MODEL_HEADER.into(), BASE_MODEL_HEADER.into()],
-        }
-        m
-    }
-
-    async fn handle(
-        &self,
-        inbound: &mut Streaming<ProcessingRequest>,
-        tx: &Tx,
-    ) -> Result<(), Status> {
-        let mut body = Vec::new();
-        let mut full_duplex = false;
-        let mut answered = false;
-        loop {
-            let msg = match inbound.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(_) if answered => break,
-                Err(e) => return Err(e),
-            };
-            let Some(req) = msg.request.as_ref() else {
-                continue;
-            };
-            match req {
-                processing_request::Request::RequestHeaders(h) => {
-                    full_duplex = is_full_duplex(&msg);
-                    if h.end_of_stream || !full_duplex {
-                        send(tx, continue_headers()).await?;
-                        answered = h.end_of_stream;
-                    }
-                }
-                processing_request::Request::RequestBody(b) => {
-                    // Never route on part of a body (the model may come after the cut), nor
-                    // send part of it upstream: too large is a 413, as from the EPP.
-                    if body.len() + b.body.len() > self.max_body {
-                        send(
-                            tx,
-                            immediate_error(
-                                413,
-                                "PayloadTooLarge",
-                                &format!(
-                                    "request body larger than {} bytes (bbr --max-body-bytes)",
-                                    self.max_body
-                                ),
-                            ),
-                        )
-                        .await?;
-                        return Ok(());
-                    }
-                    body.extend_from_slice(&b.body);
-                    if !b.end_of_stream {
-                        continue;
-                    }
-                    let common = CommonResponse {
-                        header_mutation: Some(self.mutation(&body)),
-                        clear_route_cache: true,
-                        ..Default::default()
-                    };
-                    if full_duplex {
-                        send(
-                            tx,
-                            reply(processing_response::Response::RequestHeaders(
-                                HeadersResponse {
-                                    response: Some(common),
-                                },
-                            )),
-                        )
-                        .await?;
-                        send_streamed_body(tx, &body).await?;
-                    } else {
-                        send(
-                            tx,
-                            reply(processing_response::Response::RequestBody(BodyResponse {
-                                response: Some(common),
-                            })),
-                        )
-                        .await?;
-                    }
-                    answered = true;
-                }
-                // bbr only reads request bodies; any other phase passes unchanged.
-                other => send(tx, pass_through(other)).await?,
-            }
-        }
-        Ok(())
-    }
-}
-
-#[tonic::async_trait]
-impl ExternalProcessor for Bbr {
-    type ProcessStream = ResponseStream;
-
-    async fn process(
-        &self,
-        request: Request<Streaming<ProcessingRequest>>,
-    ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
-        let this = self.clone();
-        Ok(driven_processor(
-            tracing::debug_span!("bbr"),
-            move |tx| async move { this.handle(&mut inbound, &tx).await },
-        ))
     }
 }
 
@@ -467,10 +246,18 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
             tracing::error!(error = %e, "bbr metrics server stopped");
         }
     });
+    let (budget, source) =
+        crate::memory::derive_budget(&args.memory_budget, std::path::Path::new("/sys/fs/cgroup"))?;
+    tracing::info!(
+        bytes = budget,
+        ?source,
+        "memory budget for streams and bodies"
+    );
     let svc = ExternalProcessorServer::new(Bbr {
         map,
         max_body: args.max_body_bytes,
         metrics,
+        budget: crate::memory::MemoryBudget::new(budget),
     })
     .max_decoding_message_size(args.max_body_bytes + 64 * 1024);
     crate::net::serve::serve_pinned(
@@ -498,91 +285,4 @@ pub async fn start(args: BbrArgs) -> Result<BbrHandle, BbrStartError> {
         health: health_addr,
         metrics: metrics_addr,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use envoy_types::pb::envoy::config::core::v3::HeaderMap;
-    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
-    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-    use envoy_types::pb::envoy::service::ext_proc::v3::{
-        HttpBody, HttpHeaders, ProtocolConfiguration,
-    };
-    use tokio_stream::wrappers::TcpListenerStream;
-
-    fn msg(r: processing_request::Request, full_duplex: bool) -> ProcessingRequest {
-        ProcessingRequest {
-            request: Some(r),
-            protocol_config: full_duplex.then(|| ProtocolConfiguration {
-                request_body_mode: BodySendMode::FullDuplexStreamed as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    /// A full-duplex body over --max-body-bytes is answered 413, never sent on truncated and
-    /// routed on what was read (which is what bbr did).
-    #[tokio::test]
-    async fn a_body_over_the_limit_is_a_413_in_both_modes() {
-        let map = BaseModelMap::new(
-            &parse_mapping("baseModels:\n- baseModel: b\n  adapters: [a]\n").unwrap(),
-        )
-        .unwrap();
-        let svc = ExternalProcessorServer::new(Bbr {
-            map: Arc::new(ArcSwap::from_pointee(map)),
-            max_body: 1000,
-            metrics: BbrMetrics::new(),
-        });
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(TcpListenerStream::new(l)),
-        );
-        let mut client = ExternalProcessorClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        for full_duplex in [true, false] {
-            let chunk = |end| {
-                msg(
-                    processing_request::Request::RequestBody(HttpBody {
-                        body: vec![b' '; 600],
-                        end_of_stream: end,
-                        ..Default::default()
-                    }),
-                    full_duplex,
-                )
-            };
-            let msgs = vec![
-                msg(
-                    processing_request::Request::RequestHeaders(HttpHeaders {
-                        headers: Some(HeaderMap::default()),
-                        ..Default::default()
-                    }),
-                    full_duplex,
-                ),
-                chunk(false),
-                chunk(true),
-            ];
-            let mut out = client
-                .process(tokio_stream::iter(msgs))
-                .await
-                .unwrap()
-                .into_inner();
-            let mut got = None;
-            while let Ok(Some(m)) = out.message().await {
-                if let Some(processing_response::Response::ImmediateResponse(i)) = m.response {
-                    got = Some(i);
-                    break;
-                }
-            }
-            let i =
-                got.unwrap_or_else(|| panic!("no immediate answer (full duplex {full_duplex})"));
-            assert_eq!(i.status.unwrap().code, 413);
-            assert!(String::from_utf8_lossy(&i.body).contains("--max-body-bytes"));
-        }
-    }
 }

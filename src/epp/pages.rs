@@ -125,3 +125,44 @@ pub fn router(p: Pages, auth: Option<Arc<crate::net::metrics_auth::MetricsAuth>>
         None => app,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::extract::connect_info::MockConnectInfo;
+    use tower::ServiceExt;
+
+    async fn status(public_debug: bool, peer: &str, path: &str) -> StatusCode {
+        let pages = Pages {
+            metrics: EppMetrics::new(),
+            shared: Arc::new(Shared::new(Default::default())),
+            leader_election: false,
+            budget: MemoryBudget::new(64 << 20),
+            public_debug,
+        };
+        let peer: std::net::SocketAddr = peer.parse().unwrap();
+        let app = router(pages, None).layer(MockConnectInfo(peer));
+        let req = axum::http::Request::get(path).body(Body::empty()).unwrap();
+        app.oneshot(req).await.unwrap().status()
+    }
+
+    /// Without auth the debug pages (pod names, addresses, weights) answer loopback only;
+    /// /metrics answers everyone (Prometheus scrapes it from another pod).
+    #[tokio::test]
+    async fn debug_pages_answer_loopback_only_unless_made_public() {
+        for path in ["/debug/pool", "/debug/memory"] {
+            assert_eq!(status(false, "127.0.0.1:5000", path).await, StatusCode::OK);
+            assert_eq!(status(false, "[::1]:5000", path).await, StatusCode::OK);
+            assert_eq!(
+                status(false, "10.1.2.3:5000", path).await,
+                StatusCode::FORBIDDEN
+            );
+            assert_eq!(status(true, "10.1.2.3:5000", path).await, StatusCode::OK);
+        }
+        assert_eq!(
+            status(false, "10.1.2.3:5000", "/metrics").await,
+            StatusCode::OK
+        );
+    }
+}

@@ -34,6 +34,11 @@ use state::RequestState;
 
 pub use proto::DESTINATION_HEADER;
 
+/// How long a stream opened past the memory budget may stay silent.
+const OVER_BUDGET_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+const OVER_BUDGET_IDLE: &str =
+    "the memory budget is full (--memory-budget) and the stream sent no request";
+
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct ExtProcOptions {
@@ -99,7 +104,18 @@ impl ExtProc {
             ..RequestState::default()
         };
         loop {
-            let msg = match inbound.message().await {
+            let read = inbound.message();
+            // Over budget, a stream that says nothing is ended: idle streams would hold
+            // memory uncharged. One that speaks gets its 429 (request.rs).
+            let next = if st.charge.is_err() && st.started.is_none() {
+                match tokio::time::timeout(OVER_BUDGET_GRACE, read).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(Status::resource_exhausted(OVER_BUDGET_IDLE)),
+                }
+            } else {
+                read.await
+            };
+            let msg = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
                 // Envoy resets the stream once the HTTP exchange is over; that is the normal

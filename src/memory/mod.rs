@@ -33,7 +33,7 @@ pub struct MemoryBudget {
 /// Refused: the budget has no room for `wanted` more bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the EPP's memory budget is full ({used} of {limit} bytes in use, {wanted} more wanted; --memory-budget); retry later"
+    "the memory budget is full ({used} of {limit} bytes in use, {wanted} more wanted; --memory-budget); retry later"
 )]
 pub struct OverBudget {
     pub used: u64,
