@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes the two public base images our Dockerfiles start FROM as local images under the same
 # names, for machines that cannot pull them (no registry reachable, as on our CI):
-#   docker.io/library/rust:1.95-bookworm   Debian bookworm (mmdebstrap minbase, gcc, libc6-dev,
+#   docker.io/library/rust:1.95-bookworm   Debian bookworm (mmdebstrap minbase, gcc, libc6-dev, make,
 #                                          CA certificates) + this machine's Rust toolchain
 #   gcr.io/distroless/cc-debian12:nonroot   glibc, libgcc, CA certificates, tzdata, passwd
 #                                          entries for nonroot (65532); no shell, no apt
@@ -64,7 +64,7 @@ if ! have "$BUILDER"; then
   echo "== $BUILDER (local: Debian $SUITE + $(rustc --version) from $sysroot)"
   # The toolchain without its HTML docs (~800 MB); rustc finds its libraries relative to itself.
   root="$tmp/builder"
-  mmdebstrap --quiet --variant=minbase --include=gcc,libc6-dev,ca-certificates "$SUITE" "$root"
+  mmdebstrap --quiet --variant=minbase --include=gcc,libc6-dev,make,ca-certificates "$SUITE" "$root"
   mkdir -p "$root/usr/local/rust" "$root/usr/local/cargo"
   cp -a "$sysroot/bin" "$sysroot/lib" "$sysroot/libexec" "$root/usr/local/rust/"
   # cargo inside the build trusts the same roots as this machine (to reach crates.io).

@@ -30,21 +30,24 @@ def manifest_limit_mb():
     return n * 1024 if m.group(2) == "Gi" else n
 
 
+SAMPLES = {}  # a response per non-200 status, for the log
 LIMIT_MB = float(os.environ.get("LIMIT_MB", manifest_limit_mb()))
 BUDGET = os.environ.get("BUDGET", f"{int(LIMIT_MB * 0.6)}Mi")
 
 
 def start_pool(full_duplex, extra=()):
     sim, sim_addr = spawn([os.path.join(BIN, "vllm-sim"), "--host", "127.0.0.1", "--port", "0",
-                           "--time-scale", "0.02", "--max-num-seqs", "256"], f"sim-{len(soak.procs)}",
+                           "--time-scale", "0.02", "--max-num-seqs", "256",
+                           "--max-model-len", "100000000"], f"sim-{len(soak.procs)}",
                           marker="VLLM_SIM_LISTENING")
     pool = os.path.join(WORK, "pool.yaml")
     with open(pool, "w") as f:
         f.write(f"pool: {{name: mem}}\nendpoints:\n- address: {sim_addr}\nmodels:\n"
                 f"- modelName: chat\n  criticality: Critical\n  targetModels: [{{name: {BASE}}}]\n"
                 f"- modelName: batch\n  criticality: Sheddable\n  targetModels: [{{name: {BASE}}}]\n")
+    # The sheddable band holds up to the pool's default cap (10,000; a band's default is 5,000).
     cfg = ("featureGates: [flowControl]\nsaturationDetector: {runningRequestsThreshold: 1}\n"
-           "flowControl: {defaultRequestTTL: 170s}\n")
+           "flowControl:\n  defaultRequestTTL: 170s\n  priorityBands:\n  - {priority: -1, maxRequests: " + os.environ.get("BAND", "10000") + "}\n")
     epp, line = spawn([os.path.join(BIN, "epp"), "--pool-file", pool, "--pool-name", "mem",
                        "--bind-address", "127.0.0.1", "--grpc-port", "0", "--grpc-health-port", "0",
                        "--metrics-port", "0", "--refresh-metrics-interval", "50ms",
@@ -69,8 +72,13 @@ async def request(port, model, body_bytes=0, pause_at=None, release=None, prompt
             f"content-length: {length}\r\n\r\n".encode())
     try:
         if pause_at is not None:
-            w.write(body[:pause_at])
-            await w.drain()
+            try:
+                w.write(body[:pause_at])
+                await w.drain()
+            except OSError:
+                # Refused while uploading (the EPP's 429 at the headers; Envoy closed).
+                line = await asyncio.wait_for(r.readline(), 2)
+                return int(line.split()[1]) if line else 0
             await release.wait()
             try:
                 # Refused while it uploaded (the EPP's 429 at its headers)?
@@ -85,6 +93,9 @@ async def request(port, model, body_bytes=0, pause_at=None, release=None, prompt
             await w.drain()
         line = await asyncio.wait_for(r.readline(), 300)
         status = int(line.split()[1]) if line else 0
+        if status != 200 and status not in SAMPLES:
+            head = await asyncio.wait_for(r.read(600), 5)
+            SAMPLES[status] = head.decode(errors="replace")
         w.close()
         return status
     except (OSError, asyncio.TimeoutError, ValueError, IndexError):
@@ -150,16 +161,8 @@ async def hold_row(port, sim_addr, fields, n, body_bytes, critical=True):
     return statuses, at_peak
 
 
-async def run_row(name):
-    full_duplex = name in ("bodies", "uploads")
-    sim_addr, epp, fields, port = start_pool(full_duplex)
-    # Warm up: a few requests, then the idle size.
-    for _ in range(5):
-        await request(port, "chat")
-    await asyncio.sleep(1.0)
-    idle = rss_mb(epp.pid)
-    s = Sampler(epp.pid, fields)
-    sampler = asyncio.ensure_future(s.run())
+async def load(name, port, sim_addr, fields, epp):
+    """One burst of the row's load: the answers, and a note."""
     note = ""
     if name == "bodies":
         statuses = await asyncio.gather(*[request(port, "chat", 30 << 20) for _ in range(8)])
@@ -171,16 +174,10 @@ async def run_row(name):
         note = f"RSS while paused {rss_mb(epp.pid):.0f} MiB"
         release.set()
         statuses = await asyncio.gather(*tasks)
-    elif name == "tiny":
-        statuses, n_held = await hold_row(port, sim_addr, fields, 4000, 0)
-        note = f"{n_held:.0f} held at once"
-    elif name == "held100k":
-        statuses, n_held = await hold_row(port, sim_addr, fields, 1500, 100 * 1024)
-        note = f"{n_held:.0f} held at once"
-    elif name == "ten_thousand":
-        statuses, n_held = await hold_row(port, sim_addr, fields, 10000, 0)
-        per = (s.peak - idle) * 1024 / max(n_held, 1)
-        note = f"{n_held:.0f} held at once, {per:.1f} KiB RSS per held request; critical: {statuses[-1]}"
+    elif name in ("tiny", "held100k", "ten_thousand"):
+        n, size = {"tiny": (4000, 0), "held100k": (1500, 100 * 1024), "ten_thousand": (10000, 0)}[name]
+        statuses, n_held = await hold_row(port, sim_addr, fields, n, size)
+        note = f"{n_held:.0f} held at once; critical: {statuses[-1]}"
     elif name == "idle":
         p = subprocess.Popen([os.path.join(ROOT, "target/release/examples/idle_streams"), fields["grpc"], "4", "4096"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -193,21 +190,57 @@ async def run_row(name):
         statuses = []
     else:
         raise SystemExit(f"unknown row {name}")
-    # After the burst: RSS back within 20 % of idle (allocator returns memory).
+    return statuses, note
+
+
+def epp_errors(fields):
+    """The EPP's own error answers by code (inference_objective_request_error_total)."""
+    out = {}
+    for l in page(fields, "/metrics").splitlines():
+        m = re.match(r'inference_objective_request_error_total\{.*error_code="(\d+)".*\} (\S+)', l)
+        if m:
+            out[int(m.group(1))] = out.get(int(m.group(1)), 0) + int(float(m.group(2)))
+    return out
+
+
+async def run_row(name):
+    full_duplex = name in ("bodies", "uploads")
+    extra = ("--secure-serving=false",) if name == "idle" else ()
+    sim_addr, epp, fields, port = start_pool(full_duplex, extra)
+    for _ in range(5 if name != "idle" else 0):
+        await request(port, "chat")
+    await asyncio.sleep(1.0)
+    cold = rss_mb(epp.pid)
+    # A first burst warms what a process keeps at its high-water mark (connection stream
+    # tables, task slabs, map capacity); the second is measured against the warm idle size.
+    await load(name, port, sim_addr, fields, epp)
+    await wait_until(lambda: charged(fields) == 0, 30)
+    await asyncio.sleep(3.0)
+    idle = rss_mb(epp.pid)
+    s = Sampler(epp.pid, fields)
+    sampler = asyncio.ensure_future(s.run())
+    statuses, note = await load(name, port, sim_addr, fields, epp)
     back = await wait_until(lambda: rss_mb(epp.pid) <= idle * 1.2, 20)
     after = rss_mb(epp.pid)
     s.on = False
     await sampler
+    if name == "ten_thousand":
+        note += f", {(s.peak - idle) * 1024 / 10000:.1f} KiB RSS per held request"
     counts = {}
     for st in statuses:
         counts[st] = counts.get(st, 0) + 1
     left = charged(fields)
+    errors = epp_errors(fields)
     epp.terminate()
-    fives = {k: v for k, v in counts.items() if k >= 500 or k == 0}
+    # 0: the connection was reset while uploading, after the EPP's 429 (counted by the EPP).
+    fives = {k: v for k, v in counts.items() if k >= 500 or (k == 0 and name != "uploads")}
     ok = s.peak < LIMIT_MB and back and not fives and left == 0
-    log(f"{name}: idle {idle:.0f} MiB, peak {s.peak:.0f} MiB (limit {LIMIT_MB:.0f}, budget {BUDGET}), "
-        f"after {after:.0f} MiB; peak charged {s.peak_charged / 2**20:.0f} MiB, {left} left; "
-        f"answers {dict(sorted(counts.items()))}; {note} -> {'ok' if ok else 'FAIL'}")
+    log(f"{name}: cold {cold:.0f} MiB, warm idle {idle:.0f} MiB, peak {s.peak:.0f} MiB (limit {LIMIT_MB:.0f}, "
+        f"budget {BUDGET}), after {after:.0f} MiB; peak charged {s.peak_charged / 2**20:.0f} MiB, {left} left; "
+        f"answers {dict(sorted(counts.items()))}, the EPP's errors (both bursts) {errors}; {note} -> {'ok' if ok else 'FAIL'}")
+    for st, text in SAMPLES.items():
+        log(f"  {name} {st}: {' '.join(text.split())[:300]}")
+    SAMPLES.clear()
     return ok
 
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Soak: mixed valid and hostile traffic through two real Envoys (BUFFERED and FULL_DUPLEX_STREAMED)
-into one EPP for a bounded time, while model servers die and come back, stall, fail, and the pool
-file changes (also to an invalid file). Asserts: the EPP never exits, its RSS stays within a bound
-of its warmed-up size, its metric series stay bounded, and every answer is a valid HTTP response.
+into one EPP (flow control on, a small memory budget) for a bounded time, while model servers die
+and come back, stall, fail, the pool file changes (also to an invalid file), bursts of sheddable
+requests are held, uploads pause half way and, as root, a server in its own network namespace is
+partitioned and loses packets. Asserts: the EPP never exits, its RSS stays within a bound of its
+warmed-up size, its metric series stay bounded, every answer is a valid HTTP response, and no 5xx
+comes from the gateway outside a window where a server was killed or partitioned (the EPP's own
+503s and the servers' injected failures are theirs to choose).
 
 Usage: scripts/soak.sh [SECONDS]   (default 180; binaries from target/release, Envoy from .venv)
 """
@@ -26,8 +30,12 @@ BASE = "meta-llama/Llama-3.1-8B-Instruct"
 DURATION = float(sys.argv[1]) if len(sys.argv) > 1 and __name__ == "__main__" else 180.0
 WORKERS = 8
 RSS_BOUND_MB = 48      # growth allowed over the warmed-up RSS
+# Flow control on: sheddable work is held while servers are saturated (or stalled).
+FLOW_CONFIG = ("featureGates: [flowControl]\nsaturationDetector: {runningRequestsThreshold: 8}\n"
+               "flowControl: {defaultRequestTTL: 30s, maxRequests: 2000}\n")
 SERIES_BOUND = 400     # metric series on the EPP's page
 procs = []
+NETNS = []  # namespaces to remove at exit
 
 
 def log(*a):
@@ -111,7 +119,7 @@ def start_envoy(epp_port, full_duplex, n):
         f.write(cfg)
     admin = os.path.join(WORK, f"envoy-{n}.admin")
     spawn([os.path.join(ROOT, ".venv/bin/envoy"), "-c", path, "--use-dynamic-base-id", "--concurrency", "2",
-           "-l", "error", "--admin-address-path", admin], f"envoy-{n}")
+           "-l", os.environ.get("ENVOY_LOG_LEVEL", "error"), "--admin-address-path", admin], f"envoy-{n}")
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -132,6 +140,71 @@ def rss_mb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def netns_sim():
+    """As root: a sim in its own network namespace behind a veth pair (faults by iptables)."""
+    if os.geteuid() != 0:
+        return None
+    ns, host_if, ns_if = f"ilsoak{os.getpid()}", f"ilsh{os.getpid()}", f"ilsn{os.getpid()}"
+    net = f"10.214.{os.getpid() % 60 * 4}"
+    cmds = [["ip", "netns", "add", ns], ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+            ["ip", "link", "set", ns_if, "netns", ns], ["ip", "addr", "add", f"{net}.1/30", "dev", host_if],
+            ["ip", "link", "set", host_if, "up"],
+            ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.2/30", "dev", ns_if],
+            ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"]]
+    for c in cmds:
+        if subprocess.run(c, capture_output=True).returncode != 0:
+            log(f"no network namespace ({' '.join(c)} failed): network faults skipped")
+            return None
+    args = ["ip", "netns", "exec", ns, os.path.join(BIN, "vllm-sim"), "--host", f"{net}.2", "--port", "0",
+            "--time-scale", "0.05", "--max-num-seqs", "16"]
+    n = {"ns": ns, "if": host_if}
+    NETNS.append(n)
+    p, addr = spawn(args, "sim-netns", marker="VLLM_SIM_LISTENING")
+    return {**n, "addr": addr, "proc": p}
+
+
+def netns_fault(n, rule):
+    """Adds (or with rule None, removes every) iptables drop rule on the namespace's link."""
+    specs = [["-o", n["if"], "-j", "DROP"],
+             ["-o", n["if"], "-m", "statistic", "--mode", "random", "--probability", "0.2", "-j", "DROP"]]
+    if rule is None:
+        for spec in specs:
+            while subprocess.run(["iptables", "-D", "OUTPUT", *spec], capture_output=True).returncode == 0:
+                pass
+        return
+    subprocess.run(["iptables", "-I", "OUTPUT", *specs[rule]], check=True)
+
+
+def netns_remove(n):
+    netns_fault(n, None)
+    subprocess.run(["ip", "link", "del", n["if"]], capture_output=True)
+    subprocess.run(["ip", "netns", "del", n["ns"]], capture_output=True)
+
+
+def paused_upload(port, rng):
+    """Announces a body, sends part of it, waits, and goes away without finishing."""
+    total = rng.choice([200_000, 900_000])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  f"content-length: {total}\r\n\r\n".encode() + b'{"model": "food-review", "prompt": "' +
+                  b"x" * (total // 2))
+        time.sleep(rng.uniform(0.5, 3))
+    return "cut"
+
+
+def kind_of_5xx(data):
+    """Who chose a 5xx: the EPP (its JSON error), a model server (vLLM's error object) or the gateway."""
+    try:
+        v = json.loads(data)
+    except ValueError:
+        return "gateway"
+    if isinstance(v, dict) and isinstance(v.get("error"), dict) and "type" in v["error"]:
+        return "epp"
+    if isinstance(v, dict) and (v.get("object") == "error" or "message" in v):
+        return "server"
+    return "gateway"
 
 
 def hostile_and_valid(rng):
@@ -178,11 +251,15 @@ def main():
     random.seed(7)
     sims = [start_sim() for _ in range(3)]
     addrs = [a for _, a in sims]
+    far = netns_sim()
+    if far:
+        addrs.append(far["addr"])
     pool = os.path.join(WORK, "pool.yaml")
     write_atomic(pool, pool_file(addrs, 10))
     epp, line = spawn([os.path.join(BIN, "epp"), "--bind-address", "127.0.0.1", "--grpc-port", "0",
                        "--grpc-health-port", "0", "--metrics-port", "0", "--pool-name", "soak",
-                       "--pool-file", pool, "--max-body-bytes", "1048576"], "epp", marker="EPP_LISTENING")
+                       "--pool-file", pool, "--max-body-bytes", "1048576", "--memory-budget", "96Mi",
+                       "--config-text", FLOW_CONFIG], "epp", marker="EPP_LISTENING")
     fields = dict(w.split("=", 1) for w in line.split())
     epp_grpc = int(fields["grpc"].rsplit(":", 1)[1])
     mhost, mport = fields["metrics"].rsplit(":", 1)
@@ -192,6 +269,8 @@ def main():
     stop = time.time() + DURATION
     counts, lock = {}, threading.Lock()
     bad = []
+    # (start, end) of each request the gateway answered 5xx, and of each fault window.
+    gateway_5xx, windows = [], []
 
     def worker(i):
         rng = random.Random(i)
@@ -201,9 +280,21 @@ def main():
             gw = rng.choice(gateways)
             method, path, body, headers, what = hostile_and_valid(rng)
             headers = {"content-type": "application/json", **headers}
+            t_start = time.time()
             try:
-                status, data = http_call("127.0.0.1", gw, method, path, body, headers, timeout=30)
+                if rng.random() < 0.03:
+                    what, status, ok = "paused-upload", paused_upload(gw, rng), True
+                    with lock:
+                        counts[(what, status)] = counts.get((what, status), 0) + 1
+                    continue
+                status, data = http_call("127.0.0.1", gw, method, path, body, headers, timeout=60)
                 ok = 100 <= status <= 599
+                if status >= 500:
+                    who = kind_of_5xx(data)
+                    status = f"{status}-{who}"
+                    if who == "gateway":
+                        with lock:
+                            gateway_5xx.append((t_start, time.time(), what, status, data[:120]))
             except http.client.IncompleteRead:
                 # A streamed answer (200 and its headers already sent) cut when its model
                 # server was killed mid-stream: HTTP cannot say more than a reset. Counted,
@@ -218,21 +309,76 @@ def main():
                 if not ok and len(bad) < 20:
                     bad.append((what, status))
 
+    def held_burst(n):
+        """n sheddable requests at once while the pool is saturated: held, then released."""
+        def one(i):
+            try:
+                st, data = http_call("127.0.0.1", gateways[i % 2], "POST", "/v1/completions",
+                                     json.dumps({"model": "batch", "prompt": f"held {i}", "max_tokens": 2}),
+                                     {"content-type": "application/json"}, timeout=60)
+                if st >= 500:
+                    who = kind_of_5xx(data)
+                    st = f"{st}-{who}"
+                    if who == "gateway":
+                        with lock:
+                            gateway_5xx.append((t0, time.time(), "held-burst", st, data[:120]))
+            except (OSError, http.client.HTTPException) as e:
+                st = f"error {type(e).__name__}"
+                with lock:
+                    if len(bad) < 20:
+                        bad.append(("held-burst", st))
+            with lock:
+                counts[("held-burst", st)] = counts.get(("held-burst", st), 0) + 1
+        t0 = time.time()
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
     def chaos():
         rng = random.Random(99)
         step = 0
         while time.time() < stop - 5:
             time.sleep(6)
             step += 1
-            action = step % 5
+            action = step % (8 if far else 6)
             if action == 0:  # a server dies and comes back on the same port
                 i = rng.randrange(len(sims))
                 p, addr = sims[i]
+                w0 = time.time()
                 p.send_signal(signal.SIGKILL)
                 p.wait()
                 time.sleep(1.5)
                 sims[i] = start_sim(int(addr.rsplit(":", 1)[1]))
+                with lock:
+                    windows.append((w0, time.time()))
                 log(f"chaos: server {addr} killed and restarted")
+            elif action == 5:  # every server stalls: a burst of sheddable requests is held
+                for a in addrs:
+                    h, p = a.rsplit(":", 1)
+                    http_call(h, int(p), "POST", "/sim/faults", json.dumps({"stall": True}))
+                burst = threading.Thread(target=held_burst, args=(300,))
+                burst.start()
+                time.sleep(2)
+                for a in addrs:
+                    h, p = a.rsplit(":", 1)
+                    http_call(h, int(p), "POST", "/sim/faults", json.dumps({"stall": False}))
+                burst.join()
+                log("chaos: 300 sheddable requests held through a stall and released")
+            elif action == 6:  # the namespaced server is partitioned, then heals
+                w0 = time.time()
+                netns_fault(far, 0)
+                time.sleep(4)
+                netns_fault(far, None)
+                with lock:
+                    windows.append((w0, time.time()))
+                log(f"chaos: server {far['addr']} partitioned for 4 s, then healed")
+            elif action == 7:  # 20 % packet loss to the namespaced server
+                netns_fault(far, 1)
+                time.sleep(4)
+                netns_fault(far, None)
+                log(f"chaos: 20 % packet loss to {far['addr']} for 4 s")
             elif action == 1:  # a server stalls, then fails half its requests
                 h, p = rng.choice(addrs).rsplit(":", 1)
                 http_call(h, int(p), "POST", "/sim/faults", json.dumps({"stall": True}))
@@ -300,7 +446,15 @@ def main():
         failures.append(f"{series_max} metric series (bound {SERIES_BOUND})")
     if bad:
         failures.append(f"non-HTTP answers: {bad}")
-    five = sum(n for (w, s), n in counts.items() if isinstance(s, int) and s == 500)
+    # A request in flight to a server that was killed or cut off may get the gateway's 503;
+    # any other gateway 5xx is one nobody chose.
+    unexplained = [g for g in gateway_5xx
+                   if not any(g[0] <= w1 + 3 and g[1] >= w0 for w0, w1 in windows)]
+    log(f"gateway 5xx: {len(gateway_5xx)}, {len(gateway_5xx) - len(unexplained)} during a kill or partition")
+    if unexplained:
+        failures.append(f"{len(unexplained)} gateway 5xx outside any fault window: {unexplained[:3]}")
+
+    five = sum(n for (w, s), n in counts.items() if isinstance(s, str) and s.startswith("500"))
     log(f"500s: {five}")
     if failures:
         log("SOAK FAILED: " + "; ".join(failures))
@@ -313,6 +467,8 @@ if __name__ == "__main__":
     try:
         code = main()
     finally:
+        for n in NETNS:
+            netns_remove(n)
         for p in procs:
             try:
                 p.kill()

@@ -351,3 +351,36 @@ async fn a_full_memory_budget_is_a_429_and_every_byte_comes_back() {
     })
     .await;
 }
+
+/// Thousands of requests refused at once (their band full): each ended ext_proc stream costs
+/// Envoy an outbound RST_STREAM, and with Envoy's default flood guard (1,000 queued control
+/// frames) it closed the connection to the EPP, failing every stream on it with a 500. The
+/// shipped config sizes the guard: all 429s, no 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_refusals_is_all_429s() {
+    const SENT: usize = 8_000;
+    const BAND: usize = 100;
+    let band = format!("  priorityBands:\n  - {{priority: -1, maxRequests: {BAND}}}\n");
+    let rig = Rig::start(1, &band, &[], false).await;
+    let blockers = rig.saturate(1).await;
+    let sent: Vec<_> = (0..SENT)
+        .map(|_| rig.send("batch", None, "hold".into()))
+        .collect();
+    wait_for("every request answered or held", T, || async {
+        let answered = sent.iter().filter(|a| a.is_finished()).count();
+        (answered + rig.held().await? >= SENT).then_some(())
+    })
+    .await;
+    rig.stall(false).await;
+    let (ok, others) = outcomes(sent).await;
+    assert_eq!(ok, BAND);
+    let not_429: Vec<_> = others.iter().filter(|(s, _)| *s != 429).collect();
+    assert!(
+        not_429.is_empty(),
+        "{} of {SENT} neither 200 nor 429: {:?}",
+        not_429.len(),
+        &not_429[..not_429.len().min(3)]
+    );
+    let (_, failed) = outcomes(blockers).await;
+    assert!(failed.is_empty(), "{failed:?}");
+}

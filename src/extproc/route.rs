@@ -31,17 +31,40 @@ impl ExtProc {
             }
             Err(r) => {
                 self.record_error(st, r.status);
-                tracing::info!(
-                    request_id = for_log(st.headers.request_id()),
-                    model = for_log(&st.requested_model),
-                    status = r.status,
-                    reason = %r.message,
-                    path = %st.headers.path(),
-                    "request rejected"
+                // Counted by code on /metrics; a line per 4xx would grow with what clients
+                // send (thousands of 429s a second under overload): the first few each second
+                // at info (a client's report can be found by its request id), the rest debug.
+                let (id, model) = (
+                    for_log(st.headers.request_id()),
+                    for_log(&st.requested_model),
                 );
+                let path = st.headers.path();
+                if r.status >= 500 || rejection_log_slot() {
+                    tracing::info!(request_id = id, model, status = r.status, reason = %r.message, %path, "request rejected");
+                } else {
+                    tracing::debug!(request_id = id, model, status = r.status, reason = %r.message, %path, "request rejected");
+                }
                 send(tx, r.answer()).await?;
                 Ok(Next::Done)
             }
         }
     }
+}
+
+/// Rejections logged at info per second, at most.
+const REJECTIONS_LOGGED_PER_SEC: u32 = 20;
+
+/// Whether this rejection may be logged at info: one of the first
+/// [`REJECTIONS_LOGGED_PER_SEC`] this second.
+fn rejection_log_slot() -> bool {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    static SECOND: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU32 = AtomicU32::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if SECOND.swap(now, Ordering::Relaxed) != now {
+        COUNT.store(0, Ordering::Relaxed);
+    }
+    COUNT.fetch_add(1, Ordering::Relaxed) < REJECTIONS_LOGGED_PER_SEC
 }

@@ -64,6 +64,9 @@ pub enum FlowReject {
     Expired(Duration),
     #[error("the pool is saturated; sheddable request dropped")]
     Shed,
+    /// The memory budget's held share is full (its text says so, and to retry).
+    #[error("{0}")]
+    Memory(OverBudget),
     #[error(
         "flow control: the queues were full and a higher-priority request took this one's place; retry later"
     )]
@@ -74,9 +77,10 @@ impl FlowReject {
     /// The HTTP status and error type the client gets (upstream's codes).
     pub fn status(&self) -> (u16, &'static str) {
         match self {
-            FlowReject::Capacity(_) | FlowReject::Shed | FlowReject::Displaced => {
-                (429, "TooManyRequests")
-            }
+            FlowReject::Capacity(_)
+            | FlowReject::Shed
+            | FlowReject::Displaced
+            | FlowReject::Memory(_) => (429, "TooManyRequests"),
             FlowReject::Expired(_) => (503, "ServiceUnavailable"),
         }
     }
@@ -444,10 +448,10 @@ impl FlowControl {
             Ok(()) => Ok((id, rx)),
             Err(e) => {
                 self.observe_outcome(&labels, "RejectedCapacity", Duration::ZERO);
-                Err(FlowReject::Capacity(match e {
-                    HoldError::Queue(e) => capacity_message(e),
-                    HoldError::Memory(e) => e.to_string(),
-                }))
+                Err(match e {
+                    HoldError::Queue(e) => FlowReject::Capacity(capacity_message(e)),
+                    HoldError::Memory(e) => FlowReject::Memory(e),
+                })
             }
         }
     }
