@@ -803,8 +803,8 @@ fn rss(pid: u32) -> u64 {
     proc_memory(pid, "VmRSS")
 }
 
-/// A 30 MiB body for a model with a canary split is rewritten in place: the EPP's peak RSS
-/// stays under 3x the body (a parsed tree of it took 1.18 GB), in both body modes.
+/// A 30 MiB body for a model with a canary split is rewritten in place: the EPP's RSS grows
+/// by under 3x the body at its peak (a parsed tree of it took 1.18 GB), in both body modes.
 #[tokio::test]
 async fn huge_rewritten_body_costs_about_one_copy() {
     let f = Fleet::start(FleetOptions {
@@ -836,8 +836,10 @@ async fn huge_rewritten_body_costs_about_one_copy() {
     assert!(!text.contains("epp_"), "{text}");
     let peak = peak_rss(pid);
     eprintln!("peak RSS {} MiB, before {} MiB", peak >> 20, before >> 20);
+    // Growth over the process's own size (a debug build idles at ~30 MiB, and jemalloc
+    // rounds a 30 MiB buffer up to its 32 MiB size class).
     assert!(
-        peak < 3 * size as u64,
+        peak - before < 3 * size as u64,
         "peak RSS {} MiB (before: {} MiB) for a {} MiB body",
         peak >> 20,
         before >> 20,

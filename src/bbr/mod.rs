@@ -4,7 +4,7 @@ pub mod health;
 mod service;
 
 use service::Bbr;
-pub use service::BbrMetrics;
+pub use service::{BASE_MODEL_HEADER, BbrMetrics, MODEL_HEADER};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,11 +24,6 @@ use crate::actors::file_watcher::{FileWatcher, WatchMetrics, WatchedConfig, Watc
 use crate::actors::messages::ConfigChanged;
 use crate::net::tls;
 use crate::runtime::parse_bool;
-
-/// Header naming the model the client asked for.
-pub const MODEL_HEADER: &str = "x-gateway-model-name";
-/// Header naming its base model (empty when unknown); HTTPRoutes match on it.
-pub const BASE_MODEL_HEADER: &str = "x-gateway-base-model-name";
 
 /// Errors that stop BBR from starting.
 #[derive(Debug, Error)]

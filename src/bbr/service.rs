@@ -12,12 +12,16 @@ use inferlane_epp::bbr::BaseModelMap;
 use prometheus_client::metrics::counter::Counter;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{BASE_MODEL_HEADER, MODEL_HEADER};
 use crate::extproc::proto::{
     ResponseStream, Tx, continue_headers, driven_processor, immediate_error, is_full_duplex,
     pass_through, reply, send, send_streamed_body, set_header,
 };
 use crate::memory::{MemoryBudget, STREAM_COST};
+
+/// Header naming the model the client asked for.
+pub const MODEL_HEADER: &str = "x-gateway-model-name";
+/// Header naming its base model (empty when unknown); HTTPRoutes match on it.
+pub const BASE_MODEL_HEADER: &str = "x-gateway-base-model-name";
 
 /// bbr's Prometheus metrics (upstream's names: `bbr_success_total`,
 /// `bbr_model_not_in_body_total`, `bbr_model_not_parsed_total`), plus `bbr_info`.
