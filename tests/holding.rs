@@ -71,16 +71,7 @@ impl Rig {
                 .replace("${FAILURE_MODE_ALLOW}", "false");
             spawn_envoy_config(&cfg, dir.path()).await
         } else {
-            spawn_envoy(
-                &EnvoyOptions {
-                    epp_port: port_of(&epp.grpc),
-                    full_duplex: false,
-                    fail_open: false,
-                    extra_filters: "",
-                },
-                dir.path(),
-            )
-            .await
+            spawn_envoy_for(&epp, dir.path()).await
         };
         Self {
             _dir: dir,

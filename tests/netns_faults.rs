@@ -202,16 +202,7 @@ async fn latency_partition_and_healing_between_the_epp_and_a_server() {
     )
     .unwrap();
     let epp = spawn_epp(&pool, &["--scrape-timeout", "300ms"], dir.path());
-    let envoy = spawn_envoy(
-        &EnvoyOptions {
-            epp_port: port_of(&epp.grpc),
-            full_duplex: false,
-            fail_open: false,
-            extra_filters: "",
-        },
-        dir.path(),
-    )
-    .await;
+    let envoy = spawn_envoy_for(&epp, dir.path()).await;
     let url = format!("http://127.0.0.1:{}/v1/completions", envoy.port);
     let burst = |n: usize| {
         let (c, url) = (c.clone(), url.clone());

@@ -281,16 +281,7 @@ async fn a_real_prometheus_scrapes_every_component_and_every_dashboard_query_has
     .unwrap();
     let (bbr, _grpc) = spawn_bbr(&mapping, dir.path());
     let bbr_metrics = bbr.field("metrics");
-    let envoy = spawn_envoy(
-        &EnvoyOptions {
-            epp_port: port_of(&epp.grpc),
-            full_duplex: false,
-            fail_open: false,
-            extra_filters: "",
-        },
-        dir.path(),
-    )
-    .await;
+    let envoy = spawn_envoy_for(&epp, dir.path()).await;
     let prom = spawn_prometheus(
         dir.path(),
         &[

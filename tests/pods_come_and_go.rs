@@ -82,16 +82,7 @@ impl Cluster {
             &[("KUBECONFIG", kc.as_str())],
             dir.path(),
         );
-        let envoy = spawn_envoy(
-            &EnvoyOptions {
-                epp_port: port_of(&epp.grpc),
-                full_duplex: false,
-                fail_open: false,
-                extra_filters: "",
-            },
-            dir.path(),
-        )
-        .await;
+        let envoy = spawn_envoy_for(&epp, dir.path()).await;
         let cl = Cluster {
             api,
             epp,

@@ -420,6 +420,21 @@ pub struct Envoy {
     pub port: u16,
 }
 
+/// Envoy from the shipped template in front of `epp`: BUFFERED, failing closed, no extra
+/// filters (the common case).
+pub async fn spawn_envoy_for(epp: &Epp, dir: &Path) -> Envoy {
+    spawn_envoy(
+        &EnvoyOptions {
+            epp_port: port_of(&epp.grpc),
+            full_duplex: false,
+            fail_open: false,
+            extra_filters: "",
+        },
+        dir,
+    )
+    .await
+}
+
 /// Starts Envoy from deploy/envoy/envoy-epp.yaml.tmpl on an ephemeral port.
 pub async fn spawn_envoy(o: &EnvoyOptions<'_>, dir: &Path) -> Envoy {
     let tmpl = std::fs::read_to_string(
