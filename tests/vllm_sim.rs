@@ -572,3 +572,118 @@ async fn metrics_name_filter_as_prometheus_client() {
     let (_, whole) = get_text(&c, &multi.addr, "/metrics").await;
     assert!(whole.lines().count() > 500);
 }
+
+/// vLLM's adapter tiers: GPU slots (--max-loras) within a CPU cache (--max-cpu-loras), both
+/// LRU; a load pre-reads into the CPU tier, a request brings its adapter into a slot (an
+/// activation from the CPU tier, a disk read by rank first when in neither); unload forgets
+/// the name and keeps the memory (Python frontend) or frees it (Rust frontend). Residency is
+/// on vLLM's coming metric names behind --lora-residency-metrics.
+#[tokio::test]
+async fn adapter_tiers_gpu_within_cpu_and_unload_by_frontend() {
+    let dir = tempfile::tempdir().unwrap();
+    inferlane::runtime::install_crypto_provider();
+    let c = reqwest::Client::new();
+    let paths: Vec<String> = [("a", 8), ("b", 16), ("c", 8)]
+        .iter()
+        .map(|(n, r)| adapter(dir.path(), n, *r))
+        .collect();
+    for (frees, flag) in [(false, "false"), (true, "true")] {
+        let sim = spawn_sim(
+            &[
+                "--enable-lora",
+                "--max-loras",
+                "1",
+                "--max-cpu-loras",
+                "2",
+                "--lora-disk-ms-per-rank",
+                "1",
+                "--lora-residency-metrics",
+                "--lora-unload-frees",
+                flag,
+                "--time-scale",
+                "0.01",
+            ],
+            dir.path(),
+        );
+        let level = |page: &str, name: &str| -> Option<String> {
+            let prefix = format!("vllm:lora_adapter_loaded{{adapter_name=\"{name}\",level=\"");
+            page.lines()
+                .find_map(|l| Some(l.strip_prefix(&prefix)?.split('"').next()?.to_string()))
+        };
+        for (name, path) in ["a", "b"].iter().zip(&paths) {
+            let (s, _, body) = post(
+                &c,
+                &sim.addr,
+                "/v1/load_lora_adapter",
+                json!({"lora_name": name, "lora_path": path}),
+            )
+            .await;
+            assert_eq!(s, 200, "{body}");
+        }
+        let page = || async { get_text(&c, &sim.addr, "/metrics").await.1 };
+        let p = page().await;
+        assert_eq!(level(&p, "a").as_deref(), Some("cpu"), "{p}");
+        assert_eq!(level(&p, "b").as_deref(), Some("cpu"));
+        assert_eq!(metric(&p, "vllm:max_gpu_lora_adapters"), Some(1.0));
+        let complete = |model: &'static str| {
+            let c = c.clone();
+            let addr = sim.addr.clone();
+            async move {
+                let (s, _, body) = post(
+                    &c,
+                    &addr,
+                    "/v1/completions",
+                    json!({"model": model, "prompt": "x", "max_tokens": 1}),
+                )
+                .await;
+                assert_eq!(s, 200, "{body}");
+            }
+        };
+        complete("a").await;
+        let p = page().await;
+        assert_eq!(level(&p, "a").as_deref(), Some("gpu"), "{p}");
+        assert_eq!(metric(&p, "vllm:num_gpu_loaded_lora_adapters"), Some(1.0));
+        complete("b").await;
+        let p = page().await;
+        assert_eq!(level(&p, "b").as_deref(), Some("gpu"));
+        assert_eq!(
+            level(&p, "a").as_deref(),
+            Some("cpu"),
+            "a lost its slot, kept its cache"
+        );
+        // Two activations so far, no disk read.
+        assert_eq!(
+            metric(&p, "vllm:lora_adapter_load_seconds_count"),
+            Some(2.0)
+        );
+        // A third adapter pushes the least recent (a) out of the CPU cache: a disk read later.
+        let (s, _, body) = post(
+            &c,
+            &sim.addr,
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "c", "lora_path": paths[2]}),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let p = page().await;
+        assert_eq!(level(&p, "a"), None, "{p}");
+        let (s, _, body) = post(
+            &c,
+            &sim.addr,
+            "/v1/unload_lora_adapter",
+            json!({"lora_name": "b"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let p = page().await;
+        if frees {
+            assert_eq!(level(&p, "b"), None, "the Rust frontend frees it: {p}");
+        } else {
+            assert_eq!(
+                level(&p, "b").as_deref(),
+                Some("gpu"),
+                "the Python frontend keeps it: {p}"
+            );
+        }
+    }
+}

@@ -9,6 +9,8 @@ use std::num::NonZeroUsize;
 
 use lru::LruCache;
 
+use super::tiers::{LoraTiers, Residency, TierParams};
+
 /// Latency and capacity parameters of the simulated server. Costs are in seconds of driver time.
 #[derive(Debug, Clone)]
 pub struct EngineParams {
@@ -28,8 +30,14 @@ pub struct EngineParams {
     pub decode_base: f64,
     /// Extra decode cost per running sequence (batching makes inter-token time grow).
     pub decode_per_seq: f64,
-    /// Cost of bringing an adapter into a GPU LoRA slot on first use.
+    /// Cost of bringing an adapter into a GPU LoRA slot from the CPU cache.
     pub lora_load: f64,
+    /// Adapters kept in host memory (`--max-cpu-loras`; at least `max_loras`).
+    pub max_cpu_loras: usize,
+    /// Disk read of an adapter in neither tier, per unit of its rank.
+    pub lora_disk_per_rank: f64,
+    /// Unload frees the adapter's slot and cache entry (vLLM's Rust frontend).
+    pub lora_unload_frees: bool,
     /// vLLM `--scheduling-policy priority`: waiting requests ordered by priority (lower
     /// first), KV-pressure preemption takes the lowest priority (then newest) first.
     pub priority_scheduling: bool,
@@ -47,6 +55,9 @@ impl Default for EngineParams {
             decode_base: 0.008,
             decode_per_seq: 0.000_15,
             lora_load: 0.02,
+            max_cpu_loras: 1,
+            lora_disk_per_rank: 0.0,
+            lora_unload_frees: false,
             priority_scheduling: false,
         }
     }
@@ -138,6 +149,10 @@ pub struct EngineCounters {
     pub iteration_tokens: Vec<u32>,
     /// Inter-token gaps observed this step.
     pub inter_token: Vec<f64>,
+    /// Adapter loads (disk read and activation, seconds) since the last take.
+    pub lora_loads: Vec<f64>,
+    /// Loads that had to read the adapter from disk.
+    pub lora_disk_loads: u64,
     pub finished: Vec<FinishedStats>,
 }
 
@@ -147,8 +162,8 @@ pub struct Engine {
     params: EngineParams,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
-    /// Adapters resident in GPU LoRA slots (LRU); a miss costs `lora_load`.
-    gpu_loras: LruCache<String, ()>,
+    /// The adapter tiers (GPU slots, CPU cache); a miss costs an activation or a disk read.
+    tiers: LoraTiers,
     /// Prefix cache over block hashes (LRU), sized to the KV cache.
     prefix: LruCache<u64, ()>,
     in_step: bool,
@@ -157,13 +172,19 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(params: EngineParams) -> Self {
-        let loras = NonZeroUsize::new(params.max_loras.max(1)).expect("nonzero");
+        let tiers = LoraTiers::new(TierParams {
+            max_loras: params.max_loras,
+            max_cpu_loras: params.max_cpu_loras,
+            activate: params.lora_load,
+            disk_per_rank: params.lora_disk_per_rank,
+            unload_frees: params.lora_unload_frees,
+        });
         let blocks = NonZeroUsize::new(params.num_gpu_blocks.max(1) as usize).expect("nonzero");
         Self {
             params,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            gpu_loras: LruCache::new(loras),
+            tiers,
             prefix: LruCache::new(blocks),
             in_step: false,
             counters: EngineCounters::default(),
@@ -279,7 +300,23 @@ impl Engine {
 
     /// Takes the counters accumulated since the last call.
     pub fn take_counters(&mut self) -> EngineCounters {
+        self.counters.lora_loads = self.tiers.take_loads();
         std::mem::take(&mut self.counters)
+    }
+
+    /// The adapter tiers (residency for the metrics page).
+    pub fn tiers(&self) -> &LoraTiers {
+        &self.tiers
+    }
+
+    /// `/v1/load_lora_adapter` succeeded: the adapter is read into the CPU tier.
+    pub fn adapter_loaded(&mut self, name: &str, rank: Option<u32>) {
+        self.tiers.preload(name, rank);
+    }
+
+    /// `/v1/unload_lora_adapter` succeeded.
+    pub fn adapter_unloaded(&mut self, name: &str) {
+        self.tiers.unload(name);
     }
 
     /// Forgets everything (a restarted server): queues, slots, prefix cache.
@@ -343,9 +380,10 @@ impl Engine {
             }
             if let Some(a) = &seq.req.adapter {
                 active.insert(a.clone());
-                if self.gpu_loras.get(a).is_none() {
-                    self.gpu_loras.put(a.clone(), ());
-                    load_cost += self.params.lora_load;
+                let (cost, found) = self.tiers.bring_in(a);
+                load_cost += cost;
+                if found == Residency::Cold {
+                    self.counters.lora_disk_loads += 1;
                 }
             }
             if seq.admitted_at.is_none() {

@@ -25,6 +25,21 @@ pub struct Abort {
     pub id: u64,
 }
 
+/// Fact: `/v1/load_lora_adapter` registered an adapter (read into the CPU tier).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdapterLoaded {
+    pub name: String,
+    pub rank: Option<u32>,
+}
+
+/// Fact: `/v1/unload_lora_adapter` forgot an adapter.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdapterUnloaded {
+    pub name: String,
+}
+
 /// Command: forget everything, as a restarted vLLM process would. In-flight requests see their
 /// event channel close.
 #[derive(Message)]
@@ -93,9 +108,11 @@ impl EngineActor {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
+        let residency = self.engine.tiers().resident();
         let mut m = self.metrics.lock().expect("metrics lock");
         m.record(counters);
         m.set_gauges(gauges, &running, &waiting, unix);
+        m.set_residency(residency);
     }
 
     fn begin(&mut self, ctx: &mut Context<Self>) {
@@ -158,6 +175,24 @@ impl Handler<Abort> for EngineActor {
             self.metrics.lock().expect("metrics lock").record_abort();
             self.publish();
         }
+    }
+}
+
+impl Handler<AdapterLoaded> for EngineActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AdapterLoaded, _ctx: &mut Context<Self>) {
+        self.engine.adapter_loaded(&msg.name, msg.rank);
+        self.publish();
+    }
+}
+
+impl Handler<AdapterUnloaded> for EngineActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AdapterUnloaded, _ctx: &mut Context<Self>) {
+        self.engine.adapter_unloaded(&msg.name);
+        self.publish();
     }
 }
 

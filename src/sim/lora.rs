@@ -13,6 +13,8 @@ pub struct Adapter {
     pub path: String,
     pub int_id: u64,
     pub created: u64,
+    /// `r` from its adapter_config.json (its disk-load cost grows with it).
+    pub rank: Option<u32>,
 }
 
 /// Registered adapters in load order (the order `/v1/models` lists them).
@@ -74,7 +76,7 @@ impl LoraRegistry {
 
     /// Checks an adapter directory the way vLLM's worker does: `adapter_config.json` must exist
     /// (404 otherwise), parse, respect `--max-lora-rank`, and weights must be present (500).
-    fn validate(&self, name: &str, path: &str) -> Result<(), ApiError> {
+    fn validate(&self, name: &str, path: &str) -> Result<Option<u32>, ApiError> {
         let resolved = resolve_source(path);
         let dir = resolved.as_deref().unwrap_or(Path::new(path));
         let cfg_path = dir.join("adapter_config.json");
@@ -110,7 +112,7 @@ impl LoraRegistry {
                 "No adapter weights (adapter_model.safetensors or adapter_model.bin) found in {path}"
             )));
         }
-        Ok(())
+        Ok(cfg.r)
     }
 
     /// Loads (or, with `load_inplace`, reloads) an adapter. Returns vLLM's plain-text success
@@ -142,13 +144,14 @@ impl LoraRegistry {
                     "The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."
                 )));
             }
-            self.validate(&name, &path)?;
+            let rank = self.validate(&name, &path)?;
             self.adapters[i].path = path;
+            self.adapters[i].rank = rank;
             return Ok(format!(
                 "Success: LoRA adapter '{name}' added successfully."
             ));
         }
-        self.validate(&name, &path)?;
+        let rank = self.validate(&name, &path)?;
         let int_id = self.next_id;
         self.next_id += 1;
         self.adapters.push(Adapter {
@@ -156,6 +159,7 @@ impl LoraRegistry {
             path,
             int_id,
             created: now_unix,
+            rank,
         });
         Ok(format!(
             "Success: LoRA adapter '{name}' added successfully."

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use super::engine::{EngineCounters, FinishedStats};
+use super::prom_text::escape_label;
+use super::residency::ResidencyMetrics;
 
 const TEMPLATE: &str = include_str!("../../tests/data/vllm-0.32-metrics-sample.txt");
 const TEMPLATE_MODEL: &str = "model_name=\"tiny-llama\"";
@@ -105,6 +107,8 @@ pub struct SimMetrics {
     aborted: u64,
     /// `lora_requests_info` series in creation order: (running, waiting) -> last set (unix s).
     lora_series: Vec<((String, String), f64)>,
+    /// The coming residency families (`--lora-residency-metrics`).
+    residency: ResidencyMetrics,
 }
 
 /// Static facts the page needs.
@@ -116,6 +120,8 @@ pub struct MetricsConfig {
     pub max_loras: usize,
     pub enable_lora: bool,
     pub start_unix: f64,
+    /// Serve the residency families (`--lora-residency-metrics`).
+    pub residency_metrics: bool,
 }
 
 fn parse_template(model_name: &str) -> Vec<Family> {
@@ -170,12 +176,6 @@ fn label_value(labels: &str, key: &str) -> Option<String> {
         start = at + pat.len();
     }
     None
-}
-
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// Formats a float the way Python's prometheus_client does (`24.0`, `1.79e+09`).
@@ -265,7 +265,16 @@ impl SimMetrics {
             success_length: 0,
             aborted: 0,
             lora_series: Vec::new(),
+            residency: ResidencyMetrics::new(
+                cfg.residency_metrics && cfg.enable_lora,
+                cfg.max_loras,
+            ),
         }
+    }
+
+    /// The adapter tiers now: in GPU slots, and only in the CPU cache.
+    pub fn set_residency(&mut self, tiers: (Vec<String>, Vec<String>)) {
+        self.residency.set(tiers);
     }
 
     /// The served model name in `model_name` labels.
@@ -294,6 +303,9 @@ impl SimMetrics {
         }
         for f in c.finished {
             self.record_finished(&f);
+        }
+        for l in c.lora_loads {
+            self.residency.observe_load(l);
         }
     }
 
@@ -467,6 +479,7 @@ impl SimMetrics {
                 }
             }
         }
+        self.residency.render(names, &mut out);
         out
     }
 
@@ -510,6 +523,7 @@ mod tests {
             max_loras: 2,
             enable_lora,
             start_unix: 1_795_312_411.4,
+            residency_metrics: false,
         })
     }
 

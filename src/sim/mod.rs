@@ -5,7 +5,10 @@ pub mod engine_actor;
 pub mod lora;
 pub mod metrics;
 pub mod openai;
+mod prom_text;
+pub mod residency;
 pub mod server;
+pub mod tiers;
 
 use clap::Args;
 
@@ -41,9 +44,25 @@ pub struct SimArgs {
     /// Highest adapter rank accepted; higher ranks fail to load with 500.
     #[arg(long, default_value_t = 16)]
     pub max_lora_rank: u32,
-    /// Accepted for compatibility; the simulator keeps every registered adapter in CPU memory.
+    /// Adapters kept in host memory (LRU; vLLM's default and minimum: --max-loras). An adapter
+    /// in neither tier is read from disk before its request runs.
     #[arg(long)]
     pub max_cpu_loras: Option<usize>,
+    /// Disk read of an adapter in neither tier, in milliseconds per unit of its rank (`r` in
+    /// its adapter_config.json; 8 when absent). 0 (default): reads cost nothing.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_disk_ms_per_rank: f64,
+    /// Unload frees the adapter's GPU slot and CPU cache entry, as vLLM's Rust frontend does
+    /// (`VLLM_USE_RUST_FRONTEND=1`); otherwise unload only forgets the name (the Python
+    /// frontend: the memory stays until evicted).
+    #[arg(long, env = "VLLM_USE_RUST_FRONTEND", default_value = "false",
+          value_parser = parse_env_bool, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub lora_unload_frees: bool,
+    /// Serve vLLM's coming residency metrics: `vllm:lora_adapter_loaded{adapter_name,level}`,
+    /// `vllm:num_gpu_loaded_lora_adapters`, `vllm:max_gpu_lora_adapters`,
+    /// `vllm:lora_adapter_load_seconds` (open vLLM PRs; off by default as in vLLM 0.32).
+    #[arg(long)]
+    pub lora_residency_metrics: bool,
     /// Adapters loaded at start: `name=path` or JSON `{"name":..,"path":..}`.
     #[arg(long, num_args = 1..)]
     pub lora_modules: Vec<String>,
@@ -166,6 +185,12 @@ impl SimArgs {
             decode_base: self.decode_base_ms * 1e-3 * s,
             decode_per_seq: self.decode_ms_per_seq * 1e-3 * s,
             lora_load: self.lora_load_ms * 1e-3 * s,
+            max_cpu_loras: self
+                .max_cpu_loras
+                .unwrap_or(self.max_loras)
+                .max(self.max_loras.max(1)),
+            lora_disk_per_rank: self.lora_disk_ms_per_rank.max(0.0) * 1e-3 * s,
+            lora_unload_frees: self.lora_unload_frees,
             priority_scheduling: self.scheduling_policy == SchedulingPolicy::Priority,
         }
     }

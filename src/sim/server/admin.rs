@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::sim::engine_actor::Restart;
+use crate::sim::engine_actor::{AdapterLoaded, AdapterUnloaded, Restart};
 use crate::sim::lora::{LoadRequest, UnloadRequest};
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +132,13 @@ pub(super) async fn load_adapter(State(state): State<Arc<SimState>>, body: Bytes
     match res {
         Ok(msg) => {
             tracing::info!(adapter = %name, "loaded LoRA adapter");
+            let rank = state
+                .registry
+                .lock()
+                .expect("registry lock")
+                .get(&name)
+                .and_then(|a| a.rank);
+            state.engine.do_send(AdapterLoaded { name, rank });
             plain_text(msg)
         }
         Err(e) => error_response(&e),
@@ -146,9 +153,13 @@ pub(super) async fn unload_adapter(State(state): State<Arc<SimState>>, body: Byt
         Ok(r) => r,
         Err(e) => return error_response(&e),
     };
+    let name = req.lora_name.clone().unwrap_or_default();
     let res = state.registry.lock().expect("registry lock").unload(req);
     match res {
-        Ok(msg) => plain_text(msg),
+        Ok(msg) => {
+            state.engine.do_send(AdapterUnloaded { name });
+            plain_text(msg)
+        }
         Err(e) => error_response(&e),
     }
 }

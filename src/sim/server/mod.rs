@@ -41,6 +41,8 @@ pub enum SimError {
     },
     #[error("{0}")]
     LoraModule(String),
+    #[error("--max-cpu-loras ({cpu}) must be >= --max-loras ({gpu}), as vLLM requires")]
+    CpuLoras { cpu: usize, gpu: usize },
     #[error("--lora-modules {name}: {message} (status {status})")]
     Preload {
         name: String,
@@ -85,6 +87,14 @@ pub async fn start_on(args: SimArgs, listener: TcpListener) -> Result<SimHandle,
 }
 
 fn build_state(args: SimArgs) -> Result<SimState, SimError> {
+    if let Some(cpu) = args.max_cpu_loras
+        && cpu < args.max_loras
+    {
+        return Err(SimError::CpuLoras {
+            cpu,
+            gpu: args.max_loras,
+        });
+    }
     let base_names = args.base_names();
     let mut registry = LoraRegistry::new(args.max_lora_rank);
     registry.ignore_load_inplace = args.ignore_load_inplace;
@@ -115,14 +125,19 @@ fn build_state(args: SimArgs) -> Result<SimState, SimError> {
         num_gpu_blocks: params.num_gpu_blocks,
         max_loras: params.max_loras,
         enable_lora: args.enable_lora,
+        residency_metrics: args.lora_residency_metrics,
         start_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64(),
     };
     let metrics = Arc::new(Mutex::new(SimMetrics::new(metrics_cfg.clone())));
+    let mut engine = Engine::new(params);
+    for a in registry.adapters() {
+        engine.adapter_loaded(&a.name, a.rank);
+    }
     let engine = actix::Actor::start(EngineActor::new(
-        Engine::new(params),
+        engine,
         metrics.clone(),
         metrics_cfg,
         args.lora_info_style,
