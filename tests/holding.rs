@@ -23,6 +23,10 @@ struct Rig {
 
 type Answer = JoinHandle<(u16, String)>;
 
+/// The two tests that hold thousands of connections at once take turns: on two cores, side
+/// by side, each would measure the other's load as much as its own.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Rig {
     /// `flow` is the picker config's flowControl block; `keep_tenant` leaves the client's
     /// fairness header in (a drain test, not a gateway test).
@@ -261,6 +265,7 @@ async fn a_critical_request_displaces_held_sheddable_work_from_full_queues() {
 /// per release: 1,370 of them still waited after 60 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_tenants_drain() {
+    let _turn = HEAVY.lock().await;
     const TENANTS: usize = 5_000;
     let flow = "  priorityBands:\n  - {priority: -1, fairnessPolicyRef: vtc-fairness-policy}\n";
     let rig = Rig::start(32, flow, &[], true).await;
@@ -349,6 +354,7 @@ async fn a_full_memory_budget_is_a_429_and_every_byte_comes_back() {
 /// shipped config sizes the guard: all 429s, no 5xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_refusals_is_all_429s() {
+    let _turn = HEAVY.lock().await;
     const SENT: usize = 8_000;
     const BAND: usize = 100;
     let band = format!("  priorityBands:\n  - {{priority: -1, maxRequests: {BAND}}}\n");
@@ -374,4 +380,61 @@ async fn a_burst_of_refusals_is_all_429s() {
     );
     let (_, failed) = outcomes(blockers).await;
     assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// Streams opened past the memory budget that say nothing are ended (RESOURCE_EXHAUSTED)
+/// within about a second: idle streams cannot hold memory uncharged. Those within the budget
+/// stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_streams_past_the_budget_are_ended() {
+    use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    const OPENED: usize = 80;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool.yaml");
+    std::fs::write(&pool, "pool: {name: test-pool}\nendpoints: []\n").unwrap();
+    // 1 MiB: room for 51 streams at 20 KiB each.
+    let epp = spawn_epp(
+        &pool,
+        &["--memory-budget", "1Mi", "--secure-serving=false"],
+        dir.path(),
+    );
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", epp.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..OPENED {
+        let mut c = ExternalProcessorClient::new(ch.clone());
+        let silent = futures::stream::pending::<ProcessingRequest>();
+        streams.push(c.process(silent).await.unwrap().into_inner());
+    }
+    // The last one opened is past the budget: once it has ended, so have all the others
+    // past it (same grace, opened earlier); those within it are still silent.
+    let check = |r: Result<Option<_>, tonic::Status>| match r {
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+            assert!(status.message().contains("--memory-budget"), "{status}");
+        }
+        Ok(m) => panic!("a silent stream got {m:?}"),
+    };
+    let mut last = streams.pop().unwrap();
+    check(
+        tokio::time::timeout(Duration::from_secs(10), last.message())
+            .await
+            .expect("the stream past the budget ended"),
+    );
+    let (mut ended, mut open) = (1, 0);
+    for s in &mut streams {
+        match tokio::time::timeout(Duration::from_millis(50), s.message()).await {
+            Err(_) => open += 1,
+            Ok(r) => {
+                check(r);
+                ended += 1;
+            }
+        }
+    }
+    assert_eq!(open + ended, OPENED);
+    assert!((45..=55).contains(&open), "{open} open, {ended} ended");
 }
