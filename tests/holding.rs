@@ -57,26 +57,21 @@ impl Rig {
         let mut flags = vec!["--config-text", cfg.as_str()];
         flags.extend_from_slice(epp_flags);
         let epp = spawn_epp(&pool, &flags, dir.path());
-        let envoy = if keep_tenant {
-            let tmpl = std::fs::read_to_string(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("deploy/envoy/envoy-epp.yaml.tmpl"),
-            )
-            .unwrap();
-            let cfg = tmpl
-                .replace(
-                    "                - remove: x-gateway-inference-fairness-id\n",
-                    "",
-                )
-                .replace("${LISTEN_PORT}", "0")
-                .replace("${EPP_PORT}", &port_of(&epp.grpc).to_string())
-                .replace("${BODY_MODE}", "BUFFERED")
-                .replace("${TRAILER_MODE}", "SKIP")
-                .replace("${FAILURE_MODE_ALLOW}", "false");
-            spawn_envoy_config(&cfg, dir.path()).await
-        } else {
-            spawn_envoy_for(&epp, dir.path()).await
-        };
+        let mut cfg = envoy_config(&EnvoyOptions {
+            epp_port: port_of(&epp.grpc),
+            full_duplex: false,
+            fail_open: false,
+            extra_filters: "",
+        });
+        if keep_tenant {
+            let strip = "                - remove: x-gateway-inference-fairness-id\n";
+            assert!(
+                cfg.contains(strip),
+                "the template no longer strips the tenant header"
+            );
+            cfg = cfg.replace(strip, "");
+        }
+        let envoy = spawn_envoy_config(&cfg, dir.path()).await;
         Self {
             _dir: dir,
             c,

@@ -181,19 +181,7 @@ async fn seed_001_getting_started_and_canary_rollout() {
         .map(|a| a.as_str().unwrap().to_string())
         .collect();
     assert_eq!(args[0], "-poolName");
-    args.extend(
-        [
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--bind-address",
-            "127.0.0.1",
-        ]
-        .map(String::from),
-    );
+    args.extend(LOOPBACK_GRPC.map(String::from));
     let mut env: Vec<(String, String)> = container["env"]
         .as_array()
         .unwrap()

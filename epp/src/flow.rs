@@ -602,6 +602,20 @@ mod tests {
         }
     }
 
+    /// Round robin with `k` flows holding `per` items each, arriving in turns.
+    fn round_robin_backlog(k: usize, per: usize) -> FlowQueues {
+        let mut q = queues(Fairness::RoundRobin, Ordering::Fcfs);
+        let mut id = 0;
+        for i in 0..per {
+            for f in 0..k {
+                id += 1;
+                q.enqueue(item(id, &format!("f{f}"), 0, 1.0, i as u64, 1000))
+                    .unwrap();
+            }
+        }
+        q
+    }
+
     proptest! {
         /// Whatever arrives, each pop comes from the highest band holding items.
         #[test]
@@ -668,14 +682,7 @@ mod tests {
         /// backlogged flow within k pops too.
         #[test]
         fn round_robin_by_turn_starves_no_flow(k in 1usize..6, per in 1usize..8) {
-            let mut q = queues(Fairness::RoundRobin, Ordering::Fcfs);
-            let mut id = 0;
-            for i in 0..per {
-                for f in 0..k {
-                    id += 1;
-                    q.enqueue(item(id, &format!("f{f}"), 0, 1.0, i as u64, 1000)).unwrap();
-                }
-            }
+            let mut q = round_robin_backlog(k, per);
             for _ in 0..per {
                 let mut seen: Vec<String> = (0..k)
                     .map(|_| {
@@ -695,14 +702,7 @@ mod tests {
         /// Round robin: with k backlogged flows, every flow is served within k pops.
         #[test]
         fn round_robin_starves_no_flow(k in 1usize..6, per in 1usize..8) {
-            let mut q = queues(Fairness::RoundRobin, Ordering::Fcfs);
-            let mut id = 0;
-            for i in 0..per {
-                for f in 0..k {
-                    id += 1;
-                    q.enqueue(item(id, &format!("f{f}"), 0, 1.0, i as u64, 1000)).unwrap();
-                }
-            }
+            let mut q = round_robin_backlog(k, per);
             for _ in 0..per {
                 let mut seen: Vec<String> = (0..k).map(|_| q.pop().unwrap().flow).collect();
                 seen.sort();

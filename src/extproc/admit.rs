@@ -22,11 +22,7 @@ impl ExtProc {
             model_label: st.model_label.clone(),
             target_label: st.target_label.clone(),
         };
-        let charge = match &mut st.charge {
-            Ok(c) => c,
-            Err(e) => return Err(super::state::over_budget(*e)),
-        };
-        match fc.admit(req, charge).await {
+        match fc.admit(req, &mut st.charge).await {
             Ok(pass) => {
                 st.flow_pass = Some(pass);
                 Ok(true)

@@ -99,23 +99,16 @@ impl ExtProc {
         tx: &Tx,
     ) -> Result<(), Status> {
         use processing_request::Request as Rq;
+        let charge = match self.budget.charge(STREAM_COST) {
+            Ok(c) => c,
+            Err(e) => return self.refuse_over_budget(inbound, e, tx).await,
+        };
         let mut st = RequestState {
-            charge: self.budget.charge(STREAM_COST),
+            charge,
             ..RequestState::default()
         };
         loop {
-            let read = inbound.message();
-            // Over budget, a stream that says nothing is ended: idle streams would hold
-            // memory uncharged. One that speaks gets its 429 (request.rs).
-            let next = if st.charge.is_err() && st.started.is_none() {
-                match tokio::time::timeout(OVER_BUDGET_GRACE, read).await {
-                    Ok(r) => r,
-                    Err(_) => return Err(Status::resource_exhausted(OVER_BUDGET_IDLE)),
-                }
-            } else {
-                read.await
-            };
-            let msg = match next {
+            let msg = match inbound.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
                 // Envoy resets the stream once the HTTP exchange is over; that is the normal
@@ -146,6 +139,26 @@ impl ExtProc {
             if next == Next::Done {
                 return Ok(());
             }
+        }
+    }
+
+    /// A stream opened past the memory budget: its first message gets the 429; one that
+    /// says nothing within [`OVER_BUDGET_GRACE`] is ended (idle streams would otherwise hold
+    /// memory uncharged).
+    async fn refuse_over_budget(
+        &self,
+        inbound: &mut Streaming<ProcessingRequest>,
+        e: crate::memory::OverBudget,
+        tx: &Tx,
+    ) -> Result<(), Status> {
+        match tokio::time::timeout(OVER_BUDGET_GRACE, inbound.message()).await {
+            Err(_) => Err(Status::resource_exhausted(OVER_BUDGET_IDLE)),
+            Ok(Ok(Some(_))) => {
+                self.record_error(&RequestState::default(), 429);
+                send(tx, state::over_budget(e).answer()).await
+            }
+            Ok(Ok(None)) => Ok(()),
+            Ok(Err(e)) => Err(e),
         }
     }
 

@@ -4,7 +4,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, proce
 use tonic::Status;
 
 use super::proto::{Tx, continue_headers, pass_through, send};
-use super::state::{REWRITE_SLACK, Reject, RequestState, over_budget};
+use super::state::{REWRITE_SLACK, Reject, RequestState};
 use super::{ExtProc, Next};
 use crate::memory::STREAM_COST;
 
@@ -20,9 +20,6 @@ impl ExtProc {
     ) -> Result<Next, Status> {
         st.started = Some(std::time::Instant::now());
         st.headers.read(h);
-        if let Err(e) = &st.charge {
-            return self.refuse(st, over_budget(*e), tx).await;
-        }
         // A streamed body arrives in chunks: room for all of it at once (no doubling
         // copies), within the limit, plus slack for a rewrite to patch it in place. A
         // buffered body arrives whole and is moved, not copied.

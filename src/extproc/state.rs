@@ -55,10 +55,10 @@ impl Reject {
     }
 }
 
+#[derive(Default)]
 pub(super) struct RequestState {
-    /// What the stream has charged to the memory budget (its own cost, its body, holding);
-    /// an error when the budget had no room for the stream itself.
-    pub(super) charge: Result<Charge, OverBudget>,
+    /// What the stream has charged to the memory budget (its own cost, its body, holding).
+    pub(super) charge: Charge,
     /// The largest body message seen: the gRPC decoder keeps a buffer that large.
     pub(super) largest_message: usize,
     pub(super) headers: RequestHeaders,
@@ -85,43 +85,12 @@ pub(super) struct RequestState {
     pub(super) started: Option<Instant>,
 }
 
-impl Default for RequestState {
-    fn default() -> Self {
-        Self {
-            charge: Err(OverBudget {
-                used: 0,
-                limit: 0,
-                wanted: 0,
-            }),
-            largest_message: 0,
-            headers: RequestHeaders::default(),
-            full_duplex: false,
-            body: Vec::new(),
-            subset: None,
-            requested_model: String::new(),
-            target_model: String::new(),
-            model_label: String::new(),
-            target_label: String::new(),
-            in_flight: None,
-            usage: None,
-            restorer: None,
-            response_status: 0,
-            body_seen: false,
-            flow_pass: None,
-            started: None,
-        }
-    }
-}
-
 impl RequestState {
     /// Charges the body as it stands (its buffer and the decoder's), a 429 when the memory
     /// budget has no room for it.
     pub(super) fn charge_body(&mut self, stream_cost: u64) -> Result<(), Reject> {
         let want = stream_cost + (self.body.capacity() + self.largest_message) as u64;
-        match &mut self.charge {
-            Ok(c) => c.grow_to(want).map_err(over_budget),
-            Err(e) => Err(over_budget(*e)),
-        }
+        self.charge.grow_to(want).map_err(over_budget)
     }
 }
 

@@ -66,7 +66,7 @@ impl MemoryBudget {
     /// A new charge of `bytes`, if they fit in the budget.
     pub fn charge(self: &Arc<Self>, bytes: u64) -> Result<Charge, OverBudget> {
         let mut c = Charge {
-            budget: self.clone(),
+            budget: Some(self.clone()),
             bytes: 0,
         };
         c.grow(bytes)?;
@@ -99,24 +99,29 @@ impl MemoryBudget {
     }
 }
 
-/// What one request has charged; given back when dropped.
-#[derive(Debug)]
+/// What one request has charged; given back when dropped. The default charge belongs to no
+/// budget: it never refuses and counts nothing (a request state not yet charged).
+#[derive(Debug, Default)]
 pub struct Charge {
-    budget: Arc<MemoryBudget>,
+    budget: Option<Arc<MemoryBudget>>,
     bytes: u64,
 }
 
 impl Charge {
     /// Charges `bytes` more, within the whole budget.
     pub fn grow(&mut self, bytes: u64) -> Result<(), OverBudget> {
-        self.budget.take(bytes, self.budget.limit)?;
+        if let Some(b) = &self.budget {
+            b.take(bytes, b.limit)?;
+        }
         self.bytes += bytes;
         Ok(())
     }
 
     /// Charges `bytes` more for holding the request, within the held share of the budget.
     pub fn grow_held(&mut self, bytes: u64) -> Result<(), OverBudget> {
-        self.budget.take(bytes, self.budget.held_ceiling())?;
+        if let Some(b) = &self.budget {
+            b.take(bytes, b.held_ceiling())?;
+        }
         self.bytes += bytes;
         Ok(())
     }
@@ -124,7 +129,9 @@ impl Charge {
     /// Charges `bytes` more whatever the budget says: for a request that displaced held
     /// ones, whose memory is on its way back.
     pub fn force(&mut self, bytes: u64) {
-        self.budget.used.fetch_add(bytes, Ordering::AcqRel);
+        if let Some(b) = &self.budget {
+            b.used.fetch_add(bytes, Ordering::AcqRel);
+        }
         self.bytes += bytes;
     }
 
@@ -143,7 +150,9 @@ impl Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        self.budget.give_back(self.bytes);
+        if let Some(b) = &self.budget {
+            b.give_back(self.bytes);
+        }
     }
 }
 
@@ -177,6 +186,14 @@ mod tests {
         assert_eq!(b.used(), 1050);
         drop(a);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_charge_of_no_budget_never_refuses() {
+        let mut c = Charge::default();
+        c.grow(u64::MAX / 2).unwrap();
+        c.grow_held(1).unwrap();
+        assert_eq!(c.bytes(), u64::MAX / 2 + 1);
     }
 
     #[test]

@@ -355,20 +355,13 @@ pub fn spawn_epp(pool_file: &Path, extra: &[&str], log_dir: &Path) -> Epp {
 
 /// Starts an EPP on ephemeral loopback ports with fast scrapes; `extra` overrides defaults.
 pub fn spawn_epp_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Epp {
-    let defaults = [
-        "--bind-address",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
+    let mut defaults = LOOPBACK_GRPC.to_vec();
+    defaults.extend([
         "--refresh-metrics-interval",
         "50ms",
         "--refresh-models-interval",
         "200ms",
-    ];
+    ]);
     let args = with_defaults(&defaults, extra);
     let proc = spawn_with_marker(&bin("epp"), &args, env, "EPP_LISTENING", log_dir);
     let (grpc, metrics, health) = (
@@ -437,6 +430,11 @@ pub async fn spawn_envoy_for(epp: &Epp, dir: &Path) -> Envoy {
 
 /// Starts Envoy from deploy/envoy/envoy-epp.yaml.tmpl on an ephemeral port.
 pub async fn spawn_envoy(o: &EnvoyOptions<'_>, dir: &Path) -> Envoy {
+    spawn_envoy_config(&envoy_config(o), dir).await
+}
+
+/// deploy/envoy/envoy-epp.yaml.tmpl filled in for `o`, listening on an ephemeral port.
+pub fn envoy_config(o: &EnvoyOptions<'_>) -> String {
     let tmpl = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy-epp.yaml.tmpl"),
     )
@@ -470,7 +468,7 @@ pub async fn spawn_envoy(o: &EnvoyOptions<'_>, dir: &Path) -> Envoy {
             1,
         );
     }
-    spawn_envoy_config(&cfg, dir).await
+    cfg
 }
 
 /// Starts Envoy on a ready config whose listener port is 0; returns once it listens.
