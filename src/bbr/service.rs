@@ -16,7 +16,7 @@ use crate::extproc::proto::{
     ResponseStream, Tx, continue_headers, driven_processor, immediate_error, is_full_duplex,
     pass_through, reply, send, send_streamed_body, set_header,
 };
-use crate::memory::{MemoryBudget, STREAM_COST};
+use crate::memory::{MemoryBudget, STREAM_COST, body_stream_cost};
 
 /// Header naming the model the client asked for.
 pub const MODEL_HEADER: &str = "x-gateway-model-name";
@@ -192,7 +192,7 @@ impl Bbr {
                     }
                     body.extend_from_slice(&b.body);
                     largest = largest.max(b.body.len());
-                    let want = STREAM_COST + (body.capacity() + largest) as u64;
+                    let want = body_stream_cost(body.capacity(), largest);
                     let charged = match &mut charge {
                         Ok(c) => c.grow_to(want),
                         Err(e) => Err(*e),

@@ -6,7 +6,6 @@ use tonic::Status;
 use super::proto::{Tx, continue_headers, pass_through, send};
 use super::state::{REWRITE_SLACK, Reject, RequestState};
 use super::{ExtProc, Next};
-use crate::memory::STREAM_COST;
 
 impl ExtProc {
     /// Request headers: read what routing needs. A request without a body is routed now; a
@@ -28,7 +27,7 @@ impl ExtProc {
             && n <= self.opts.max_body_bytes
         {
             st.body.reserve_exact(n + REWRITE_SLACK);
-            if let Err(r) = st.charge_body(STREAM_COST) {
+            if let Err(r) = st.charge_body() {
                 return self.refuse(st, r, tx).await;
             }
         }
@@ -68,7 +67,7 @@ impl ExtProc {
         } else {
             st.body.extend_from_slice(&b.body);
         }
-        if let Err(r) = st.charge_body(STREAM_COST) {
+        if let Err(r) = st.charge_body() {
             return self.refuse(st, r, tx).await;
         }
         if b.end_of_stream {

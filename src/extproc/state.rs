@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRespo
 use super::proto::{header_value, immediate_error};
 use super::usage::{ModelRestorer, UsageParser};
 use crate::flow_control::{FAIRNESS_HEADER, FlowControl, Pass};
-use crate::memory::{Charge, OverBudget};
+use crate::memory::{Charge, OverBudget, body_stream_cost};
 use crate::pool::state::EndpointHandle;
 
 /// Room kept after an announced body for in-place rewrites (target names are at most 256
@@ -88,8 +88,8 @@ pub(super) struct RequestState {
 impl RequestState {
     /// Charges the body as it stands (its buffer and the decoder's), a 429 when the memory
     /// budget has no room for it.
-    pub(super) fn charge_body(&mut self, stream_cost: u64) -> Result<(), Reject> {
-        let want = stream_cost + (self.body.capacity() + self.largest_message) as u64;
+    pub(super) fn charge_body(&mut self) -> Result<(), Reject> {
+        let want = body_stream_cost(self.body.capacity(), self.largest_message);
         self.charge.grow_to(want).map_err(over_budget)
     }
 }

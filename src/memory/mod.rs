@@ -23,6 +23,12 @@ pub const HELD_COST: u64 = 2 * 1024;
 /// are full of sheddable work.
 pub const HELD_SHARE: f64 = 0.8;
 
+/// What a stream reading a body costs in all: the stream, the body's buffer, and the gRPC
+/// decoder's buffer, which keeps the size of the largest message it decoded.
+pub fn body_stream_cost(buffer_capacity: usize, largest_message: usize) -> u64 {
+    STREAM_COST + (buffer_capacity + largest_message) as u64
+}
+
 /// The process's memory budget.
 #[derive(Debug)]
 pub struct MemoryBudget {
