@@ -72,6 +72,10 @@ pub struct AdapterSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub base_model: Option<String>,
+    /// LoRA rank (`r` in its adapter_config.json): what a disk read of it costs, relative to
+    /// others; placement keeps costlier adapters cached first. Optional (8 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +95,8 @@ struct RawConfig {
     ensure_exist: Option<Option<RawList>>,
     #[serde(default, deserialize_with = "present")]
     ensure_not_exist: Option<Option<RawList>>,
+    #[serde(default, deserialize_with = "present")]
+    on_demand: Option<Option<RawList>>,
 }
 
 /// Tells a key written with no value (`Some(None)`) from a missing key (`None`).
@@ -122,6 +128,10 @@ pub struct LoraConfig {
     pub ensure_not_exist: Vec<AdapterSpec>,
     /// Ids listed in both lists: neither loaded nor unloaded.
     pub conflicts: Vec<String>,
+    /// The catalogue: adapters the EPP may place on servers by demand (`onDemand`). Ids also
+    /// in `ensureExist` (already everywhere) or `ensureNotExist` (never, it always wins) are
+    /// left out.
+    pub on_demand: Vec<AdapterSpec>,
 }
 
 impl LoraConfig {
@@ -257,6 +267,7 @@ pub fn parse(text: &str, validate: bool) -> Result<LoraConfig, ConfigError> {
     for (key, list) in [
         ("ensureExist", raw.ensure_exist),
         ("ensureNotExist", raw.ensure_not_exist),
+        ("onDemand", raw.on_demand),
     ] {
         let models = match list {
             None => Vec::new(),
@@ -291,6 +302,14 @@ pub fn parse(text: &str, validate: bool) -> Result<LoraConfig, ConfigError> {
                         fix: "give the adapter's local path or hub id".into(),
                     });
                 }
+                if m.rank == Some(0) {
+                    problems.push(Problem {
+                        field: format!("{field}.rank"),
+                        location: locate(text, "rank", Some("0"), 1),
+                        message: "is 0".into(),
+                        fix: "give the adapter's LoRA rank (`r` in its adapter_config.json), or leave `rank` out".into(),
+                    });
+                }
                 let n = seen.entry(m.id.as_str()).or_insert(0);
                 *n += 1;
                 if *n == 2 {
@@ -309,6 +328,7 @@ pub fn parse(text: &str, validate: bool) -> Result<LoraConfig, ConfigError> {
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems));
     }
+    let on_demand = lists.pop().unwrap_or_default();
     let ensure_not_exist = lists.pop().unwrap_or_default();
     let ensure_exist = lists.pop().unwrap_or_default();
     let conflicts: Vec<String> = ensure_exist
@@ -331,10 +351,28 @@ pub fn parse(text: &str, validate: bool) -> Result<LoraConfig, ConfigError> {
         host,
         port,
         default_base_model: raw.default_base_model,
-        ensure_exist: keep(ensure_exist),
+        on_demand: on_demand_kept(on_demand, &ensure_exist, &ensure_not_exist),
         ensure_not_exist: keep(ensure_not_exist),
+        ensure_exist: keep(ensure_exist),
         conflicts,
     })
+}
+
+/// The catalogue less what the fixed lists decide: pinned adapters are already everywhere,
+/// and `ensureNotExist` always wins; a duplicate keeps its first entry.
+fn on_demand_kept(
+    list: Vec<AdapterSpec>,
+    pinned: &[AdapterSpec],
+    never: &[AdapterSpec],
+) -> Vec<AdapterSpec> {
+    let mut out: Vec<AdapterSpec> = Vec::with_capacity(list.len());
+    for a in list {
+        let decided = pinned.iter().chain(never).any(|b| b.id == a.id);
+        if !decided && !out.iter().any(|b| b.id == a.id) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -448,6 +486,24 @@ mod tests {
             ["b"]
         );
         assert!(c.ensure_not_exist.is_empty());
+    }
+
+    #[test]
+    fn the_catalogue_is_a_compatible_extension() {
+        let text = format!(
+            "{SEED}  onDemand:\n    models:\n    - id: fr\n      source: /a/fr\n      rank: 16\n    - id: old\n      source: x\n    - id: food-review-1\n      source: y\n"
+        );
+        let c = parse(&text, true).unwrap();
+        // ensureNotExist always wins; a pinned adapter is already everywhere.
+        assert_eq!(c.on_demand.len(), 1);
+        assert_eq!(c.on_demand[0].id, "fr");
+        assert_eq!(c.on_demand[0].rank, Some(16));
+        assert!(parse(SEED, true).unwrap().on_demand.is_empty());
+        let p = single_problem(
+            "vLLMLoRAConfig:\n  onDemand:\n    models:\n    - id: a\n      source: x\n      rank: 0\n",
+        );
+        assert_eq!(p.field, "vLLMLoRAConfig.onDemand.models[0].rank");
+        assert_eq!(p.location.map(|l| l.line), Some(6));
     }
 
     #[test]

@@ -96,11 +96,13 @@ mod tests {
             id: id.into(),
             source: source.into(),
             base_model: None,
+            rank: None,
         }
     }
 
     fn config(exist: Vec<AdapterSpec>, not_exist: Vec<AdapterSpec>) -> LoraConfig {
         LoraConfig {
+            on_demand: Vec::new(),
             name: None,
             host: "localhost".into(),
             port: 8000,
