@@ -2,6 +2,7 @@
 
 pub mod affinity;
 pub mod bbr;
+pub mod fleet;
 pub mod flow;
 pub mod metrics;
 pub mod outlier;

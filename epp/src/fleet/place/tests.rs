@@ -1,0 +1,233 @@
+//! Placement properties: budgets, coverage, ensureNotExist, stability, agreement, hysteresis.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::fleet::{Entry, Homes};
+
+fn server(i: usize, gpu: u32, cpu: u32) -> Server {
+    let id = format!("pod-{i}");
+    Server {
+        key: endpoint_key(&id),
+        id,
+        gpu_slots: gpu,
+        cpu_slots: cpu,
+    }
+}
+
+fn catalogue(n: usize, pinned: &[usize], never: &[usize]) -> Catalogue {
+    let mut c = Catalogue::default();
+    for i in 0..n {
+        let id = format!("a{i}");
+        c.on_demand.insert(
+            id.clone(),
+            Entry {
+                id: id.clone(),
+                source: format!("/adapters/{id}"),
+                rank: 8 * (1 + (i as u32 % 4)),
+            },
+        );
+    }
+    c.pinned = pinned.iter().map(|i| format!("a{i}")).collect();
+    c.never = never.iter().map(|i| format!("a{i}")).collect();
+    c
+}
+
+fn held(h: &Homes) -> BTreeMap<String, BTreeSet<String>> {
+    h.iter()
+        .map(|(s, m)| (s.clone(), m.keys().cloned().collect()))
+        .collect()
+}
+
+fn homes_of(h: &Homes, id: &str) -> Vec<(String, Role)> {
+    h.iter()
+        .filter_map(|(s, m)| m.get(id).map(|r| (s.clone(), *r)))
+        .collect()
+}
+
+fn check_budgets(h: &Homes, servers: &[Server], cat: &Catalogue) -> Result<(), TestCaseError> {
+    for s in servers {
+        let m = &h[&s.id];
+        let hot = m.values().filter(|r| **r == Role::Hot).count() as u32;
+        let cached = m.values().filter(|r| **r >= Role::Warm).count() as u32;
+        prop_assert!(
+            hot <= s.gpu_slots,
+            "{}: {hot} hot > {} GPU slots",
+            s.id,
+            s.gpu_slots
+        );
+        let room = s
+            .cpu_slots
+            .max(s.gpu_slots)
+            .saturating_sub(cat.pinned.len() as u32);
+        prop_assert!(cached <= room, "{}: {cached} cached > {room}", s.id);
+    }
+    for e in cat.on_demand.values() {
+        let homes = homes_of(h, &e.id);
+        if cat.never.contains(&e.id) || cat.pinned.contains(&e.id) {
+            prop_assert!(homes.is_empty(), "{} placed: {homes:?}", e.id);
+        } else {
+            prop_assert!(!homes.is_empty(), "{} has no home", e.id);
+        }
+    }
+    Ok(())
+}
+
+type Inputs = (
+    Vec<Server>,
+    Catalogue,
+    BTreeMap<String, f64>,
+    Vec<(usize, usize)>,
+);
+
+fn inputs() -> impl Strategy<Value = Inputs> {
+    (
+        proptest::collection::vec((1u32..5, 0u32..20), 1..10),
+        1usize..60,
+        proptest::collection::vec(0usize..60, 0..4),
+        proptest::collection::vec(0usize..60, 0..6),
+        proptest::collection::vec(0.0f64..50.0, 60),
+        proptest::collection::vec((0usize..10, 0usize..60), 0..40),
+    )
+        .prop_map(|(slots, n, pinned, never, d, current)| {
+            let servers: Vec<Server> = slots
+                .iter()
+                .enumerate()
+                .map(|(i, (g, c))| server(i, *g, *c))
+                .collect();
+            let cat = catalogue(n, &pinned, &never);
+            // Zipf-like: most adapters idle.
+            let demand = (0..n)
+                .filter(|i| i % 3 == 0)
+                .map(|i| (format!("a{i}"), d[i] / (1 + i) as f64))
+                .collect();
+            (servers, cat, demand, current)
+        })
+}
+
+fn current_of(servers: &[Server], pairs: &[(usize, usize)]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut c: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (s, a) in pairs {
+        if let Some(sv) = servers.get(*s) {
+            c.entry(sv.id.clone()).or_default().insert(format!("a{a}"));
+        }
+    }
+    c
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn budgets_hold_every_adapter_has_a_home_and_never_wins(
+        (servers, cat, demand, pairs) in inputs()
+    ) {
+        let mut p = Placer::default();
+        let h = p.place(&cat, &servers, &demand, &current_of(&servers, &pairs));
+        check_budgets(&h, &servers, &cat)?;
+    }
+
+    #[test]
+    fn placement_is_a_fixpoint_and_replicas_agree(
+        (servers, cat, demand, pairs) in inputs()
+    ) {
+        let current = current_of(&servers, &pairs);
+        let mut a = Placer::default();
+        let mut b = Placer::default();
+        let first = a.place(&cat, &servers, &demand, &current);
+        prop_assert_eq!(&first, &b.place(&cat, &servers, &demand, &current));
+        // Given what it placed, the next tick moves nothing.
+        let again = a.place(&cat, &servers, &demand, &held(&first));
+        prop_assert_eq!(&first, &again);
+    }
+
+    #[test]
+    fn shares_are_proportional_within_bounds(
+        mut w in proptest::collection::vec(0.01f64..100.0, 1..40),
+        total in 0u32..64,
+        cap in 1u32..10,
+    ) {
+        w.sort_by(|a, b| b.total_cmp(a));
+        let r = hot_shares(&w, total, cap);
+        prop_assert!(r.iter().all(|x| (1..=cap).contains(x)));
+        let sum: u32 = r.iter().sum();
+        prop_assert_eq!(sum, total.min(cap * w.len() as u32), "{:?} -> {:?}", w, r);
+        // A busier adapter never gets fewer homes than a quieter one.
+        prop_assert!(r.windows(2).all(|p| p[0] + 1 >= p[1]), "{:?} -> {:?}", w, r);
+    }
+}
+
+fn eight() -> Vec<Server> {
+    (0..8).map(|i| server(i, 4, 16)).collect()
+}
+
+#[test]
+fn a_hot_adapter_gets_homes_in_proportion_and_keeps_them_through_a_lull() {
+    let servers = eight();
+    let cat = catalogue(200, &[], &[]);
+    let mut demand: BTreeMap<String, f64> = (0..200)
+        .map(|i| (format!("a{i}"), 10.0 / (1 + i) as f64))
+        .collect();
+    let mut p = Placer::default();
+    let h = p.place(&cat, &servers, &demand, &BTreeMap::new());
+    let hot0 = homes_of(&h, "a0");
+    assert!(hot0.len() >= 4, "the busiest adapter spreads: {hot0:?}");
+    assert!(hot0.iter().all(|(_, r)| *r == Role::Hot));
+    assert_eq!(
+        homes_of(&h, "a199").len(),
+        1,
+        "an idle adapter keeps one home"
+    );
+    // A flash crowd: a cold adapter takes a third of the traffic.
+    demand.insert("a150".into(), 15.0);
+    let h = p.place(&cat, &servers, &demand, &held(&h));
+    let crowd = homes_of(&h, "a150");
+    assert!(crowd.len() >= 5, "{crowd:?}");
+    // It falls silent: its homes stay for scale_down_ticks, then go.
+    demand.insert("a150".into(), 0.0);
+    let mut h = h;
+    for tick in 1..=3 {
+        h = p.place(&cat, &servers, &demand, &held(&h));
+        assert_eq!(homes_of(&h, "a150").len(), crowd.len(), "tick {tick}");
+    }
+    h = p.place(&cat, &servers, &demand, &held(&h));
+    assert_eq!(homes_of(&h, "a150").len(), 1);
+}
+
+#[test]
+fn losing_a_server_moves_only_its_adapters() {
+    let servers = eight();
+    let cat = catalogue(40, &[], &[]);
+    let demand = BTreeMap::new();
+    let mut p = Placer::default();
+    let before = p.place(&cat, &servers, &demand, &BTreeMap::new());
+    let gone = &servers[3].id;
+    let after = p.place(
+        &cat,
+        &servers[..3]
+            .iter()
+            .chain(&servers[4..])
+            .cloned()
+            .collect::<Vec<_>>(),
+        &demand,
+        &held(&before),
+    );
+    for e in cat.on_demand.values() {
+        let was = homes_of(&before, &e.id);
+        if was.iter().all(|(s, _)| s != gone) {
+            assert_eq!(was, homes_of(&after, &e.id), "{} moved", e.id);
+        }
+    }
+}
+
+#[test]
+fn pinned_adapters_take_cache_room_on_every_server() {
+    let servers = vec![server(0, 2, 4)];
+    let cat = catalogue(10, &[0, 1], &[]);
+    let demand = (2..10).map(|i| (format!("a{i}"), 1.0)).collect();
+    let h = Placer::default().place(&cat, &servers, &demand, &BTreeMap::new());
+    let cached = h["pod-0"].values().filter(|r| **r >= Role::Warm).count();
+    assert_eq!(cached, 2, "4 cache entries less 2 pinned");
+}
