@@ -9,6 +9,7 @@ pub mod extproc;
 pub mod flags;
 pub mod flow_control;
 pub mod lora;
+pub mod lora_fleet;
 pub mod memory;
 pub mod net;
 pub mod pool;

@@ -42,6 +42,12 @@ pub struct EndpointMetrics {
     pub running_adapters: Vec<String>,
     /// Adapters with requests waiting.
     pub waiting_adapters: Vec<String>,
+    /// Adapters in a GPU slot and in the host-memory cache, from
+    /// `vllm:lora_adapter_loaded{adapter_name,level}` (vLLM's coming residency metrics).
+    pub gpu_adapters: Vec<String>,
+    pub cpu_adapters: Vec<String>,
+    /// The server reports residency (else the lists above say nothing).
+    pub residency_reported: bool,
     pub block_size: Option<u32>,
     pub num_gpu_blocks: Option<u32>,
 }
@@ -65,6 +71,7 @@ struct Names {
     kv: &'static [&'static str],
     waiting_by_reason: &'static str,
     lora_info: &'static str,
+    residency: &'static str,
     cache_info: &'static str,
     block_label: &'static str,
     blocks_label: &'static str,
@@ -76,6 +83,7 @@ const VLLM: Names = Names {
     kv: &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
     waiting_by_reason: "vllm:num_requests_waiting_by_reason",
     lora_info: "vllm:lora_requests_info",
+    residency: "vllm:lora_adapter_loaded",
     cache_info: "vllm:cache_config_info",
     block_label: "block_size",
     blocks_label: "num_gpu_blocks",
@@ -87,6 +95,7 @@ const SGLANG: Names = Names {
     kv: &["sglang:token_usage"],
     waiting_by_reason: "",
     lora_info: "",
+    residency: "",
     cache_info: "sglang:cache_config_info",
     block_label: "page_size",
     blocks_label: "num_pages",
@@ -98,6 +107,7 @@ const TRTLLM: Names = Names {
     kv: &["trtllm_kv_cache_utilization"],
     waiting_by_reason: "",
     lora_info: "",
+    residency: "",
     cache_info: "",
     block_label: "",
     blocks_label: "",
@@ -188,7 +198,12 @@ impl Spec {
             .chain(names.running)
             .chain(names.kv)
             .copied()
-            .chain([names.waiting_by_reason, names.lora_info, names.cache_info])
+            .chain([
+                names.waiting_by_reason,
+                names.lora_info,
+                names.residency,
+                names.cache_info,
+            ])
             .filter(|n| !n.is_empty())
             .map(str::as_bytes)
             .collect();
@@ -403,6 +418,18 @@ impl Acc {
                 self.m.waiting_adapters = label(set, "waiting_lora_adapters")
                     .map(|s| split_list(&s))
                     .unwrap_or_default();
+            }
+        } else if is(names.residency) {
+            let set = label_text()?;
+            self.m.residency_reported = true;
+            if value()? > 0.0
+                && let Some(name) = label(set, "adapter_name")
+            {
+                match label(set, "level").as_deref() {
+                    Some("gpu") => self.m.gpu_adapters.push(name.into_owned()),
+                    Some("cpu") => self.m.cpu_adapters.push(name.into_owned()),
+                    _ => {}
+                }
             }
         } else if is(names.cache_info) {
             let set = label_text()?;

@@ -272,6 +272,9 @@ fn lora_tier(m: Option<&EndpointMetrics>, target: &str) -> u8 {
     if (in_use.len() as u32) < max { 1 } else { 2 }
 }
 
+/// How soon an adapter request would run here: in the running batch (1.0), else by whether
+/// a LoRA slot is free and, when the server reports residency, where the adapter is: a GPU
+/// slot (no load), the host-memory cache (a copy), or neither (a disk read first).
 fn lora_score(m: Option<&EndpointMetrics>, target: &str) -> f64 {
     let Some(m) = m else { return 0.5 };
     let active = m.running_adapters.iter().any(|a| a == target);
@@ -279,6 +282,7 @@ fn lora_score(m: Option<&EndpointMetrics>, target: &str) -> f64 {
         return 1.0;
     }
     let waiting = m.waiting_adapters.iter().any(|a| a == target);
+    let tier = residency(m, target);
     match m.max_lora {
         Some(max) => {
             let mut in_use: Vec<&str> = m.running_adapters.iter().map(String::as_str).collect();
@@ -287,16 +291,44 @@ fn lora_score(m: Option<&EndpointMetrics>, target: &str) -> f64 {
                     in_use.push(a);
                 }
             }
-            if (in_use.len() as u32) < max {
-                0.8
-            } else if waiting {
-                0.6
-            } else {
-                0.0
+            let free = (in_use.len() as u32) < max;
+            match (free, tier) {
+                (true, Some(Residency::Gpu)) => 0.9,
+                (true, None | Some(Residency::Cpu)) => 0.8,
+                (true, Some(Residency::Cold)) => 0.5,
+                (false, _) if waiting => 0.6,
+                (false, Some(Residency::Gpu)) => 0.4,
+                (false, Some(Residency::Cpu)) => 0.2,
+                (false, None | Some(Residency::Cold)) => 0.0,
             }
         }
         None => 0.5,
     }
+}
+
+/// Where a server holds an adapter, when it reports residency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residency {
+    Gpu,
+    Cpu,
+    /// Registered only (or not at all): read from disk before it runs.
+    Cold,
+}
+
+/// The adapter's residency on a server that reports it (`None`: it does not).
+pub fn residency(m: &EndpointMetrics, target: &str) -> Option<Residency> {
+    if m.running_adapters.iter().any(|a| a == target) || m.gpu_adapters.iter().any(|a| a == target)
+    {
+        return Some(Residency::Gpu);
+    }
+    if !m.residency_reported {
+        return None;
+    }
+    Some(if m.cpu_adapters.iter().any(|a| a == target) {
+        Residency::Cpu
+    } else {
+        Residency::Cold
+    })
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -666,6 +698,24 @@ mod tests {
             })
             .collect();
         assert_eq!(cands[pick(&cfg, &cands, &inp).unwrap()[0]].id, other);
+    }
+
+    #[test]
+    fn residency_ranks_gpu_then_cpu_then_cold() {
+        let mut m = EndpointMetrics {
+            max_lora: Some(2),
+            residency_reported: true,
+            ..Default::default()
+        };
+        m.gpu_adapters = vec!["g".into()];
+        m.cpu_adapters = vec!["c".into()];
+        let s = |m: &EndpointMetrics, t: &str| lora_score(Some(m), t);
+        assert!(s(&m, "g") > s(&m, "c") && s(&m, "c") > s(&m, "x"));
+        m.running_adapters = vec!["r1".into(), "r2".into()];
+        assert!(s(&m, "g") > s(&m, "c") && s(&m, "c") > s(&m, "x"));
+        assert_eq!(residency(&m, "r1"), Some(Residency::Gpu));
+        m.residency_reported = false;
+        assert_eq!(residency(&m, "x"), None);
     }
 
     #[test]

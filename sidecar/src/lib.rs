@@ -3,6 +3,7 @@
 pub mod classify;
 pub mod config;
 pub mod models;
+pub mod placed;
 pub mod plan;
 pub mod source;
 

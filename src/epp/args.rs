@@ -143,6 +143,26 @@ pub struct EppArgs {
     /// list pod names, addresses and canary weights.
     #[arg(long)]
     pub public_debug_endpoints: bool,
+    /// LoRA fleet placement: the sidecars' `vLLMLoRAConfig` file (the ConfigMap, mounted;
+    /// watched live). Its `onDemand` adapters are placed on servers by demand and served at
+    /// `/lora/v1/placement` for the sidecars to load; `ensureExist` ones count as loaded
+    /// everywhere, `ensureNotExist` ones are never placed.
+    #[arg(long, env = "EPP_LORA_CATALOG")]
+    pub lora_catalog: Option<PathBuf>,
+    /// How often placement runs.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub lora_placement_interval: Duration,
+    /// The servers' `--max-cpu-loras` (host-memory adapter cache); 0: their `--max-loras`,
+    /// vLLM's default. vLLM does not report it.
+    #[arg(long, default_value_t = 0)]
+    pub lora_max_cpu_loras: u32,
+    /// GPU adapter slots of a server whose metrics do not report `max_lora`.
+    #[arg(long, default_value_t = 1)]
+    pub lora_default_max_loras: u32,
+    /// Follow another replica's placement (its `/lora/v1/placement` URL) instead of deciding:
+    /// for active-active replicas, all but one.
+    #[arg(long)]
+    pub lora_placement_from: Option<String>,
 }
 
 /// `--unknown-models`.

@@ -152,6 +152,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         metrics: local_addr(&pages_l, "metrics", &args)?,
     };
     start_pool(&args, &shared, &metrics).await?;
+    start_lora_fleet(&args, &shared, &metrics);
     let serving = Serving {
         flow_settings,
         budget: budget.clone(),
@@ -287,6 +288,42 @@ async fn start_pool(
     )
     .start();
     Ok(())
+}
+
+/// LoRA placement with `--lora-catalog` (deciding) or `--lora-placement-from` (following).
+fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) {
+    use crate::actors::lora_placer::{LoraPlacer, PlacerOptions};
+    if args.lora_catalog.is_none() && args.lora_placement_from.is_none() {
+        return;
+    }
+    let placer = LoraPlacer::new(
+        shared.clone(),
+        metrics.clone(),
+        PlacerOptions {
+            interval: args.lora_placement_interval,
+            default_max_loras: args.lora_default_max_loras,
+            max_cpu_loras: args.lora_max_cpu_loras,
+            follow: args.lora_placement_from.clone(),
+            leader_election: args.ha_enable_leader_election,
+            min_drain_ticks: 2,
+            max_drain: Duration::from_secs(120),
+            params: inferlane_epp::fleet::Params::default(),
+        },
+    )
+    .start();
+    if let Some(path) = &args.lora_catalog {
+        FileWatcher::<inferlane_sidecar::LoraConfig>::new(
+            WatcherOptions {
+                path: path.clone(),
+                validate: true,
+                debounce: Duration::from_millis(10),
+                poll_interval: Duration::from_secs(10),
+            },
+            placer.recipient(),
+            WatchMetrics::default(),
+        )
+        .start();
+    }
 }
 
 /// Kubernetes as the pool's source: discovery, and the Lease with `--ha-enable-leader-election`.

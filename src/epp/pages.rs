@@ -83,6 +83,39 @@ async fn debug_memory(State(budget): State<Arc<MemoryBudget>>) -> impl IntoRespo
     )
 }
 
+/// `?server=` on `/lora/v1/placement`.
+#[derive(serde::Deserialize)]
+struct ServerQuery {
+    server: Option<String>,
+}
+
+/// The placement table, or one server's part of it (what its sidecar loads). 503 until a
+/// table exists, 404 for a server it does not name.
+async fn placement(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<ServerQuery>,
+) -> axum::response::Response {
+    let table = shared.fleet.table.load_full();
+    let Some(routed) = table else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no placement yet: the EPP places adapters once --lora-catalog is read and every server's model list is known\n",
+        )
+            .into_response();
+    };
+    match q.server {
+        None => axum::Json(&routed.table).into_response(),
+        Some(s) => match routed.table.server_set(&s) {
+            Some(set) => axum::Json(set).into_response(),
+            None => (
+                StatusCode::NOT_FOUND,
+                format!("server {:?} is not in the placement table (give its pod name or ip:port; an unhealthy server is left out)\n", crate::pool::labels::for_log(&s)),
+            )
+                .into_response(),
+        },
+    }
+}
+
 /// `/debug/*` without auth: loopback clients only (a port-forward or the pod itself).
 async fn loopback_only(
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
@@ -104,6 +137,7 @@ async fn loopback_only(
 pub fn router(p: Pages, auth: Option<Arc<crate::net::metrics_auth::MetricsAuth>>) -> Router {
     let mut debug = Router::new()
         .route("/debug/pool", get(debug_pool))
+        .route("/debug/placement", get(placement))
         .with_state(p.shared.clone())
         .merge(
             Router::new()
@@ -113,9 +147,14 @@ pub fn router(p: Pages, auth: Option<Arc<crate::net::metrics_auth::MetricsAuth>>
     if !p.public_debug {
         debug = debug.layer(axum::middleware::from_fn(loopback_only));
     }
+    // The sidecars read their part from other pods: behind auth when it is on, like /metrics.
+    let lora = Router::new()
+        .route("/lora/v1/placement", get(placement))
+        .with_state(p.shared.clone());
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .with_state(p)
+        .merge(lora)
         .merge(debug);
     match auth {
         Some(auth) => app.layer(axum::middleware::from_fn_with_state(

@@ -52,10 +52,27 @@ impl FleetView {
         })
     }
 
+    /// LoRA placement's say: the addresses a catalogue adapter may go to (its homes that
+    /// list it; a home still loading gets nothing yet), `None` where placement has none.
+    fn placed(
+        &self,
+        fleet: &crate::lora_fleet::FleetState,
+        endpoints: &[&Arc<EndpointHandle>],
+        target: Option<&str>,
+    ) -> Option<Vec<String>> {
+        let t = target?;
+        fleet.allowed(t, |addr| {
+            endpoints.iter().zip(&self.models).any(|(h, m)| {
+                h.address == addr && m.as_ref().is_some_and(|m| m.adapters.contains(t))
+            })
+        })
+    }
+
     fn candidates<'a>(
         &'a self,
         endpoints: &[&Arc<EndpointHandle>],
         target: Option<&str>,
+        placed: Option<&[String]>,
     ) -> Vec<Candidate<'a>> {
         let now = Instant::now();
         endpoints
@@ -64,6 +81,9 @@ impl FleetView {
             .map(|(i, h)| {
                 let has_model = match (target, &self.models[i]) {
                     (None, _) => ModelPresence::Yes,
+                    (Some(_), _) if placed.is_some_and(|p| !p.contains(&h.address)) => {
+                        ModelPresence::No
+                    }
                     (Some(_), None) => ModelPresence::Unknown,
                     (Some(t), Some(m)) if m.contains(t) => ModelPresence::Yes,
                     (Some(_), Some(_)) => ModelPresence::No,
@@ -125,7 +145,8 @@ impl ExtProc {
         let endpoints = allowed(st, &snap)?;
         let view = FleetView::load(&endpoints);
         let is_adapter = view.is_adapter(target);
-        let candidates = view.candidates(&endpoints, target);
+        let placed = view.placed(&self.shared.fleet, &endpoints, target);
+        let candidates = view.candidates(&endpoints, target, placed.as_deref());
         let prefix = self.prefix(&cfg, target.unwrap_or(""), prompt, &candidates, is_adapter);
         let input = PickInput {
             target: target.unwrap_or(""),
@@ -142,6 +163,10 @@ impl ExtProc {
             .map_err(|e| pick_error(e, &snap, st, &cfg, &candidates))?;
         let chosen = endpoints[picked[0]];
         self.commit(st, chosen, &prefix.blocks);
+        if is_adapter && let Some(t) = target {
+            self.shared.fleet.count(t, prompt.len() as u64 / 4);
+            self.count_tier(t, view.scraped[picked[0]].as_deref());
+        }
         let destination = picked
             .iter()
             .map(|&i| endpoints[i].address.as_str())
@@ -166,6 +191,21 @@ impl ExtProc {
             extra_headers,
             body_changed,
         })
+    }
+
+    /// Where the chosen server held the adapter (`inferlane_epp_lora_requests_total`).
+    fn count_tier(&self, target: &str, scraped: Option<&Scraped>) {
+        use inferlane_epp::scheduler::{Residency, residency};
+        let tier = match scraped.and_then(|s| residency(&s.metrics, target)) {
+            Some(Residency::Gpu) => "gpu",
+            Some(Residency::Cpu) => "cpu",
+            Some(Residency::Cold) => "cold",
+            None => "unknown",
+        };
+        self.metrics
+            .lora_requests
+            .get_or_create(&crate::pool::metrics::TierLabels { tier: tier.into() })
+            .inc();
     }
 
     /// The prompt's blocks, what the prefix index has seen of them, and where the prefix

@@ -35,6 +35,8 @@ pub enum SidecarError {
     Client(#[source] reqwest::Error),
     #[error("--configmap {0}")]
     ConfigMapSpec(String),
+    #[error("{0}")]
+    Placement(String),
     #[error("{0} (needed for --configmap)")]
     Kube(#[source] crate::net::kube_client::KubeClientError),
 }
@@ -113,6 +115,25 @@ pub struct SidecarArgs {
     /// Re-read the config on this period too, in case file events are lost.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub config_poll_interval: Duration,
+    /// LoRA placement: the EPP's `/lora/v1/placement` URL (e.g.
+    /// `http://<pool>-epp:9090/lora/v1/placement`). The catalogue adapters (`onDemand`) it
+    /// places on this server are loaded, the others unloaded; while it cannot be reached the
+    /// last set is kept.
+    #[arg(long, env = "LORA_PLACEMENT_URL")]
+    pub placement_url: Option<String>,
+    /// This server's id in the EPP's pool: its pod name (`POD_NAME`), else `ip:port`.
+    #[arg(long, env = "POD_NAME")]
+    pub placement_server: Option<String>,
+    /// How often the EPP is asked.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub placement_interval: Duration,
+    /// Bearer token for an EPP that checks tokens (`--metrics-endpoint-auth`); the pod's
+    /// service account token by default, when mounted.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub placement_token_file: PathBuf,
 }
 
 #[derive(Clone)]
@@ -148,6 +169,15 @@ async fn readyz(State(s): State<HttpState>) -> Response {
     (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+fn http_client(args: &SidecarArgs) -> Result<reqwest::Client, SidecarError> {
+    reqwest::Client::builder()
+        .timeout(args.http_timeout)
+        .connect_timeout(args.http_timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(SidecarError::Client)
+}
+
 /// A started sidecar.
 #[derive(Debug, Clone)]
 pub struct SidecarHandle {
@@ -180,12 +210,7 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
             tracing::error!(error = %e, "status server stopped");
         }
     });
-    let client = reqwest::Client::builder()
-        .timeout(args.http_timeout)
-        .connect_timeout(args.http_timeout.min(Duration::from_secs(5)))
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build()
-        .map_err(SidecarError::Client)?;
+    let client = http_client(&args)?;
     let reconciler = Reconciler::new(
         ReconcilerOptions {
             health_check_timeout: args.health_check_timeout,
@@ -202,6 +227,34 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
         metrics.clone(),
     )
     .start();
+    let reconciler = match &args.placement_url {
+        None => reconciler.recipient(),
+        Some(url) => {
+            reqwest::Url::parse(url).map_err(|e| {
+                SidecarError::Placement(format!("--placement-url {url:?}: {e}; give the EPP's http://host:port/lora/v1/placement"))
+            })?;
+            let server = args.placement_server.clone().ok_or_else(|| {
+                SidecarError::Placement(
+                    "--placement-url needs --placement-server (or POD_NAME): this server's pod name or ip:port in the EPP's pool".into(),
+                )
+            })?;
+            crate::actors::placement_follower::PlacementFollower::new(
+                crate::actors::placement_follower::FollowerOptions {
+                    url: url.clone(),
+                    server,
+                    interval: args.placement_interval,
+                    token_file: args
+                        .placement_token_file
+                        .exists()
+                        .then(|| args.placement_token_file.clone()),
+                },
+                http_client(&args)?,
+                reconciler.recipient(),
+            )
+            .start()
+            .recipient()
+        }
+    };
     let watch_metrics = WatchMetrics {
         valid: metrics.config_valid.clone(),
         generation: metrics.config_generation.clone(),
@@ -217,7 +270,7 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
             ConfigMapWatcher::<inferlane_sidecar::LoraConfig>::new(
                 client,
                 source,
-                reconciler.recipient(),
+                reconciler.clone(),
                 watch_metrics,
             )
             .start();
@@ -230,7 +283,7 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
                     debounce: args.debounce,
                     poll_interval: args.config_poll_interval,
                 },
-                reconciler.recipient(),
+                reconciler.clone(),
                 watch_metrics,
             )
             .start();

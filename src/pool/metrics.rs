@@ -72,6 +72,22 @@ pub struct InferencePoolLabels {
     pub inference_pool: String,
 }
 
+/// Where an adapter request found its adapter on the server it was sent to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    /// `gpu` (running or in a GPU slot), `cpu` (host-memory cache), `cold` (registered
+    /// only: read from disk), `unknown` (the server reports no residency).
+    pub tier: String,
+}
+
+/// One catalogue adapter's homes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdapterHomeLabels {
+    pub adapter_name: String,
+    /// `desired` (placement's homes) or `serving` (homes that list it).
+    pub state: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 fn request_duration_histogram() -> Histogram {
@@ -130,6 +146,12 @@ pub struct EppMetrics {
     /// The memory budget (`--memory-budget`) and what is charged to it now.
     pub memory_budget: Gauge,
     pub memory_used: Gauge,
+    /// LoRA fleet: adapter requests by residency tier, placement moves, drains ended, homes
+    /// per catalogue adapter (series bounded by the catalogue).
+    pub lora_requests: Family<TierLabels, Counter>,
+    pub lora_moves: Counter,
+    pub lora_drains: Counter,
+    pub lora_homes: Family<AdapterHomeLabels, Gauge>,
 }
 
 impl EppMetrics {
@@ -159,6 +181,10 @@ impl EppMetrics {
             pool_generation: Gauge::default(),
             memory_budget: Gauge::default(),
             memory_used: Gauge::default(),
+            lora_requests: Family::default(),
+            lora_moves: Counter::default(),
+            lora_drains: Counter::default(),
+            lora_homes: Family::default(),
         };
         r.register(
             "inference_objective_request",
@@ -269,6 +295,26 @@ impl EppMetrics {
             "inferlane_epp_memory_charged_bytes",
             "Bytes charged to the memory budget now (open streams, bodies, held requests)",
             m.memory_used.clone(),
+        );
+        r.register(
+            "inferlane_epp_lora_requests",
+            "Adapter requests by where the chosen server held the adapter (gpu, cpu, cold, unknown)",
+            m.lora_requests.clone(),
+        );
+        r.register(
+            "inferlane_epp_lora_placement_moves",
+            "Adapter homes added or dropped by LoRA placement",
+            m.lora_moves.clone(),
+        );
+        r.register(
+            "inferlane_epp_lora_drains",
+            "Dropped adapter homes whose drain ended (the sidecar then unloads)",
+            m.lora_drains.clone(),
+        );
+        r.register(
+            "inferlane_epp_lora_adapter_homes",
+            "Homes per catalogue adapter: desired by placement, serving (listing it)",
+            m.lora_homes.clone(),
         );
         crate::net::metrics_text::register_info(
             &mut r,

@@ -157,6 +157,8 @@ pub struct Shared {
     pub outlier_policy: OutlierPolicy,
     /// Taken only to eject, so two failing endpoints cannot both pass the pool-wide limit.
     eject_lock: Mutex<()>,
+    /// LoRA placement's table and the demand counters (empty without `--lora-catalog`).
+    pub fleet: crate::lora_fleet::FleetState,
 }
 
 /// The placement, locked. A poisoned lock is taken as it is: a panic exits the process
@@ -197,6 +199,7 @@ impl Shared {
             room_freed: Arc::new(tokio::sync::Notify::new()),
             outlier_policy: OutlierPolicy::default(),
             eject_lock: Mutex::new(()),
+            fleet: crate::lora_fleet::FleetState::default(),
         }
     }
 

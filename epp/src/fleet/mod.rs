@@ -10,7 +10,7 @@ pub mod place;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use demand::Demand;
 pub use drain::{Drains, PairState};
@@ -62,7 +62,7 @@ pub struct Server {
 }
 
 /// What placement intends an adapter to be on a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Registered only: its one home while idle; a request reads it from disk.

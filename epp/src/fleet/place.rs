@@ -81,6 +81,22 @@ impl Placer {
         }
     }
 
+    /// Starts from what the servers hold (a restarted or new decider): each adapter is taken
+    /// to want the homes it has, so nothing moves before its demand has been measured for
+    /// `scale_down_ticks`.
+    pub fn seed(&mut self, current: &BTreeMap<String, BTreeSet<String>>) {
+        let mut count: BTreeMap<&str, u32> = BTreeMap::new();
+        for ids in current.values() {
+            for id in ids {
+                *count.entry(id).or_default() += 1;
+            }
+        }
+        for (id, n) in count {
+            let role = if n > 1 { Role::Hot } else { Role::Warm };
+            self.last.insert(id.to_string(), Want { role, replicas: n });
+        }
+    }
+
     /// This tick's homes. `current` is what each server holds now (last tick's homes and
     /// what it lists): homes stay where they are unless a budget or a smaller share moves
     /// them. Budgets per server: hot homes <= `gpu_slots`; hot and warm homes <=
@@ -269,6 +285,20 @@ impl Budget {
                 std::cmp::Reverse(weight(key, servers[s].key)),
             )
         });
+        // One home, not hot, already held somewhere: it stays, cached if there is room, else
+        // registered only (moving it for a cache entry would cost a load elsewhere).
+        if want.role <= Role::Warm
+            && want.replicas == 1
+            && let Some(&s) = order.first().filter(|&&s| holds(s))
+        {
+            let role = if self.fits(s, want.role) {
+                want.role
+            } else {
+                Role::Cold
+            };
+            self.take(s, role);
+            return vec![(s, role)];
+        }
         let mut placed: Vec<(usize, Role)> = Vec::new();
         let mut role = want.role;
         loop {

@@ -231,3 +231,18 @@ fn pinned_adapters_take_cache_room_on_every_server() {
     let cached = h["pod-0"].values().filter(|r| **r >= Role::Warm).count();
     assert_eq!(cached, 2, "4 cache entries less 2 pinned");
 }
+
+#[test]
+fn a_restarted_decider_keeps_the_homes_it_finds_until_demand_is_measured() {
+    let servers = eight();
+    let cat = catalogue(50, &[], &[]);
+    let demand: BTreeMap<String, f64> = (0..50)
+        .map(|i| (format!("a{i}"), 10.0 / (1 + i) as f64))
+        .collect();
+    let found = Placer::default().place(&cat, &servers, &demand, &BTreeMap::new());
+    let mut fresh = Placer::default();
+    fresh.seed(&held(&found));
+    let quiet = BTreeMap::new();
+    let next = fresh.place(&cat, &servers, &quiet, &held(&found));
+    assert_eq!(held(&next), held(&found), "no demand yet, nothing moves");
+}

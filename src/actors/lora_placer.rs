@@ -1,0 +1,382 @@
+//! The LoRA placer: every tick turns demand and what the servers hold into homes per server (or copies the decider's table), and publishes the table routing reads.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use inferlane_epp::fleet::{Catalogue, DEFAULT_RANK, Demand, Drains, Entry, Placer, Server};
+use inferlane_sidecar::LoraConfig;
+
+use crate::actors::messages::ConfigChanged;
+use crate::lora_fleet::Routed;
+use crate::lora_fleet::wire::{ServerPart, Table};
+use crate::pool::metrics::{AdapterHomeLabels, EppMetrics};
+use crate::pool::state::{EndpointHandle, Shared};
+
+/// Placer settings.
+#[derive(Debug, Clone)]
+pub struct PlacerOptions {
+    pub interval: Duration,
+    /// GPU slots of a server whose metrics do not say (`max_lora` in `lora_requests_info`).
+    pub default_max_loras: u32,
+    /// Host-memory cache entries per server (vLLM's `--max-cpu-loras`; 0: its GPU slots,
+    /// vLLM's default).
+    pub max_cpu_loras: u32,
+    /// Copy the table from this decider instead of deciding (`/lora/v1/placement`).
+    pub follow: Option<String>,
+    /// Decide only while leader (with leader election).
+    pub leader_election: bool,
+    /// A drain lasts at least this many ticks (followers stop routing first) and at most
+    /// `max_drain` (a stuck request does not pin an adapter).
+    pub min_drain_ticks: u64,
+    pub max_drain: Duration,
+    pub params: inferlane_epp::fleet::Params,
+}
+
+/// The placer actor.
+pub struct LoraPlacer {
+    shared: Arc<Shared>,
+    metrics: EppMetrics,
+    opts: PlacerOptions,
+    catalogue: Option<Catalogue>,
+    placer: Placer,
+    demand: Demand,
+    drains: Drains,
+    tick: u64,
+    moves: u64,
+    seeded: bool,
+    last_tick: Instant,
+    /// What the sidecars were told: server id -> homes and draining adapters.
+    told: BTreeMap<String, BTreeSet<String>>,
+    client: reqwest::Client,
+    fetching: bool,
+}
+
+impl LoraPlacer {
+    pub fn new(shared: Arc<Shared>, metrics: EppMetrics, opts: PlacerOptions) -> Self {
+        Self {
+            placer: Placer::new(opts.params.clone()),
+            shared,
+            metrics,
+            opts,
+            catalogue: None,
+            demand: Demand::default(),
+            drains: Drains::default(),
+            tick: 0,
+            moves: 0,
+            seeded: false,
+            last_tick: Instant::now(),
+            told: BTreeMap::new(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
+            fetching: false,
+        }
+    }
+
+    fn deciding(&self) -> bool {
+        self.opts.follow.is_none()
+            && (!self.opts.leader_election || self.shared.is_leader.load(Ordering::SeqCst))
+    }
+
+    /// The servers placement may use: healthy, with their model lists read. `None` until
+    /// every healthy endpoint's list has been read (a decider that placed before knowing
+    /// what the servers hold would move what it need not).
+    fn servers(&self) -> Option<Vec<(Server, Arc<EndpointHandle>)>> {
+        let snap = self.shared.snapshot.load();
+        let mut out = Vec::new();
+        for h in snap.endpoints.iter().filter(|h| h.is_healthy()) {
+            h.models.load().as_ref()?;
+            let gpu = h
+                .scraped
+                .load()
+                .as_ref()
+                .and_then(|s| s.metrics.max_lora)
+                .unwrap_or(self.opts.default_max_loras)
+                .max(1);
+            out.push((
+                Server {
+                    id: h.identity.clone(),
+                    key: h.key,
+                    gpu_slots: gpu,
+                    cpu_slots: if self.opts.max_cpu_loras == 0 {
+                        gpu
+                    } else {
+                        self.opts.max_cpu_loras
+                    },
+                },
+                h.clone(),
+            ));
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if let Some(url) = self.opts.follow.clone() {
+            self.follow(url, ctx);
+            return;
+        }
+        let counts = self.shared.fleet.take_counts();
+        let dt = self.last_tick.elapsed().as_secs_f64();
+        self.last_tick = Instant::now();
+        let Some(cat) = &self.catalogue else { return };
+        self.demand.observe(
+            counts.iter().map(|(id, r, t)| (id.as_str(), *r, *t)),
+            dt,
+            |id| cat.on_demand.contains_key(id),
+        );
+        if !self.deciding() {
+            return;
+        }
+        let Some(servers) = self.servers() else {
+            return;
+        };
+        let span =
+            tracing::debug_span!("lora_placement", tick = self.tick, servers = servers.len());
+        let _entered = span.enter();
+        self.decide(&servers);
+    }
+
+    fn decide(&mut self, servers: &[(Server, Arc<EndpointHandle>)]) {
+        let Some(cat) = self.catalogue.clone() else {
+            return;
+        };
+        self.tick += 1;
+        // What each server holds: what it was told (homes and drains) and the catalogue
+        // adapters it lists (a restarted decider finds the homes where they are).
+        let mut current: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (s, h) in servers {
+            let mut held = self.told.get(&s.id).cloned().unwrap_or_default();
+            if let Some(m) = h.models.load().as_ref() {
+                held.extend(
+                    m.adapters
+                        .iter()
+                        .filter(|a| cat.on_demand.contains_key(*a))
+                        .cloned(),
+                );
+            }
+            current.insert(s.id.clone(), held);
+        }
+        if !self.seeded {
+            self.placer.seed(&current);
+            self.seeded = true;
+        }
+        let plain: Vec<Server> = servers.iter().map(|(s, _)| s.clone()).collect();
+        let homes = self
+            .placer
+            .place(&cat, &plain, self.demand.rates(), &current);
+        let sets: BTreeMap<String, BTreeSet<String>> = homes
+            .iter()
+            .map(|(s, m)| (s.clone(), m.keys().cloned().collect()))
+            .collect();
+        self.drains.update(self.tick, &self.told, &sets);
+        let by_id: BTreeMap<&str, &Arc<EndpointHandle>> =
+            servers.iter().map(|(s, h)| (s.id.as_str(), h)).collect();
+        let lists = |id: &str, server: &str| {
+            by_id
+                .get(server)
+                .and_then(|h| h.models.load_full())
+                .is_some_and(|m| m.adapters.contains(id))
+        };
+        let idle = |id: &str, server: &str| {
+            by_id.get(server).is_none_or(|h| {
+                h.scraped.load().as_ref().is_none_or(|s| {
+                    !s.metrics.running_adapters.iter().any(|a| a == id)
+                        && !s.metrics.waiting_adapters.iter().any(|a| a == id)
+                })
+            })
+        };
+        let ready = |id: &str| {
+            let mut homes = sets.iter().filter(|(_, ids)| ids.contains(id)).peekable();
+            homes.peek().is_none() || homes.any(|(s, _)| lists(id, s))
+        };
+        let max_ticks = (self.opts.max_drain.as_secs_f64()
+            / self.opts.interval.as_secs_f64().max(0.001))
+        .ceil() as u64;
+        let ended = self.drains.finish(
+            self.tick,
+            self.opts.min_drain_ticks,
+            max_ticks.max(1),
+            idle,
+            ready,
+        );
+        self.metrics.lora_drains.inc_by(ended.len() as u64);
+        let table = self.table(&cat, servers, &homes);
+        self.count_moves(&table);
+        self.publish_homes(&cat, &table, &lists);
+        self.told = table
+            .servers
+            .iter()
+            .map(|(s, p)| {
+                let mut ids: BTreeSet<String> = p.homes.keys().cloned().collect();
+                ids.extend(p.draining.iter().cloned());
+                (s.clone(), ids)
+            })
+            .collect();
+        self.shared
+            .fleet
+            .table
+            .store(Some(Arc::new(Routed::new(table))));
+    }
+
+    fn table(
+        &self,
+        cat: &Catalogue,
+        servers: &[(Server, Arc<EndpointHandle>)],
+        homes: &inferlane_epp::fleet::Homes,
+    ) -> Table {
+        let draining = self.drains.by_server();
+        let mut t = Table {
+            tick: self.tick,
+            demand: self.demand.rates().clone(),
+            moves: self.moves,
+            ..Table::default()
+        };
+        for (s, h) in servers {
+            let part = ServerPart {
+                address: h.address.clone(),
+                homes: homes.get(&s.id).cloned().unwrap_or_default(),
+                draining: draining
+                    .get(s.id.as_str())
+                    .map(|ids| ids.iter().map(|i| i.to_string()).collect())
+                    .unwrap_or_default(),
+            };
+            for id in part.homes.keys().chain(part.draining.iter()) {
+                if let Some(e) = cat.on_demand.get(id) {
+                    t.sources.insert(id.clone(), e.source.clone());
+                }
+            }
+            t.servers.insert(s.id.clone(), part);
+        }
+        t
+    }
+
+    fn count_moves(&mut self, table: &Table) {
+        let mut moved = 0u64;
+        for (s, p) in &table.servers {
+            let before = self.told.get(s);
+            let now: BTreeSet<&String> = p.homes.keys().collect();
+            moved += now
+                .iter()
+                .filter(|id| before.is_none_or(|b| !b.contains(**id)))
+                .count() as u64;
+            moved += before.map_or(0, |b| {
+                b.iter()
+                    .filter(|id| !now.contains(id) && !p.draining.contains(*id))
+                    .count() as u64
+            });
+        }
+        if self.tick > 1 {
+            self.moves += moved;
+            self.metrics.lora_moves.inc_by(moved);
+        }
+    }
+
+    fn publish_homes(&self, cat: &Catalogue, table: &Table, lists: &dyn Fn(&str, &str) -> bool) {
+        for id in cat.on_demand.keys() {
+            let homes: Vec<&String> = table
+                .servers
+                .iter()
+                .filter(|(_, p)| p.homes.contains_key(id))
+                .map(|(s, _)| s)
+                .collect();
+            let serving = homes.iter().filter(|s| lists(id, s)).count();
+            for (state, n) in [("desired", homes.len()), ("serving", serving)] {
+                self.metrics
+                    .lora_homes
+                    .get_or_create(&AdapterHomeLabels {
+                        adapter_name: id.clone(),
+                        state: state.into(),
+                    })
+                    .set(n as i64);
+            }
+        }
+    }
+
+    /// A follower's tick: the decider's table, kept as it was while the decider is away.
+    fn follow(&mut self, url: String, ctx: &mut Context<Self>) {
+        if self.fetching {
+            return;
+        }
+        self.fetching = true;
+        let client = self.client.clone();
+        let fut = async move {
+            let r = client.get(&url).send().await.map_err(|e| e.to_string())?;
+            if !r.status().is_success() {
+                return Err(format!("{url} answered {}", r.status()));
+            }
+            r.json::<Table>().await.map_err(|e| e.to_string())
+        };
+        ctx.spawn(fut.into_actor(self).map(|res, a, _| {
+            a.fetching = false;
+            match res {
+                Ok(t) => a.shared.fleet.table.store(Some(Arc::new(Routed::new(t)))),
+                Err(e) => tracing::debug!(error = %e, "placement table not fetched; routing keeps the last one"),
+            }
+        }));
+    }
+}
+
+/// The catalogue placement decides about, from the sidecars' ConfigMap.
+pub fn catalogue(cfg: &LoraConfig) -> Catalogue {
+    Catalogue {
+        on_demand: cfg
+            .on_demand
+            .iter()
+            .map(|a| {
+                (
+                    a.id.clone(),
+                    Entry {
+                        id: a.id.clone(),
+                        source: a.source.clone(),
+                        rank: a.rank.unwrap_or(DEFAULT_RANK),
+                    },
+                )
+            })
+            .collect(),
+        pinned: cfg.ensure_exist.iter().map(|a| a.id.clone()).collect(),
+        never: cfg.ensure_not_exist.iter().map(|a| a.id.clone()).collect(),
+    }
+}
+
+impl Actor for LoraPlacer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.opts.interval, |a, ctx| a.tick(ctx));
+    }
+}
+
+impl Handler<ConfigChanged<LoraConfig>> for LoraPlacer {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConfigChanged<LoraConfig>, _: &mut Context<Self>) {
+        let cat = catalogue(&msg.config);
+        // Series of adapters that left the catalogue go with them.
+        if let Some(old) = &self.catalogue {
+            for id in old
+                .on_demand
+                .keys()
+                .filter(|id| !cat.on_demand.contains_key(*id))
+            {
+                for state in ["desired", "serving"] {
+                    self.metrics.lora_homes.remove(&AdapterHomeLabels {
+                        adapter_name: id.clone(),
+                        state: state.into(),
+                    });
+                }
+            }
+        }
+        self.shared.fleet.count_only(cat.on_demand.keys().cloned());
+        tracing::info!(
+            on_demand = cat.on_demand.len(),
+            pinned = cat.pinned.len(),
+            never = cat.never.len(),
+            "LoRA catalogue"
+        );
+        self.catalogue = Some(cat);
+    }
+}

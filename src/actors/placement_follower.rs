@@ -1,0 +1,139 @@
+//! The sidecar's side of LoRA placement: asks the EPP which catalogue adapters its server holds and hands the reconciler its ConfigMap merged with that.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use inferlane_sidecar::LoraConfig;
+use inferlane_sidecar::placed::merge;
+
+use crate::actors::messages::ConfigChanged;
+use crate::lora_fleet::wire::ServerSet;
+
+/// Where and how to ask.
+#[derive(Debug, Clone)]
+pub struct FollowerOptions {
+    /// The EPP's `/lora/v1/placement` URL.
+    pub url: String,
+    /// This server's id in the EPP's pool (pod name, else `ip:port`).
+    pub server: String,
+    pub interval: Duration,
+    /// A bearer token for an EPP with `--metrics-endpoint-auth` (re-read on every call:
+    /// kubelet rotates projected tokens).
+    pub token_file: Option<PathBuf>,
+}
+
+/// The follower actor: between the config watcher and the reconciler.
+pub struct PlacementFollower {
+    opts: FollowerOptions,
+    client: reqwest::Client,
+    reconciler: Recipient<ConfigChanged<LoraConfig>>,
+    base: Option<Arc<LoraConfig>>,
+    /// The last set the EPP gave (kept while it is away).
+    placed: Option<BTreeSet<String>>,
+    sent: Option<Arc<LoraConfig>>,
+    generation: u64,
+    asking: bool,
+}
+
+impl PlacementFollower {
+    pub fn new(
+        opts: FollowerOptions,
+        client: reqwest::Client,
+        reconciler: Recipient<ConfigChanged<LoraConfig>>,
+    ) -> Self {
+        Self {
+            opts,
+            client,
+            reconciler,
+            base: None,
+            placed: None,
+            sent: None,
+            generation: 0,
+            asking: false,
+        }
+    }
+
+    /// Sends the merged config when it differs from the last one sent.
+    fn forward(&mut self) {
+        let Some(base) = &self.base else { return };
+        let merged = Arc::new(merge(base, self.placed.as_ref()));
+        if self.sent.as_deref() == Some(&*merged) {
+            return;
+        }
+        self.generation += 1;
+        self.sent = Some(merged.clone());
+        self.reconciler.do_send(ConfigChanged {
+            config: merged,
+            generation: self.generation,
+        });
+    }
+
+    fn ask(&mut self, ctx: &mut Context<Self>) {
+        if self.asking || self.base.as_ref().is_none_or(|b| b.on_demand.is_empty()) {
+            return;
+        }
+        self.asking = true;
+        let client = self.client.clone();
+        let opts = self.opts.clone();
+        let fut = async move {
+            let mut url =
+                reqwest::Url::parse(&opts.url).map_err(|e| format!("--placement-url: {e}"))?;
+            url.query_pairs_mut().append_pair("server", &opts.server);
+            let mut req = client.get(url).timeout(Duration::from_secs(5));
+            if let Some(p) = &opts.token_file
+                && let Ok(t) = tokio::fs::read_to_string(p).await
+            {
+                req = req.bearer_auth(t.trim());
+            }
+            let r = req.send().await.map_err(|e| e.to_string())?;
+            if !r.status().is_success() {
+                let code = r.status();
+                let text = r.text().await.unwrap_or_default();
+                return Err(format!("{code}: {}", text.trim()));
+            }
+            r.json::<ServerSet>().await.map_err(|e| e.to_string())
+        };
+        ctx.spawn(fut.into_actor(self).map(|res, a, _| {
+            a.asking = false;
+            match res {
+                Ok(set) => {
+                    let ids: BTreeSet<String> = set
+                        .adapters
+                        .iter()
+                        .chain(&set.draining)
+                        .map(|p| p.id.clone())
+                        .collect();
+                    if a.placed.as_ref() != Some(&ids) {
+                        tracing::info!(tick = set.tick, adapters = set.adapters.len(), draining = set.draining.len(), "placement for this server changed");
+                    }
+                    a.placed = Some(ids);
+                    a.forward();
+                }
+                Err(e) => {
+                    tracing::warn!(url = %a.opts.url, server = %a.opts.server, error = %e, "placement not read; keeping the last set");
+                }
+            }
+        }));
+    }
+}
+
+impl Actor for PlacementFollower {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.opts.interval, |a, ctx| a.ask(ctx));
+    }
+}
+
+impl Handler<ConfigChanged<LoraConfig>> for PlacementFollower {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConfigChanged<LoraConfig>, ctx: &mut Context<Self>) {
+        self.base = Some(msg.config);
+        self.forward();
+        self.ask(ctx);
+    }
+}

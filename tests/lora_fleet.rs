@@ -1,0 +1,459 @@
+//! LoRA fleet end to end through Envoy: the EPP places catalogue adapters by demand, the sidecars load them before traffic goes there and unload them only once drained; EPP and sidecar restarts move nothing.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(30);
+const ADAPTERS: usize = 8;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The sidecars' ConfigMap: one pinned adapter, one never, the rest on demand.
+fn catalogue(port: u16, dir: &Path) -> String {
+    let mut s = format!(
+        "vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: {port}\n  ensureExist:\n    models:\n    - id: pinned\n      source: {}\n  ensureNotExist:\n    models:\n    - id: a7\n      source: {}\n  onDemand:\n    models:\n",
+        adapter(dir, "pinned", 8),
+        adapter(dir, "a7", 8)
+    );
+    for i in 0..ADAPTERS {
+        s.push_str(&format!(
+            "    - id: a{i}\n      source: {}\n      rank: {}\n",
+            adapter(dir, &format!("a{i}"), 8),
+            8 * (1 + i % 2)
+        ));
+    }
+    s
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    sims: Vec<Proc>,
+    sidecars: Vec<Option<Proc>>,
+    epp: Option<Epp>,
+    envoy: Envoy,
+    grpc_port: u16,
+    metrics_port: u16,
+    c: reqwest::Client,
+}
+
+impl Rig {
+    async fn start() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let adapters = dir.path().join("adapters");
+        std::fs::create_dir_all(&adapters).unwrap();
+        let sims: Vec<Proc> = (0..3)
+            .map(|_| {
+                spawn_sim(
+                    &[
+                        "--enable-lora",
+                        "--max-loras",
+                        "2",
+                        "--max-cpu-loras",
+                        "3",
+                        "--lora-residency-metrics",
+                        "--lora-unload-frees",
+                    ],
+                    dir.path(),
+                )
+            })
+            .collect();
+        let mut pool = String::from("pool: {name: test-pool}\nendpoints:\n");
+        for s in &sims {
+            pool.push_str(&format!("- address: {}\n", s.addr));
+        }
+        std::fs::write(dir.path().join("pool.yaml"), pool).unwrap();
+        std::fs::write(
+            dir.path().join("catalogue.yaml"),
+            catalogue(8000, &adapters),
+        )
+        .unwrap();
+        for (i, s) in sims.iter().enumerate() {
+            std::fs::write(
+                dir.path().join(format!("sidecar{i}.yaml")),
+                catalogue(port_of(&s.addr), &adapters),
+            )
+            .unwrap();
+        }
+        let (grpc_port, metrics_port) = (free_port(), free_port());
+        let mut rig = Rig {
+            sims,
+            sidecars: Vec::new(),
+            epp: None,
+            envoy: Envoy {
+                proc: spawn_sim(&[], dir.path()),
+                port: 0,
+            },
+            grpc_port,
+            metrics_port,
+            c: client(),
+            dir,
+        };
+        rig.start_epp();
+        rig.envoy = spawn_envoy_for(rig.epp.as_ref().unwrap(), rig.dir.path()).await;
+        for i in 0..rig.sims.len() {
+            let p = rig.start_sidecar(i);
+            rig.sidecars.push(Some(p));
+        }
+        rig
+    }
+
+    fn start_epp(&mut self) {
+        let pool = self.dir.path().join("pool.yaml");
+        let cat = self.dir.path().join("catalogue.yaml");
+        let (g, m) = (self.grpc_port.to_string(), self.metrics_port.to_string());
+        self.epp = Some(spawn_epp(
+            &pool,
+            &[
+                "--grpc-port",
+                &g,
+                "--metrics-port",
+                &m,
+                "--lora-catalog",
+                cat.to_str().unwrap(),
+                "--lora-placement-interval",
+                "250ms",
+                "--lora-max-cpu-loras",
+                "3",
+            ],
+            self.dir.path(),
+        ));
+    }
+
+    fn start_sidecar(&self, i: usize) -> Proc {
+        let cfg = self.dir.path().join(format!("sidecar{i}.yaml"));
+        let url = format!("http://127.0.0.1:{}/lora/v1/placement", self.metrics_port);
+        spawn_sidecar(
+            &cfg,
+            &[
+                "--placement-url",
+                &url,
+                "--placement-server",
+                &self.sims[i].addr,
+                "--placement-interval",
+                "150ms",
+            ],
+            self.dir.path(),
+        )
+    }
+
+    async fn table(&self) -> Option<Value> {
+        try_json(
+            &self.c,
+            &format!("http://127.0.0.1:{}/lora/v1/placement", self.metrics_port),
+        )
+        .await
+    }
+
+    /// Adapter -> servers (addresses) that list it.
+    async fn listed(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for s in &self.sims {
+            for id in adapter_ids(&self.c, &s.addr).await.unwrap_or_default() {
+                out.entry(id).or_default().insert(s.addr.clone());
+            }
+        }
+        out
+    }
+
+    async fn complete(&self, model: &str) -> (u16, String) {
+        let r = self
+            .c
+            .post(format!(
+                "http://127.0.0.1:{}/v1/completions",
+                self.envoy.port
+            ))
+            .json(&json!({"model": model, "prompt": "hello there", "max_tokens": 2}))
+            .send()
+            .await;
+        match r {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+}
+
+/// Homes per adapter in a placement table: adapter -> server ids.
+fn homes(t: &Value) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (server, part) in t["servers"].as_object().unwrap() {
+        for id in part["homes"].as_object().unwrap().keys() {
+            out.entry(id.clone()).or_default().insert(server.clone());
+        }
+    }
+    out
+}
+
+/// Sends requests for `models` (round robin) from `workers` clients until `stop`; counts
+/// failures and keeps the first failure's text.
+fn traffic(
+    rig: &Arc<Rig>,
+    models: Vec<String>,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..workers)
+        .map(|w| {
+            let (rig, models, stop, ok, failed) = (
+                rig.clone(),
+                models.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+            );
+            tokio::spawn(async move {
+                // Bounded: at most 20,000 requests per worker.
+                for i in w..w + 20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let m = &models[i % models.len()];
+                    let (code, body) = rig.complete(m).await;
+                    if code == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.lock().unwrap().push(format!("{m}: {code} {body}"));
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adapters_are_placed_by_demand_loaded_before_routing_and_drained_before_unloading() {
+    let rig = Arc::new(Rig::start().await);
+    // Every catalogue adapter gets a home and is loaded there; a7 (ensureNotExist) nowhere;
+    // the pinned one everywhere.
+    let listed = wait_for("every catalogue adapter loaded on its home", T, || {
+        let rig = rig.clone();
+        async move {
+            let l = rig.listed().await;
+            let t = rig.table().await?;
+            let h = homes(&t);
+            let all = (0..ADAPTERS).filter(|i| *i != 7).all(|i| {
+                let id = format!("a{i}");
+                h.get(&id).is_some_and(|s| !s.is_empty())
+                    && l.get(&id).is_some_and(|s| !s.is_empty())
+            });
+            if !(all && l.get("pinned").map(BTreeSet::len) == Some(3)) {
+                return None;
+            }
+            // The EPP has read the lists too (it re-reads them every 200 ms).
+            (rig.complete("a0").await.0 == 200).then_some(l)
+        }
+    })
+    .await;
+    assert!(
+        !listed.contains_key("a7"),
+        "ensureNotExist is never placed: {listed:?}"
+    );
+    let t0 = rig.table().await.unwrap();
+    assert!(
+        homes(&t0).values().all(|s| s.len() == 1),
+        "idle adapters keep one home: {t0}"
+    );
+
+    // Demand on a0: it spreads to every server; each new home loads before it is routed to
+    // (a request sent to a server without the adapter would be a 404).
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hot = traffic(
+        &rig,
+        vec!["a0".into()],
+        4,
+        stop.clone(),
+        ok.clone(),
+        failed.clone(),
+    );
+    wait_for("a0 loaded on all three servers", T, || {
+        let rig = rig.clone();
+        async move {
+            let t = rig.table().await?;
+            (homes(&t).get("a0").map(BTreeSet::len) == Some(3)
+                && rig.listed().await.get("a0").map(BTreeSet::len) == Some(3))
+            .then_some(())
+        }
+    })
+    .await;
+    let served_a0 = wait_for("every server serves a0", T, || {
+        let rig = rig.clone();
+        async move {
+            let mut n = 0;
+            for s in &rig.sims {
+                if sim_requests(&rig.c, s)
+                    .await
+                    .get("a0")
+                    .copied()
+                    .unwrap_or(0)
+                    > 0
+                {
+                    n += 1;
+                }
+            }
+            (n == 3).then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(served_a0, 3);
+    stop.store(true, Ordering::Relaxed);
+    for h in hot {
+        h.await.unwrap();
+    }
+
+    // Demand moves to a1..a5 while a trickle of a0 goes on: a0 shrinks back to one home,
+    // its other homes drain and are unloaded, and no request fails throughout.
+    stop.store(false, Ordering::Relaxed);
+    let busy: Vec<String> = (1..=5).map(|i| format!("a{i}")).collect();
+    let mut tasks = traffic(&rig, busy, 5, stop.clone(), ok.clone(), failed.clone());
+    tasks.extend(traffic(
+        &rig,
+        vec!["a0".into()],
+        1,
+        stop.clone(),
+        ok.clone(),
+        failed.clone(),
+    ));
+    wait_for("a0 back on one server, the others unloaded", T, || {
+        let rig = rig.clone();
+        async move {
+            let t = rig.table().await?;
+            let h = homes(&t);
+            (h.get("a0").map(BTreeSet::len) == Some(1)
+                && rig.listed().await.get("a0").map(BTreeSet::len) == Some(1))
+            .then_some(())
+        }
+    })
+    .await;
+    let drained = metric(
+        &try_text(
+            &rig.c,
+            &format!("http://127.0.0.1:{}/metrics", rig.metrics_port),
+        )
+        .await
+        .unwrap(),
+        "inferlane_epp_lora_drains_total",
+    )
+    .unwrap_or(0.0);
+    assert!(drained >= 2.0, "a0's two dropped homes drained: {drained}");
+    stop.store(true, Ordering::Relaxed);
+    for h in tasks {
+        h.await.unwrap();
+    }
+    let failures = failed.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}",
+        failures.len(),
+        ok.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok.load(Ordering::Relaxed) > 50);
+    let page = try_text(
+        &rig.c,
+        &format!("http://127.0.0.1:{}/metrics", rig.metrics_port),
+    )
+    .await
+    .unwrap();
+    assert!(
+        page.contains("inferlane_epp_lora_requests_total{tier=\"gpu\"}"),
+        "requests by residency tier"
+    );
+    assert!(
+        page.contains("inferlane_epp_lora_adapter_homes{adapter_name=\"a0\",state=\"desired\"} 1"),
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_epp_restart_and_a_sidecar_restart_move_nothing() {
+    let mut rig = Rig::start().await;
+    // Spread a1 so the table holds more than one home per adapter.
+    let deadline = tokio::time::Instant::now() + T;
+    // Steady: a1 on every server, every home loaded, nothing draining or loaded elsewhere.
+    let before = loop {
+        assert!(tokio::time::Instant::now() < deadline, "a1 never spread");
+        let (code, _) = rig.complete("a1").await;
+        assert!(code == 200 || code == 404, "{code}");
+        if let Some(t) = rig.table().await {
+            let h = homes(&t);
+            let mut l = rig.listed().await;
+            l.retain(|id, _| id.starts_with('a'));
+            let draining = t["servers"]
+                .as_object()
+                .unwrap()
+                .values()
+                .any(|p| !p["draining"].as_array().unwrap().is_empty());
+            if h.get("a1").map(BTreeSet::len) == Some(3) && !draining && h == l {
+                break h;
+            }
+        }
+    };
+    let listed_before = rig.listed().await;
+    // The EPP goes away: the sidecars keep their sets.
+    rig.epp = None;
+    tokio::time::sleep(Duration::from_millis(800)).await; // several sidecar polls (150 ms) fail meanwhile
+    assert_eq!(
+        rig.listed().await,
+        listed_before,
+        "sidecars kept their adapters while the EPP was away"
+    );
+    rig.start_epp();
+    let t = wait_for("the restarted EPP's first table", T, || {
+        let rig = &rig;
+        async move { rig.table().await }
+    })
+    .await;
+    assert_eq!(
+        homes(&t),
+        before,
+        "a restarted EPP finds the homes where they are"
+    );
+    assert_eq!(t["moves"], 0, "{t}");
+    // A sidecar restart: it asks for its set and finds it loaded.
+    rig.sidecars[0] = None;
+    let sc = rig.start_sidecar(0);
+    let ready = format!("http://{}/readyz", sc.addr);
+    wait_for("the restarted sidecar ready", T, || {
+        let (c, u) = (rig.c.clone(), ready.clone());
+        async move {
+            c.get(&u)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        }
+    })
+    .await;
+    rig.sidecars[0] = Some(sc);
+    assert_eq!(
+        rig.listed().await,
+        listed_before,
+        "nothing unloaded or moved"
+    );
+    let stats = sim_stats(&rig.c, &rig.sims[0]).await;
+    let loads_before = stats["load_attempts"].clone();
+    tokio::time::sleep(Duration::from_millis(500)).await; // a few reconcile passes
+    assert_eq!(
+        sim_stats(&rig.c, &rig.sims[0]).await["load_attempts"],
+        loads_before,
+        "no reloads"
+    );
+}
