@@ -8,7 +8,7 @@ use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::policy::Policy;
+use super::policy::{AdapterSetup, Policy};
 use super::workload::{BASE_MODEL, Workload};
 
 /// A process of the run could not be started.
@@ -39,11 +39,12 @@ pub enum FleetError {
 pub struct Binaries {
     pub sim: PathBuf,
     pub epp: PathBuf,
+    pub sidecar: PathBuf,
     pub envoy: PathBuf,
 }
 
 /// Writes `text` to `dir/name` (creating `dir`) and returns the path.
-fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf, FleetError> {
+pub(super) fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf, FleetError> {
     let p = dir.join(name);
     std::fs::create_dir_all(dir)
         .and_then(|_| std::fs::write(&p, text))
@@ -62,6 +63,10 @@ pub struct Proc {
 }
 
 impl Proc {
+    pub fn new(child: Child, log: PathBuf) -> Self {
+        Self { child, log }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
@@ -78,7 +83,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(
+pub(super) fn spawn(
     what: &'static str,
     bin: &Path,
     args: &[String],
@@ -111,7 +116,7 @@ fn spawn(
 }
 
 /// Reads stdout lines until `want` lines start with `marker`; returns their remainders.
-async fn read_markers(
+pub(super) async fn read_markers(
     child: &mut Child,
     what: &'static str,
     marker: &str,
@@ -147,10 +152,16 @@ async fn read_markers(
 pub struct SimFleet {
     pub proc: Proc,
     pub addrs: Vec<String>,
+    pub adapters_dir: PathBuf,
 }
 
 /// The vllm-sim flags every policy's fleet runs with (the latency model is the same for all).
-pub fn sim_args(w: &Workload, servers: usize, adapters_dir: &Path) -> Vec<String> {
+pub fn sim_args(
+    w: &Workload,
+    servers: usize,
+    adapters_dir: &Path,
+    setup: AdapterSetup,
+) -> Vec<String> {
     let f = &w.fleet;
     let mut a: Vec<String> = [
         "--host",
@@ -172,6 +183,9 @@ pub fn sim_args(w: &Workload, servers: usize, adapters_dir: &Path) -> Vec<String
     push("--replicas", servers.to_string());
     push("--max-num-seqs", f.max_num_seqs.to_string());
     push("--max-loras", f.max_loras.to_string());
+    if let Some(c) = f.max_cpu_loras {
+        push("--max-cpu-loras", c.to_string());
+    }
     push("--num-gpu-blocks", f.num_gpu_blocks.to_string());
     push("--time-scale", f.time_scale.to_string());
     push("--seed", w.seed.to_string());
@@ -189,12 +203,21 @@ pub fn sim_args(w: &Workload, servers: usize, adapters_dir: &Path) -> Vec<String
     let adapters = w.adapters();
     if !adapters.is_empty() {
         a.push("--enable-lora".into());
-        a.push("--lora-modules".into());
-        a.extend(
-            adapters
-                .iter()
-                .map(|n| format!("{n}={}", adapters_dir.join(n).display())),
-        );
+        match setup {
+            AdapterSetup::Everywhere => {
+                a.push("--lora-modules".into());
+                a.extend(
+                    adapters
+                        .iter()
+                        .map(|n| format!("{n}={}", adapters_dir.join(n).display())),
+                );
+            }
+            AdapterSetup::Resolver => {
+                a.push("--lora-resolver-dir".into());
+                a.push(adapters_dir.display().to_string());
+            }
+            AdapterSetup::Partition(_) | AdapterSetup::Sidecars => {}
+        }
     }
     a.extend(f.extra_args.iter().cloned());
     a
@@ -205,19 +228,20 @@ pub async fn start_fleet(
     w: &Workload,
     servers: usize,
     dir: &Path,
+    setup: AdapterSetup,
 ) -> Result<SimFleet, FleetError> {
     // Adapter directories as vLLM expects them (config + weights file), shared by the fleet.
     let adapters_dir = dir.join("adapters");
-    for n in w.adapters() {
-        let d = adapters_dir.join(&n);
-        let files = [
-            (
-                "adapter_config.json",
-                r#"{"r": 8, "lora_alpha": 16, "peft_type": "LORA"}"#,
-            ),
+    for (n, r) in w.adapters().iter().zip(w.adapter_ranks()) {
+        let d = adapters_dir.join(n);
+        let config = format!(
+            r#"{{"r": {r}, "lora_alpha": {}, "peft_type": "LORA"}}"#,
+            2 * r
+        );
+        for (f, text) in [
+            ("adapter_config.json", config.as_str()),
             ("adapter_model.safetensors", ""),
-        ];
-        for (f, text) in files {
+        ] {
             write_file(&d, f, text)?;
         }
     }
@@ -225,7 +249,7 @@ pub async fn start_fleet(
     let mut child = spawn(
         "vllm-sim fleet",
         &bins.sim,
-        &sim_args(w, servers, &adapters_dir),
+        &sim_args(w, servers, &adapters_dir, setup),
         log.clone(),
         "build it: cargo build --release --bin vllm-sim",
         true,
@@ -241,6 +265,7 @@ pub async fn start_fleet(
     Ok(SimFleet {
         proc: Proc { child, log },
         addrs,
+        adapters_dir,
     })
 }
 
@@ -274,9 +299,11 @@ pub async fn start_epp(
     bins: &Binaries,
     w: &Workload,
     policy: Policy,
-    addrs: &[String],
+    fleet: &SimFleet,
+    follow: Option<&str>,
     dir: &Path,
 ) -> Result<Epp, FleetError> {
+    let addrs = &fleet.addrs;
     let pool = write_file(dir, "pool.yaml", &pool_file(w, addrs))?;
     let mut args: Vec<String> = [
         "--bind-address",
@@ -308,6 +335,7 @@ pub async fn start_epp(
         args.push("--config-file".into());
         args.push(p.display().to_string());
     }
+    args.extend(super::lora::epp_args(w, policy, fleet, follow, dir)?);
     let log = dir.join("epp.log");
     let mut child = spawn(
         "EPP",

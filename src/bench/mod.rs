@@ -3,6 +3,8 @@
 pub mod driver;
 pub mod fleet;
 pub mod floor;
+pub mod lora;
+pub mod lora_report;
 pub mod plan;
 pub mod policy;
 pub mod report;
@@ -62,7 +64,7 @@ pub struct BenchArgs {
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
     Policy::parse(s).ok_or_else(|| {
-        format!("unknown policy {s:?}: use round-robin, random, least-queue, default, default-local-prefix, flow-control, flow-round-robin or flow-vtc")
+        format!("unknown policy {s:?}: use round-robin, random, least-queue, default, default-local-prefix, flow-control, flow-round-robin, flow-vtc, lora-everywhere, lora-hash-2, lora-lazy or lora-placed")
     })
 }
 
@@ -99,6 +101,7 @@ fn binaries(args: &BenchArgs) -> Binaries {
     Binaries {
         sim: dir.join("vllm-sim"),
         epp: dir.join("epp"),
+        sidecar: dir.join("lora-sidecar"),
         envoy: args.envoy.clone(),
     }
 }
@@ -132,10 +135,10 @@ async fn run_one(
     timeout: Duration,
     replicas: u16,
     kill_at: Option<f64>,
-) -> Result<Vec<driver::Outcome>, BenchError> {
+) -> Result<(Vec<driver::Outcome>, Option<lora::EngineCounts>), BenchError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let fleet = fleet::start_fleet(bins, w, w.fleet.servers, dir).await?;
-    let mut epps = Vec::new();
+    let fleet = fleet::start_fleet(bins, w, w.fleet.servers, dir, policy.adapters()).await?;
+    let mut epps: Vec<fleet::Epp> = Vec::new();
     if policy != Policy::RoundRobin {
         for r in 0..replicas {
             let d = if replicas == 1 {
@@ -144,9 +147,14 @@ async fn run_one(
                 dir.join(format!("epp{r}"))
             };
             std::fs::create_dir_all(&d).map_err(io(&d))?;
-            epps.push(fleet::start_epp(bins, w, policy, &fleet.addrs, &d).await?);
+            // One replica decides LoRA placement; the others follow its table.
+            let follow = epps
+                .first()
+                .map(|e| format!("http://{}/lora/v1/placement", e.metrics));
+            epps.push(fleet::start_epp(bins, w, policy, &fleet, follow.as_deref(), &d).await?);
         }
     }
+    let lora = lora::prepare(bins, w, policy, &fleet, epps.first(), dir).await?;
     let ports: Vec<u16> = epps.iter().map(|e| e.grpc_port).collect();
     let cfg = fleet::envoy_config(&ports, &fleet.addrs);
     let envoy = fleet::start_envoy(bins, &cfg, dir).await?;
@@ -166,13 +174,20 @@ async fn run_one(
     if let Some(k) = killer {
         k.abort();
     }
+    let first = epps
+        .lock()
+        .expect("epps")
+        .first()
+        .map(|e| e.metrics.clone());
+    let counts = lora::collect(w, &fleet, first.as_deref()).await;
+    drop(lora);
     if replicas > 1 {
         envoy.save_epp_cluster_state(dir).await;
     }
     drop(envoy);
     drop(epps);
     drop(fleet);
-    Ok(outcomes)
+    Ok((outcomes, counts))
 }
 
 /// Runs every workload and writes the results under `args.out`. Returns the summaries.
@@ -199,7 +214,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<RunSummary>, BenchError> {
                 let name = name.as_str();
                 let span = tracing::info_span!("run", workload = %w.name, policy = name, rate, requests = plan.len());
                 let dir = args.out.join(&w.name).join(format!("{name}-{rate}"));
-                let outcomes = run_one(
+                let (outcomes, counts) = run_one(
                     &bins,
                     &w,
                     policy,
@@ -211,7 +226,8 @@ pub async fn run(args: BenchArgs) -> Result<Vec<RunSummary>, BenchError> {
                 )
                 .instrument(span.clone())
                 .await?;
-                let s = report::summarize(&w, name, rate, &outcomes);
+                let mut s = report::summarize(&w, name, rate, &outcomes);
+                s.lora = counts.map(|c| lora_report::summarize(&w, &outcomes, c));
                 span.in_scope(|| {
                     tracing::info!(
                         ok = s.ok,

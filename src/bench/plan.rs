@@ -64,6 +64,44 @@ fn chat(model: &str, messages: serde_json::Value, max_tokens: u32) -> String {
     .to_string()
 }
 
+/// Which adapter holds each popularity rank: the identity, or a seeded permutation drawn
+/// anew every `rotate_every_s` (the popularity shift).
+struct Popularity {
+    n: usize,
+    seed: u64,
+    every: Option<f64>,
+    epoch: Option<u64>,
+    perm: Vec<usize>,
+}
+
+impl Popularity {
+    fn new(n: usize, seed: u64, every: Option<f64>) -> Self {
+        Self {
+            n,
+            seed,
+            every,
+            epoch: None,
+            perm: (0..n).collect(),
+        }
+    }
+
+    fn adapter(&mut self, rank: usize, at: f64) -> usize {
+        let Some(every) = self.every else {
+            return rank;
+        };
+        let epoch = (at / every).floor().max(0.0) as u64;
+        if self.epoch != Some(epoch) {
+            self.epoch = Some(epoch);
+            self.perm = (0..self.n).collect();
+            if epoch > 0 {
+                let mut r = SmallRng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9e37_79b9));
+                self.perm.shuffle(&mut r);
+            }
+        }
+        self.perm[rank]
+    }
+}
+
 /// Generates the requests of one run at `rate` requests per second: Poisson arrivals over
 /// `duration_s`, contents drawn from the workload with its seed (the same for every policy).
 pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
@@ -83,13 +121,32 @@ pub fn plan(w: &Workload, rate: f64) -> Vec<Planned> {
             zipf_exponent,
             prompt,
             output,
+            flash_crowd,
+            rotate_every_s,
+            ..
         } => {
             let names = w.adapters();
             let zipf = Zipf::new(*adapters as f64, *zipf_exponent).expect("validated");
+            let mut popularity = Popularity::new(*adapters, w.seed, *rotate_every_s);
+            // The crowd goes to an adapter from the least popular tenth (never the coldest
+            // by construction of the ranks alone: a seeded pick).
+            let crowd = flash_crowd.map(|f| {
+                let tail = (*adapters / 10).max(1);
+                let k = *adapters - 1 - (w.seed as usize % tail);
+                (f, k)
+            });
             times
                 .into_iter()
                 .map(|at| {
-                    let a = &names[(zipf.sample(&mut rng) as usize).clamp(1, *adapters) - 1];
+                    let rank = (zipf.sample(&mut rng) as usize).clamp(1, *adapters) - 1;
+                    let mut k = popularity.adapter(rank, at);
+                    if let Some((f, ck)) = crowd
+                        && at >= f.at_s
+                        && rng.random_bool(f.share)
+                    {
+                        k = ck;
+                    }
+                    let a = &names[k];
                     let p = prompt.sample(&mut rng);
                     let o = output.sample(&mut rng);
                     Planned {

@@ -25,6 +25,19 @@ pub enum Policy {
     FlowRoundRobin,
     /// Flow control with VTC (token-fair) fairness.
     FlowVtc,
+    /// LoRA baseline (i): every adapter registered on every server (`--lora-modules`), the
+    /// default profile's LoRA affinity.
+    LoraEverywhere,
+    /// LoRA baseline (ii): a static hash partition, each adapter loaded on its 2 rendezvous
+    /// servers before the run.
+    #[serde(rename = "lora-hash-2")]
+    LoraHash2,
+    /// LoRA baseline (iii): demand-proportional homes, loaded lazily by the servers on the
+    /// first request (vLLM's filesystem LoRA resolver; `--lora-placement-mode lazy`), the
+    /// Dynamo approach.
+    LoraLazy,
+    /// Ours: demand-proportional homes the sidecars load before requests go there.
+    LoraPlaced,
 }
 
 impl Policy {
@@ -38,6 +51,10 @@ impl Policy {
             Policy::FlowControl => "flow-control",
             Policy::FlowRoundRobin => "flow-round-robin",
             Policy::FlowVtc => "flow-vtc",
+            Policy::LoraEverywhere => "lora-everywhere",
+            Policy::LoraHash2 => "lora-hash-2",
+            Policy::LoraLazy => "lora-lazy",
+            Policy::LoraPlaced => "lora-placed",
         }
     }
 
@@ -52,6 +69,10 @@ impl Policy {
             Policy::FlowControl,
             Policy::FlowRoundRobin,
             Policy::FlowVtc,
+            Policy::LoraEverywhere,
+            Policy::LoraHash2,
+            Policy::LoraLazy,
+            Policy::LoraPlaced,
         ]
         .into_iter()
         .find(|p| p.name() == s)
@@ -123,7 +144,11 @@ impl Policy {
             | Policy::Default
             | Policy::FlowControl
             | Policy::FlowRoundRobin
-            | Policy::FlowVtc => None,
+            | Policy::FlowVtc
+            | Policy::LoraEverywhere
+            | Policy::LoraHash2
+            | Policy::LoraLazy
+            | Policy::LoraPlaced => None,
             Policy::Random => Some(
                 "kind: EndpointPickerConfig\nplugins:\n- type: random-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: random-picker\n",
             ),
@@ -135,6 +160,31 @@ impl Policy {
             ),
         }
     }
+}
+
+impl Policy {
+    /// How the fleet's servers get their adapters under this policy.
+    pub fn adapters(self) -> AdapterSetup {
+        match self {
+            Policy::LoraHash2 => AdapterSetup::Partition(2),
+            Policy::LoraLazy => AdapterSetup::Resolver,
+            Policy::LoraPlaced => AdapterSetup::Sidecars,
+            _ => AdapterSetup::Everywhere,
+        }
+    }
+}
+
+/// Where the adapters come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterSetup {
+    /// `--lora-modules`: all of them on every server.
+    Everywhere,
+    /// Each on this many rendezvous servers, loaded before the run.
+    Partition(usize),
+    /// None ahead; a server loads an adapter from the shared folder on its first request.
+    Resolver,
+    /// The EPP places them and the sidecars load them.
+    Sidecars,
 }
 
 pub(super) fn all_policies() -> Vec<Policy> {

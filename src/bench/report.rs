@@ -84,6 +84,8 @@ pub struct RunSummary {
     /// Latest departure behind schedule: above a few ms the load generator could not keep up.
     pub max_send_lag: f64,
     pub classes: BTreeMap<String, ClassSummary>,
+    /// LoRA fleet figures (workloads with adapters).
+    pub lora: Option<super::lora_report::LoraSummary>,
 }
 
 pub fn summarize(w: &Workload, policy: &str, rate: f64, outcomes: &[Outcome]) -> RunSummary {
@@ -178,6 +180,7 @@ pub fn summarize(w: &Workload, policy: &str, rate: f64, outcomes: &[Outcome]) ->
         requests_per_server: per_server,
         max_send_lag: outcomes.iter().map(|o| o.lag).fold(0.0, f64::max),
         classes,
+        lora: None,
     }
 }
 
@@ -299,6 +302,7 @@ pub fn markdown(w: &Workload, runs: &[RunSummary]) -> String {
             }
         }
     }
+    s.push_str(&super::lora_report::markdown(runs));
     s
 }
 
@@ -508,6 +512,7 @@ mod tests {
             requests_per_server: BTreeMap::new(),
             max_send_lag: 0.0,
             classes: BTreeMap::new(),
+            lora: None,
         };
         let runs = vec![mk("default", 1.0), mk("default", 2.0)];
         let ttfts: BTreeMap<String, Vec<f64>> = [("default".to_string(), vec![0.01, 0.02])]

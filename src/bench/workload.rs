@@ -44,6 +44,9 @@ pub struct Fleet {
     pub max_num_seqs: usize,
     #[serde(default = "one")]
     pub max_loras: usize,
+    /// vLLM's `--max-cpu-loras` (host-memory adapter cache); default: `max_loras`.
+    #[serde(default)]
+    pub max_cpu_loras: Option<usize>,
     #[serde(default = "default_blocks")]
     pub num_gpu_blocks: u32,
     /// Multiplies every simulated duration (2 = a GPU half as fast), to fit the machine.
@@ -132,6 +135,19 @@ pub struct Class {
     pub output: Lengths,
 }
 
+fn default_ranks() -> Vec<u32> {
+    vec![8]
+}
+
+/// From `at_s` on, `share` of the requests go to one adapter that was among the least
+/// popular.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlashCrowd {
+    pub at_s: f64,
+    pub share: f64,
+}
+
 /// What the clients send.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
@@ -142,6 +158,16 @@ pub enum Traffic {
         zipf_exponent: f64,
         prompt: Lengths,
         output: Lengths,
+        /// LoRA ranks, adapter `i` gets `ranks[i % len]` (its disk read grows with it).
+        #[serde(default = "default_ranks")]
+        ranks: Vec<u32>,
+        /// A cold adapter suddenly takes a share of the traffic.
+        #[serde(default)]
+        flash_crowd: Option<FlashCrowd>,
+        /// Popularity rotates: every this many seconds a new seeded permutation maps
+        /// popularity ranks to adapters.
+        #[serde(default)]
+        rotate_every_s: Option<f64>,
     },
     /// Tenants with long shared system prompts and multi-turn conversations (chat API).
     PrefixHeavy {
@@ -260,12 +286,38 @@ impl Workload {
                 zipf_exponent,
                 prompt,
                 output,
+                ranks,
+                flash_crowd,
+                rotate_every_s,
             } => {
                 if *adapters == 0 || zipf_exponent.is_nan() || *zipf_exponent < 0.0 {
                     return Err(invalid(
                         "traffic.adapters",
                         "needs adapters >= 1 and zipf_exponent >= 0",
                         "set both",
+                    ));
+                }
+                if ranks.is_empty() || ranks.iter().any(|r| *r == 0 || *r > 512) {
+                    return Err(invalid(
+                        "traffic.ranks",
+                        format!("{ranks:?}"),
+                        "list LoRA ranks between 1 and 512",
+                    ));
+                }
+                if let Some(f) = flash_crowd
+                    && !(f.at_s >= 0.0 && f.share > 0.0 && f.share < 1.0)
+                {
+                    return Err(invalid(
+                        "traffic.flash_crowd",
+                        format!("{f:?}"),
+                        "use at_s >= 0 and 0 < share < 1",
+                    ));
+                }
+                if rotate_every_s.is_some_and(|r| !(r > 0.0)) {
+                    return Err(invalid(
+                        "traffic.rotate_every_s",
+                        format!("{rotate_every_s:?}"),
+                        "use a positive period, or leave it out",
                     ));
                 }
                 prompt.validate("traffic.prompt")?;
@@ -330,8 +382,21 @@ impl Workload {
     pub fn adapters(&self) -> Vec<String> {
         match &self.traffic {
             Traffic::MultiLora { adapters, .. } => {
-                (1..=*adapters).map(|i| format!("adapter-{i:02}")).collect()
+                let width = adapters.to_string().len().max(2);
+                (1..=*adapters)
+                    .map(|i| format!("adapter-{i:0width$}"))
+                    .collect()
             }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Each adapter's LoRA rank (same order as [`Workload::adapters`]).
+    pub fn adapter_ranks(&self) -> Vec<u32> {
+        match &self.traffic {
+            Traffic::MultiLora {
+                adapters, ranks, ..
+            } => (0..*adapters).map(|i| ranks[i % ranks.len()]).collect(),
             _ => Vec::new(),
         }
     }

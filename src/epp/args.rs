@@ -163,6 +163,18 @@ pub struct EppArgs {
     /// for active-active replicas, all but one.
     #[arg(long)]
     pub lora_placement_from: Option<String>,
+    /// `load`: the sidecars load each adapter on its homes before requests go there.
+    /// `lazy`: requests go to the homes at once and the servers load on first use (vLLM's
+    /// LoRA resolver plugins; every move costs a request a disk read).
+    #[arg(long, value_enum, default_value_t = PlacementMode::Load)]
+    pub lora_placement_mode: PlacementMode,
+}
+
+/// `--lora-placement-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlacementMode {
+    Load,
+    Lazy,
 }
 
 /// `--unknown-models`.

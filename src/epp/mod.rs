@@ -296,6 +296,10 @@ fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) 
     if args.lora_catalog.is_none() && args.lora_placement_from.is_none() {
         return;
     }
+    shared.fleet.lazy.store(
+        args.lora_placement_mode == args::PlacementMode::Lazy,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let placer = LoraPlacer::new(
         shared.clone(),
         metrics.clone(),

@@ -73,6 +73,7 @@ impl FleetView {
         endpoints: &[&Arc<EndpointHandle>],
         target: Option<&str>,
         placed: Option<&[String]>,
+        lazy: bool,
     ) -> Vec<Candidate<'a>> {
         let now = Instant::now();
         endpoints
@@ -84,6 +85,8 @@ impl FleetView {
                     (Some(_), _) if placed.is_some_and(|p| !p.contains(&h.address)) => {
                         ModelPresence::No
                     }
+                    // Lazy placement: a home loads the adapter on its first request.
+                    (Some(_), _) if placed.is_some() && lazy => ModelPresence::Yes,
                     (Some(_), None) => ModelPresence::Unknown,
                     (Some(t), Some(m)) if m.contains(t) => ModelPresence::Yes,
                     (Some(_), Some(_)) => ModelPresence::No,
@@ -146,7 +149,8 @@ impl ExtProc {
         let view = FleetView::load(&endpoints);
         let is_adapter = view.is_adapter(target);
         let placed = view.placed(&self.shared.fleet, &endpoints, target);
-        let candidates = view.candidates(&endpoints, target, placed.as_deref());
+        let lazy = self.shared.fleet.lazy.load(Ordering::Relaxed);
+        let candidates = view.candidates(&endpoints, target, placed.as_deref(), lazy);
         let prefix = self.prefix(&cfg, target.unwrap_or(""), prompt, &candidates, is_adapter);
         let input = PickInput {
             target: target.unwrap_or(""),

@@ -65,6 +65,10 @@ impl Routed {
 pub struct FleetState {
     pub table: ArcSwapOption<Routed>,
     counters: ArcSwap<Counters>,
+    /// `--lora-placement-mode lazy`: requests go to an adapter's homes whether they list it
+    /// or not (servers with a LoRA resolver load it on the first request; nothing is
+    /// loaded ahead).
+    pub lazy: std::sync::atomic::AtomicBool,
 }
 
 impl FleetState {
@@ -116,6 +120,9 @@ impl FleetState {
     pub fn allowed(&self, id: &str, listed: impl Fn(&str) -> bool) -> Option<Vec<String>> {
         let table = self.table.load();
         let route = table.as_ref()?.route(id)?;
+        if self.lazy.load(Ordering::Relaxed) {
+            return (!route.homes.is_empty()).then(|| route.homes.clone());
+        }
         for set in [&route.homes, &route.draining] {
             let ok: Vec<String> = set.iter().filter(|a| listed(a)).cloned().collect();
             if !ok.is_empty() {

@@ -153,6 +153,8 @@ pub struct EngineCounters {
     pub lora_loads: Vec<f64>,
     /// Loads that had to read the adapter from disk.
     pub lora_disk_loads: u64,
+    /// Loads that copied the adapter from the CPU cache into a GPU slot.
+    pub lora_swaps: u64,
     pub finished: Vec<FinishedStats>,
 }
 
@@ -314,6 +316,12 @@ impl Engine {
         self.tiers.preload(name, rank);
     }
 
+    /// A LoRA resolver registered an adapter on its first request: known, in neither tier
+    /// (the request reads it from disk).
+    pub fn adapter_registered(&mut self, name: &str, rank: Option<u32>) {
+        self.tiers.register(name, rank);
+    }
+
     /// `/v1/unload_lora_adapter` succeeded.
     pub fn adapter_unloaded(&mut self, name: &str) {
         self.tiers.unload(name);
@@ -382,8 +390,10 @@ impl Engine {
                 active.insert(a.clone());
                 let (cost, found) = self.tiers.bring_in(a);
                 load_cost += cost;
-                if found == Residency::Cold {
-                    self.counters.lora_disk_loads += 1;
+                match found {
+                    Residency::Cold => self.counters.lora_disk_loads += 1,
+                    Residency::Cpu => self.counters.lora_swaps += 1,
+                    Residency::Gpu => {}
                 }
             }
             if seq.admitted_at.is_none() {

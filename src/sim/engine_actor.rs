@@ -33,6 +33,14 @@ pub struct AdapterLoaded {
     pub rank: Option<u32>,
 }
 
+/// Fact: a LoRA resolver registered an adapter (not read yet).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdapterRegistered {
+    pub name: String,
+    pub rank: Option<u32>,
+}
+
 /// Fact: `/v1/unload_lora_adapter` forgot an adapter.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -183,6 +191,15 @@ impl Handler<AdapterLoaded> for EngineActor {
 
     fn handle(&mut self, msg: AdapterLoaded, _ctx: &mut Context<Self>) {
         self.engine.adapter_loaded(&msg.name, msg.rank);
+        self.publish();
+    }
+}
+
+impl Handler<AdapterRegistered> for EngineActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AdapterRegistered, _ctx: &mut Context<Self>) {
+        self.engine.adapter_registered(&msg.name, msg.rank);
         self.publish();
     }
 }

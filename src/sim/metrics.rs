@@ -103,6 +103,8 @@ pub struct SimMetrics {
     prefix_queries: u64,
     prefix_hits: u64,
     preemptions: u64,
+    lora_disk_loads: u64,
+    lora_swaps: u64,
     success_length: u64,
     aborted: u64,
     /// `lora_requests_info` series in creation order: (running, waiting) -> last set (unix s).
@@ -262,6 +264,8 @@ impl SimMetrics {
             prefix_queries: 0,
             prefix_hits: 0,
             preemptions: 0,
+            lora_disk_loads: 0,
+            lora_swaps: 0,
             success_length: 0,
             aborted: 0,
             lora_series: Vec::new(),
@@ -288,6 +292,11 @@ impl SimMetrics {
         }
     }
 
+    /// Adapter loads that read from disk, and CPU-to-GPU copies, since start.
+    pub fn lora_counts(&self) -> (u64, u64) {
+        (self.lora_disk_loads, self.lora_swaps)
+    }
+
     /// Folds one step's counters in.
     pub fn record(&mut self, c: EngineCounters) {
         self.prompt_tokens += c.prompt_tokens;
@@ -295,6 +304,8 @@ impl SimMetrics {
         self.prefix_queries += c.prefix_queries;
         self.prefix_hits += c.prefix_hits;
         self.preemptions += c.preemptions;
+        self.lora_disk_loads += c.lora_disk_loads;
+        self.lora_swaps += c.lora_swaps;
         for t in c.iteration_tokens {
             self.observe("vllm:iteration_tokens_total", f64::from(t));
         }

@@ -63,6 +63,11 @@ pub struct SimArgs {
     /// `vllm:lora_adapter_load_seconds` (open vLLM PRs; off by default as in vLLM 0.32).
     #[arg(long)]
     pub lora_residency_metrics: bool,
+    /// vLLM's filesystem LoRA resolver (`VLLM_LORA_RESOLVER_CACHE_DIR` with the
+    /// `lora_filesystem_resolver` plugin): a request for an unknown model `m` with an adapter
+    /// in `<dir>/m` registers it and reads it from disk on that request (lazy loading).
+    #[arg(long, env = "VLLM_LORA_RESOLVER_CACHE_DIR")]
+    pub lora_resolver_dir: Option<std::path::PathBuf>,
     /// Adapters loaded at start: `name=path` or JSON `{"name":..,"path":..}`.
     #[arg(long, num_args = 1..)]
     pub lora_modules: Vec<String>,

@@ -94,6 +94,12 @@ impl LoraTiers {
         self.put_cpu(name);
     }
 
+    /// Registered with its rank, not read (a LoRA resolver's adapter before its first run).
+    pub fn register(&mut self, name: &str, rank: Option<u32>) {
+        self.ranks
+            .insert(name.to_string(), rank.unwrap_or(DEFAULT_RANK));
+    }
+
     /// `/v1/unload_lora_adapter`: the name is forgotten; the memory too on the Rust frontend.
     pub fn unload(&mut self, name: &str) {
         self.ranks.remove(name);

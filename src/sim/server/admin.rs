@@ -49,12 +49,15 @@ pub(super) async fn admin_layer(
 
 pub(super) async fn stats(State(state): State<Arc<SimState>>) -> Json<Value> {
     let a = &state.admin;
+    let (disk_loads, swaps) = state.metrics.lock().expect("metrics lock").lora_counts();
     Json(json!({
         "admin_calls": a.calls.load(Ordering::Relaxed),
         "admin_max_in_flight": a.max_in_flight.load(Ordering::SeqCst),
         "load_attempts": *a.load_attempts.lock().expect("stats lock"),
         "requests_by_model": *a.requests_by_model.lock().expect("stats lock"),
         "adapters": state.registry.lock().expect("registry lock").adapters().len(),
+        "lora_disk_loads": disk_loads,
+        "lora_swaps": swaps,
         "metrics_whole": a.metrics_whole.load(Ordering::Relaxed),
         "metrics_filtered": a.metrics_filtered.load(Ordering::Relaxed),
     }))
@@ -120,8 +123,13 @@ pub(super) async fn load_adapter(State(state): State<Arc<SimState>>, body: Bytes
         .entry(name.clone())
         .or_default()
         .push(now_ms);
-    if state.args.lora_load_latency_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(state.args.lora_load_latency_ms)).await;
+    // A load reads the adapter from disk: at least the rank-scaled read the engine would pay.
+    let read_ms = state.args.lora_disk_ms_per_rank.max(0.0)
+        * f64::from(adapter_rank(&req).unwrap_or(8))
+        * state.args.time_scale.max(0.0);
+    let wait_ms = (state.args.lora_load_latency_ms as f64).max(read_ms);
+    if wait_ms > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(wait_ms / 1000.0)).await;
     }
     let res =
         state
@@ -143,6 +151,14 @@ pub(super) async fn load_adapter(State(state): State<Arc<SimState>>, body: Bytes
         }
         Err(e) => error_response(&e),
     }
+}
+
+/// The rank in the adapter's `adapter_config.json`, when it can be read.
+fn adapter_rank(req: &LoadRequest) -> Option<u32> {
+    let path = std::path::Path::new(req.lora_path.as_deref()?).join("adapter_config.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v.get("r")?.as_u64().and_then(|r| u32::try_from(r).ok())
 }
 
 pub(super) async fn unload_adapter(State(state): State<Arc<SimState>>, body: Bytes) -> Response {

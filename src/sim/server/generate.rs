@@ -48,6 +48,39 @@ impl Drop for AbortGuard {
     }
 }
 
+/// vLLM's filesystem LoRA resolver: registers `<dir>/<model>` when it holds an adapter; the
+/// engine reads it from disk when the request runs.
+fn resolve(state: &SimState, model: &str) -> bool {
+    let Some(dir) = &state.args.lora_resolver_dir else {
+        return false;
+    };
+    // A name is one path component: no `..`, no separators.
+    if model.is_empty() || model.contains('/') || model.contains('\\') || model.starts_with('.') {
+        return false;
+    }
+    let path = dir.join(model);
+    if !path.join("adapter_config.json").is_file() {
+        return false;
+    }
+    let req = crate::sim::lora::LoadRequest {
+        lora_name: Some(model.to_string()),
+        lora_path: Some(path.to_string_lossy().into_owned()),
+        load_inplace: false,
+    };
+    let mut reg = state.registry.lock().expect("registry lock");
+    if reg.load(req, &state.base_names, super::unix_now()).is_err() {
+        return reg.get(model).is_some();
+    }
+    let rank = reg.get(model).and_then(|a| a.rank);
+    state
+        .engine
+        .do_send(crate::sim::engine_actor::AdapterRegistered {
+            name: model.to_string(),
+            rank,
+        });
+    true
+}
+
 pub(super) async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Response {
     let req = match openai::parse_request(api, &body) {
         Ok(r) => r,
@@ -66,6 +99,8 @@ pub(super) async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Res
         .get(&model)
         .is_some()
     {
+        Some(model.clone())
+    } else if resolve(&state, &model) {
         Some(model.clone())
     } else {
         return error_response(&ApiError::model_not_found(&model));
