@@ -1248,7 +1248,7 @@ async fn flow_control_holds_requests_and_dispatches_critical_first() {
 
 /// Held requests in full-duplex mode: one past its TTL gets 503 with a JSON error; one whose
 /// client goes away (a body-less GET here) leaves the queue at once and never reaches a
-/// server.
+/// server; `/v1/models` is answered by the EPP even while the pool is saturated.
 #[tokio::test]
 async fn flow_control_ttl_gives_503_and_a_cancelled_request_never_runs() {
     let cfg = "featureGates: [flowControl]\nsaturationDetector: {runningRequestsThreshold: 1}\nflowControl:\n  defaultRequestTTL: 400ms\n";
@@ -1278,6 +1278,14 @@ async fn flow_control_ttl_gives_503_and_a_cancelled_request_never_runs() {
             .contains("defaultRequestTTL"),
         "{body}"
     );
+    // The model list needs no server: answered at once even now.
+    let r =
+        f.c.get(f.url("/v1/models"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 200);
     // Clients that give up while held: their requests leave the queue at once.
     let gone =
         f.c.post(f.url("/v1/completions"))
@@ -1288,7 +1296,7 @@ async fn flow_control_ttl_gives_503_and_a_cancelled_request_never_runs() {
     assert!(gone.is_err(), "{gone:?}");
     f.wait_held(0.0).await;
     let gone =
-        f.c.get(f.url("/v1/models"))
+        f.c.get(f.url("/version"))
             .timeout(Duration::from_millis(150))
             .send()
             .await;

@@ -255,7 +255,18 @@ async fn adapters_are_placed_by_demand_loaded_before_routing_and_drained_before_
                 return None;
             }
             // The EPP has read the lists too (it re-reads them every 200 ms).
-            (rig.complete("a0").await.0 == 200).then_some(l)
+            let page = try_text(
+                &rig.c,
+                &format!("http://127.0.0.1:{}/metrics", rig.metrics_port),
+            )
+            .await?;
+            let serving = (0..ADAPTERS).filter(|i| *i != 7).all(|i| {
+                let series = format!(
+                    "inferlane_epp_lora_adapter_homes{{adapter_name=\"a{i}\",state=\"serving\"}}"
+                );
+                metric(&page, &series) == Some(1.0)
+            });
+            serving.then_some(l)
         }
     })
     .await;
@@ -263,6 +274,34 @@ async fn adapters_are_placed_by_demand_loaded_before_routing_and_drained_before_
         !listed.contains_key("a7"),
         "ensureNotExist is never placed: {listed:?}"
     );
+    // Through the gateway, /v1/models is the pool's union in OpenAI's format.
+    let r = rig
+        .c
+        .get(format!("http://127.0.0.1:{}/v1/models", rig.envoy.port))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+    let ids: BTreeSet<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    for i in 0..7 {
+        assert!(ids.contains(format!("a{i}").as_str()), "{v}");
+    }
+    assert!(ids.contains("pinned") && ids.contains("meta-llama/Llama-3.1-8B-Instruct"));
+    assert!(!ids.contains("a7"), "{v}");
+    let a0 = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "a0")
+        .unwrap();
+    assert_eq!(a0["parent"], "meta-llama/Llama-3.1-8B-Instruct");
     let t0 = rig.table().await.unwrap();
     assert!(
         homes(&t0).values().all(|s| s.len() == 1),

@@ -145,19 +145,23 @@ impl LoraPlacer {
             return;
         };
         self.tick += 1;
-        // What each server holds: what it was told (homes and drains) and the catalogue
-        // adapters it lists (a restarted decider finds the homes where they are).
+        // What each server holds: what it was told (homes and drains); a server this decider
+        // has told nothing yet (it just started, or the server joined), the catalogue
+        // adapters it lists, so a restarted decider finds the homes where they are. Never
+        // both: an adapter whose drain ended is still listed until its sidecar unloads it,
+        // and taking it for a home then would send requests to a server about to drop it.
         let mut current: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (s, h) in servers {
-            let mut held = self.told.get(&s.id).cloned().unwrap_or_default();
-            if let Some(m) = h.models.load().as_ref() {
-                held.extend(
+            let held = match self.told.get(&s.id) {
+                Some(told) => told.clone(),
+                None => h.models.load().as_ref().map_or_else(BTreeSet::new, |m| {
                     m.adapters
                         .iter()
                         .filter(|a| cat.on_demand.contains_key(*a))
-                        .cloned(),
-                );
-            }
+                        .cloned()
+                        .collect()
+                }),
+            };
             current.insert(s.id.clone(), held);
         }
         if !self.seeded {

@@ -10,6 +10,7 @@
 
 mod admit;
 mod answer;
+mod models;
 mod pick;
 mod prepare;
 pub mod proto;

@@ -5,7 +5,7 @@ use tonic::Status;
 
 use super::proto::{Tx, continue_headers, pass_through, send};
 use super::state::{REWRITE_SLACK, Reject, RequestState};
-use super::{ExtProc, Next};
+use super::{ExtProc, Next, models};
 
 impl ExtProc {
     /// Request headers: read what routing needs. A request without a body is routed now; a
@@ -32,6 +32,11 @@ impl ExtProc {
             }
         }
         if h.end_of_stream {
+            // The pool's model list is the EPP's to give: any one server lists only its own.
+            if models::is_models_path(st.headers.path()) {
+                send(tx, models::models_answer(&self.shared)).await?;
+                return Ok(Next::Done);
+            }
             return self.route(st, tx).await;
         }
         if !st.full_duplex {

@@ -17,7 +17,8 @@ pub enum PairState {
 /// Dropped homes and when they were dropped (placement ticks).
 #[derive(Debug, Clone, Default)]
 pub struct Drains {
-    since: BTreeMap<(String, String), u64>,
+    /// (adapter, server) -> (tick the drain began, tick a home last did not serve).
+    since: BTreeMap<(String, String), (u64, u64)>,
 }
 
 impl Drains {
@@ -36,7 +37,7 @@ impl Drains {
                 if !placed && homes.contains_key(server) {
                     self.since
                         .entry((id.clone(), server.clone()))
-                        .or_insert(tick);
+                        .or_insert((tick, tick));
                 }
             }
         }
@@ -45,9 +46,11 @@ impl Drains {
     }
 
     /// Ends the drains that are over: `idle(id, server)` says nothing runs there for it
-    /// (ours in flight and the server's running and waiting adapters), `ready(id)` that a
-    /// home of it serves (or it has none to wait for). A drain lasts at least `min_ticks`
-    /// (so replicas reading the table stop routing first) and at most `max_ticks`.
+    /// (the server's running and waiting adapters), `ready(id)` that a home of it serves (or
+    /// it has none to wait for). While no home serves, requests still go to where it
+    /// drains, so its clock starts again; a drain lasts at least `min_ticks` after a home
+    /// serves (so requests routed before, and replicas reading the table, are done with it)
+    /// and at most `max_ticks` in all.
     pub fn finish(
         &mut self,
         tick: u64,
@@ -57,9 +60,13 @@ impl Drains {
         ready: impl Fn(&str) -> bool,
     ) -> Vec<(String, String)> {
         let mut done = Vec::new();
-        self.since.retain(|(id, server), since| {
+        self.since.retain(|(id, server), (since, quiet)| {
+            if !ready(id) {
+                *quiet = tick;
+            }
             let age = tick.saturating_sub(*since);
-            let over = age >= max_ticks || (age >= min_ticks && idle(id, server) && ready(id));
+            let calm = tick.saturating_sub(*quiet);
+            let over = age >= max_ticks || (calm >= min_ticks && idle(id, server));
             if over {
                 done.push((id.clone(), server.clone()));
             }
@@ -112,11 +119,13 @@ mod tests {
         assert!(d.is_draining("a", "s1"));
         assert!(!d.is_draining("b", "s1"));
         // Too young, then busy, then the new home not ready: still draining.
-        assert!(d.finish(10, 1, 30, |_, _| true, |_| true).is_empty());
-        assert!(d.finish(11, 1, 30, |_, _| false, |_| true).is_empty());
-        assert!(d.finish(11, 1, 30, |_, _| true, |_| false).is_empty());
+        assert!(d.finish(10, 2, 30, |_, _| true, |_| true).is_empty());
+        assert!(d.finish(12, 2, 30, |_, _| false, |_| true).is_empty());
+        assert!(d.finish(12, 2, 30, |_, _| true, |_| false).is_empty());
+        // The new home serves from tick 13: requests stop going to s1 only then.
+        assert!(d.finish(13, 2, 30, |_, _| true, |_| true).is_empty());
         assert_eq!(
-            d.finish(12, 1, 30, |_, _| true, |_| true),
+            d.finish(14, 2, 30, |_, _| true, |_| true),
             [("a".to_string(), "s1".to_string())]
         );
         assert!(d.is_empty());
