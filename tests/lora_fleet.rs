@@ -150,6 +150,25 @@ impl Rig {
         )
     }
 
+    /// What the EPP drained and the sidecars did, for a failure's message.
+    fn trail(&self) -> String {
+        let mut out = String::new();
+        let epp = self.epp.as_ref().map(|e| e.proc.logs()).unwrap_or_default();
+        for l in epp.lines().filter(|l| l.contains("drained")) {
+            out.push_str(&format!("epp: {l}\n"));
+        }
+        for (i, sc) in self.sidecars.iter().enumerate() {
+            let logs = sc.as_ref().map(|p| p.logs()).unwrap_or_default();
+            for l in logs
+                .lines()
+                .filter(|l| l.contains("done") || l.contains("placement"))
+            {
+                out.push_str(&format!("sidecar {i} ({}): {l}\n", self.sims[i].addr));
+            }
+        }
+        out
+    }
+
     async fn table(&self) -> Option<Value> {
         try_json(
             &self.c,
@@ -227,7 +246,14 @@ fn traffic(
                     if code == 200 {
                         ok.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        failed.lock().unwrap().push(format!("{m}: {code} {body}"));
+                        let t = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                            .as_secs_f64();
+                        failed
+                            .lock()
+                            .unwrap()
+                            .push(format!("{t:.3} {m}: {code} {body}"));
                     }
                 }
             })
@@ -398,10 +424,11 @@ async fn adapters_are_placed_by_demand_loaded_before_routing_and_drained_before_
     let failures = failed.lock().unwrap().clone();
     assert!(
         failures.is_empty(),
-        "{} failed of {}: {:?}",
+        "{} failed of {}: {:?}\nEPP and sidecars:\n{}",
         failures.len(),
         ok.load(Ordering::Relaxed),
-        &failures[..failures.len().min(5)]
+        &failures[..failures.len().min(5)],
+        rig.trail()
     );
     assert!(ok.load(Ordering::Relaxed) > 50);
     let page = try_text(
@@ -465,7 +492,9 @@ async fn an_epp_restart_and_a_sidecar_restart_move_nothing() {
         "a restarted EPP finds the homes where they are"
     );
     assert_eq!(t["moves"], 0, "{t}");
-    // A sidecar restart: it asks for its set and finds it loaded.
+    // A sidecar restart: it asks for its set and finds it loaded: no load at all. (Without
+    // traffic a1's extra homes may meanwhile drain and go: unloads are placement's.)
+    let loads_before = sim_stats(&rig.c, &rig.sims[0]).await["load_attempts"].clone();
     rig.sidecars[0] = None;
     let sc = rig.start_sidecar(0);
     let ready = format!("http://{}/readyz", sc.addr);
@@ -482,17 +511,10 @@ async fn an_epp_restart_and_a_sidecar_restart_move_nothing() {
     })
     .await;
     rig.sidecars[0] = Some(sc);
-    assert_eq!(
-        rig.listed().await,
-        listed_before,
-        "nothing unloaded or moved"
-    );
-    let stats = sim_stats(&rig.c, &rig.sims[0]).await;
-    let loads_before = stats["load_attempts"].clone();
-    tokio::time::sleep(Duration::from_millis(500)).await; // a few reconcile passes
+    tokio::time::sleep(Duration::from_millis(500)).await; // a few reconcile passes (200 ms)
     assert_eq!(
         sim_stats(&rig.c, &rig.sims[0]).await["load_attempts"],
         loads_before,
-        "no reloads"
+        "the restarted sidecar reloaded nothing"
     );
 }

@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use inferlane_epp::fleet::{Catalogue, DEFAULT_RANK, Demand, Drains, Entry, Placer, Server};
+use inferlane_epp::fleet::{
+    Catalogue, DEFAULT_RANK, Demand, Drains, Entry, Homes, Placer, Role, Server,
+};
 use inferlane_sidecar::LoraConfig;
 
 use crate::actors::messages::ConfigChanged;
@@ -50,6 +52,8 @@ pub struct LoraPlacer {
     last_tick: Instant,
     /// What the sidecars were told: server id -> homes and draining adapters.
     told: BTreeMap<String, BTreeSet<String>>,
+    /// The homes of the last table, with their roles.
+    homes: Homes,
     client: reqwest::Client,
     fetching: bool,
 }
@@ -69,6 +73,7 @@ impl LoraPlacer {
             seeded: false,
             last_tick: Instant::now(),
             told: BTreeMap::new(),
+            homes: Homes::new(),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()
@@ -145,20 +150,21 @@ impl LoraPlacer {
             return;
         };
         self.tick += 1;
-        // What each server holds: what it was told (homes and drains); a server this decider
-        // has told nothing yet (it just started, or the server joined), the catalogue
-        // adapters it lists, so a restarted decider finds the homes where they are. Never
-        // both: an adapter whose drain ended is still listed until its sidecar unloads it,
-        // and taking it for a home then would send requests to a server about to drop it.
-        let mut current: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        // What each server holds, and in which role: its homes as last placed (drains are
+        // on their way out); a server this decider has told nothing yet (it just started,
+        // or the server joined), the catalogue adapters it lists, so a restarted decider
+        // finds the homes where they are. Never both: an adapter whose drain ended is still
+        // listed until its sidecar unloads it, and taking it for a home then would send
+        // requests to a server about to drop it.
+        let mut current = Homes::new();
         for (s, h) in servers {
-            let held = match self.told.get(&s.id) {
-                Some(told) => told.clone(),
-                None => h.models.load().as_ref().map_or_else(BTreeSet::new, |m| {
+            let held = match (self.told.contains_key(&s.id), self.homes.get(&s.id)) {
+                (true, homes) => homes.cloned().unwrap_or_default(),
+                (false, _) => h.models.load().as_ref().map_or_else(BTreeMap::new, |m| {
                     m.adapters
                         .iter()
                         .filter(|a| cat.on_demand.contains_key(*a))
-                        .cloned()
+                        .map(|a| (a.clone(), Role::Warm))
                         .collect()
                 }),
             };
@@ -185,17 +191,31 @@ impl LoraPlacer {
                 .and_then(|h| h.models.load_full())
                 .is_some_and(|m| m.adapters.contains(id))
         };
+        let fleet = &self.shared.fleet;
         let idle = |id: &str, server: &str| {
             by_id.get(server).is_none_or(|h| {
-                h.scraped.load().as_ref().is_none_or(|s| {
-                    !s.metrics.running_adapters.iter().any(|a| a == id)
-                        && !s.metrics.waiting_adapters.iter().any(|a| a == id)
-                })
+                fleet.in_flight(id, &h.address) == 0
+                    && h.scraped.load().as_ref().is_none_or(|s| {
+                        !s.metrics.running_adapters.iter().any(|a| a == id)
+                            && !s.metrics.waiting_adapters.iter().any(|a| a == id)
+                    })
+            })
+        };
+        // A home serves once a model list read after it became a home lists the adapter
+        // (a home new this tick does not yet).
+        let previous = self.shared.fleet.table.load_full();
+        let serves = |id: &str, server: &str| {
+            let Some(h) = by_id.get(server) else {
+                return false;
+            };
+            let since = previous.as_ref().and_then(|r| r.placed_at(id, &h.address));
+            h.models.load().as_ref().is_some_and(|m| {
+                m.adapters.contains(id) && since.is_some_and(|s| m.read_at.is_some_and(|r| r >= s))
             })
         };
         let ready = |id: &str| {
             let mut homes = sets.iter().filter(|(_, ids)| ids.contains(id)).peekable();
-            homes.peek().is_none() || homes.any(|(s, _)| lists(id, s))
+            homes.peek().is_none() || homes.any(|(s, _)| serves(id, s))
         };
         let max_ticks = (self.opts.max_drain.as_secs_f64()
             / self.opts.interval.as_secs_f64().max(0.001))
@@ -208,9 +228,13 @@ impl LoraPlacer {
             ready,
         );
         self.metrics.lora_drains.inc_by(ended.len() as u64);
+        for (id, server) in &ended {
+            tracing::info!(adapter = %id, %server, tick = self.tick, "drained; its sidecar unloads it");
+        }
         let table = self.table(&cat, servers, &homes);
         self.count_moves(&table);
         self.publish_homes(&cat, &table, &lists);
+        self.homes = homes;
         self.told = table
             .servers
             .iter()
@@ -220,10 +244,10 @@ impl LoraPlacer {
                 (s.clone(), ids)
             })
             .collect();
-        self.shared
-            .fleet
-            .table
-            .store(Some(Arc::new(Routed::new(table))));
+        self.shared.fleet.table.store(Some(Arc::new(Routed::new(
+            table,
+            self.shared.fleet.table.load().as_deref(),
+        ))));
     }
 
     fn table(
@@ -317,7 +341,10 @@ impl LoraPlacer {
         ctx.spawn(fut.into_actor(self).map(|res, a, _| {
             a.fetching = false;
             match res {
-                Ok(t) => a.shared.fleet.table.store(Some(Arc::new(Routed::new(t)))),
+                Ok(t) => {
+                    let routed = Routed::new(t, a.shared.fleet.table.load().as_deref());
+                    a.shared.fleet.table.store(Some(Arc::new(routed)));
+                }
                 Err(e) => tracing::debug!(error = %e, "placement table not fetched; routing keeps the last one"),
             }
         }));

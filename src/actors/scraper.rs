@@ -377,6 +377,7 @@ impl ScrapeLoop {
     }
 
     async fn scrape_models(&mut self) {
+        let began = Instant::now();
         let res = match self.models.get("/v1/models", self.opts.timeout).await {
             Ok(body) => parse_models(body).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -385,6 +386,7 @@ impl ScrapeLoop {
             Ok(actual) => self.handle.models.store(Some(Arc::new(ServedModels {
                 base: actual.base_models.into_iter().collect(),
                 adapters: actual.adapters.into_keys().collect(),
+                read_at: Some(began),
             }))),
             Err(e) => {
                 tracing::debug!(endpoint = %self.handle.address, error = %e, "model list failed")

@@ -313,7 +313,7 @@ impl Workload {
                         "use at_s >= 0 and 0 < share < 1",
                     ));
                 }
-                if rotate_every_s.is_some_and(|r| !(r > 0.0)) {
+                if rotate_every_s.is_some_and(|r| r.is_nan() || r <= 0.0) {
                     return Err(invalid(
                         "traffic.rotate_every_s",
                         format!("{rotate_every_s:?}"),

@@ -62,9 +62,13 @@ impl FleetView {
     ) -> Option<Vec<String>> {
         let t = target?;
         fleet.allowed(t, |addr| {
-            endpoints.iter().zip(&self.models).any(|(h, m)| {
-                h.address == addr && m.as_ref().is_some_and(|m| m.adapters.contains(t))
-            })
+            endpoints
+                .iter()
+                .zip(&self.models)
+                .find(|(h, _)| h.address == addr)
+                .and_then(|(_, m)| m.as_ref())
+                .filter(|m| m.adapters.contains(t))
+                .and_then(|m| m.read_at)
         })
     }
 
@@ -169,6 +173,7 @@ impl ExtProc {
         self.commit(st, chosen, &prefix.blocks);
         if is_adapter && let Some(t) = target {
             self.shared.fleet.count(t, prompt.len() as u64 / 4);
+            st.adapter_flight = self.shared.fleet.begin(t, &chosen.address);
             self.count_tier(t, view.scraped[picked[0]].as_deref());
         }
         let destination = picked

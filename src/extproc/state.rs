@@ -72,6 +72,8 @@ pub(super) struct RequestState {
     pub(super) model_label: String,
     pub(super) target_label: String,
     pub(super) in_flight: Option<InFlight>,
+    /// Counts the request against its catalogue adapter on its server (drains wait for it).
+    pub(super) adapter_flight: Option<crate::lora_fleet::Flight>,
     pub(super) usage: Option<UsageParser>,
     /// Set for rewritten requests when --restore-model-name is on.
     pub(super) restorer: Option<ModelRestorer>,

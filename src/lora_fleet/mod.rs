@@ -3,8 +3,9 @@
 pub mod wire;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
@@ -30,13 +31,26 @@ pub struct Route {
 pub struct Routed {
     pub table: Table,
     routes: HashMap<String, Route>,
+    /// When each home (adapter, address) first appeared in a table here: only a model list
+    /// read after that shows its sidecar has loaded it (an older list may show a copy
+    /// that was being unloaded).
+    placed_at: HashMap<(String, String), Instant>,
 }
 
 impl Routed {
-    pub fn new(table: Table) -> Self {
+    /// Routes of `table`; homes also in `before` keep their placement time.
+    pub fn new(table: Table, before: Option<&Routed>) -> Self {
+        let now = Instant::now();
         let mut routes: HashMap<String, Route> = HashMap::new();
+        let mut placed_at = HashMap::new();
         for part in table.servers.values() {
             for id in part.homes.keys() {
+                let key = (id.clone(), part.address.clone());
+                let at = before
+                    .and_then(|b| b.placed_at.get(&key))
+                    .copied()
+                    .unwrap_or(now);
+                placed_at.insert(key, at);
                 routes
                     .entry(id.clone())
                     .or_default()
@@ -51,7 +65,18 @@ impl Routed {
                     .push(part.address.clone());
             }
         }
-        Self { table, routes }
+        Self {
+            table,
+            routes,
+            placed_at,
+        }
+    }
+
+    /// When `address` became a home of `id`, if it is one.
+    pub fn placed_at(&self, id: &str, address: &str) -> Option<Instant> {
+        self.placed_at
+            .get(&(id.to_string(), address.to_string()))
+            .copied()
     }
 
     pub fn route(&self, id: &str) -> Option<&Route> {
@@ -69,6 +94,32 @@ pub struct FleetState {
     /// or not (servers with a LoRA resolver load it on the first request; nothing is
     /// loaded ahead).
     pub lazy: std::sync::atomic::AtomicBool,
+    /// Our requests in flight per (catalogue adapter, server address): a drain ends only
+    /// when none is left, including those still on their way to the server.
+    flights: Arc<Mutex<HashMap<(String, String), u32>>>,
+}
+
+/// One request in flight for a catalogue adapter on a server; counted down when dropped.
+pub struct Flight {
+    key: Option<(String, String)>,
+    flights: Arc<Mutex<HashMap<(String, String), u32>>>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut m = self
+                .flights
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = m.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 impl FleetState {
@@ -79,6 +130,35 @@ impl FleetState {
             r.fetch_add(1, Ordering::Relaxed);
             t.fetch_add(prompt_tokens, Ordering::Relaxed);
         }
+    }
+
+    /// A request for `id` sent to `address`, if `id` is a catalogue adapter (the map's keys
+    /// are bounded by the catalogue and the pool).
+    pub fn begin(&self, id: &str, address: &str) -> Option<Flight> {
+        if !self.counters.load().by_id.contains_key(id) {
+            return None;
+        }
+        let key = (id.to_string(), address.to_string());
+        *self
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default() += 1;
+        Some(Flight {
+            key: Some(key),
+            flights: self.flights.clone(),
+        })
+    }
+
+    /// Our requests for `id` in flight on `address`.
+    pub fn in_flight(&self, id: &str, address: &str) -> u32 {
+        self.flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(id.to_string(), address.to_string()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Sets which adapters are counted (the catalogue changed); counts so far are kept.
@@ -113,23 +193,37 @@ impl FleetState {
             .collect()
     }
 
-    /// The addresses a request for `id` may go to, of those `listed` says serve it: its
-    /// homes that list it, else (a new home still loading) where it drains; `None` when
-    /// placement says nothing about it or none of them lists it yet (route as without
-    /// placement: to any server that lists it).
-    pub fn allowed(&self, id: &str, listed: impl Fn(&str) -> bool) -> Option<Vec<String>> {
+    /// The addresses a request for `id` may go to: its homes whose model list, read after
+    /// they became homes, lists it (`listed` gives when the list was read, if it lists
+    /// it), else (a new home still loading) where it drains; `None` when placement says
+    /// nothing about it or none of them lists it yet (route as without placement: to any
+    /// server that lists it).
+    pub fn allowed(
+        &self,
+        id: &str,
+        listed: impl Fn(&str) -> Option<Instant>,
+    ) -> Option<Vec<String>> {
         let table = self.table.load();
-        let route = table.as_ref()?.route(id)?;
+        let routed = table.as_ref()?;
+        let route = routed.route(id)?;
         if self.lazy.load(Ordering::Relaxed) {
             return (!route.homes.is_empty()).then(|| route.homes.clone());
         }
-        for set in [&route.homes, &route.draining] {
-            let ok: Vec<String> = set.iter().filter(|a| listed(a)).cloned().collect();
-            if !ok.is_empty() {
-                return Some(ok);
-            }
+        let loaded = |a: &String| {
+            let since = routed.placed_at.get(&(id.to_string(), a.clone()));
+            listed(a).is_some_and(|read| since.is_none_or(|s| read >= *s))
+        };
+        let homes: Vec<String> = route.homes.iter().filter(|a| loaded(a)).cloned().collect();
+        if !homes.is_empty() {
+            return Some(homes);
         }
-        None
+        let draining: Vec<String> = route
+            .draining
+            .iter()
+            .filter(|a| listed(a).is_some())
+            .cloned()
+            .collect();
+        (!draining.is_empty()).then_some(draining)
     }
 }
 
@@ -157,15 +251,27 @@ mod tests {
             .insert("a".into(), Role::Hot);
         t.servers.get_mut("s1").unwrap().draining.insert("a".into());
         let f = FleetState::default();
-        f.table.store(Some(Arc::new(Routed::new(t))));
+        let before = Instant::now();
+        f.table.store(Some(Arc::new(Routed::new(t, None))));
+        let after = Instant::now();
+        let read = |at: Instant| move |_: &str| Some(at);
         // The new home has not loaded it: the old one serves until it has.
         assert_eq!(
-            f.allowed("a", |a| a == "10.0.0.1:8000"),
+            f.allowed("a", |a| (a == "10.0.0.1:8000").then_some(after)),
             Some(vec!["10.0.0.1:8000".into()])
         );
-        assert_eq!(f.allowed("a", |_| true), Some(vec!["10.0.0.2:8000".into()]));
-        assert_eq!(f.allowed("a", |_| false), None);
-        assert_eq!(f.allowed("b", |_| true), None);
+        assert_eq!(
+            f.allowed("a", read(after)),
+            Some(vec!["10.0.0.2:8000".into()])
+        );
+        // A list read before it became a home says nothing about it (an unload may have
+        // raced it): the drained home serves until a newer read.
+        assert_eq!(
+            f.allowed("a", read(before)),
+            Some(vec!["10.0.0.1:8000".into()])
+        );
+        assert_eq!(f.allowed("a", |_| None), None);
+        assert_eq!(f.allowed("b", read(after)), None);
     }
 
     #[test]
@@ -178,5 +284,13 @@ mod tests {
         f.count("client-made-up", 1);
         assert_eq!(f.take_counts(), vec![("a".to_string(), 2, 15)]);
         assert!(f.take_counts().is_empty());
+        let one = f.begin("a", "s1");
+        let two = f.begin("a", "s1");
+        assert!(f.begin("client-made-up", "s1").is_none());
+        assert_eq!(f.in_flight("a", "s1"), 2);
+        drop(one);
+        assert_eq!(f.in_flight("a", "s1"), 1);
+        drop(two);
+        assert_eq!(f.in_flight("a", "s1"), 0);
     }
 }

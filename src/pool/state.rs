@@ -33,6 +33,9 @@ pub struct Scraped {
 pub struct ServedModels {
     pub base: HashSet<String>,
     pub adapters: HashSet<String>,
+    /// When the read that produced this list began (a home placed after it is not known
+    /// to be loaded by it).
+    pub read_at: Option<Instant>,
 }
 
 impl ServedModels {

@@ -1,6 +1,6 @@
 //! Homes per adapter: replicas proportional to demand over the fleet's GPU slots, sticky slot-aware rendezvous homes, hysteresis before scale-down.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::{Catalogue, Homes, Role, Server};
 use crate::affinity::{endpoint_key, weight};
@@ -10,15 +10,15 @@ use crate::affinity::{endpoint_key, weight};
 pub struct Params {
     /// Demand (request-equivalents per second) below which an adapter is idle.
     pub min_demand: f64,
-    /// Ticks an adapter's smaller share must last before it loses a home or a role.
-    pub scale_down_ticks: u32,
+    /// Ticks a new decider keeps every home it found, while it measures demand.
+    pub grace_ticks: u32,
 }
 
 impl Default for Params {
     fn default() -> Self {
         Self {
             min_demand: 0.05,
-            scale_down_ticks: 3,
+            grace_ticks: 5,
         }
     }
 }
@@ -30,13 +30,15 @@ struct Want {
     replicas: u32,
 }
 
-/// Places adapters tick after tick; keeps what hysteresis needs.
+/// Places adapters tick after tick. Placement is a function of demand and what the servers
+/// hold; hysteresis comes from the demand itself ([`super::Demand`] rises fast and falls
+/// slowly) and from homes staying where they are.
 #[derive(Debug, Clone, Default)]
 pub struct Placer {
     pub params: Params,
-    last: BTreeMap<String, Want>,
-    /// Ticks each adapter has wanted less than it holds.
-    lower_for: BTreeMap<String, u32>,
+    /// What a new decider found, kept for `grace` more ticks.
+    found: BTreeMap<String, Want>,
+    grace: u32,
 }
 
 /// GPU-slot homes for the busiest adapters (`demand` sorted, busiest first): each its share
@@ -81,32 +83,37 @@ impl Placer {
         }
     }
 
-    /// Starts from what the servers hold (a restarted or new decider): each adapter is taken
-    /// to want the homes it has, so nothing moves before its demand has been measured for
-    /// `scale_down_ticks`.
-    pub fn seed(&mut self, current: &BTreeMap<String, BTreeSet<String>>) {
+    /// Starts from what the servers hold (a restarted or new decider): for `grace_ticks`
+    /// each adapter keeps at least the homes it has, so nothing moves before its demand
+    /// has been measured.
+    pub fn seed(&mut self, current: &Homes) {
         let mut count: BTreeMap<&str, u32> = BTreeMap::new();
         for ids in current.values() {
-            for id in ids {
+            for id in ids.keys() {
                 *count.entry(id).or_default() += 1;
             }
         }
-        for (id, n) in count {
-            let role = if n > 1 { Role::Hot } else { Role::Warm };
-            self.last.insert(id.to_string(), Want { role, replicas: n });
-        }
+        self.found = count
+            .into_iter()
+            .map(|(id, n)| {
+                let role = if n > 1 { Role::Hot } else { Role::Warm };
+                (id.to_string(), Want { role, replicas: n })
+            })
+            .collect();
+        self.grace = self.params.grace_ticks;
     }
 
-    /// This tick's homes. `current` is what each server holds now (last tick's homes and
-    /// what it lists): homes stay where they are unless a budget or a smaller share moves
-    /// them. Budgets per server: hot homes <= `gpu_slots`; hot and warm homes <=
-    /// `cpu_slots` less the pinned adapters; cold homes are registrations and take no slot.
+    /// This tick's homes. `current` is what each server holds now and in which role (last
+    /// tick's homes): homes stay where they are, in their role, unless a budget or a
+    /// smaller share moves them. Budgets per server: hot homes <=
+    /// `gpu_slots`; hot and warm homes <= `cpu_slots` less the pinned adapters; cold homes
+    /// are registrations and take no slot.
     pub fn place(
         &mut self,
         cat: &Catalogue,
         servers: &[Server],
         demand: &BTreeMap<String, f64>,
-        current: &BTreeMap<String, BTreeSet<String>>,
+        current: &Homes,
     ) -> Homes {
         let mut homes: Homes = servers
             .iter()
@@ -116,8 +123,12 @@ impl Placer {
             return homes;
         }
         let wants = self.wants(cat, servers, demand);
+        self.grace = self.grace.saturating_sub(1);
+        if self.grace == 0 {
+            self.found.clear();
+        }
         let mut budget = Budget::new(servers, cat.pinned.len() as u32);
-        // Hot adapters choose first, then warm, then cold; busiest first within each.
+        // Busiest first within a role.
         let mut order: Vec<(&String, Want)> = wants.iter().map(|(id, w)| (id, *w)).collect();
         order.sort_by(|a, b| {
             b.1.role
@@ -125,32 +136,36 @@ impl Placer {
                 .then(demand_of(demand, b.0).total_cmp(&demand_of(demand, a.0)))
                 .then(a.0.cmp(b.0))
         });
-        let mut got: BTreeMap<String, Want> = BTreeMap::new();
-        for (id, want) in order {
-            let placed = budget.assign(id, want, servers, current);
-            for (s, role) in &placed {
-                homes
-                    .get_mut(&servers[*s].id)
-                    .map(|h| h.insert(id.clone(), *role));
+        // Role by role, hot first: every adapter of the role keeps the homes it has, then
+        // takes new ones; a busier adapter taking a new home never pushes a quieter one of
+        // its role out of a home it has.
+        for role in [Role::Hot, Role::Warm, Role::Cold] {
+            let mine: Vec<usize> = (0..order.len())
+                .filter(|&i| order[i].1.role == role)
+                .collect();
+            let mut placed: Vec<Vec<(usize, Role)>> = mine
+                .iter()
+                .map(|&i| budget.keep(order[i].0, order[i].1, servers, current))
+                .collect();
+            for (&i, p) in mine.iter().zip(placed.iter_mut()) {
+                budget.add(order[i].0, order[i].1, servers, p);
             }
-            let best = placed.iter().map(|p| p.1).max().unwrap_or(Role::Cold);
-            got.insert(
-                id.clone(),
-                Want {
-                    role: best,
-                    replicas: placed.len() as u32,
-                },
-            );
+            for (&i, p) in mine.iter().zip(placed) {
+                for (s, r) in p {
+                    if let Some(h) = homes.get_mut(&servers[s].id) {
+                        h.insert(order[i].0.clone(), r);
+                    }
+                }
+            }
         }
-        self.last = got;
         homes
     }
 
-    /// Role and home count per adapter, before budgets: proportional shares of the GPU slots
-    /// for the busiest, a cache entry for the next, one registration for the rest; a smaller
-    /// want than last tick waits `scale_down_ticks`.
+    /// Role and home count per adapter: proportional shares of the GPU slots for the
+    /// busiest, a cache entry for the next, one registration for the rest (at least what a
+    /// new decider found, during its grace).
     fn wants(
-        &mut self,
+        &self,
         cat: &Catalogue,
         servers: &[Server],
         demand: &BTreeMap<String, f64>,
@@ -198,29 +213,10 @@ impl Placer {
                     replicas: 1,
                 }
             };
-            wants.insert(id.to_string(), self.damped(id, want));
+            let found = self.found.get(*id).copied().unwrap_or(want);
+            wants.insert(id.to_string(), want.max(found));
         }
-        self.lower_for.retain(|id, _| wants.contains_key(id));
         wants
-    }
-
-    /// Scale up at once; keep the larger want until a smaller one has lasted long enough.
-    fn damped(&mut self, id: &str, want: Want) -> Want {
-        let Some(&last) = self.last.get(id) else {
-            return want;
-        };
-        if want >= last {
-            self.lower_for.remove(id);
-            return want;
-        }
-        let n = self.lower_for.entry(id.to_string()).or_insert(0);
-        *n += 1;
-        if *n > self.params.scale_down_ticks {
-            self.lower_for.remove(id);
-            want
-        } else {
-            last
-        }
     }
 }
 
@@ -266,44 +262,74 @@ impl Budget {
         }
     }
 
-    /// `want.replicas` homes for `id`, servers holding it first, then by rendezvous weight;
-    /// a home the role's budget cannot take is offered the next role down. Every adapter
-    /// gets at least one home (cold takes no slot).
-    fn assign(
+    /// The homes `id` keeps where it has them (its best roles first, then rendezvous
+    /// weight), as many as it wants, each in its old role or the wanted one if lower.
+    /// Staying beats moving: a hot home without a GPU slot left stays cached, a single home
+    /// without a cache entry stays registered.
+    fn keep(
         &mut self,
         id: &str,
         want: Want,
         servers: &[Server],
-        current: &BTreeMap<String, BTreeSet<String>>,
+        current: &Homes,
     ) -> Vec<(usize, Role)> {
         let key = endpoint_key(id);
-        let mut order: Vec<usize> = (0..servers.len()).collect();
-        let holds = |s: usize| current.get(&servers[s].id).is_some_and(|h| h.contains(id));
-        order.sort_by_key(|&s| {
+        let prev = |s: usize| current.get(&servers[s].id).and_then(|h| h.get(id)).copied();
+        let mut holders: Vec<(usize, Role)> = (0..servers.len())
+            .filter_map(|s| prev(s).map(|r| (s, r)))
+            .collect();
+        holders.sort_by_key(|&(s, r)| {
             (
-                std::cmp::Reverse(holds(s)),
+                std::cmp::Reverse(r),
                 std::cmp::Reverse(weight(key, servers[s].key)),
             )
         });
-        // One home, not hot, already held somewhere: it stays, cached if there is room, else
-        // registered only (moving it for a cache entry would cost a load elsewhere).
-        if want.role <= Role::Warm
-            && want.replicas == 1
-            && let Some(&s) = order.first().filter(|&&s| holds(s))
-        {
-            let role = if self.fits(s, want.role) {
-                want.role
-            } else {
+        let mut placed = Vec::new();
+        for (s, was) in holders {
+            if placed.len() as u32 >= want.replicas {
+                break;
+            }
+            let role = was.min(want.role);
+            let role = if self.fits(s, role) {
+                role
+            } else if role == Role::Hot && self.fits(s, Role::Warm) {
+                Role::Warm
+            } else if want.role <= Role::Warm && want.replicas == 1 && placed.is_empty() {
                 Role::Cold
+            } else {
+                continue;
             };
             self.take(s, role);
-            return vec![(s, role)];
+            placed.push((s, role));
         }
-        let mut placed: Vec<(usize, Role)> = Vec::new();
+        placed
+    }
+
+    /// Kept homes move up to the wanted role where the budget allows, then new homes up to
+    /// `want.replicas` by rendezvous weight; a home the role's budget cannot take is
+    /// offered the next role down. Every adapter ends with at least one home (one cold
+    /// home, which takes no slot).
+    fn add(&mut self, id: &str, want: Want, servers: &[Server], placed: &mut Vec<(usize, Role)>) {
+        for p in placed.iter_mut() {
+            if p.1 < want.role {
+                self.release(p.0, p.1);
+                let role = if self.fits(p.0, want.role) {
+                    want.role
+                } else {
+                    p.1
+                };
+                self.take(p.0, role);
+                p.1 = role;
+            }
+        }
+        let key = endpoint_key(id);
+        let mut order: Vec<usize> = (0..servers.len()).collect();
+        order.sort_by_key(|&s| std::cmp::Reverse(weight(key, servers[s].key)));
         let mut role = want.role;
         loop {
+            let room = if role == Role::Cold { 1 } else { want.replicas };
             for &s in &order {
-                if placed.len() as u32 >= want.replicas {
+                if placed.len() as u32 >= room {
                     break;
                 }
                 if !placed.iter().any(|p| p.0 == s) && self.fits(s, role) {
@@ -320,7 +346,15 @@ impl Budget {
                 _ => break,
             };
         }
-        placed
+    }
+
+    fn release(&mut self, s: usize, role: Role) {
+        if role == Role::Hot {
+            self.hot[s] += 1;
+        }
+        if role >= Role::Warm {
+            self.warm[s] += 1;
+        }
     }
 }
 

@@ -98,9 +98,8 @@ pub(super) async fn generate(state: Arc<SimState>, api: Api, body: Bytes) -> Res
         .expect("registry lock")
         .get(&model)
         .is_some()
+        || resolve(&state, &model)
     {
-        Some(model.clone())
-    } else if resolve(&state, &model) {
         Some(model.clone())
     } else {
         return error_response(&ApiError::model_not_found(&model));
