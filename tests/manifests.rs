@@ -810,3 +810,72 @@ fn our_pods_run_with_seccomp_and_the_epp_admits_only_the_gateway() {
         "{epp_policies} {server_policies}"
     );
 }
+
+/// The LoRA fleet components: the EPP mounts the pool's adapters ConfigMap and reads it as
+/// its catalogue, the sidecars' service account may read /lora/v1/placement, and each sidecar
+/// asks the EPP's Service by its pod name.
+#[test]
+fn lora_fleet_components_wire_the_epp_and_the_sidecars() {
+    let dir = with_provider(
+        "vllm-llama3-8b-instruct",
+        "inferencepool/components/lora-fleet",
+        &same,
+    );
+    let objs = kustomize(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let epp = objs
+        .iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("the EPP");
+    let spec = &epp["spec"]["template"]["spec"];
+    let args: Vec<&str> = spec["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.contains(&"--lora-catalog=/lora/configmap.yaml"),
+        "{args:?}"
+    );
+    let vol = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "lora-catalog")
+        .unwrap();
+    assert_eq!(
+        vol["configMap"]["name"], "vllm-llama3-8b-instruct-adapters",
+        "the ConfigMap deploy/vllm ships"
+    );
+    let role = objs
+        .iter()
+        .find(|o| {
+            o["kind"] == "ClusterRole"
+                && o["metadata"]["name"] == "vllm-llama3-8b-instruct-lora-placement"
+        })
+        .expect("the placement reader role");
+    assert_eq!(role["rules"][0]["nonResourceURLs"][0], "/lora/v1/placement");
+    // The model servers' side.
+    let side = deploy().join(".test-vllm-lora-fleet");
+    std::fs::create_dir_all(&side).unwrap();
+    std::fs::write(
+        side.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n- ../vllm\ncomponents:\n- ../vllm/components/lora-fleet\n",
+    )
+    .unwrap();
+    let objs = kustomize(&side);
+    let _ = std::fs::remove_dir_all(&side);
+    let vllm = find(&objs, "Deployment");
+    let sidecar = &vllm["spec"]["template"]["spec"]["initContainers"][0];
+    let args = sidecar["args"].to_string();
+    assert!(
+        args.contains("--placement-url=http://vllm-llama3-8b-instruct-epp:9090/lora/v1/placement"),
+        "{args}"
+    );
+    let env = sidecar["env"].to_string();
+    assert!(
+        env.contains("POD_NAME") && env.contains("metadata.name"),
+        "{env}"
+    );
+}
