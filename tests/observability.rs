@@ -265,11 +265,26 @@ async fn a_real_prometheus_scrapes_every_component_and_every_dashboard_query_has
         ),
     )
     .unwrap();
+    // LoRA placement on, with one catalogue adapter (placed, never loaded: no sidecar
+    // follows) for the LoRA fleet row.
+    let catalogue = dir.path().join("catalogue.yaml");
+    std::fs::write(
+        &catalogue,
+        format!(
+            "vLLMLoRAConfig:\n  onDemand:\n    models:\n    - id: tenant-c\n      source: {}\n",
+            adapter(dir.path(), "tenant-c", 8)
+        ),
+    )
+    .unwrap();
     let epp = spawn_epp(
         &pool,
         &[
             "--config-text",
             "featureGates: [flowControl]\nsaturationDetector: {runningRequestsThreshold: 1}\n",
+            "--lora-catalog",
+            catalogue.to_str().unwrap(),
+            "--lora-placement-interval",
+            "300ms",
         ],
         dir.path(),
     );

@@ -26,6 +26,19 @@ pub struct AdapterErrorLabels {
     pub error: String,
 }
 
+/// One load, reload or unload call and how it ended (`success`, `failure`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: String,
+    pub result: String,
+}
+
+fn operation_histogram() -> Histogram {
+    Histogram::new([
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
@@ -42,6 +55,8 @@ pub struct SidecarMetrics {
     pub adapter_last_error: Family<AdapterErrorLabels, Gauge>,
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_duration: Histogram,
+    /// Load/unload calls and their duration (the count is the calls).
+    pub adapter_operation_duration: Family<OperationLabels, Histogram, fn() -> Histogram>,
     pub reconcile_in_progress: Gauge,
     pub config_valid: Gauge,
     pub config_generation: Gauge,
@@ -67,6 +82,7 @@ impl SidecarMetrics {
             reconcile_duration: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
             ]),
+            adapter_operation_duration: Family::new_with_constructor(operation_histogram),
             reconcile_in_progress: Gauge::default(),
             config_valid: Gauge::default(),
             config_generation: Gauge::default(),
@@ -107,6 +123,11 @@ impl SidecarMetrics {
             "lora_syncer_reconcile_duration_seconds",
             "Duration of reconcile passes",
             m.reconcile_duration.clone(),
+        );
+        r.register(
+            "lora_syncer_adapter_operation_duration_seconds",
+            "Load, reload and unload calls to vLLM by result, and how long each took",
+            m.adapter_operation_duration.clone(),
         );
         r.register(
             "lora_syncer_reconcile_in_progress",

@@ -198,13 +198,24 @@ impl Reconciler {
         self.set_healthy(true);
         let mut all_ok = report.deferred.is_empty();
         let now = Instant::now();
-        for (op, outcome) in &report.results {
+        for (i, (op, outcome)) in report.results.iter().enumerate() {
             let id = op.id().to_string();
             let operation = match op {
                 AdapterOp::Load { inplace: true, .. } => "reload",
                 AdapterOp::Load { .. } => "load",
                 AdapterOp::Unload { .. } => "unload",
             };
+            let result = match outcome {
+                Outcome::Done | Outcome::AlreadySo => "success",
+                _ => "failure",
+            };
+            self.metrics
+                .adapter_operation_duration
+                .get_or_create(&metrics::OperationLabels {
+                    operation: operation.into(),
+                    result: result.into(),
+                })
+                .observe(report.durations.get(i).copied().unwrap_or(0.0));
             match outcome {
                 Outcome::Done | Outcome::AlreadySo => {
                     if let Some(r) = self.retries.remove(&id) {

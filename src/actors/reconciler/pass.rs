@@ -40,6 +40,8 @@ pub enum ReconcileError {
 /// Result of one pass, computed off the actor and applied back on it.
 pub(super) struct PassReport {
     pub(super) results: Vec<(AdapterOp, Outcome)>,
+    /// Seconds each of `results` took (same order).
+    pub(super) durations: Vec<f64>,
     pub(super) actual_after: Actual,
     pub(super) deferred: Vec<String>,
 }
@@ -74,31 +76,35 @@ pub(super) async fn run_pass(
         tracing::debug!(adapters = actual.adapters.len(), "in sync");
         return Ok(PassReport {
             results: Vec::new(),
+            durations: Vec::new(),
             actual_after: actual,
             deferred,
         });
     }
-    let results: Vec<(AdapterOp, Outcome)> = futures::stream::iter(ops.into_iter().map(|op| {
-        let client = client.clone();
-        let base = base.clone();
-        async move {
-            // A source vLLM must not be asked to fetch never reaches it.
-            if let AdapterOp::Load { source, .. } = &op
-                && let Err(e) = opts.allowed_sources.check(source)
-            {
-                let outcome = Outcome::AdapterFailed {
-                    status: 403,
-                    message: e.to_string(),
-                };
-                return (op, outcome);
+    let timed: Vec<((AdapterOp, Outcome), f64)> =
+        futures::stream::iter(ops.into_iter().map(|op| {
+            let client = client.clone();
+            let base = base.clone();
+            async move {
+                // A source vLLM must not be asked to fetch never reaches it.
+                if let AdapterOp::Load { source, .. } = &op
+                    && let Err(e) = opts.allowed_sources.check(source)
+                {
+                    let outcome = Outcome::AdapterFailed {
+                        status: 403,
+                        message: e.to_string(),
+                    };
+                    return ((op, outcome), 0.0);
+                }
+                let started = std::time::Instant::now();
+                let outcome = execute(&client, &base, &op).await;
+                ((op, outcome), started.elapsed().as_secs_f64())
             }
-            let outcome = execute(&client, &base, &op).await;
-            (op, outcome)
-        }
-    }))
-    .buffer_unordered(opts.max_concurrent_ops.max(1))
-    .collect()
-    .await;
+        }))
+        .buffer_unordered(opts.max_concurrent_ops.max(1))
+        .collect()
+        .await;
+    let (results, durations): (Vec<(AdapterOp, Outcome)>, Vec<f64>) = timed.into_iter().unzip();
     let mut actual_after = actual.clone();
     let mut results = results;
     for (op, outcome) in &results {
@@ -149,6 +155,7 @@ pub(super) async fn run_pass(
     }
     Ok(PassReport {
         results,
+        durations,
         actual_after,
         deferred,
     })
