@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv-vllm/bin/python ] && [ -d .real-vllm/tiny-llama ] || scripts/real-vllm-setup.sh
-cargo build --locked --bin lora-sidecar
+cargo build --locked --bin lora-sidecar --bin epp
+scripts/install-envoy.sh >/dev/null
 R=$PWD/.real-vllm
 PORT=${PORT:-18123}
 BASE=http://127.0.0.1:$PORT
@@ -62,4 +63,52 @@ cfg "a2:a2 big:too-big" "a1:a1" | write_cfg
 sleep 2
 check "bad adapter does not block others" "$(ids)" "a2"
 grep -q 'LoRA rank 16' "$R/sidecar.log" && echo "PASS rank error surfaced in logs" || { echo "FAIL rank error not in logs"; fail=1; }
+
+# LoRA fleet placement on real vLLM (docs/lora-fleet.md): a1 and a2 in the catalogue, nothing
+# pinned. The EPP places both on the one server (one home each, no demand) and the sidecar
+# loads them; demand does not change a one-server pool's homes, so the moves are driven by the
+# catalogue: a2 leaves it (drained, then unloaded), comes back (loaded before it is routed).
+kill "${pids[-1]}" 2>/dev/null || true
+cat_cfg() { printf 'vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: %s\n  onDemand:\n    models:\n' "$PORT"
+  for pair in $1; do printf '    - id: %s\n      source: %s\n' "${pair%%:*}" "$R/${pair#*:}"; done; }
+cat_cfg "a1:a1 a2:a2" | write_cfg
+printf 'pool: {name: real}\nendpoints:\n- address: 127.0.0.1:%s\n' "$PORT" > "$R/pool.yaml"
+target/debug/epp --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
+  --pool-name real --pool-file "$R/pool.yaml" --lora-catalog "$R/config/configmap.yaml" \
+  --lora-placement-interval 500ms > "$R/epp.out" 2> "$R/epp.log" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q EPP_LISTENING "$R/epp.out" && break; sleep 0.1; done
+EPP=$(grep EPP_LISTENING "$R/epp.out")
+EPP_GRPC=$(echo "$EPP" | sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p')
+EPP_METRICS=$(echo "$EPP" | sed -n 's/.*metrics=\([^ ]*\).*/\1/p')
+target/debug/lora-sidecar --config "$R/config/configmap.yaml" --metrics-host 127.0.0.1 --metrics-port 0 \
+  --reconcile-trigger 1s --placement-url "http://$EPP_METRICS/lora/v1/placement" \
+  --placement-server "127.0.0.1:$PORT" --placement-interval 500ms > "$R/sidecar2.out" 2> "$R/sidecar2.log" &
+pids+=($!)
+sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP_GRPC/; s/\${BODY_MODE}/BUFFERED/; s/\${TRAILER_MODE}/SKIP/; s/\${FAILURE_MODE_ALLOW}/false/" \
+  deploy/envoy/envoy-epp.yaml.tmpl > "$R/envoy.yaml"
+.venv/bin/envoy -c "$R/envoy.yaml" --use-dynamic-base-id --concurrency 1 -l warning \
+  --admin-address-path "$R/envoy.admin" > "$R/envoy.log" 2>&1 &
+pids+=($!)
+GW=""
+for _ in $(seq 1 100); do
+  [ -s "$R/envoy.admin" ] && GW=$(curl -s "http://$(cat "$R/envoy.admin")/listeners?format=json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])' 2>/dev/null || true)
+  [ -n "$GW" ] && break; sleep 0.1
+done
+# The EPP routes to a home once a model list it read after placing there lists the adapter.
+wait_serving() { for _ in $(seq 1 100); do curl -s "http://$EPP_METRICS/metrics" | grep -q "inferlane_epp_lora_adapter_homes{adapter_name=\"$1\",state=\"serving\"} 1" && return; sleep 0.1; done; }
+wait_ids "a1,a2" "placement: both catalogue adapters loaded"
+wait_serving a1; wait_serving a2
+failed=0
+send() { for m in "$@"; do c=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/v1/completions" \
+  -H 'content-type: application/json' -d "{\"model\":\"$m\",\"prompt\":\"hi\",\"max_tokens\":2}"); [ "$c" = 200 ] || failed=$((failed+1)); done; }
+for _ in $(seq 1 10); do send a1 a2; done
+cat_cfg "a1:a1" | write_cfg; wait_ids "a1" "placement: a2 out of the catalogue, drained and unloaded"
+for _ in $(seq 1 10); do send a1; done
+cat_cfg "a1:a1 a2:a2" | write_cfg; wait_ids "a1,a2" "placement: a2 back, loaded"
+wait_serving a2
+for _ in $(seq 1 10); do send a1 a2; done
+check "placement: no failed request through the gateway" "$failed" "0"
+check "placement: /v1/models through the gateway lists both" \
+  "$(curl -s "http://127.0.0.1:$GW/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))')" "a1,a2"
 exit $fail

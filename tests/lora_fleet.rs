@@ -518,3 +518,81 @@ async fn an_epp_restart_and_a_sidecar_restart_move_nothing() {
         "the restarted sidecar reloaded nothing"
     );
 }
+
+/// A follower replica (`--lora-placement-from`) routes by the decider's table: the same
+/// homes, and its requests go only where the decider placed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_replica_routes_by_the_deciders_table() {
+    let rig = Rig::start().await;
+    let pool = rig.dir.path().join("pool.yaml");
+    let from = format!("http://127.0.0.1:{}/lora/v1/placement", rig.metrics_port);
+    let follower = spawn_epp(
+        &pool,
+        &[
+            "--lora-placement-from",
+            &from,
+            "--lora-placement-interval",
+            "250ms",
+        ],
+        rig.dir.path(),
+    );
+    let envoy = spawn_envoy_for(&follower, rig.dir.path()).await;
+    let mine = format!("http://{}/lora/v1/placement", follower.metrics);
+    let table = wait_for("the follower to copy a complete table", T, || {
+        let (c, mine, rig) = (rig.c.clone(), mine.clone(), &rig);
+        async move {
+            let theirs = rig.table().await?;
+            let ours = try_json(&c, &mine).await?;
+            let complete = homes(&theirs).len() == ADAPTERS - 1;
+            (complete && homes(&ours) == homes(&theirs) && ours["tick"] == theirs["tick"])
+                .then_some(ours)
+        }
+    })
+    .await;
+    // Wait until every home has loaded, then requests through the follower go only there.
+    let h = homes(&table);
+    wait_for("every home loaded", T, || {
+        let (rig, h) = (&rig, h.clone());
+        async move {
+            let l = rig.listed().await;
+            h.iter()
+                .all(|(id, s)| l.get(id).is_some_and(|ls| s.is_subset(ls)))
+                .then_some(())
+        }
+    })
+    .await;
+    let before: Vec<_> = {
+        let mut v = Vec::new();
+        for s in &rig.sims {
+            v.push(
+                sim_requests(&rig.c, s)
+                    .await
+                    .get("a3")
+                    .copied()
+                    .unwrap_or(0),
+            );
+        }
+        v
+    };
+    for _ in 0..10 {
+        let r = rig
+            .c
+            .post(format!("http://127.0.0.1:{}/v1/completions", envoy.port))
+            .json(&json!({"model": "a3", "prompt": "hi", "max_tokens": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for (i, s) in rig.sims.iter().enumerate() {
+        let n = sim_requests(&rig.c, s)
+            .await
+            .get("a3")
+            .copied()
+            .unwrap_or(0)
+            - before[i];
+        if !h["a3"].contains(&s.addr) {
+            assert_eq!(n, 0, "{} is not a home of a3 but served {n}", s.addr);
+        }
+    }
+}
