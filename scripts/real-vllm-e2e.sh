@@ -67,10 +67,11 @@ grep -q 'LoRA rank 16' "$R/sidecar.log" && echo "PASS rank error surfaced in log
 # LoRA fleet placement on real vLLM (docs/lora-fleet.md): a1 and a2 in the catalogue, nothing
 # pinned. The EPP places both on the one server (one home each, no demand) and the sidecar
 # loads them; demand does not change a one-server pool's homes, so the moves are driven by the
-# catalogue: a2 leaves it (drained, then unloaded), comes back (loaded before it is routed).
+# ConfigMap: a2 moves to ensureNotExist (unloaded), comes back (loaded before it is routed).
 kill "${pids[-1]}" 2>/dev/null || true
 cat_cfg() { printf 'vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: %s\n  onDemand:\n    models:\n' "$PORT"
-  for pair in $1; do printf '    - id: %s\n      source: %s\n' "${pair%%:*}" "$R/${pair#*:}"; done; }
+  for pair in $1; do printf '    - id: %s\n      source: %s\n' "${pair%%:*}" "$R/${pair#*:}"; done
+  printf '  ensureNotExist:\n'; list "${2:-}"; }
 cat_cfg "a1:a1 a2:a2" | write_cfg
 printf 'pool: {name: real}\nendpoints:\n- address: 127.0.0.1:%s\n' "$PORT" > "$R/pool.yaml"
 target/debug/epp --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
@@ -103,7 +104,7 @@ failed=0
 send() { for m in "$@"; do c=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/v1/completions" \
   -H 'content-type: application/json' -d "{\"model\":\"$m\",\"prompt\":\"hi\",\"max_tokens\":2}"); [ "$c" = 200 ] || failed=$((failed+1)); done; }
 for _ in $(seq 1 10); do send a1 a2; done
-cat_cfg "a1:a1" | write_cfg; wait_ids "a1" "placement: a2 out of the catalogue, drained and unloaded"
+cat_cfg "a1:a1 a2:a2" "a2:a2" | write_cfg; wait_ids "a1" "placement: a2 to ensureNotExist, unloaded"
 for _ in $(seq 1 10); do send a1; done
 cat_cfg "a1:a1 a2:a2" | write_cfg; wait_ids "a1,a2" "placement: a2 back, loaded"
 wait_serving a2
