@@ -9,8 +9,11 @@ use super::fleet::{Binaries, Epp, FleetError, Proc, SimFleet, poll, spawn, write
 use super::policy::{AdapterSetup, Policy};
 use super::workload::Workload;
 
-/// The sidecars' ConfigMap: every adapter of the workload on demand, with its rank.
+/// The sidecars' ConfigMap: every adapter of the workload on demand, with its rank (sources
+/// are absolute paths: the sidecar refuses relative ones).
 pub fn catalogue_yaml(w: &Workload, adapters_dir: &Path, port: u16) -> String {
+    let adapters_dir =
+        std::path::absolute(adapters_dir).unwrap_or_else(|_| adapters_dir.to_path_buf());
     let mut s =
         format!("vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: {port}\n  onDemand:\n    models:\n");
     for (n, r) in w.adapters().iter().zip(w.adapter_ranks()) {

@@ -173,10 +173,7 @@ impl Placer {
         let n = servers.len() as u32;
         let gpu: u32 = servers.iter().map(|s| s.gpu_slots).sum();
         let pinned = cat.pinned.len() as u32;
-        let warm_cap: u32 = servers
-            .iter()
-            .map(|s| s.cpu_slots.max(s.gpu_slots).saturating_sub(pinned))
-            .sum();
+        let warm_cap: u32 = servers.iter().map(|s| cache_room(s, pinned)).sum();
         let mut ids: Vec<(&str, f64, u32)> = cat
             .placeable()
             .map(|e| (e.id.as_str(), demand_of(demand, &e.id), e.rank))
@@ -194,6 +191,13 @@ impl Placer {
         );
         let hot = shares.len();
         let mut warm_left = warm_cap.saturating_sub(shares.iter().sum());
+        // After the hot ones, the cache goes to the adapters whose disk reads cost the most
+        // per second: demand x rank.
+        ids[hot..active].sort_by(|a, b| {
+            (b.1 * f64::from(b.2))
+                .total_cmp(&(a.1 * f64::from(a.2)))
+                .then(a.0.cmp(b.0))
+        });
         let mut wants = BTreeMap::new();
         for (i, (id, _, _)) in ids.iter().enumerate() {
             let want = if i < hot {
@@ -220,6 +224,14 @@ impl Placer {
     }
 }
 
+/// Cache entries placement may give out on a server: its cache less the pinned adapters and
+/// an eighth left free, so requests for registered-only adapters pass through its LRU
+/// without pushing out the adapters placed there.
+fn cache_room(s: &Server, pinned: u32) -> u32 {
+    let cache = s.cpu_slots.max(s.gpu_slots);
+    cache.saturating_sub(pinned).saturating_sub(cache / 8)
+}
+
 fn demand_of(demand: &BTreeMap<String, f64>, id: &str) -> f64 {
     demand
         .get(id)
@@ -238,10 +250,7 @@ impl Budget {
     fn new(servers: &[Server], pinned: u32) -> Self {
         Self {
             hot: servers.iter().map(|s| s.gpu_slots).collect(),
-            warm: servers
-                .iter()
-                .map(|s| s.cpu_slots.max(s.gpu_slots).saturating_sub(pinned))
-                .collect(),
+            warm: servers.iter().map(|s| cache_room(s, pinned)).collect(),
         }
     }
 
