@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-envoy.sh >/dev/null
-cargo build --release --locked --bin route-bench --bin epp --bin vllm-sim 2>&1 | tail -1
+cargo build --release --locked --bin route-bench --bin epp --bin vllm-sim --bin lora-sidecar 2>&1 | tail -1
 if [ $# -eq 0 ] || [[ "$1" == --* ]]; then
   set -- bench/workloads/multi-lora.yaml bench/workloads/prefix-heavy.yaml \
     bench/workloads/mixed-criticality.yaml bench/workloads/mixed-criticality-priority.yaml \
