@@ -14,14 +14,6 @@ use serde_json::{Value, json};
 const T: Duration = Duration::from_secs(30);
 const ADAPTERS: usize = 8;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The sidecars' ConfigMap: one pinned adapter, one never, the rest on demand.
 fn catalogue(port: u16, dir: &Path) -> String {
     let mut s = format!(

@@ -154,14 +154,6 @@ fn dashboard_exprs() -> Vec<(String, String)> {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Prometheus {
     _proc: Proc,
     url: String,

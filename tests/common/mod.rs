@@ -330,6 +330,15 @@ pub fn spawn_sidecar_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) 
     )
 }
 
+/// A loopback port free right now (for a process that must be restarted on the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The port of an `ip:port` address.
 pub fn port_of(addr: &str) -> u16 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
