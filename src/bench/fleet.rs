@@ -300,7 +300,7 @@ pub async fn start_epp(
     w: &Workload,
     policy: Policy,
     fleet: &SimFleet,
-    follow: Option<&str>,
+    extra: Vec<String>,
     dir: &Path,
 ) -> Result<Epp, FleetError> {
     let addrs = &fleet.addrs;
@@ -335,7 +335,8 @@ pub async fn start_epp(
         args.push("--config-file".into());
         args.push(p.display().to_string());
     }
-    args.extend(super::lora::epp_args(w, policy, fleet, follow, dir)?);
+    // LoRA placement's flags (bench/lora.rs), for the policies that place.
+    args.extend(extra);
     let log = dir.join("epp.log");
     let mut child = spawn(
         "EPP",

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::driver::Outcome;
 use super::lora::EngineCounts;
-use super::report::{RunSummary, percentile};
+use super::stats::{percentile, sorted};
 use super::workload::{Traffic, Workload};
 
 /// LoRA figures of one run.
@@ -51,12 +51,6 @@ pub fn crowd_adapter(w: &Workload) -> Option<(String, f64)> {
     let tail = (*adapters / 10).max(1);
     let k = *adapters - 1 - (w.seed as usize % tail);
     w.adapters().get(k).map(|n| (n.clone(), f.at_s))
-}
-
-fn sorted(v: impl Iterator<Item = f64>) -> Vec<f64> {
-    let mut v: Vec<f64> = v.collect();
-    v.sort_by(f64::total_cmp);
-    v
 }
 
 pub fn summarize(w: &Workload, outcomes: &[Outcome], engine: EngineCounts) -> LoraSummary {
@@ -119,16 +113,25 @@ fn ms(v: Option<f64>) -> String {
     v.map(|x| format!("{:.0}", x * 1e3)).unwrap_or("-".into())
 }
 
+/// One run's row of the LoRA table.
+pub struct Row<'a> {
+    pub rate: f64,
+    pub policy: &'a str,
+    pub ttft_p90: Option<f64>,
+    pub output_tokens_per_s: f64,
+    pub lora: &'a LoraSummary,
+}
+
 /// The LoRA table for runs that have figures.
-pub fn markdown(runs: &[RunSummary]) -> String {
-    if runs.iter().all(|r| r.lora.is_none()) {
+pub fn markdown(runs: &[Row<'_>]) -> String {
+    if runs.is_empty() {
         return String::new();
     }
     let mut s = String::from(
         "\n| rate | policy | TTFT p90 (ms) | adapters' p90, tail decile (ms) | output tok/s | disk loads (/min) | GPU copies | moves | 404 | crowd: steady p90 (ms), back within 2x after (s) |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
-        let Some(l) = &r.lora else { continue };
+        let l = r.lora;
         let crowd = l.crowd.as_ref().map_or("-".to_string(), |c| {
             format!(
                 "{}, {}",

@@ -8,6 +8,7 @@ pub mod lora_report;
 pub mod plan;
 pub mod policy;
 pub mod report;
+pub mod stats;
 pub mod workload;
 
 use std::collections::BTreeMap;
@@ -151,7 +152,8 @@ async fn run_one(
             let follow = epps
                 .first()
                 .map(|e| format!("http://{}/lora/v1/placement", e.metrics));
-            epps.push(fleet::start_epp(bins, w, policy, &fleet, follow.as_deref(), &d).await?);
+            let extra = lora::epp_args(w, policy, &fleet, follow.as_deref(), &d)?;
+            epps.push(fleet::start_epp(bins, w, policy, &fleet, extra, &d).await?);
         }
     }
     let lora = lora::prepare(bins, w, policy, &fleet, epps.first(), dir).await?;

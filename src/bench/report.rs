@@ -25,20 +25,7 @@ fn write(path: &Path, text: &str) -> Result<(), ReportError> {
     })
 }
 
-/// Nearest-rank percentile of sorted values.
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-fn sorted(v: impl Iterator<Item = f64>) -> Vec<f64> {
-    let mut v: Vec<f64> = v.collect();
-    v.sort_by(f64::total_cmp);
-    v
-}
+use super::stats::{percentile, sorted};
 
 /// Per-class figures (criticality for mixed workloads).
 #[derive(Debug, Clone, Serialize)]
@@ -302,7 +289,19 @@ pub fn markdown(w: &Workload, runs: &[RunSummary]) -> String {
             }
         }
     }
-    s.push_str(&super::lora_report::markdown(runs));
+    let rows: Vec<super::lora_report::Row<'_>> = runs
+        .iter()
+        .filter_map(|r| {
+            r.lora.as_ref().map(|lora| super::lora_report::Row {
+                rate: r.rate,
+                policy: &r.policy,
+                ttft_p90: r.ttft_p90,
+                output_tokens_per_s: r.output_tokens_per_s,
+                lora,
+            })
+        })
+        .collect();
+    s.push_str(&super::lora_report::markdown(&rows));
     s
 }
 

@@ -68,7 +68,7 @@ fn resolve(state: &SimState, model: &str) -> bool {
         load_inplace: false,
     };
     let mut reg = state.registry.lock().expect("registry lock");
-    if reg.load(req, &state.base_names, super::unix_now()).is_err() {
+    if reg.load(req, &state.base_names, unix_now()).is_err() {
         return reg.get(model).is_some();
     }
     let rank = reg.get(model).and_then(|a| a.rank);
