@@ -2,18 +2,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
-
-/// Where an (adapter, server) pair stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PairState {
-    /// A home: routable once the server lists it.
-    Home,
-    /// Dropped by placement: no new requests; unloaded once drained.
-    Draining,
-}
-
 /// Dropped homes and when they were dropped (placement ticks).
 #[derive(Debug, Clone, Default)]
 pub struct Drains {

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 pub use demand::Demand;
-pub use drain::{Drains, PairState};
+pub use drain::Drains;
 pub use place::{Params, Placer};
 
 /// Rank assumed for an adapter whose catalogue entry gives none (vLLM's common default).
