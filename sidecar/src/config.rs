@@ -132,6 +132,18 @@ pub struct LoraConfig {
     /// in `ensureExist` (already everywhere) or `ensureNotExist` (never, it always wins) are
     /// left out.
     pub on_demand: Vec<AdapterSpec>,
+    /// Under placement: which versioned names ([`crate::version`]) of catalogue adapters
+    /// stay; any other version the server holds is unloaded. `None` outside placement.
+    pub versions: Option<Versions>,
+}
+
+/// The versions of catalogue adapters a server keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Versions {
+    /// Catalogue ids whose versioned names are managed.
+    pub ids: std::collections::BTreeSet<String>,
+    /// Served names kept loaded: placed here, or draining (still serving requests).
+    pub keep: std::collections::BTreeSet<String>,
 }
 
 impl LoraConfig {
@@ -355,6 +367,7 @@ pub fn parse(text: &str, validate: bool) -> Result<LoraConfig, ConfigError> {
         ensure_not_exist: keep(ensure_not_exist),
         ensure_exist: keep(ensure_exist),
         conflicts,
+        versions: None,
     })
 }
 

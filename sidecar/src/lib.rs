@@ -6,6 +6,7 @@ pub mod models;
 pub mod placed;
 pub mod plan;
 pub mod source;
+pub mod version;
 
 pub use classify::{Outcome, classify_load, classify_unload};
 pub use config::{AdapterSpec, ConfigError, LoraConfig, Problem, parse};

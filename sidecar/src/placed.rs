@@ -2,64 +2,121 @@
 
 use std::collections::BTreeSet;
 
-use crate::config::LoraConfig;
+use crate::config::{AdapterSpec, LoraConfig, Versions};
+use crate::version::served_name;
 
-/// The config the reconciler works to: `ensureExist` plus the catalogue adapters in `placed`,
-/// `ensureNotExist` plus the catalogue adapters not in it. Sources come from this sidecar's
-/// own catalogue: the EPP names adapters, it cannot make the sidecar load anything the
-/// ConfigMap does not list. With `placed` unknown (the EPP not heard from yet) catalogue
-/// adapters are left as they are.
+/// The config the reconciler works to: `ensureExist` plus the catalogue adapters in `placed`
+/// (served names: [`crate::version`]), each under its versioned name; versions of catalogue
+/// adapters neither placed nor draining here, and copies under the plain id, are unloaded.
+/// Sources come from this sidecar's own catalogue: the EPP names adapters, it cannot make the
+/// sidecar load anything the ConfigMap does not list (a version this ConfigMap does not have
+/// yet waits for kubelet to bring it). With `placed` unknown (the EPP not heard from yet)
+/// catalogue adapters are left as they are.
 pub fn merge(base: &LoraConfig, placed: Option<&BTreeSet<String>>) -> LoraConfig {
     let mut c = base.clone();
     let Some(placed) = placed else {
         return c;
     };
     for a in &base.on_demand {
-        if placed.contains(&a.id) {
-            c.ensure_exist.push(a.clone());
-        } else {
-            c.ensure_not_exist.push(a.clone());
+        let served = served_name(&a.id, &a.source);
+        if placed.contains(&served) {
+            c.ensure_exist.push(AdapterSpec {
+                id: served,
+                ..a.clone()
+            });
         }
+        c.ensure_not_exist.push(a.clone());
     }
+    c.versions = Some(Versions {
+        ids: base.on_demand.iter().map(|a| a.id.clone()).collect(),
+        keep: placed.clone(),
+    });
     c
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{Actual, AdapterOp, plan};
+    use crate::plan::{Actual, AdapterOp, apply, plan};
 
     const CFG: &str = "vLLMLoRAConfig:\n  ensureExist:\n    models:\n    - id: pin\n      source: /a/pin\n  ensureNotExist:\n    models:\n    - id: bad\n      source: /a/bad\n  onDemand:\n    models:\n    - id: x\n      source: /a/x\n    - id: y\n      source: /a/y\n    - id: bad\n      source: /a/bad\n";
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
 
     #[test]
     fn placed_adapters_load_others_unload_and_the_epp_cannot_add_any() {
         let base = crate::parse(CFG, true).unwrap();
-        let placed: BTreeSet<String> = ["x", "bad", "/etc/passwd"].map(String::from).into();
+        let (x, y) = (served_name("x", "/a/x"), served_name("y", "/a/y"));
+        let bad = served_name("bad", "/a/bad");
+        let placed = set(&[&x, &bad, "/etc/passwd", "bad"]);
         let c = merge(&base, Some(&placed));
         let mut actual = Actual::default();
-        actual.adapters.insert("y".into(), "/a/y".into());
-        actual.adapters.insert("bad".into(), "/a/bad".into());
-        actual.adapters.insert("other".into(), "/o".into());
+        for (id, src) in [
+            (y.as_str(), "/a/y"),
+            ("bad", "/a/bad"),
+            ("other", "/o"),
+            ("x", "/a/x"),
+        ] {
+            actual.adapters.insert(id.to_string(), src.into());
+        }
         let ops = plan(&c, &actual);
         assert!(ops.contains(&AdapterOp::Load {
-            id: "x".into(),
+            id: x.clone(),
             source: "/a/x".into(),
             inplace: false
         }));
-        assert!(ops.contains(&AdapterOp::Unload { id: "y".into() }));
+        assert!(ops.contains(&AdapterOp::Unload { id: y.clone() }));
         assert!(
             ops.contains(&AdapterOp::Unload { id: "bad".into() }),
             "ensureNotExist wins"
         );
         assert!(
+            ops.contains(&AdapterOp::Unload { id: "x".into() }),
+            "a copy under the plain id (loaded before versions) goes"
+        );
+        assert!(
             ops.iter()
-                .all(|o| o.id() != "other" && o.id() != "/etc/passwd")
+                .all(|o| o.id() != "other" && o.id() != "/etc/passwd" && o.id() != bad)
         );
         // Not heard from the EPP: catalogue adapters are left alone.
         let ops = plan(&merge(&base, None), &actual);
-        assert!(
-            ops.iter().all(|o| o.id() != "y" && o.id() != "x"),
-            "{ops:?}"
+        assert!(ops.iter().all(|o| o.id() != y && o.id() != x), "{ops:?}");
+    }
+
+    #[test]
+    fn a_new_source_loads_beside_the_old_which_stays_while_draining() {
+        let v1 = crate::parse(CFG, true).unwrap();
+        let v2 = crate::parse(
+            &CFG.replace("/a/x\n    - id: y", "/a/x2\n    - id: y"),
+            true,
+        )
+        .unwrap();
+        let (old, new) = (served_name("x", "/a/x"), served_name("x", "/a/x2"));
+        let mut actual = Actual::default();
+        actual.adapters.insert("pin".into(), "/a/pin".into());
+        actual.adapters.insert(old.clone(), "/a/x".into());
+        // The EPP places the new version and drains the old one: both stay.
+        let both = set(&[&new, &old]);
+        let ops = plan(&merge(&v2, Some(&both)), &actual);
+        assert_eq!(
+            ops,
+            vec![AdapterOp::Load {
+                id: new.clone(),
+                source: "/a/x2".into(),
+                inplace: false
+            }]
         );
+        let actual = apply(&actual, &ops);
+        // The drain ended: the old version unloads; nothing reloads in place.
+        let ops = plan(&merge(&v2, Some(&set(&[&new]))), &actual);
+        assert_eq!(ops, vec![AdapterOp::Unload { id: old.clone() }]);
+        // This sidecar's ConfigMap lags the EPP's: it cannot load the new version, keeps
+        // the old one the EPP still drains, and loads nothing it was not given a source for.
+        let mut actual = Actual::default();
+        actual.adapters.insert("pin".into(), "/a/pin".into());
+        actual.adapters.insert(old.clone(), "/a/x".into());
+        assert!(plan(&merge(&v1, Some(&both)), &actual).is_empty());
     }
 }

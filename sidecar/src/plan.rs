@@ -60,6 +60,17 @@ pub fn plan(config: &LoraConfig, actual: &Actual) -> Vec<AdapterOp> {
             ops.push(AdapterOp::Unload { id: a.id.clone() });
         }
     }
+    if let Some(v) = &config.versions {
+        let wanted = config.desired();
+        for name in actual.adapters.keys() {
+            let stale = crate::version::id_of(name).is_some_and(|id| v.ids.contains(id))
+                && !v.keep.contains(name)
+                && !wanted.contains_key(name.as_str());
+            if stale && !ops.iter().any(|o| o.id() == name) {
+                ops.push(AdapterOp::Unload { id: name.clone() });
+            }
+        }
+    }
     ops
 }
 
@@ -110,6 +121,7 @@ mod tests {
             ensure_exist: exist,
             ensure_not_exist: not_exist,
             conflicts: vec![],
+            versions: None,
         }
     }
 

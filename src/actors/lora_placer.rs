@@ -156,17 +156,30 @@ impl LoraPlacer {
         // finds the homes where they are. Never both: an adapter whose drain ended is still
         // listed until its sidecar unloads it, and taking it for a home then would send
         // requests to a server about to drop it.
+        // A server told nothing yet was told, as far as drains go, every version it lists:
+        // what this decider does not keep there drains before its sidecar unloads it.
         let mut current = Homes::new();
+        let mut told = self.told.clone();
         for (s, h) in servers {
             let held = match (self.told.contains_key(&s.id), self.homes.get(&s.id)) {
                 (true, homes) => homes.cloned().unwrap_or_default(),
-                (false, _) => h.models.load().as_ref().map_or_else(BTreeMap::new, |m| {
-                    m.adapters
-                        .iter()
-                        .filter(|a| cat.on_demand.contains_key(*a))
-                        .map(|a| (a.clone(), Role::Warm))
-                        .collect()
-                }),
+                (false, _) => {
+                    let models = h.models.load_full();
+                    let listed: Vec<(String, String)> =
+                        models.as_ref().map_or_else(Vec::new, |m| {
+                            m.adapters
+                                .iter()
+                                .filter_map(|a| {
+                                    catalogue_id(&cat, a).map(|id| (id.to_string(), a.clone()))
+                                })
+                                .collect()
+                        });
+                    told.insert(
+                        s.id.clone(),
+                        listed.iter().map(|(_, a)| a.clone()).collect(),
+                    );
+                    listed.into_iter().map(|(id, _)| (id, Role::Warm)).collect()
+                }
             };
             current.insert(s.id.clone(), held);
         }
@@ -178,11 +191,13 @@ impl LoraPlacer {
         let homes = self
             .placer
             .place(&cat, &plain, self.demand.rates(), &current);
+        let served = |id: &str| cat.on_demand.get(id).map(|e| e.served.clone());
+        // Served names per server: a new version is a new name, so the old one drains.
         let sets: BTreeMap<String, BTreeSet<String>> = homes
             .iter()
-            .map(|(s, m)| (s.clone(), m.keys().cloned().collect()))
+            .map(|(s, m)| (s.clone(), m.keys().filter_map(|id| served(id)).collect()))
             .collect();
-        self.drains.update(self.tick, &self.told, &sets);
+        self.drains.update(self.tick, &told, &sets);
         let by_id: BTreeMap<&str, &Arc<EndpointHandle>> =
             servers.iter().map(|(s, h)| (s.id.as_str(), h)).collect();
         let lists = |id: &str, server: &str| {
@@ -213,9 +228,13 @@ impl LoraPlacer {
                 m.adapters.contains(id) && since.is_some_and(|s| m.read_at.is_some_and(|r| r >= s))
             })
         };
-        let ready = |id: &str| {
-            let mut homes = sets.iter().filter(|(_, ids)| ids.contains(id)).peekable();
-            homes.peek().is_none() || homes.any(|(s, _)| serves(id, s))
+        // A drain ends once a home serves the adapter's current version (or it has none).
+        let ready = |name: &str| {
+            let Some(cur) = catalogue_id(&cat, name).and_then(served) else {
+                return true;
+            };
+            let mut homes = sets.iter().filter(|(_, n)| n.contains(&cur)).peekable();
+            homes.peek().is_none() || homes.any(|(s, _)| serves(&cur, s))
         };
         let max_ticks = (self.opts.max_drain.as_secs_f64()
             / self.opts.interval.as_secs_f64().max(0.001))
@@ -231,17 +250,17 @@ impl LoraPlacer {
         for (id, server) in &ended {
             tracing::info!(adapter = %id, %server, tick = self.tick, "drained; its sidecar unloads it");
         }
-        let table = self.table(&cat, servers, &homes);
-        self.count_moves(&table);
+        let table = self.table(&cat, servers, &homes, previous.as_deref());
+        self.count_moves(&table, &sets);
         self.publish_homes(&cat, &table, &lists);
         self.homes = homes;
         self.told = table
             .servers
             .iter()
             .map(|(s, p)| {
-                let mut ids: BTreeSet<String> = p.homes.keys().cloned().collect();
-                ids.extend(p.draining.iter().cloned());
-                (s.clone(), ids)
+                let mut names = sets.get(s).cloned().unwrap_or_default();
+                names.extend(p.draining.iter().cloned());
+                (s.clone(), names)
             })
             .collect();
         self.shared.fleet.table.store(Some(Arc::new(Routed::new(
@@ -255,6 +274,7 @@ impl LoraPlacer {
         cat: &Catalogue,
         servers: &[(Server, Arc<EndpointHandle>)],
         homes: &inferlane_epp::fleet::Homes,
+        previous: Option<&Routed>,
     ) -> Table {
         let draining = self.drains.by_server();
         let mut t = Table {
@@ -272,9 +292,16 @@ impl LoraPlacer {
                     .map(|ids| ids.iter().map(|i| i.to_string()).collect())
                     .unwrap_or_default(),
             };
-            for id in part.homes.keys().chain(part.draining.iter()) {
+            for id in part.homes.keys() {
                 if let Some(e) = cat.on_demand.get(id) {
-                    t.sources.insert(id.clone(), e.source.clone());
+                    t.served.insert(id.clone(), e.served.clone());
+                    t.sources.insert(e.served.clone(), e.source.clone());
+                }
+            }
+            // A replaced version's source is no longer in the catalogue: the last table's.
+            for name in &part.draining {
+                if let Some(src) = previous.and_then(|p| p.table.sources.get(name)) {
+                    t.sources.insert(name.clone(), src.clone());
                 }
             }
             t.servers.insert(s.id.clone(), part);
@@ -282,11 +309,12 @@ impl LoraPlacer {
         t
     }
 
-    fn count_moves(&mut self, table: &Table) {
+    fn count_moves(&mut self, table: &Table, sets: &BTreeMap<String, BTreeSet<String>>) {
         let mut moved = 0u64;
+        let none = BTreeSet::new();
         for (s, p) in &table.servers {
             let before = self.told.get(s);
-            let now: BTreeSet<&String> = p.homes.keys().collect();
+            let now: BTreeSet<&String> = sets.get(s).unwrap_or(&none).iter().collect();
             moved += now
                 .iter()
                 .filter(|id| before.is_none_or(|b| !b.contains(**id)))
@@ -311,7 +339,8 @@ impl LoraPlacer {
                 .filter(|(_, p)| p.homes.contains_key(id))
                 .map(|(s, _)| s)
                 .collect();
-            let serving = homes.iter().filter(|s| lists(id, s)).count();
+            let name = table.served.get(id).map_or(id.as_str(), String::as_str);
+            let serving = homes.iter().filter(|s| lists(name, s)).count();
             for (state, n) in [("desired", homes.len()), ("serving", serving)] {
                 self.metrics
                     .lora_homes
@@ -351,19 +380,37 @@ impl LoraPlacer {
     }
 }
 
-/// The catalogue placement decides about, from the sidecars' ConfigMap.
-pub fn catalogue(cfg: &LoraConfig) -> Catalogue {
+/// The catalogue id `name` (a served name, or a plain id) is a version of, if any.
+fn catalogue_id<'a>(cat: &Catalogue, name: &'a str) -> Option<&'a str> {
+    let id = if cat.on_demand.contains_key(name) {
+        name
+    } else {
+        inferlane_sidecar::version::id_of(name)?
+    };
+    cat.on_demand.contains_key(id).then_some(id)
+}
+
+/// The catalogue placement decides about, from the sidecars' ConfigMap. `versioned`: each
+/// source is served under its own name (off with lazy loading: a LoRA resolver loads the
+/// name a request asks for from its folder).
+pub fn catalogue(cfg: &LoraConfig, versioned: bool) -> Catalogue {
     Catalogue {
         on_demand: cfg
             .on_demand
             .iter()
             .map(|a| {
+                let served = if versioned {
+                    inferlane_sidecar::version::served_name(&a.id, &a.source)
+                } else {
+                    a.id.clone()
+                };
                 (
                     a.id.clone(),
                     Entry {
                         id: a.id.clone(),
                         source: a.source.clone(),
                         rank: a.rank.unwrap_or(DEFAULT_RANK),
+                        served,
                     },
                 )
             })
@@ -385,7 +432,7 @@ impl Handler<ConfigChanged<LoraConfig>> for LoraPlacer {
     type Result = ();
 
     fn handle(&mut self, msg: ConfigChanged<LoraConfig>, _: &mut Context<Self>) {
-        let cat = catalogue(&msg.config);
+        let cat = catalogue(&msg.config, !self.shared.fleet.lazy.load(Ordering::Relaxed));
         // Series of adapters that left the catalogue go with them.
         if let Some(old) = &self.catalogue {
             for id in old

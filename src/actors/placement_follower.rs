@@ -104,7 +104,7 @@ impl PlacementFollower {
                         .adapters
                         .iter()
                         .chain(&set.draining)
-                        .map(|p| p.id.clone())
+                        .map(|p| if p.name.is_empty() { p.id.clone() } else { p.name.clone() })
                         .collect();
                     if a.placed.as_ref() != Some(&ids) {
                         tracing::info!(tick = set.tick, adapters = set.adapters.len(), draining = set.draining.len(), "placement for this server changed");

@@ -40,16 +40,31 @@ pub(super) fn models_answer(shared: &Shared) -> ProcessingResponse {
             .entry(id.to_string())
             .or_insert_with(|| (root.to_string(), base.clone()));
     };
+    // Versions of catalogue adapters are shown by their id: clients ask for the id.
+    let table = shared.fleet.table.load_full();
+    let id_of = |name: &str| -> String {
+        table
+            .as_ref()
+            .map_or(name, |t| {
+                let id = t.table.id_of(name);
+                if t.table.served.contains_key(id) {
+                    id
+                } else {
+                    name
+                }
+            })
+            .to_string()
+    };
+    if let Some(t) = table.as_ref() {
+        for (id, served) in &t.table.served {
+            adapter(id, t.table.sources.get(served).map_or(served, |s| s));
+        }
+    }
     for h in &snap.endpoints {
         if let Some(m) = h.models.load().as_ref() {
             for a in &m.adapters {
-                adapter(a, a);
+                adapter(&id_of(a), a);
             }
-        }
-    }
-    if let Some(t) = shared.fleet.table.load().as_ref() {
-        for (id, source) in &t.table.sources {
-            adapter(id, source);
         }
     }
     for name in snap.rules.model_names() {

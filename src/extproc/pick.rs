@@ -16,6 +16,7 @@ use super::prepare::Prepared;
 use super::proto::set_header;
 use super::state::{InFlight, Reject, RequestState};
 use super::usage::{ModelRestorer, UsageParser};
+use crate::lora_fleet::Target;
 use crate::pool::labels::for_log;
 use crate::pool::metrics::{EndpointLabels, ModelLabels};
 use crate::pool::state::{
@@ -52,22 +53,22 @@ impl FleetView {
         })
     }
 
-    /// LoRA placement's say: the addresses a catalogue adapter may go to (its homes that
-    /// list it; a home still loading gets nothing yet), `None` where placement has none.
+    /// LoRA placement's say: where a catalogue adapter may go and under which name (its
+    /// homes that list its current version; a home still loading gets nothing yet), `None`
+    /// where placement has none.
     fn placed(
         &self,
         fleet: &crate::lora_fleet::FleetState,
         endpoints: &[&Arc<EndpointHandle>],
         target: Option<&str>,
-    ) -> Option<Vec<String>> {
-        let t = target?;
-        fleet.allowed(t, |addr| {
+    ) -> Option<Vec<Target>> {
+        fleet.allowed(target?, |addr, name| {
             endpoints
                 .iter()
                 .zip(&self.models)
                 .find(|(h, _)| h.address == addr)
                 .and_then(|(_, m)| m.as_ref())
-                .filter(|m| m.adapters.contains(t))
+                .filter(|m| m.adapters.contains(name))
                 .and_then(|m| m.read_at)
         })
     }
@@ -76,8 +77,7 @@ impl FleetView {
         &'a self,
         endpoints: &[&Arc<EndpointHandle>],
         target: Option<&str>,
-        placed: Option<&[String]>,
-        lazy: bool,
+        placed: Option<&[Target]>,
     ) -> Vec<Candidate<'a>> {
         let now = Instant::now();
         endpoints
@@ -86,11 +86,15 @@ impl FleetView {
             .map(|(i, h)| {
                 let has_model = match (target, &self.models[i]) {
                     (None, _) => ModelPresence::Yes,
-                    (Some(_), _) if placed.is_some_and(|p| !p.contains(&h.address)) => {
-                        ModelPresence::No
+                    // Placement checked the listing (lazy placement: a home loads the
+                    // adapter on its first request).
+                    (Some(_), _) if let Some(p) = placed => {
+                        if p.iter().any(|t| t.address == h.address) {
+                            ModelPresence::Yes
+                        } else {
+                            ModelPresence::No
+                        }
                     }
-                    // Lazy placement: a home loads the adapter on its first request.
-                    (Some(_), _) if placed.is_some() && lazy => ModelPresence::Yes,
                     (Some(_), None) => ModelPresence::Unknown,
                     (Some(t), Some(m)) if m.contains(t) => ModelPresence::Yes,
                     (Some(_), Some(_)) => ModelPresence::No,
@@ -151,13 +155,17 @@ impl ExtProc {
         let target = resolved.as_ref().map(|r| r.target.as_str());
         let endpoints = allowed(st, &snap)?;
         let view = FleetView::load(&endpoints);
-        let is_adapter = view.is_adapter(target);
         let placed = view.placed(&self.shared.fleet, &endpoints, target);
-        let lazy = self.shared.fleet.lazy.load(Ordering::Relaxed);
-        let candidates = view.candidates(&endpoints, target, placed.as_deref(), lazy);
+        let is_adapter = placed.is_some() || view.is_adapter(target);
+        // Servers report a catalogue adapter under its version's name.
+        let served = placed
+            .as_ref()
+            .and_then(|p| p.first())
+            .map(|t| t.served.as_str());
+        let candidates = view.candidates(&endpoints, target, placed.as_deref());
         let prefix = self.prefix(&cfg, target.unwrap_or(""), prompt, &candidates, is_adapter);
         let input = PickInput {
-            target: target.unwrap_or(""),
+            target: served.or(target).unwrap_or(""),
             is_adapter,
             sheddable: resolved.as_ref().is_some_and(|r| r.sheddable()),
             prefix_matches: &prefix.matches,
@@ -167,22 +175,32 @@ impl ExtProc {
             affinity_key: prefix.key,
             affinity_home: prefix.home,
         };
-        let picked = inferlane_epp::pick(&cfg, &candidates, &input)
-            .map_err(|e| pick_error(e, &snap, st, &cfg, &candidates))?;
+        let picked = inferlane_epp::pick(&cfg, &candidates, &input).map_err(|e| {
+            let placed = target.is_some_and(|t| self.shared.fleet.knows(t));
+            pick_error(e, &snap, st, &cfg, &candidates, placed)
+        })?;
         let chosen = endpoints[picked[0]];
         self.commit(st, chosen, &prefix.blocks);
+        let served = placed
+            .as_ref()
+            .and_then(|p| p.iter().find(|t| t.address == chosen.address))
+            .map(|t| t.served.as_str());
         if is_adapter && let Some(t) = target {
+            let name = served.unwrap_or(t);
             self.shared.fleet.count(t, prompt.len() as u64 / 4);
-            st.adapter_flight = self.shared.fleet.begin(t, &chosen.address);
-            self.count_tier(t, view.scraped[picked[0]].as_deref());
+            st.adapter_flight = self.shared.fleet.begin(t, name, &chosen.address);
+            self.count_tier(name, view.scraped[picked[0]].as_deref());
         }
+        let served = served.filter(|s| Some(*s) != target);
         let destination = picked
             .iter()
             .map(|&i| endpoints[i].address.as_str())
             .collect::<Vec<_>>()
             .join(",");
         let body_changed = match (&resolved, &parsed) {
-            (Some(r), Some(p)) => self.apply_rules(st, r, p.priority, &cfg, &mut extra_headers)?,
+            (Some(r), Some(p)) => {
+                self.apply_rules(st, r, served, p.priority, &cfg, &mut extra_headers)?
+            }
             _ => false,
         };
         self.metrics
@@ -275,24 +293,34 @@ impl ExtProc {
         }
     }
 
-    /// What the rules change in a request with a body: the target model (and a forwarded
-    /// or clamped priority) written into the body in place, the client's name kept to put
-    /// back, the request counted. True when the body changed.
+    /// What the rules change in a request with a body: the target model (or the served
+    /// name of the adapter version placement chose, `served`) and a forwarded or clamped
+    /// priority written into the body in place, the client's name kept to put back, the
+    /// request counted. True when the body changed.
     fn apply_rules(
         &self,
         st: &mut RequestState,
         r: &Resolved,
+        served: Option<&str>,
         body_priority: Option<Option<i64>>,
         cfg: &SchedulerConfig,
         extra_headers: &mut Vec<HeaderValueOption>,
     ) -> Result<bool, Reject> {
-        if r.rewritten() && self.opts.restore_model_name {
-            st.restorer = Some(ModelRestorer::new(&r.target, &r.requested));
+        let model = served.unwrap_or(&r.target);
+        let renamed = r.rewritten() || served.is_some();
+        // A version tag is ours, not the client's: responses always name the adapter.
+        let shown = match served {
+            _ if r.rewritten() && self.opts.restore_model_name => Some(&r.requested),
+            Some(_) => Some(&r.target),
+            None => None,
+        };
+        if let Some(shown) = shown {
+            st.restorer = Some(ModelRestorer::new(model, shown));
         }
         let priority = server_priority(r, body_priority, cfg.forward_priority);
-        let changed = r.rewritten() || priority.is_some();
+        let changed = renamed || priority.is_some();
         if changed {
-            request::rewrite_in_place(&mut st.body, &r.target, priority)
+            request::rewrite_in_place(&mut st.body, model, priority)
                 .map_err(|e| Reject::new(400, "BadRequest", e.to_string()))?;
             if !st.full_duplex {
                 extra_headers.push(set_header("content-length", &st.body.len().to_string()));
@@ -323,18 +351,20 @@ fn server_priority(r: &Resolved, body: Option<Option<i64>>, forward: bool) -> Op
     }
 }
 
-/// The client's answer when nothing was picked. A model no rule names and no server lists
-/// does not exist here: 404, as vLLM answers it (a named model whose servers lack it is a
-/// 503: it may come back).
+/// The client's answer when nothing was picked. A model no rule names, no server lists and
+/// placement does not know does not exist here: 404, as vLLM answers it (a named model
+/// whose servers lack it, or a catalogue adapter still loading, is a 503: it may come back).
 fn pick_error(
     e: PickError,
     snap: &PoolSnapshot,
     st: &RequestState,
     cfg: &SchedulerConfig,
     candidates: &[Candidate<'_>],
+    placed: bool,
 ) -> Reject {
     if let PickError::ModelUnavailable(m) = &e
         && !snap.rules.knows(&st.requested_model)
+        && !placed
     {
         return Reject::new(
             404,

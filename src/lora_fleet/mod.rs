@@ -17,13 +17,21 @@ pub struct Counters {
     by_id: HashMap<String, (AtomicU64, AtomicU64)>,
 }
 
-/// Where an adapter's requests may go.
+/// Where an adapter's requests may go: (address, served name) pairs.
 #[derive(Debug, Clone, Default)]
 pub struct Route {
-    /// Addresses of its homes.
-    pub homes: Vec<String>,
-    /// Addresses where it drains (used only while no home lists it yet).
-    pub draining: Vec<String>,
+    /// Its homes, with its current version's name.
+    pub homes: Vec<(String, String)>,
+    /// Where it drains (dropped homes, replaced versions), used only while no home lists
+    /// the current version yet.
+    pub draining: Vec<(String, String)>,
+}
+
+/// One place a request for a catalogue adapter may go, and the name to ask it for there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub address: String,
+    pub served: String,
 }
 
 /// A table with its routes by adapter, built once per tick.
@@ -31,8 +39,8 @@ pub struct Route {
 pub struct Routed {
     pub table: Table,
     routes: HashMap<String, Route>,
-    /// When each home (adapter, address) first appeared in a table here: only a model list
-    /// read after that shows its sidecar has loaded it (an older list may show a copy
+    /// When each home (served name, address) first appeared in a table here: only a model
+    /// list read after that shows its sidecar has loaded it (an older list may show a copy
     /// that was being unloaded).
     placed_at: HashMap<(String, String), Instant>,
 }
@@ -45,7 +53,10 @@ impl Routed {
         let mut placed_at = HashMap::new();
         for part in table.servers.values() {
             for id in part.homes.keys() {
-                let key = (id.clone(), part.address.clone());
+                let Some(served) = table.served.get(id) else {
+                    continue;
+                };
+                let key = (served.clone(), part.address.clone());
                 let at = before
                     .and_then(|b| b.placed_at.get(&key))
                     .copied()
@@ -55,14 +66,14 @@ impl Routed {
                     .entry(id.clone())
                     .or_default()
                     .homes
-                    .push(part.address.clone());
+                    .push((part.address.clone(), served.clone()));
             }
-            for id in &part.draining {
+            for name in &part.draining {
                 routes
-                    .entry(id.clone())
+                    .entry(table.id_of(name).to_string())
                     .or_default()
                     .draining
-                    .push(part.address.clone());
+                    .push((part.address.clone(), name.clone()));
             }
         }
         Self {
@@ -72,10 +83,10 @@ impl Routed {
         }
     }
 
-    /// When `address` became a home of `id`, if it is one.
-    pub fn placed_at(&self, id: &str, address: &str) -> Option<Instant> {
+    /// When `address` became a home of served name `served`, if it is one.
+    pub fn placed_at(&self, served: &str, address: &str) -> Option<Instant> {
         self.placed_at
-            .get(&(id.to_string(), address.to_string()))
+            .get(&(served.to_string(), address.to_string()))
             .copied()
     }
 
@@ -132,13 +143,13 @@ impl FleetState {
         }
     }
 
-    /// A request for `id` sent to `address`, if `id` is a catalogue adapter (the map's keys
-    /// are bounded by the catalogue and the pool).
-    pub fn begin(&self, id: &str, address: &str) -> Option<Flight> {
+    /// A request for catalogue adapter `id`, sent to `address` as `served` (the map's keys
+    /// are bounded by the catalogue's versions in the table and the pool).
+    pub fn begin(&self, id: &str, served: &str, address: &str) -> Option<Flight> {
         if !self.counters.load().by_id.contains_key(id) {
             return None;
         }
-        let key = (id.to_string(), address.to_string());
+        let key = (served.to_string(), address.to_string());
         *self
             .flights
             .lock()
@@ -151,12 +162,12 @@ impl FleetState {
         })
     }
 
-    /// Our requests for `id` in flight on `address`.
-    pub fn in_flight(&self, id: &str, address: &str) -> u32 {
+    /// Our requests for served name `served` in flight on `address`.
+    pub fn in_flight(&self, served: &str, address: &str) -> u32 {
         self.flights
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&(id.to_string(), address.to_string()))
+            .get(&(served.to_string(), address.to_string()))
             .copied()
             .unwrap_or(0)
     }
@@ -193,37 +204,52 @@ impl FleetState {
             .collect()
     }
 
-    /// The addresses a request for `id` may go to: its homes whose model list, read after
-    /// they became homes, lists it (`listed` gives when the list was read, if it lists
-    /// it), else (a new home still loading) where it drains; `None` when placement says
-    /// nothing about it or none of them lists it yet (route as without placement: to any
-    /// server that lists it).
+    /// Placement has homes for `id` (a catalogue adapter, perhaps still loading).
+    pub fn knows(&self, id: &str) -> bool {
+        self.table
+            .load()
+            .as_ref()
+            .is_some_and(|r| r.route(id).is_some())
+    }
+
+    /// Where a request for `id` may go, and under which name: its homes whose model list,
+    /// read after they became homes, lists its current version (`listed(address, name)`
+    /// gives when the list was read, if it lists it), else (a new home still loading, a new
+    /// version not loaded yet) where it drains and the server still lists it, else homes
+    /// whose older list shows it; `None` when placement says nothing about it or none of
+    /// them lists it (route as without placement: to any server that lists it).
     pub fn allowed(
         &self,
         id: &str,
-        listed: impl Fn(&str) -> Option<Instant>,
-    ) -> Option<Vec<String>> {
+        listed: impl Fn(&str, &str) -> Option<Instant>,
+    ) -> Option<Vec<Target>> {
         let table = self.table.load();
         let routed = table.as_ref()?;
         let route = routed.route(id)?;
-        if self.lazy.load(Ordering::Relaxed) {
-            return (!route.homes.is_empty()).then(|| route.homes.clone());
-        }
-        let loaded = |a: &String| {
-            let since = routed.placed_at.get(&(id.to_string(), a.clone()));
-            listed(a).is_some_and(|read| since.is_none_or(|s| read >= *s))
+        let target = |(a, s): &(String, String)| Target {
+            address: a.clone(),
+            served: s.clone(),
         };
-        let homes: Vec<String> = route.homes.iter().filter(|a| loaded(a)).cloned().collect();
+        if self.lazy.load(Ordering::Relaxed) {
+            return (!route.homes.is_empty()).then(|| route.homes.iter().map(target).collect());
+        }
+        let loaded = |(a, s): &&(String, String)| {
+            let since = routed.placed_at.get(&(s.clone(), a.clone()));
+            listed(a, s).is_some_and(|read| since.is_none_or(|at| read >= *at))
+        };
+        let homes: Vec<Target> = route.homes.iter().filter(loaded).map(target).collect();
         if !homes.is_empty() {
             return Some(homes);
         }
-        let draining: Vec<String> = route
-            .draining
-            .iter()
-            .filter(|a| listed(a).is_some())
-            .cloned()
-            .collect();
-        (!draining.is_empty()).then_some(draining)
+        let listing = |(a, s): &&(String, String)| listed(a, s).is_some();
+        let draining: Vec<Target> = route.draining.iter().filter(listing).map(target).collect();
+        if !draining.is_empty() {
+            return Some(draining);
+        }
+        // Nothing known to be loaded since placed (a follower's or restarted decider's
+        // first table): homes that list it at all, as routing without placement would.
+        let listed_homes: Vec<Target> = route.homes.iter().filter(listing).map(target).collect();
+        (!listed_homes.is_empty()).then_some(listed_homes)
     }
 }
 
@@ -232,10 +258,19 @@ mod tests {
     use super::*;
     use inferlane_epp::fleet::Role;
 
+    fn target(address: &str, served: &str) -> Target {
+        Target {
+            address: address.into(),
+            served: served.into(),
+        }
+    }
+
     #[test]
     fn routes_prefer_loaded_homes_then_draining_ones() {
+        let (s1, s2) = ("10.0.0.1:8000", "10.0.0.2:8000");
+        let (v1, v2) = ("a@00000001", "a@00000002");
         let mut t = Table::default();
-        for (s, addr) in [("s1", "10.0.0.1:8000"), ("s2", "10.0.0.2:8000")] {
+        for (s, addr) in [("s1", s1), ("s2", s2)] {
             t.servers.insert(
                 s.into(),
                 wire::ServerPart {
@@ -244,34 +279,48 @@ mod tests {
                 },
             );
         }
+        t.served.insert("a".into(), v2.into());
         t.servers
             .get_mut("s2")
             .unwrap()
             .homes
             .insert("a".into(), Role::Hot);
-        t.servers.get_mut("s1").unwrap().draining.insert("a".into());
+        // s1 was a home of the old version; s2 holds the old version too (a swap in place).
+        t.servers.get_mut("s1").unwrap().draining.insert(v1.into());
+        t.servers.get_mut("s2").unwrap().draining.insert(v1.into());
         let f = FleetState::default();
         let before = Instant::now();
         f.table.store(Some(Arc::new(Routed::new(t, None))));
         let after = Instant::now();
-        let read = |at: Instant| move |_: &str| Some(at);
-        // The new home has not loaded it: the old one serves until it has.
+        let all = |at: Instant| move |_: &str, _: &str| Some(at);
+        let old_only = |at: Instant| move |_: &str, n: &str| (n == v1).then_some(at);
+        // The new version is not loaded anywhere: the old one serves, under its own name.
         assert_eq!(
-            f.allowed("a", |a| (a == "10.0.0.1:8000").then_some(after)),
-            Some(vec!["10.0.0.1:8000".into()])
+            f.allowed("a", old_only(after)),
+            Some(vec![target(s1, v1), target(s2, v1)])
         );
-        assert_eq!(
-            f.allowed("a", read(after)),
-            Some(vec!["10.0.0.2:8000".into()])
-        );
+        assert_eq!(f.allowed("a", all(after)), Some(vec![target(s2, v2)]));
         // A list read before it became a home says nothing about it (an unload may have
-        // raced it): the drained home serves until a newer read.
+        // raced it): the drained copies serve until a newer read.
         assert_eq!(
-            f.allowed("a", read(before)),
-            Some(vec!["10.0.0.1:8000".into()])
+            f.allowed("a", all(before)),
+            Some(vec![target(s1, v1), target(s2, v1)])
         );
-        assert_eq!(f.allowed("a", |_| None), None);
-        assert_eq!(f.allowed("b", read(after)), None);
+        assert_eq!(f.allowed("a", |_, _| None), None);
+        assert_eq!(f.allowed("b", all(after)), None);
+        // A sidecar asks for its part: the version to load, and the one to keep meanwhile.
+        let set = f
+            .table
+            .load()
+            .as_ref()
+            .unwrap()
+            .table
+            .server_set("s2")
+            .unwrap();
+        assert_eq!(set.adapters[0].name, v2);
+        assert_eq!(set.adapters[0].id, "a");
+        assert_eq!(set.draining[0].name, v1);
+        assert_eq!(set.draining[0].id, "a");
     }
 
     #[test]
@@ -284,13 +333,13 @@ mod tests {
         f.count("client-made-up", 1);
         assert_eq!(f.take_counts(), vec![("a".to_string(), 2, 15)]);
         assert!(f.take_counts().is_empty());
-        let one = f.begin("a", "s1");
-        let two = f.begin("a", "s1");
-        assert!(f.begin("client-made-up", "s1").is_none());
-        assert_eq!(f.in_flight("a", "s1"), 2);
+        let one = f.begin("a", "a@1", "s1");
+        let two = f.begin("a", "a@1", "s1");
+        assert!(f.begin("client-made-up", "a@1", "s1").is_none());
+        assert_eq!(f.in_flight("a@1", "s1"), 2);
         drop(one);
-        assert_eq!(f.in_flight("a", "s1"), 1);
+        assert_eq!(f.in_flight("a@1", "s1"), 1);
         drop(two);
-        assert_eq!(f.in_flight("a", "s1"), 0);
+        assert_eq!(f.in_flight("a@1", "s1"), 0);
     }
 }

@@ -12,8 +12,12 @@ pub struct Table {
     pub tick: u64,
     /// Server id (pod name, else address) -> its part.
     pub servers: BTreeMap<String, ServerPart>,
-    /// Adapter id -> source, for every adapter placed or draining.
+    /// Served name -> source, for every version placed or draining (when known).
     pub sources: BTreeMap<String, String>,
+    /// Adapter id -> the name its current version is served under (`id@tag`; the id itself
+    /// when versions are off).
+    #[serde(default)]
+    pub served: BTreeMap<String, String>,
     /// Smoothed demand (request-equivalents per second) per adapter the decider has seen.
     pub demand: BTreeMap<String, f64>,
     /// Pair moves (a home added or dropped) since the decider started.
@@ -27,14 +31,19 @@ pub struct ServerPart {
     pub address: String,
     /// Adapter id -> what placement intends it to be there.
     pub homes: BTreeMap<String, Role>,
-    /// Dropped homes still registered until nothing runs there for them.
+    /// Served names of dropped homes and replaced versions, still registered until
+    /// nothing runs there for them.
     pub draining: BTreeSet<String>,
 }
 
 /// One adapter a sidecar keeps loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placed {
+    /// The catalogue id.
     pub id: String,
+    /// The served name to load and keep (its version); older sidecars read `id`.
+    #[serde(default)]
+    pub name: String,
     pub source: String,
 }
 
@@ -49,26 +58,35 @@ pub struct ServerSet {
 }
 
 impl Table {
+    /// The catalogue id a served name is a version of.
+    pub fn id_of<'a>(&'a self, name: &'a str) -> &'a str {
+        if self.served.contains_key(name) {
+            return name;
+        }
+        inferlane_sidecar::version::id_of(name).unwrap_or(name)
+    }
+
     /// The part for `server` (its id or its address).
     pub fn server_set(&self, server: &str) -> Option<ServerSet> {
         let (id, part) = self
             .servers
             .get_key_value(server)
             .or_else(|| self.servers.iter().find(|(_, p)| p.address == server))?;
-        let placed = |ids: &mut dyn Iterator<Item = &String>| -> Vec<Placed> {
-            ids.filter_map(|a| {
-                self.sources.get(a).map(|s| Placed {
-                    id: a.clone(),
-                    source: s.clone(),
-                })
-            })
-            .collect()
+        let placed = |name: &str| Placed {
+            id: self.id_of(name).to_string(),
+            name: name.to_string(),
+            source: self.sources.get(name).cloned().unwrap_or_default(),
         };
         Some(ServerSet {
             tick: self.tick,
             server: id.clone(),
-            adapters: placed(&mut part.homes.keys()),
-            draining: placed(&mut part.draining.iter()),
+            adapters: part
+                .homes
+                .keys()
+                .filter_map(|a| self.served.get(a))
+                .map(|n| placed(n))
+                .collect(),
+            draining: part.draining.iter().map(|n| placed(n)).collect(),
         })
     }
 }

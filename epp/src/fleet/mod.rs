@@ -25,6 +25,9 @@ pub struct Entry {
     pub id: String,
     pub source: String,
     pub rank: u32,
+    /// The name servers serve it under: one per version of its source, so new weights
+    /// never replace old ones under a name requests are using.
+    pub served: String,
 }
 
 /// The catalogue: what may be placed, what is already everywhere, what never is.

@@ -27,6 +27,7 @@ fn catalogue(n: usize, pinned: &[usize], never: &[usize]) -> Catalogue {
                 id: id.clone(),
                 source: format!("/adapters/{id}"),
                 rank: 8 * (1 + (i as u32 % 4)),
+                served: id.clone(),
             },
         );
     }
