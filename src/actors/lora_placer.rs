@@ -14,8 +14,13 @@ use inferlane_sidecar::LoraConfig;
 use crate::actors::messages::ConfigChanged;
 use crate::lora_fleet::Routed;
 use crate::lora_fleet::wire::{ServerPart, Table};
+use crate::net::capped::json_capped;
 use crate::pool::metrics::{AdapterHomeLabels, EppMetrics};
 use crate::pool::state::{EndpointHandle, Shared};
+
+/// Largest placement table a follower reads (a thousand servers with a hundred homes each
+/// is about 4 MiB).
+const MAX_TABLE_BYTES: usize = 32 << 20;
 
 /// Placer settings.
 #[derive(Debug, Clone)]
@@ -365,7 +370,9 @@ impl LoraPlacer {
             if !r.status().is_success() {
                 return Err(format!("{url} answered {}", r.status()));
             }
-            r.json::<Table>().await.map_err(|e| e.to_string())
+            json_capped::<Table>(r, MAX_TABLE_BYTES)
+                .await
+                .map_err(|e| format!("{url}: {e}"))
         };
         ctx.spawn(fut.into_actor(self).map(|res, a, _| {
             a.fetching = false;

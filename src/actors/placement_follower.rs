@@ -11,6 +11,10 @@ use inferlane_sidecar::placed::merge;
 
 use crate::actors::messages::ConfigChanged;
 use crate::lora_fleet::wire::ServerSet;
+use crate::net::capped::json_capped;
+
+/// Largest set a sidecar reads: its server's homes, a few hundred entries at most.
+const MAX_SET_BYTES: usize = 4 << 20;
 
 /// Where and how to ask.
 #[derive(Debug, Clone)]
@@ -94,7 +98,9 @@ impl PlacementFollower {
                 let text = r.text().await.unwrap_or_default();
                 return Err(format!("{code}: {}", text.trim()));
             }
-            r.json::<ServerSet>().await.map_err(|e| e.to_string())
+            json_capped::<ServerSet>(r, MAX_SET_BYTES)
+                .await
+                .map_err(|e| e.to_string())
         };
         ctx.spawn(fut.into_actor(self).map(|res, a, _| {
             a.asking = false;
