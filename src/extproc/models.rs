@@ -45,14 +45,7 @@ pub(super) fn models_answer(shared: &Shared) -> ProcessingResponse {
     let id_of = |name: &str| -> String {
         table
             .as_ref()
-            .map_or(name, |t| {
-                let id = t.table.id_of(name);
-                if t.table.served.contains_key(id) {
-                    id
-                } else {
-                    name
-                }
-            })
+            .map_or(name, |t| t.table.shown(name))
             .to_string()
     };
     if let Some(t) = table.as_ref() {

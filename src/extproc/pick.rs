@@ -181,17 +181,13 @@ impl ExtProc {
         })?;
         let chosen = endpoints[picked[0]];
         self.commit(st, chosen, &prefix.blocks);
-        let served = placed
-            .as_ref()
-            .and_then(|p| p.iter().find(|t| t.address == chosen.address))
-            .map(|t| t.served.as_str());
-        if is_adapter && let Some(t) = target {
-            let name = served.unwrap_or(t);
-            self.shared.fleet.count(t, prompt.len() as u64 / 4);
-            st.adapter_flight = self.shared.fleet.begin(t, name, &chosen.address);
-            self.count_tier(name, view.scraped[picked[0]].as_deref());
-        }
-        let served = served.filter(|s| Some(*s) != target);
+        let scraped = view.scraped[picked[0]].as_deref();
+        let served = match target {
+            Some(t) if is_adapter => {
+                self.adapter_picked(st, t, placed.as_deref(), chosen, scraped, prompt.len())
+            }
+            _ => None,
+        };
         let destination = picked
             .iter()
             .map(|&i| endpoints[i].address.as_str())
@@ -218,6 +214,28 @@ impl ExtProc {
             extra_headers,
             body_changed,
         })
+    }
+
+    /// An adapter's pick: its demand counted, the request tracked until it ends (drains wait
+    /// for it), its tier counted; the served name of the version chosen when it is not the
+    /// name asked for.
+    fn adapter_picked<'p>(
+        &self,
+        st: &mut RequestState,
+        target: &str,
+        placed: Option<&'p [Target]>,
+        chosen: &Arc<EndpointHandle>,
+        scraped: Option<&Scraped>,
+        prompt_chars: usize,
+    ) -> Option<&'p str> {
+        let served = placed
+            .and_then(|p| p.iter().find(|t| t.address == chosen.address))
+            .map(|t| t.served.as_str());
+        let name = served.unwrap_or(target);
+        self.shared.fleet.count(target, prompt_chars as u64 / 4);
+        st.adapter_flight = self.shared.fleet.begin(target, name, &chosen.address);
+        self.count_tier(name, scraped);
+        served.filter(|s| *s != target)
     }
 
     /// Where the chosen server held the adapter (`inferlane_epp_lora_requests_total`).

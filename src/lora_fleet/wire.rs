@@ -66,6 +66,16 @@ impl Table {
         inferlane_sidecar::version::id_of(name).unwrap_or(name)
     }
 
+    /// The name clients know `name` by: the catalogue id of a placed version, else itself.
+    pub fn shown<'a>(&'a self, name: &'a str) -> &'a str {
+        let id = self.id_of(name);
+        if self.served.contains_key(id) {
+            id
+        } else {
+            name
+        }
+    }
+
     /// The part for `server` (its id or its address).
     pub fn server_set(&self, server: &str) -> Option<ServerSet> {
         let (id, part) = self

@@ -170,6 +170,9 @@ pub struct Engine {
     prefix: LruCache<u64, ()>,
     in_step: bool,
     counters: EngineCounters,
+    /// Until when an adapter read through the load API holds the engine: vLLM runs it
+    /// between steps on the engine's own loop, so every running request waits for it.
+    blocked_until: f64,
 }
 
 impl Engine {
@@ -190,6 +193,15 @@ impl Engine {
             prefix: LruCache::new(blocks),
             in_step: false,
             counters: EngineCounters::default(),
+            blocked_until: 0.0,
+        }
+    }
+
+    /// `/v1/load_lora_adapter` reads an adapter from disk at `now` for `secs`: the engine
+    /// runs no step meanwhile (reads queue behind each other).
+    pub fn block_for(&mut self, now: f64, secs: f64) {
+        if secs.is_finite() && secs > 0.0 {
+            self.blocked_until = self.blocked_until.max(now) + secs;
         }
     }
 
@@ -408,8 +420,9 @@ impl Engine {
         }
         let decode =
             self.params.decode_base + self.params.decode_per_seq * self.running.len() as f64;
+        let held = (self.blocked_until - now).max(0.0);
         let duration =
-            decode + self.params.prefill_per_token * f64::from(prefill_tokens) + load_cost;
+            held + decode + self.params.prefill_per_token * f64::from(prefill_tokens) + load_cost;
         self.counters
             .iteration_tokens
             .push(prefill_tokens + self.running.len() as u32);
@@ -622,6 +635,26 @@ mod tests {
         }
         assert!(!e.has_work());
         assert_eq!(e.kv_usage(), 0.0);
+    }
+
+    #[test]
+    fn an_adapter_read_through_the_load_api_holds_every_request() {
+        let mut plain = Engine::new(EngineParams::default());
+        plain.submit(req(0, None, "hello", 2));
+        let (t0, _) = first_token(&run_to_completion(&mut plain, 0.0, 100), 0);
+        let mut held = Engine::new(EngineParams::default());
+        // Two reads of 0.3 s queue behind each other on the engine's loop.
+        held.block_for(0.0, 0.3);
+        held.block_for(0.0, 0.3);
+        held.submit(req(0, None, "hello", 2));
+        let (t1, _) = first_token(&run_to_completion(&mut held, 0.0, 100), 0);
+        assert!((t1 - t0 - 0.6).abs() < 1e-9, "{t1} vs {t0} + 0.6");
+        // A read long finished holds nothing.
+        let mut later = Engine::new(EngineParams::default());
+        later.block_for(0.0, 0.3);
+        later.submit(req(0, None, "hello", 2));
+        let (t2, _) = first_token(&run_to_completion(&mut later, 5.0, 100), 0);
+        assert!((t2 - 5.0 - t0).abs() < 1e-9, "{t2}");
     }
 
     #[test]

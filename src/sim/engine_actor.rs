@@ -33,6 +33,13 @@ pub struct AdapterLoaded {
     pub rank: Option<u32>,
 }
 
+/// Fact: `/v1/load_lora_adapter` started reading an adapter from disk; it takes `secs`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AdapterReading {
+    pub secs: f64,
+}
+
 /// Fact: a LoRA resolver registered an adapter (not read yet).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -192,6 +199,15 @@ impl Handler<AdapterLoaded> for EngineActor {
     fn handle(&mut self, msg: AdapterLoaded, _ctx: &mut Context<Self>) {
         self.engine.adapter_loaded(&msg.name, msg.rank);
         self.publish();
+    }
+}
+
+impl Handler<AdapterReading> for EngineActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AdapterReading, _ctx: &mut Context<Self>) {
+        let now = self.now();
+        self.engine.block_for(now, msg.secs);
     }
 }
 

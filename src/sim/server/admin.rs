@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::sim::engine_actor::{AdapterLoaded, AdapterUnloaded, Restart};
+use crate::sim::engine_actor::{AdapterLoaded, AdapterReading, AdapterUnloaded, Restart};
 use crate::sim::lora::{LoadRequest, UnloadRequest};
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +127,11 @@ pub(super) async fn load_adapter(State(state): State<Arc<SimState>>, body: Bytes
     let read_ms = state.args.lora_disk_ms_per_rank.max(0.0)
         * f64::from(adapter_rank(&req).unwrap_or(8))
         * state.args.time_scale.max(0.0);
+    if read_ms > 0.0 {
+        state.engine.do_send(AdapterReading {
+            secs: read_ms / 1000.0,
+        });
+    }
     let wait_ms = (state.args.lora_load_latency_ms as f64).max(read_ms);
     if wait_ms > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(wait_ms / 1000.0)).await;
@@ -146,7 +151,8 @@ pub(super) async fn load_adapter(State(state): State<Arc<SimState>>, body: Bytes
                 .expect("registry lock")
                 .get(&name)
                 .and_then(|a| a.rank);
-            state.engine.do_send(AdapterLoaded { name, rank });
+            // Answered once the engine has it: a metrics read after the answer shows it.
+            let _ = state.engine.send(AdapterLoaded { name, rank }).await;
             plain_text(msg)
         }
         Err(e) => error_response(&e),
@@ -173,7 +179,7 @@ pub(super) async fn unload_adapter(State(state): State<Arc<SimState>>, body: Byt
     let res = state.registry.lock().expect("registry lock").unload(req);
     match res {
         Ok(msg) => {
-            state.engine.do_send(AdapterUnloaded { name });
+            let _ = state.engine.send(AdapterUnloaded { name }).await;
             plain_text(msg)
         }
         Err(e) => error_response(&e),
