@@ -590,6 +590,12 @@ async fn a_follower_replica_routes_by_the_deciders_table() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+    // The decider saw none of these requests: it learns of them from the follower.
+    wait_for("the follower's demand at the decider", T, || async {
+        let t = rig.table().await?;
+        (t["demand"]["a3"].as_f64()? > 0.0).then_some(())
+    })
+    .await;
     for (i, s) in rig.sims.iter().enumerate() {
         let n = rig.served(s, "a3").await - before[i];
         if !h["a3"].contains(&s.addr) {

@@ -856,6 +856,42 @@ fn lora_fleet_components_wire_the_epp_and_the_sidecars() {
         })
         .expect("the placement reader role");
     assert_eq!(role["rules"][0]["nonResourceURLs"][0], "/lora/v1/placement");
+    // Replicas elect the decider on their pool's lease, advertise their pod's address, and
+    // may read the decider's table and post it their demand.
+    assert!(args.contains(&"--lora-placement-election"), "{args:?}");
+    let env = spec["containers"][0]["env"].as_array().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "POD_IP"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"),
+        "{env:?}"
+    );
+    let lease = objs
+        .iter()
+        .find(|o| {
+            o["kind"] == "Role"
+                && o["metadata"]["name"] == "vllm-llama3-8b-instruct-epp-lora-placement"
+        })
+        .expect("the placement lease role");
+    assert_eq!(
+        lease["rules"][0]["resourceNames"][0],
+        "vllm-llama3-8b-instruct-epp-lora-placement"
+    );
+    let binding = objs
+        .iter()
+        .find(|o| {
+            o["kind"] == "ClusterRoleBinding"
+                && o["metadata"]["name"] == "vllm-llama3-8b-instruct-epp-lora-replicas"
+        })
+        .expect("the replicas' binding");
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        "vllm-llama3-8b-instruct-epp"
+    );
+    assert_eq!(
+        binding["roleRef"]["name"],
+        "vllm-llama3-8b-instruct-epp-lora-replicas"
+    );
     // The model servers' side.
     let side = deploy().join(".test-vllm-lora-fleet");
     std::fs::create_dir_all(&side).unwrap();

@@ -303,3 +303,127 @@ async fn a_dead_engine_under_load_costs_a_handful_then_nothing() {
     all.sort();
     cl.wait_pool("the recovered server back", &all).await;
 }
+
+const LEASES: &str = "coordination.k8s.io/v1/leases";
+
+/// Active-active replicas elect the one that decides LoRA placement on a Lease; the other
+/// reads the decider's URL there and copies its table; when the decider dies the other takes
+/// over from the table it followed (its ticks and moves go on, no home moves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_elect_a_placement_decider_and_a_takeover_moves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let ips: Vec<String> = (0..2).map(|i| format!("127.0.0.{}", 70 + i)).collect();
+    let port = free_port(&ips);
+    let p = port.to_string();
+    let _sims: Vec<Proc> = ips
+        .iter()
+        .map(|ip| {
+            spawn_sim(
+                &[
+                    "--host",
+                    ip,
+                    "--port",
+                    &p,
+                    "--enable-lora",
+                    "--max-loras",
+                    "2",
+                ],
+                dir.path(),
+            )
+        })
+        .collect();
+    let api = FakeApi::new();
+    let addr = start_fake(api.clone()).await;
+    let kc = kubeconfig(dir.path(), &addr);
+    api.put(
+        POOLS,
+        json!({"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+        "metadata": {"name": "llama", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": port}],
+                 "endpointPickerRef": {"name": "llama-epp"}}}),
+    );
+    for (i, ip) in ips.iter().enumerate() {
+        api.put(PODS, pod(&format!("vllm-{i}"), ip, false));
+    }
+    let adapters = dir.path().join("adapters");
+    let mut cat = String::from("vLLMLoRAConfig:\n  port: 8000\n  onDemand:\n    models:\n");
+    for i in 0..4 {
+        let src = adapter(&adapters, &format!("a{i}"), 8);
+        cat.push_str(&format!("    - id: a{i}\n      source: {src}\n"));
+    }
+    let cat_path = dir.path().join("catalogue.yaml");
+    std::fs::write(&cat_path, cat).unwrap();
+    let replica = |name: &str| {
+        spawn_epp_with(
+            &[
+                "--pool-name",
+                "llama",
+                "--pool-namespace",
+                "default",
+                "--metrics-endpoint-auth=false",
+                "--lora-catalog",
+                cat_path.to_str().unwrap(),
+                "--lora-placement-election",
+                "--lora-placement-interval",
+                "250ms",
+                "--lease-duration",
+                "2s",
+                "--lease-renew-interval",
+                "200ms",
+            ],
+            &[
+                ("KUBECONFIG", kc.as_str()),
+                ("POD_IP", "127.0.0.1"),
+                ("POD_NAME", name),
+            ],
+            dir.path(),
+        )
+    };
+    let mut replicas = [Some(replica("epp-a")), Some(replica("epp-b"))];
+    let addrs: Vec<String> = replicas
+        .iter()
+        .map(|r| r.as_ref().unwrap().metrics.clone())
+        .collect();
+    let table = |i: usize| {
+        let url = format!("http://{}/lora/v1/placement", addrs[i]);
+        let c = c.clone();
+        async move { try_json(&c, &url).await }
+    };
+    let decider_url = || {
+        api.get(LEASES, "llama-epp-lora-placement").and_then(|l| {
+            l["metadata"]["annotations"]["inferlane.dev/lora-placement-url"]
+                .as_str()
+                .map(str::to_string)
+        })
+    };
+    // One decides (its URL on the lease); the other's table is a copy of its table.
+    let (d, before) = wait_for("a decider and a follower with its table", T, || async {
+        let url = decider_url()?;
+        let d = addrs.iter().position(|a| url.contains(a.as_str()))?;
+        let (theirs, ours) = (table(d).await?, table(1 - d).await?);
+        let homed = theirs["servers"]
+            .as_object()?
+            .values()
+            .map(|p| p["homes"].as_object().map_or(0, |h| h.len()))
+            .sum::<usize>();
+        (homed >= 4 && theirs["tick"].as_u64()? > 2 && ours == theirs).then_some((d, theirs))
+    })
+    .await;
+    replicas[d] = None;
+    let s = 1 - d;
+    let after = wait_for(
+        "the survivor to decide from the table it followed",
+        T,
+        || async {
+            let url = decider_url()?;
+            let mine = table(s).await?;
+            (url.contains(addrs[s].as_str())
+                && mine["tick"].as_u64()? > before["tick"].as_u64()? + 2)
+                .then_some(mine)
+        },
+    )
+    .await;
+    assert_eq!(after["servers"], before["servers"], "no home moved");
+    assert_eq!(after["moves"], before["moves"], "{after}");
+}

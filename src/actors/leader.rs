@@ -1,10 +1,12 @@
 //! Leader election on a coordination.k8s.io Lease: only the leader reports ready (upstream's HA mode).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use arc_swap::ArcSwapOption;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -22,6 +24,9 @@ pub struct LeaseOptions {
     pub identity: String,
     pub lease_duration: Duration,
     pub renew_every: Duration,
+    /// Written on the lease while this replica holds it (what followers need of the
+    /// holder, e.g. where to reach it).
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Holds or waits for the Lease; publishes leadership in `is_leader`.
@@ -41,6 +46,8 @@ pub struct LeaderElector {
     observed: Option<(Record, Instant)>,
     /// When this replica last renewed (or acquired) the lease.
     renewed_at: Option<Instant>,
+    /// Where to publish one annotation of the holder's lease (`None` while we hold it).
+    holder_annotation: Option<(String, Arc<ArcSwapOption<String>>)>,
 }
 
 /// What identifies one version of the lease holder's record (client-go compares the same).
@@ -51,6 +58,7 @@ struct Record {
     acquire_time: Option<MicroTime>,
     transitions: Option<i32>,
     resource_version: Option<String>,
+    annotations: BTreeMap<String, String>,
 }
 
 impl LeaderElector {
@@ -63,7 +71,19 @@ impl LeaderElector {
             last_error: None,
             observed: None,
             renewed_at: None,
+            holder_annotation: None,
         }
+    }
+
+    /// Publishes the holder's annotation `key` into `slot` after every round that read the
+    /// lease held by another replica; clears it while this one holds it.
+    pub fn publish_holder_annotation(
+        mut self,
+        key: &str,
+        slot: Arc<ArcSwapOption<String>>,
+    ) -> Self {
+        self.holder_annotation = Some((key.to_string(), slot));
+        self
     }
 
     /// client-go's renew deadline for the default 15 s / 2 s: two thirds of the lease, and
@@ -95,6 +115,7 @@ fn record(lease: &Lease) -> Record {
         acquire_time: spec.acquire_time,
         transitions: spec.lease_transitions,
         resource_version: lease.metadata.resource_version.clone(),
+        annotations: lease.metadata.annotations.clone().unwrap_or_default(),
     }
 }
 
@@ -118,6 +139,7 @@ async fn round(
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(o.name.clone()),
+                annotations: (!o.annotations.is_empty()).then(|| o.annotations.clone()),
                 ..Default::default()
             },
             spec: Some(spec(None, 0)),
@@ -146,6 +168,13 @@ async fn round(
         if mine { current.acquire_time } else { None },
         transitions,
     ));
+    if !o.annotations.is_empty() {
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .extend(o.annotations.clone());
+    }
     // The resourceVersion in `lease` makes this a compare-and-swap: a rival's update wins.
     match api.replace(&o.name, &PostParams::default(), &lease).await {
         Ok(_) => Ok(Round::Leader),
@@ -194,6 +223,9 @@ impl LeaderElector {
                     }
                     Ok(Round::Follower(seen)) => {
                         act.last_error = None;
+                        if let (Some((key, slot)), Some(r)) = (&act.holder_annotation, &seen) {
+                            slot.store(r.annotations.get(key).cloned().map(Arc::new));
+                        }
                         if let Some(seen) = seen
                             && act.observed.as_ref().is_none_or(|(r, _)| *r != seen)
                         {
@@ -214,6 +246,9 @@ impl LeaderElector {
                                 .is_some_and(|t| t.elapsed() <= act.renew_deadline())
                     }
                 };
+                if leader && let Some((_, slot)) = &act.holder_annotation {
+                    slot.store(None);
+                }
                 act.set_leader(leader);
             }),
         );

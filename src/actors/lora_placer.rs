@@ -6,14 +6,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use inferlane_epp::fleet::{
-    Catalogue, DEFAULT_RANK, Demand, Drains, Entry, Homes, Placer, Role, Server,
-};
+use inferlane_epp::fleet::{Catalogue, Demand, Drains, Homes, Placer, Role, Server};
 use inferlane_sidecar::LoraConfig;
 
 use crate::actors::messages::ConfigChanged;
 use crate::lora_fleet::Routed;
-use crate::lora_fleet::wire::{ServerPart, Table};
+use crate::lora_fleet::catalogue::{catalogue, catalogue_id};
+use crate::lora_fleet::wire::{DemandCount, DemandPost, ServerPart, Table};
+use crate::net::bearer::with_token;
 use crate::net::capped::json_capped;
 use crate::pool::metrics::{AdapterHomeLabels, EppMetrics};
 use crate::pool::state::{EndpointHandle, Shared};
@@ -35,6 +35,12 @@ pub struct PlacerOptions {
     pub follow: Option<String>,
     /// Decide only while leader (with leader election).
     pub leader_election: bool,
+    /// `--lora-placement-election`: decide while holding the placement lease, else follow
+    /// the holder (its URL from the lease).
+    pub election: bool,
+    /// A bearer token sent with follower fetches (re-read on every fetch: kubelet rotates
+    /// projected tokens), for a decider checking tokens.
+    pub token_file: Option<std::path::PathBuf>,
     /// A drain lasts at least this many ticks (followers stop routing first) and at most
     /// `max_drain` (a stuck request does not pin an adapter).
     pub min_drain_ticks: u64,
@@ -61,6 +67,10 @@ pub struct LoraPlacer {
     homes: Homes,
     client: reqwest::Client,
     fetching: bool,
+    /// Copying another replica's table (a decider taking over starts from it).
+    following: bool,
+    /// A demand post to the decider is on its way.
+    posting: bool,
 }
 
 impl LoraPlacer {
@@ -84,12 +94,63 @@ impl LoraPlacer {
                 .build()
                 .unwrap_or_default(),
             fetching: false,
+            following: false,
+            posting: false,
         }
     }
 
     fn deciding(&self) -> bool {
+        if self.opts.election {
+            return self.shared.fleet.elected.load(Ordering::SeqCst);
+        }
         self.opts.follow.is_none()
             && (!self.opts.leader_election || self.shared.is_leader.load(Ordering::SeqCst))
+    }
+
+    /// The table to copy, while this replica follows.
+    fn follow_url(&self) -> Option<String> {
+        if !self.opts.election {
+            return self.opts.follow.clone();
+        }
+        if self.deciding() {
+            return None;
+        }
+        self.shared.fleet.decider.load_full().map(|u| u.to_string())
+    }
+
+    /// Becoming the decider after following: the followed table is where everything is
+    /// (homes, drains, demand, tick), so the first decision moves nothing.
+    fn adopt_followed_table(&mut self) {
+        let Some(routed) = self.shared.fleet.table.load_full() else {
+            return;
+        };
+        let t = &routed.table;
+        self.tick = t.tick;
+        self.moves = t.moves;
+        self.homes = t
+            .servers
+            .iter()
+            .map(|(s, p)| (s.clone(), p.homes.clone()))
+            .collect();
+        self.told = t
+            .servers
+            .iter()
+            .map(|(s, p)| {
+                let mut names: BTreeSet<String> = p
+                    .homes
+                    .keys()
+                    .filter_map(|id| t.served.get(id).cloned())
+                    .collect();
+                names.extend(p.draining.iter().cloned());
+                (s.clone(), names)
+            })
+            .collect();
+        self.demand.seed(&t.demand);
+        self.seeded = false;
+        tracing::info!(
+            tick = t.tick,
+            "deciding LoRA placement, from the table followed so far"
+        );
     }
 
     /// The servers placement may use: healthy, with their model lists read. `None` until
@@ -125,13 +186,19 @@ impl LoraPlacer {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        if let Some(url) = self.opts.follow.clone() {
-            self.follow(url, ctx);
-            return;
-        }
         let counts = self.shared.fleet.take_counts();
         let dt = self.last_tick.elapsed().as_secs_f64();
         self.last_tick = Instant::now();
+        if let Some(url) = self.follow_url() {
+            self.following = true;
+            self.post_demand(&url, counts, ctx);
+            self.follow(url, ctx);
+            return;
+        }
+        if self.following && self.deciding() {
+            self.following = false;
+            self.adopt_followed_table();
+        }
         let Some(cat) = &self.catalogue else { return };
         self.demand.observe(
             counts.iter().map(|(id, r, t)| (id.as_str(), *r, *t)),
@@ -358,15 +425,66 @@ impl LoraPlacer {
         }
     }
 
+    /// A follower sends the decider its demand, so placement follows every replica's
+    /// traffic. Best effort: counts are dropped while the decider is away or the last post
+    /// is still on its way.
+    fn post_demand(
+        &mut self,
+        placement_url: &str,
+        counts: Vec<(String, u64, u64)>,
+        ctx: &mut Context<Self>,
+    ) {
+        if counts.is_empty() || self.posting {
+            return;
+        }
+        let Ok(mut url) = reqwest::Url::parse(placement_url) else {
+            return;
+        };
+        url.set_path("/lora/v1/demand");
+        url.set_query(None);
+        let post = DemandPost {
+            counts: counts
+                .into_iter()
+                .map(|(id, requests, tokens)| DemandCount {
+                    id,
+                    requests,
+                    tokens,
+                })
+                .collect(),
+        };
+        self.posting = true;
+        let req = self.client.post(url).json(&post);
+        let token = self.opts.token_file.clone();
+        let fut = async move {
+            let r = with_token(req, token).await.send().await;
+            match r {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("answered {}", r.status())),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        ctx.spawn(fut.into_actor(self).map(|res, a, _| {
+            a.posting = false;
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "demand not posted to the decider");
+            }
+        }));
+    }
+
     /// A follower's tick: the decider's table, kept as it was while the decider is away.
     fn follow(&mut self, url: String, ctx: &mut Context<Self>) {
         if self.fetching {
             return;
         }
         self.fetching = true;
-        let client = self.client.clone();
+        let req = self.client.get(&url);
+        let token = self.opts.token_file.clone();
         let fut = async move {
-            let r = client.get(&url).send().await.map_err(|e| e.to_string())?;
+            let r = with_token(req, token)
+                .await
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
             if !r.status().is_success() {
                 return Err(format!("{url} answered {}", r.status()));
             }
@@ -378,52 +496,16 @@ impl LoraPlacer {
             a.fetching = false;
             match res {
                 Ok(t) => {
+                    // A follower without the catalogue counts what the table places.
+                    if a.catalogue.is_none() {
+                        a.shared.fleet.count_only_if_changed(t.served.keys());
+                    }
                     let routed = Routed::new(t, a.shared.fleet.table.load().as_deref());
                     a.shared.fleet.table.store(Some(Arc::new(routed)));
                 }
                 Err(e) => tracing::debug!(error = %e, "placement table not fetched; routing keeps the last one"),
             }
         }));
-    }
-}
-
-/// The catalogue id `name` (a served name, or a plain id) is a version of, if any.
-fn catalogue_id<'a>(cat: &Catalogue, name: &'a str) -> Option<&'a str> {
-    let id = if cat.on_demand.contains_key(name) {
-        name
-    } else {
-        inferlane_sidecar::version::id_of(name)?
-    };
-    cat.on_demand.contains_key(id).then_some(id)
-}
-
-/// The catalogue placement decides about, from the sidecars' ConfigMap. `versioned`: each
-/// source is served under its own name (off with lazy loading: a LoRA resolver loads the
-/// name a request asks for from its folder).
-pub fn catalogue(cfg: &LoraConfig, versioned: bool) -> Catalogue {
-    Catalogue {
-        on_demand: cfg
-            .on_demand
-            .iter()
-            .map(|a| {
-                let served = if versioned {
-                    inferlane_sidecar::version::served_name(&a.id, &a.source)
-                } else {
-                    a.id.clone()
-                };
-                (
-                    a.id.clone(),
-                    Entry {
-                        id: a.id.clone(),
-                        source: a.source.clone(),
-                        rank: a.rank.unwrap_or(DEFAULT_RANK),
-                        served,
-                    },
-                )
-            })
-            .collect(),
-        pinned: cfg.ensure_exist.iter().map(|a| a.id.clone()).collect(),
-        never: cfg.ensure_not_exist.iter().map(|a| a.id.clone()).collect(),
     }
 }
 

@@ -11,6 +11,7 @@ use inferlane_sidecar::placed::merge;
 
 use crate::actors::messages::ConfigChanged;
 use crate::lora_fleet::wire::ServerSet;
+use crate::net::bearer::with_token;
 use crate::net::capped::json_capped;
 
 /// Largest set a sidecar reads: its server's homes, a few hundred entries at most.
@@ -86,13 +87,12 @@ impl PlacementFollower {
             let mut url =
                 reqwest::Url::parse(&opts.url).map_err(|e| format!("--placement-url: {e}"))?;
             url.query_pairs_mut().append_pair("server", &opts.server);
-            let mut req = client.get(url).timeout(Duration::from_secs(5));
-            if let Some(p) = &opts.token_file
-                && let Ok(t) = tokio::fs::read_to_string(p).await
-            {
-                req = req.bearer_auth(t.trim());
-            }
-            let r = req.send().await.map_err(|e| e.to_string())?;
+            let req = client.get(url).timeout(Duration::from_secs(5));
+            let r = with_token(req, opts.token_file.clone())
+                .await
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
             if !r.status().is_success() {
                 let code = r.status();
                 let text = r.text().await.unwrap_or_default();

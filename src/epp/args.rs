@@ -163,6 +163,15 @@ pub struct EppArgs {
     /// for active-active replicas, all but one.
     #[arg(long)]
     pub lora_placement_from: Option<String>,
+    /// Active-active replicas on Kubernetes: the replicas elect the one that decides on the
+    /// Lease `<pool>-epp-lora-placement`; the others follow its table, found on the lease.
+    /// A new decider starts from the table it followed: a change of decider moves nothing.
+    #[arg(long)]
+    pub lora_placement_election: bool,
+    /// The URL the other replicas read this one's table at, when it decides
+    /// (default `http://$POD_IP:<metrics-port>/lora/v1/placement`).
+    #[arg(long, env = "EPP_LORA_PLACEMENT_URL")]
+    pub lora_placement_advertise_url: Option<String>,
     /// `load`: the sidecars load each adapter on its homes before requests go there.
     /// `lazy`: requests go to the homes at once and the servers load on first use (vLLM's
     /// LoRA resolver plugins; every move costs a request a disk read).

@@ -3,6 +3,7 @@
 mod args;
 pub mod health;
 mod pages;
+mod placement_election;
 
 pub use args::{EppArgs, UPSTREAM_FLAGS, UnknownModels};
 
@@ -61,6 +62,8 @@ pub enum EppError {
     GrpcThreads(#[source] std::io::Error),
     #[error(transparent)]
     MemoryBudget(#[from] crate::memory::BudgetError),
+    #[error("{0}")]
+    Placement(String),
 }
 
 /// Addresses the servers bound (ports may have been 0).
@@ -151,7 +154,7 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
         health: local_addr(&health, "gRPC health", &args)?,
         metrics: local_addr(&pages_l, "metrics", &args)?,
     };
-    start_pool(&args, &shared, &metrics).await?;
+    start_pool(&args, &shared, &metrics, handle.metrics.port()).await?;
     start_lora_fleet(&args, &shared, &metrics);
     let serving = Serving {
         flow_settings,
@@ -245,6 +248,7 @@ async fn start_pool(
     args: &EppArgs,
     shared: &Arc<Shared>,
     metrics: &EppMetrics,
+    metrics_port: u16,
 ) -> Result<(), EppError> {
     // Rebuilds of a large prefix table (above 1,024) run here, not on a request.
     crate::actors::placement::PlacementKeeper::new(shared.clone(), Duration::from_millis(250))
@@ -274,8 +278,13 @@ async fn start_pool(
     )
     .start();
     let Some(pool_file) = args.pool_file.clone() else {
-        return start_kube(args, shared, datastore).await;
+        return start_kube(args, shared, datastore, metrics_port).await;
     };
+    if args.lora_placement_election {
+        return Err(EppError::Placement(
+            "--lora-placement-election needs Kubernetes (its Lease); with a pool file name the decider with --lora-placement-from".into(),
+        ));
+    }
     FileWatcher::<PoolFile>::new(
         WatcherOptions {
             path: pool_file,
@@ -309,6 +318,9 @@ fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) 
             max_cpu_loras: args.lora_max_cpu_loras,
             follow: args.lora_placement_from.clone(),
             leader_election: args.ha_enable_leader_election,
+            election: args.lora_placement_election,
+            token_file: Some(std::path::PathBuf::from(placement_election::TOKEN_FILE))
+                .filter(|p| args.lora_placement_election && p.exists()),
             min_drain_ticks: 2,
             max_drain: Duration::from_secs(120),
             params: inferlane_epp::fleet::Params::default(),
@@ -331,20 +343,30 @@ fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) 
 }
 
 /// Kubernetes as the pool's source: discovery, and the Lease with `--ha-enable-leader-election`.
+/// This replica's name on leases: its pod's name and a random suffix (a restarted pod is a
+/// new holder).
+fn lease_identity() -> String {
+    format!(
+        "{}-{:08x}",
+        std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "epp".into()),
+        rand::random::<u32>()
+    )
+}
+
 async fn start_kube(
     args: &EppArgs,
     shared: &Arc<Shared>,
     datastore: actix::Addr<Datastore>,
+    metrics_port: u16,
 ) -> Result<(), EppError> {
     let client = kube_client(args).await?;
+    if args.lora_placement_election {
+        placement_election::start(client.clone(), args, shared, lease_identity(), metrics_port)?;
+    }
     if args.ha_enable_leader_election {
-        let identity = format!(
-            "{}-{:08x}",
-            std::env::var("POD_NAME")
-                .or_else(|_| std::env::var("HOSTNAME"))
-                .unwrap_or_else(|_| "epp".into()),
-            rand::random::<u32>()
-        );
+        let identity = lease_identity();
         LeaderElector::new(
             client.clone(),
             LeaseOptions {
@@ -353,6 +375,7 @@ async fn start_kube(
                 identity,
                 lease_duration: args.lease_duration,
                 renew_every: args.lease_renew_interval,
+                annotations: Default::default(),
             },
             shared.is_leader.clone(),
         )

@@ -116,6 +116,21 @@ async fn placement(
     }
 }
 
+/// Largest demand post read (a count per catalogue adapter).
+const MAX_DEMAND_POST: usize = 1 << 20;
+
+/// A follower's demand: added to this replica's counts (catalogue adapters only; others are
+/// dropped, so the counters never grow from what is posted).
+async fn demand(
+    State(shared): State<Arc<Shared>>,
+    axum::Json(post): axum::Json<crate::lora_fleet::wire::DemandPost>,
+) -> StatusCode {
+    for c in &post.counts {
+        shared.fleet.add(&c.id, c.requests, c.tokens);
+    }
+    StatusCode::NO_CONTENT
+}
+
 /// `/debug/*` without auth: loopback clients only (a port-forward or the pod itself).
 async fn loopback_only(
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
@@ -127,7 +142,7 @@ async fn loopback_only(
     }
     (
         StatusCode::FORBIDDEN,
-        "debug pages answer loopback clients only; use kubectl port-forward, or turn on --metrics-endpoint-auth or --public-debug-endpoints\n",
+        "this path answers loopback clients only; use kubectl port-forward, or turn on --metrics-endpoint-auth (or --public-debug-endpoints for /debug/*)\n",
     )
         .into_response()
 }
@@ -148,9 +163,18 @@ pub fn router(p: Pages, auth: Option<Arc<crate::net::metrics_auth::MetricsAuth>>
         debug = debug.layer(axum::middleware::from_fn(loopback_only));
     }
     // The sidecars read their part from other pods: behind auth when it is on, like /metrics.
+    // Followers post their demand: it moves adapters, so without auth only from loopback.
+    let mut demand_post = Router::new()
+        .route("/lora/v1/demand", axum::routing::post(demand))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_DEMAND_POST))
+        .with_state(p.shared.clone());
+    if auth.is_none() {
+        demand_post = demand_post.layer(axum::middleware::from_fn(loopback_only));
+    }
     let lora = Router::new()
         .route("/lora/v1/placement", get(placement))
-        .with_state(p.shared.clone());
+        .with_state(p.shared.clone())
+        .merge(demand_post);
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .with_state(p)

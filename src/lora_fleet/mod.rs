@@ -1,5 +1,6 @@
 //! The LoRA fleet on the EPP's side: demand counters the request path bumps, and the placement table it routes by.
 
+pub mod catalogue;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -108,6 +109,11 @@ pub struct FleetState {
     /// Our requests in flight per (catalogue adapter, server address): a drain ends only
     /// when none is left, including those still on their way to the server.
     flights: Arc<Mutex<HashMap<(String, String), u32>>>,
+    /// `--lora-placement-election`: this replica holds the placement lease and decides.
+    pub elected: Arc<std::sync::atomic::AtomicBool>,
+    /// `--lora-placement-election`: the deciding replica's `/lora/v1/placement` URL, read
+    /// from its lease (`None` while this replica decides or none is known).
+    pub decider: Arc<ArcSwapOption<String>>,
 }
 
 /// One request in flight for a catalogue adapter on a server; counted down when dropped.
@@ -139,6 +145,14 @@ impl FleetState {
     pub fn count(&self, id: &str, prompt_tokens: u64) {
         if let Some((r, t)) = self.counters.load().by_id.get(id) {
             r.fetch_add(1, Ordering::Relaxed);
+            t.fetch_add(prompt_tokens, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds another replica's counts for `id` (catalogue adapters only, like [`Self::count`]).
+    pub fn add(&self, id: &str, requests: u64, prompt_tokens: u64) {
+        if let Some((r, t)) = self.counters.load().by_id.get(id) {
+            r.fetch_add(requests, Ordering::Relaxed);
             t.fetch_add(prompt_tokens, Ordering::Relaxed);
         }
     }
@@ -185,6 +199,16 @@ impl FleetState {
             })
             .collect();
         self.counters.store(Arc::new(Counters { by_id }));
+    }
+
+    /// [`Self::count_only`], unless `ids` are already the ones counted.
+    pub fn count_only_if_changed<'a>(&self, ids: impl Iterator<Item = &'a String> + Clone) {
+        let counted = self.counters.load();
+        let same = ids.clone().count() == counted.by_id.len()
+            && ids.clone().all(|id| counted.by_id.contains_key(id));
+        if !same {
+            self.count_only(ids.cloned());
+        }
     }
 
     /// Takes the counts since the last call: (id, requests, prompt tokens).

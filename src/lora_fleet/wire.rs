@@ -36,6 +36,21 @@ pub struct ServerPart {
     pub draining: BTreeSet<String>,
 }
 
+/// A follower's demand since its last post (`POST /lora/v1/demand` to the decider): the
+/// decider places from every replica's traffic, not only its own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DemandPost {
+    pub counts: Vec<DemandCount>,
+}
+
+/// Requests and prompt tokens for one catalogue adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DemandCount {
+    pub id: String,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
 /// One adapter a sidecar keeps loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placed {

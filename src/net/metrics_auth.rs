@@ -39,16 +39,18 @@ pub enum Verdict {
     Granted,
     /// The token is not valid (401).
     Unauthenticated,
-    /// Valid, but its user may not `get` the path (403).
+    /// Valid, but its user may not use the path with this verb (403).
     Forbidden,
 }
 
 /// Asks the API server; a trait so the cache and the limiter are tested without one.
 pub trait Reviewer: Send + Sync {
-    /// The verdict for `token` on `path`, or why the API server could not be asked.
+    /// The verdict for `token` doing `verb` (`get`, `post`) on `path`, or why the API server
+    /// could not be asked.
     fn review<'a>(
         &'a self,
         token: &'a str,
+        verb: &'a str,
         path: &'a str,
     ) -> BoxFuture<'a, Result<Verdict, String>>;
 }
@@ -60,6 +62,7 @@ impl Reviewer for KubeReviewer {
     fn review<'a>(
         &'a self,
         token: &'a str,
+        verb: &'a str,
         path: &'a str,
     ) -> BoxFuture<'a, Result<Verdict, String>> {
         Box::pin(async move {
@@ -86,7 +89,7 @@ impl Reviewer for KubeReviewer {
                     extra: user.extra,
                     non_resource_attributes: Some(NonResourceAttributes {
                         path: Some(path.to_string()),
-                        verb: Some("get".into()),
+                        verb: Some(verb.to_string()),
                     }),
                     ..Default::default()
                 },
@@ -153,8 +156,14 @@ impl MetricsAuth {
         }
     }
 
-    /// The answer for a request with this `Authorization` header value on `path`.
-    pub async fn check(&self, authorization: Option<&str>, path: &str) -> Result<(), Response> {
+    /// The answer for a request with this `Authorization` header value doing `verb` on
+    /// `path`.
+    pub async fn check(
+        &self,
+        authorization: Option<&str>,
+        verb: &str,
+        path: &str,
+    ) -> Result<(), Response> {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
@@ -165,7 +174,7 @@ impl MetricsAuth {
                 "send a service account token: Authorization: Bearer <token> (--metrics-endpoint-auth)",
             ));
         };
-        let key = (token.to_string(), path.to_string());
+        let key = (token.to_string(), format!("{verb} {path}"));
         let verdict = match self.cached(&key) {
             Some(v) => v,
             None if !self.take_review() => {
@@ -174,7 +183,7 @@ impl MetricsAuth {
                     "too many token reviews; retry shortly",
                 ));
             }
-            None => match self.reviewer.review(token, path).await {
+            None => match self.reviewer.review(token, verb, path).await {
                 Ok(v) => {
                     let ttl = if v == Verdict::Granted {
                         GRANTED_FOR
@@ -201,7 +210,7 @@ impl MetricsAuth {
             Verdict::Unauthenticated => Err(refuse(StatusCode::UNAUTHORIZED, "token not valid")),
             Verdict::Forbidden => Err(refuse(
                 StatusCode::FORBIDDEN,
-                "this identity may not get this path (grant nonResourceURLs get)",
+                "this identity may not use this path (grant nonResourceURLs with the request's verb: get, or post to /lora/v1/demand)",
             )),
         }
     }
@@ -222,7 +231,13 @@ pub async fn layer(State(auth): State<Arc<MetricsAuth>>, req: Request, next: Nex
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match auth.check(header, req.uri().path()).await {
+    // Kubernetes names a non-resource request's verb by its HTTP method, lowercased.
+    let verb = match *req.method() {
+        axum::http::Method::GET | axum::http::Method::HEAD => "get",
+        axum::http::Method::POST => "post",
+        _ => "other",
+    };
+    match auth.check(header, verb, req.uri().path()).await {
         Ok(()) => next.run(req).await,
         Err(r) => r,
     }
@@ -239,13 +254,14 @@ mod tests {
         fn review<'a>(
             &'a self,
             token: &'a str,
+            verb: &'a str,
             path: &'a str,
         ) -> BoxFuture<'a, Result<Verdict, String>> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
-                Ok(match (token, path) {
-                    ("prometheus", "/metrics") => Verdict::Granted,
-                    ("prometheus", _) => Verdict::Forbidden,
+                Ok(match (token, verb, path) {
+                    ("prometheus", "get", "/metrics") => Verdict::Granted,
+                    ("prometheus", _, _) => Verdict::Forbidden,
                     _ => Verdict::Unauthenticated,
                 })
             })
@@ -257,9 +273,9 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let auth = MetricsAuth::new(Box::new(Fake(calls.clone())));
         let status = |r: Result<(), Response>| r.err().map(|r| r.status().as_u16());
-        assert_eq!(status(auth.check(None, "/metrics").await), Some(401));
+        assert_eq!(status(auth.check(None, "get", "/metrics").await), Some(401));
         assert_eq!(
-            status(auth.check(Some("Basic x"), "/metrics").await),
+            status(auth.check(Some("Basic x"), "get", "/metrics").await),
             Some(401)
         );
         assert_eq!(
@@ -269,20 +285,35 @@ mod tests {
         );
         for _ in 0..5 {
             assert_eq!(
-                status(auth.check(Some("Bearer prometheus"), "/metrics").await),
+                status(
+                    auth.check(Some("Bearer prometheus"), "get", "/metrics")
+                        .await
+                ),
                 None
             );
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1, "granted once, then cached");
         assert_eq!(
-            status(auth.check(Some("Bearer prometheus"), "/debug/pool").await),
+            status(
+                auth.check(Some("Bearer prometheus"), "get", "/debug/pool")
+                    .await
+            ),
             Some(403)
+        );
+        assert_eq!(
+            status(
+                auth.check(Some("Bearer prometheus"), "post", "/metrics")
+                    .await
+            ),
+            Some(403),
+            "a grant to get is not one to post"
         );
         // Random tokens: each a review until the bucket is empty, then 429 without one.
         let mut codes = Vec::new();
         for i in 0..100 {
             codes.push(status(
-                auth.check(Some(&format!("Bearer t{i}")), "/metrics").await,
+                auth.check(Some(&format!("Bearer t{i}")), "get", "/metrics")
+                    .await,
             ));
         }
         let reviews = calls.load(Ordering::SeqCst);

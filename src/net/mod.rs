@@ -1,5 +1,6 @@
 //! Network plumbing every binary shares: the scrape client, pinned gRPC serving, TLS, the Kubernetes client, metrics pages and their auth.
 
+pub mod bearer;
 pub mod capped;
 pub mod kube_client;
 pub mod metrics_auth;

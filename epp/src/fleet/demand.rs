@@ -26,6 +26,16 @@ impl Default for Demand {
 }
 
 impl Demand {
+    /// Starts from rates measured elsewhere (a replica taking over from the decider it
+    /// followed); non-finite and negative rates are dropped.
+    pub fn seed(&mut self, rates: &BTreeMap<String, f64>) {
+        self.rate = rates
+            .iter()
+            .filter(|(_, r)| r.is_finite() && **r >= 0.0)
+            .map(|(id, r)| (id.clone(), *r))
+            .collect();
+    }
+
     /// Folds one interval of `dt_s` seconds: (requests, prompt tokens) per adapter. Adapters
     /// not in `known` are dropped (the map stays as large as the catalogue).
     pub fn observe<'a>(

@@ -87,16 +87,20 @@ impl Placer {
     /// each adapter keeps at least the homes it has, so nothing moves before its demand
     /// has been measured.
     pub fn seed(&mut self, current: &Homes) {
-        let mut count: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut count: BTreeMap<&str, (u32, Role)> = BTreeMap::new();
         for ids in current.values() {
-            for id in ids.keys() {
-                *count.entry(id).or_default() += 1;
+            for (id, role) in ids {
+                let c = count.entry(id).or_insert((0, Role::Cold));
+                c.0 += 1;
+                c.1 = c.1.max(*role);
             }
         }
+        // Several homes were hot; one keeps the role it had (a listed adapter is at least
+        // cached: what the servers list comes in as warm).
         self.found = count
             .into_iter()
-            .map(|(id, n)| {
-                let role = if n > 1 { Role::Hot } else { Role::Warm };
+            .map(|(id, (n, role))| {
+                let role = if n > 1 { Role::Hot } else { role };
                 (id.to_string(), Want { role, replicas: n })
             })
             .collect();
