@@ -24,8 +24,9 @@ fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=
 fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 fast.save_pretrained(base)
 
+# Two heads: a head size of 32 (vLLM 0.32's CPU attention supports 32 and up, not 16).
 cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 model = LlamaForCausalLM(cfg)
 model.save_pretrained(base, safe_serialization=True)

@@ -96,6 +96,9 @@ for _ in $(seq 1 100); do
   [ -s "$R/envoy.admin" ] && GW=$(curl -s "http://$(cat "$R/envoy.admin")/listeners?format=json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])' 2>/dev/null || true)
   [ -n "$GW" ] && break; sleep 0.1
 done
+# Catalogue adapters are served under versioned names (<id>@<tag>, docs/lora-fleet.md).
+plain() { ids | sed -E 's/@[0-9a-f]{8}//g'; }
+wait_ids() { for _ in $(seq 1 200); do [ "$(plain)" = "$1" ] && break; sleep 0.05; done; check "$2" "$(plain)" "$1"; }
 # The EPP routes to a home once a model list it read after placing there lists the adapter.
 wait_serving() { for _ in $(seq 1 100); do curl -s "http://$EPP_METRICS/metrics" | grep -q "inferlane_epp_lora_adapter_homes{adapter_name=\"$1\",state=\"serving\"} 1" && return; sleep 0.1; done; }
 wait_ids "a1,a2" "placement: both catalogue adapters loaded"
@@ -109,6 +112,23 @@ for _ in $(seq 1 10); do send a1; done
 cat_cfg "a1:a1 a2:a2" | write_cfg; wait_ids "a1,a2" "placement: a2 back, loaded"
 wait_serving a2
 for _ in $(seq 1 10); do send a1 a2; done
+# A new source for a2 is a new version: loaded beside the old, switched to, the old unloaded;
+# requests for a2 keep going throughout.
+old=$(ids | tr ',' '\n' | grep '^a2@' || true)
+cp -r "$R/a2" "$R/a2v2"
+( for _ in $(seq 1 60); do curl -s -o /dev/null -w '%{http_code}\n' "http://127.0.0.1:$GW/v1/completions" \
+    -H 'content-type: application/json' -d '{"model":"a2","prompt":"hi","max_tokens":2}'; sleep 0.1; done ) > "$R/swap.codes" &
+swapper=$!
+cat_cfg "a1:a1 a2:a2v2" | write_cfg
+new=""
+for _ in $(seq 1 300); do
+  new=$(ids | tr ',' '\n' | grep '^a2@' || true)
+  [ -n "$new" ] && [ "$new" != "$old" ] && [ "$(echo "$new" | wc -l)" = 1 ] && break; sleep 0.1
+done
+wait "$swapper"
+check "placement: a2's new source served under a new name, the old one unloaded" \
+  "$( [ -n "$new" ] && [ "$new" != "$old" ] && [ "$(echo "$new" | wc -l)" = 1 ] && echo yes)" "yes"
+check "placement: no failed request through the version swap" "$(grep -vc '^200$' "$R/swap.codes")" "0"
 check "placement: no failed request through the gateway" "$failed" "0"
 check "placement: /v1/models through the gateway lists both" \
   "$(curl -s "http://127.0.0.1:$GW/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))')" "a1,a2"

@@ -144,6 +144,8 @@ pub struct Versions {
     pub ids: std::collections::BTreeSet<String>,
     /// Served names kept loaded: placed here, or draining (still serving requests).
     pub keep: std::collections::BTreeSet<String>,
+    /// `ensureNotExist` ids: every version of them is unloaded.
+    pub never: std::collections::BTreeSet<String>,
 }
 
 impl LoraConfig {

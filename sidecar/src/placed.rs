@@ -30,6 +30,7 @@ pub fn merge(base: &LoraConfig, placed: Option<&BTreeSet<String>>) -> LoraConfig
     c.versions = Some(Versions {
         ids: base.on_demand.iter().map(|a| a.id.clone()).collect(),
         keep: placed.clone(),
+        never: base.ensure_not_exist.iter().map(|a| a.id.clone()).collect(),
     });
     c
 }
@@ -112,6 +113,23 @@ mod tests {
         // The drain ended: the old version unloads; nothing reloads in place.
         let ops = plan(&merge(&v2, Some(&set(&[&new]))), &actual);
         assert_eq!(ops, vec![AdapterOp::Unload { id: old.clone() }]);
+        // Moved to ensureNotExist: every version goes, whatever the EPP still drains.
+        let never = crate::parse(
+            &CFG.replace(
+                "    - id: bad\n      source: /a/bad\n  onDemand",
+                "    - id: bad\n      source: /a/bad\n    - id: x\n      source: /a/x2\n  onDemand",
+            ),
+            true,
+        )
+        .unwrap();
+        let ops = plan(&merge(&never, Some(&both)), &actual);
+        assert_eq!(
+            ops,
+            vec![
+                AdapterOp::Unload { id: new.clone() },
+                AdapterOp::Unload { id: old.clone() }
+            ]
+        );
         // This sidecar's ConfigMap lags the EPP's: it cannot load the new version, keeps
         // the old one the EPP still drains, and loads nothing it was not given a source for.
         let mut actual = Actual::default();

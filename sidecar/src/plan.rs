@@ -63,9 +63,13 @@ pub fn plan(config: &LoraConfig, actual: &Actual) -> Vec<AdapterOp> {
     if let Some(v) = &config.versions {
         let wanted = config.desired();
         for name in actual.adapters.keys() {
-            let stale = crate::version::id_of(name).is_some_and(|id| v.ids.contains(id))
-                && !v.keep.contains(name)
-                && !wanted.contains_key(name.as_str());
+            // Every version of an `ensureNotExist` id goes; a catalogue adapter's versions
+            // go unless placed or draining here.
+            let id = crate::version::id_of(name);
+            let stale = id.is_some_and(|id| v.never.contains(id))
+                || (id.is_some_and(|id| v.ids.contains(id))
+                    && !v.keep.contains(name)
+                    && !wanted.contains_key(name.as_str()));
             if stale && !ops.iter().any(|o| o.id() == name) {
                 ops.push(AdapterOp::Unload { id: name.clone() });
             }

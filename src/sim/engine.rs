@@ -198,11 +198,12 @@ impl Engine {
     }
 
     /// `/v1/load_lora_adapter` reads an adapter from disk at `now` for `secs`: the engine
-    /// runs no step meanwhile (reads queue behind each other).
-    pub fn block_for(&mut self, now: f64, secs: f64) {
+    /// runs no step meanwhile (reads queue behind each other). Returns when this read ends.
+    pub fn block_for(&mut self, now: f64, secs: f64) -> f64 {
         if secs.is_finite() && secs > 0.0 {
             self.blocked_until = self.blocked_until.max(now) + secs;
         }
+        self.blocked_until.max(now)
     }
 
     pub fn params(&self) -> &EngineParams {

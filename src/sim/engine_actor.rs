@@ -33,9 +33,10 @@ pub struct AdapterLoaded {
     pub rank: Option<u32>,
 }
 
-/// Fact: `/v1/load_lora_adapter` started reading an adapter from disk; it takes `secs`.
+/// Command: read an adapter from disk through the load API, `secs` long; answers how long
+/// until this read is done (reads queue on the engine's loop, as in vLLM).
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "f64")]
 pub struct AdapterReading {
     pub secs: f64,
 }
@@ -203,11 +204,11 @@ impl Handler<AdapterLoaded> for EngineActor {
 }
 
 impl Handler<AdapterReading> for EngineActor {
-    type Result = ();
+    type Result = f64;
 
-    fn handle(&mut self, msg: AdapterReading, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: AdapterReading, _ctx: &mut Context<Self>) -> f64 {
         let now = self.now();
-        self.engine.block_for(now, msg.secs);
+        self.engine.block_for(now, msg.secs) - now
     }
 }
 

@@ -127,11 +127,14 @@ pub(super) async fn load_adapter(State(state): State<Arc<SimState>>, body: Bytes
     let read_ms = state.args.lora_disk_ms_per_rank.max(0.0)
         * f64::from(adapter_rank(&req).unwrap_or(8))
         * state.args.time_scale.max(0.0);
-    if read_ms > 0.0 {
-        state.engine.do_send(AdapterReading {
-            secs: read_ms / 1000.0,
-        });
-    }
+    // The read queues behind the engine's other reads: the answer comes when it is done.
+    let read_ms = if read_ms > 0.0 {
+        let secs = read_ms / 1000.0;
+        let until = state.engine.send(AdapterReading { secs }).await;
+        until.unwrap_or(secs) * 1000.0
+    } else {
+        0.0
+    };
     let wait_ms = (state.args.lora_load_latency_ms as f64).max(read_ms);
     if wait_ms > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(wait_ms / 1000.0)).await;
