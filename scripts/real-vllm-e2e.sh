@@ -132,4 +132,33 @@ check "placement: no failed request through the version swap" "$(grep -vc '^200$
 check "placement: no failed request through the gateway" "$failed" "0"
 check "placement: /v1/models through the gateway lists both" \
   "$(curl -s "http://127.0.0.1:$GW/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))')" "a1,a2"
+
+# Demand moves an adapter between two real vLLM servers: a second server joins the pool; load
+# on a1 spreads it there (its sidecar loads it before any request goes there), and once the
+# load stops a1 shrinks back to one home: the other drains, then unloads it. No failed request.
+PORT2=$((PORT + 1))
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=true VLLM_CPU_KVCACHE_SPACE=1 \
+  .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$R/tiny-llama" \
+  --served-model-name tiny-llama --dtype float32 --enable-lora --max-loras 2 --max-lora-rank 8 \
+  --max-model-len 256 --host 127.0.0.1 --port "$PORT2" > "$R/vllm2.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 180); do curl -sf "http://127.0.0.1:$PORT2/health" >/dev/null && break; sleep 1; done
+sed "s/port: $PORT\$/port: $PORT2/" "$R/config/configmap.yaml" > "$R/sidecar3.yaml"
+target/debug/lora-sidecar --config "$R/sidecar3.yaml" --metrics-host 127.0.0.1 --metrics-port 0 \
+  --reconcile-trigger 1s --placement-url "http://$EPP_METRICS/lora/v1/placement" \
+  --placement-server "127.0.0.1:$PORT2" --placement-interval 500ms > "$R/sidecar3.out" 2> "$R/sidecar3.log" &
+pids+=($!)
+printf 'pool: {name: real}\nendpoints:\n- address: 127.0.0.1:%s\n- address: 127.0.0.1:%s\n' "$PORT" "$PORT2" > "$R/pool.yaml"
+homes_a1() { n=0; for b in "$BASE" "http://127.0.0.1:$PORT2"; do
+  curl -s "$b/v1/models" | grep -q '"id":"a1@' && n=$((n + 1)); done; echo $n; }
+( for _ in $(seq 1 400); do [ -e "$R/stop" ] && break; curl -s -o /dev/null -w '%{http_code}\n' "http://127.0.0.1:$GW/v1/completions" \
+    -H 'content-type: application/json' -d '{"model":"a1","prompt":"hi","max_tokens":2}'; done ) > "$R/demand.codes" &
+loader=$!
+for _ in $(seq 1 600); do [ "$(homes_a1)" = 2 ] && break; sleep 0.1; done
+check "placement: demand on a1 loads it on the second server" "$(homes_a1)" "2"
+touch "$R/stop"; wait "$loader"; rm -f "$R/stop"
+for _ in $(seq 1 900); do [ "$(homes_a1)" = 1 ] && break; sleep 0.1; done
+check "placement: demand gone, a1 drained and unloaded back to one home" "$(homes_a1)" "1"
+check "placement: no failed request while a1 spread and shrank" "$(grep -vc '^200$' "$R/demand.codes")" "0"
+echo "  a1 requests while spreading: $(wc -l < "$R/demand.codes")"
 exit $fail
