@@ -17,13 +17,17 @@ trap cleanup EXIT
 fail=0
 check() { if [ "$2" = "$3" ]; then echo "PASS $1"; else echo "FAIL $1: got [$2] want [$3]"; fail=1; fi; }
 
-VLLM_ALLOW_RUNTIME_LORA_UPDATING=true VLLM_CPU_KVCACHE_SPACE=1 \
-  .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$R/tiny-llama" \
-  --served-model-name tiny-llama --dtype float32 --enable-lora --max-loras 2 --max-lora-rank 8 \
-  --max-model-len 256 --host 127.0.0.1 --port "$PORT" > "$R/vllm.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 180); do curl -sf "$BASE/health" >/dev/null && break; sleep 1; done
-curl -sf "$BASE/health" >/dev/null || { echo "vLLM did not start; see $R/vllm.log"; exit 1; }
+# start_vllm PORT LOG: a tiny-Llama vLLM with runtime LoRA updates, up within 3 minutes.
+start_vllm() {
+  VLLM_ALLOW_RUNTIME_LORA_UPDATING=true VLLM_CPU_KVCACHE_SPACE=1 \
+    .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$R/tiny-llama" \
+    --served-model-name tiny-llama --dtype float32 --enable-lora --max-loras 2 --max-lora-rank 8 \
+    --max-model-len 256 --host 127.0.0.1 --port "$1" > "$2" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 180); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return; sleep 1; done
+  echo "vLLM did not start; see $2"; exit 1
+}
+start_vllm "$PORT" "$R/vllm.log"
 
 # Wire answers the simulator must copy.
 ans() { curl -s -o /dev/null -w '%{http_code}' -X POST "$BASE/v1/$1" -H 'content-type: application/json' -d "$2"; }
@@ -137,12 +141,7 @@ check "placement: /v1/models through the gateway lists both" \
 # on a1 spreads it there (its sidecar loads it before any request goes there), and once the
 # load stops a1 shrinks back to one home: the other drains, then unloads it. No failed request.
 PORT2=$((PORT + 1))
-VLLM_ALLOW_RUNTIME_LORA_UPDATING=true VLLM_CPU_KVCACHE_SPACE=1 \
-  .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$R/tiny-llama" \
-  --served-model-name tiny-llama --dtype float32 --enable-lora --max-loras 2 --max-lora-rank 8 \
-  --max-model-len 256 --host 127.0.0.1 --port "$PORT2" > "$R/vllm2.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 180); do curl -sf "http://127.0.0.1:$PORT2/health" >/dev/null && break; sleep 1; done
+start_vllm "$PORT2" "$R/vllm2.log"
 sed "s/port: $PORT\$/port: $PORT2/" "$R/config/configmap.yaml" > "$R/sidecar3.yaml"
 target/debug/lora-sidecar --config "$R/sidecar3.yaml" --metrics-host 127.0.0.1 --metrics-port 0 \
   --reconcile-trigger 1s --placement-url "http://$EPP_METRICS/lora/v1/placement" \

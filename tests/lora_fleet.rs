@@ -234,6 +234,32 @@ fn homes(t: &Value) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
+/// Stops [`traffic`], waits for its workers and asserts none of its requests failed; how many
+/// succeeded.
+async fn stop_and_check(
+    rig: &Rig,
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    ok: &AtomicU64,
+    failed: &std::sync::Mutex<Vec<String>>,
+) -> u64 {
+    stop.store(true, Ordering::Relaxed);
+    for h in tasks {
+        h.await.unwrap();
+    }
+    let failures = failed.lock().unwrap().clone();
+    let done = ok.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}\nEPP and sidecars:\n{}",
+        failures.len(),
+        done,
+        &failures[..failures.len().min(5)],
+        rig.trail()
+    );
+    done
+}
+
 /// Sends requests for `models` (round robin) from `workers` clients until `stop`; counts
 /// failures and keeps the first failure's text.
 fn traffic(
@@ -429,20 +455,8 @@ async fn adapters_are_placed_by_demand_loaded_before_routing_and_drained_before_
     )
     .unwrap_or(0.0);
     assert!(drained >= 2.0, "a0's two dropped homes drained: {drained}");
-    stop.store(true, Ordering::Relaxed);
-    for h in tasks {
-        h.await.unwrap();
-    }
-    let failures = failed.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} failed of {}: {:?}\nEPP and sidecars:\n{}",
-        failures.len(),
-        ok.load(Ordering::Relaxed),
-        &failures[..failures.len().min(5)],
-        rig.trail()
-    );
-    assert!(ok.load(Ordering::Relaxed) > 50);
+    let done = stop_and_check(&rig, &stop, tasks, &ok, &failed).await;
+    assert!(done > 50);
     let page = try_text(
         &rig.c,
         &format!("http://127.0.0.1:{}/metrics", rig.metrics_port),
@@ -673,20 +687,8 @@ async fn a_new_source_swaps_versions_without_a_failed_request() {
             .copied()
             .unwrap_or(0);
     }
-    stop.store(true, Ordering::Relaxed);
-    for h in tasks {
-        h.await.unwrap();
-    }
+    stop_and_check(&rig, &stop, tasks, &ok, &failed).await;
     assert!(on_new > 0, "the new version served requests");
-    let failures = failed.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} failed of {}: {:?}\nEPP and sidecars:\n{}",
-        failures.len(),
-        ok.load(Ordering::Relaxed),
-        &failures[..failures.len().min(5)],
-        rig.trail()
-    );
     // No reload in place: every load of a2 was of a new name.
     for s in &rig.sims {
         let st = sim_stats(&rig.c, s).await;
