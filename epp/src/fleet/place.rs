@@ -41,20 +41,33 @@ pub struct Placer {
     grace: u32,
 }
 
-/// GPU-slot homes for the busiest adapters (`demand` sorted, busiest first): each its share
-/// of `total` slots (at least 1, at most `cap`) while slots last; slots left by rounding go
+/// How far below the homes it has an adapter's exact share of the GPU slots must fall before
+/// it gives one up (rounding alone flips at 0.5: demand noise would add a home one tick and
+/// drop it the next, and every added home is a disk read that holds its server's engine).
+const STICK: f64 = 0.75;
+
+/// GPU-slot homes for the busiest adapters (`demand` sorted, busiest first; `have`: their
+/// hot homes now, 0 past its end): each its share of `total` slots (at least 1, at most
+/// `cap`; kept at what it has until its share falls [`STICK`] below it) while slots last;
+/// slots left go
 /// to the adapter with the most demand per home. The sum is `min(total, cap * len)`.
-fn hot_shares(demand: &[f64], total: u32, cap: u32) -> Vec<u32> {
+fn hot_shares(demand: &[f64], have: &[u32], total: u32, cap: u32) -> Vec<u32> {
     let sum: f64 = demand.iter().sum();
     if sum.is_nan() || sum <= 0.0 || cap == 0 {
         return Vec::new();
     }
     let mut r: Vec<u32> = Vec::new();
     let mut used = 0u32;
-    for d in demand {
-        let want = ((d / sum * total as f64).round() as u32)
-            .clamp(1, cap)
-            .min(total - used);
+    for (i, d) in demand.iter().enumerate() {
+        let exact = d / sum * total as f64;
+        let had = have.get(i).copied().unwrap_or(0);
+        // Scale-up at once; scale-down only once the share is STICK below the homes it has.
+        let want = if had > 0 && f64::from(had) > exact && f64::from(had) - exact < STICK {
+            had
+        } else {
+            exact.round() as u32
+        };
+        let want = want.clamp(1, cap).min(total - used);
         if want == 0 {
             break;
         }
@@ -126,7 +139,7 @@ impl Placer {
         if servers.is_empty() {
             return homes;
         }
-        let wants = self.wants(cat, servers, demand);
+        let wants = self.wants(cat, servers, demand, current);
         self.grace = self.grace.saturating_sub(1);
         if self.grace == 0 {
             self.found.clear();
@@ -173,6 +186,7 @@ impl Placer {
         cat: &Catalogue,
         servers: &[Server],
         demand: &BTreeMap<String, f64>,
+        current: &Homes,
     ) -> BTreeMap<String, Want> {
         let n = servers.len() as u32;
         let gpu: u32 = servers.iter().map(|s| s.gpu_slots).sum();
@@ -188,8 +202,18 @@ impl Placer {
             .iter()
             .take_while(|a| a.1 >= self.params.min_demand)
             .count();
+        // A hot adapter's homes now (those the GPU budget turned into cache entries count).
+        let hot_now = |id: &str| {
+            let roles = current.values().filter_map(|h| h.get(id));
+            if roles.clone().any(|r| *r == Role::Hot) {
+                roles.count() as u32
+            } else {
+                0
+            }
+        };
         let shares = hot_shares(
             &ids[..active].iter().map(|a| a.1).collect::<Vec<_>>(),
+            &ids[..active].iter().map(|a| hot_now(a.0)).collect::<Vec<_>>(),
             gpu,
             n,
         );

@@ -162,13 +162,26 @@ proptest! {
         cap in 1u32..10,
     ) {
         w.sort_by(|a, b| b.total_cmp(a));
-        let r = hot_shares(&w, total, cap);
+        let r = hot_shares(&w, &[], total, cap);
         prop_assert!(r.iter().all(|x| (1..=cap).contains(x)));
         let sum: u32 = r.iter().sum();
         prop_assert_eq!(sum, total.min(cap * w.len() as u32), "{:?} -> {:?}", w, r);
         // A busier adapter never gets fewer homes than a quieter one.
         prop_assert!(r.windows(2).all(|p| p[0] + 1 >= p[1]), "{:?} -> {:?}", w, r);
     }
+}
+
+#[test]
+fn hot_homes_grow_at_once_and_shrink_only_three_quarters_below() {
+    // Shares of 8 slots: 4.8, 2.4, 0.8.
+    let d = [6.0, 3.0, 1.0];
+    assert_eq!(hot_shares(&d, &[], 8, 8), vec![5, 2, 1]);
+    // 2.4 against 3 homes is within 0.75 below: it keeps 3; the slots run out before the third.
+    assert_eq!(hot_shares(&d, &[5, 3, 1], 8, 8), vec![5, 3]);
+    // Against 4 it is not: back to 2.
+    assert_eq!(hot_shares(&d, &[5, 4, 1], 8, 8), vec![5, 2, 1]);
+    // Growth is not held back: 4.8 against 4 homes rounds up to 5.
+    assert_eq!(hot_shares(&d, &[4, 2, 1], 8, 8), vec![5, 2, 1]);
 }
 
 fn eight() -> Vec<Server> {
