@@ -213,7 +213,10 @@ impl Placer {
         };
         let shares = hot_shares(
             &ids[..active].iter().map(|a| a.1).collect::<Vec<_>>(),
-            &ids[..active].iter().map(|a| hot_now(a.0)).collect::<Vec<_>>(),
+            &ids[..active]
+                .iter()
+                .map(|a| hot_now(a.0))
+                .collect::<Vec<_>>(),
             gpu,
             n,
         );
