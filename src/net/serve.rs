@@ -150,7 +150,14 @@ async fn serve_lane<S: GrpcService>(
     name: &'static str,
     max_concurrent_streams: u32,
 ) {
+    // h2 counts, for the life of a connection, the streams it resets itself (frames arriving
+    // for a stream we already ended, such as the body Envoy is still sending for a request
+    // refused at its headers) and sends GOAWAY ENHANCE_YOUR_CALM past 1,024: a burst of
+    // refusals, or days of them on one gateway connection, would fail every stream on it
+    // with a 500. Our peer is the gateway (the manifests admit only it), and h2's guard
+    // against remote rapid resets (max_pending_accept_reset_streams) stays on.
     let router = tonic::transport::Server::builder()
+        .http2_max_local_error_reset_streams(None)
         .max_concurrent_streams(Some(max_concurrent_streams.max(1)))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
