@@ -135,15 +135,7 @@ impl LoraPlacer {
         self.told = t
             .servers
             .iter()
-            .map(|(s, p)| {
-                let mut names: BTreeSet<String> = p
-                    .homes
-                    .keys()
-                    .filter_map(|id| t.served.get(id).cloned())
-                    .collect();
-                names.extend(p.draining.iter().cloned());
-                (s.clone(), names)
-            })
+            .map(|(s, p)| (s.clone(), t.kept(p)))
             .collect();
         self.demand.seed(&t.demand);
         self.seeded = false;
@@ -329,11 +321,7 @@ impl LoraPlacer {
         self.told = table
             .servers
             .iter()
-            .map(|(s, p)| {
-                let mut names = sets.get(s).cloned().unwrap_or_default();
-                names.extend(p.draining.iter().cloned());
-                (s.clone(), names)
-            })
+            .map(|(s, p)| (s.clone(), table.kept(p)))
             .collect();
         self.shared.fleet.table.store(Some(Arc::new(Routed::new(
             table,

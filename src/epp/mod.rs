@@ -342,7 +342,6 @@ fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) 
     }
 }
 
-/// Kubernetes as the pool's source: discovery, and the Lease with `--ha-enable-leader-election`.
 /// This replica's name on leases: its pod's name and a random suffix (a restarted pod is a
 /// new holder).
 fn lease_identity() -> String {
@@ -355,6 +354,8 @@ fn lease_identity() -> String {
     )
 }
 
+/// Kubernetes as the pool's source: discovery, the Lease with `--ha-enable-leader-election`,
+/// and the placement lease with `--lora-placement-election`.
 async fn start_kube(
     args: &EppArgs,
     shared: &Arc<Shared>,

@@ -345,6 +345,9 @@ mod tests {
         assert_eq!(set.adapters[0].id, "a");
         assert_eq!(set.draining[0].name, v1);
         assert_eq!(set.draining[0].id, "a");
+        let routed = f.table.load_full().unwrap();
+        let kept = routed.table.kept(&routed.table.servers["s2"]);
+        assert_eq!(kept, [v1, v2].map(String::from).into());
     }
 
     #[test]

@@ -91,6 +91,16 @@ impl Table {
         }
     }
 
+    /// The served names `part`'s server keeps loaded: its homes' current versions and the
+    /// names draining there.
+    pub fn kept(&self, part: &ServerPart) -> BTreeSet<String> {
+        part.homes
+            .keys()
+            .filter_map(|id| self.served.get(id).cloned())
+            .chain(part.draining.iter().cloned())
+            .collect()
+    }
+
     /// The part for `server` (its id or its address).
     pub fn server_set(&self, server: &str) -> Option<ServerSet> {
         let (id, part) = self
