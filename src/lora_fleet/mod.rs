@@ -44,6 +44,8 @@ pub struct Routed {
     /// list read after that shows its sidecar has loaded it (an older list may show a copy
     /// that was being unloaded).
     placed_at: HashMap<(String, String), Instant>,
+    /// Served names placed on each server (by address).
+    at: HashMap<String, Vec<String>>,
 }
 
 impl Routed {
@@ -52,11 +54,15 @@ impl Routed {
         let now = Instant::now();
         let mut routes: HashMap<String, Route> = HashMap::new();
         let mut placed_at = HashMap::new();
+        let mut at: HashMap<String, Vec<String>> = HashMap::new();
         for part in table.servers.values() {
             for id in part.homes.keys() {
                 let Some(served) = table.served.get(id) else {
                     continue;
                 };
+                at.entry(part.address.clone())
+                    .or_default()
+                    .push(served.clone());
                 let key = (served.clone(), part.address.clone());
                 let at = before
                     .and_then(|b| b.placed_at.get(&key))
@@ -81,7 +87,30 @@ impl Routed {
             table,
             routes,
             placed_at,
+            at,
         }
+    }
+
+    /// Whether `address` lists (in a read made after it was placed there) the served name
+    /// `served`.
+    fn loaded(
+        &self,
+        address: &str,
+        served: &str,
+        listed: &impl Fn(&str, &str) -> Option<Instant>,
+    ) -> bool {
+        let since = self
+            .placed_at
+            .get(&(served.to_string(), address.to_string()));
+        listed(address, served).is_some_and(|read| since.is_none_or(|at| read >= *at))
+    }
+
+    /// Whether a home placed on `address` is not loaded yet: its sidecar is about to read
+    /// it, or reading it, on the engine's loop.
+    fn loading(&self, address: &str, listed: &impl Fn(&str, &str) -> Option<Instant>) -> bool {
+        self.at
+            .get(address)
+            .is_some_and(|names| names.iter().any(|s| !self.loaded(address, s, listed)))
     }
 
     /// When `address` became a home of served name `served`, if it is one.
@@ -257,13 +286,23 @@ impl FleetState {
         if self.lazy.load(Ordering::Relaxed) {
             return (!route.homes.is_empty()).then(|| route.homes.iter().map(target).collect());
         }
-        let loaded = |(a, s): &&(String, String)| {
-            let since = routed.placed_at.get(&(s.clone(), a.clone()));
-            listed(a, s).is_some_and(|read| since.is_none_or(|at| read >= *at))
-        };
-        let homes: Vec<Target> = route.homes.iter().filter(loaded).map(target).collect();
+        let homes: Vec<&(String, String)> = route
+            .homes
+            .iter()
+            .filter(|(a, s)| routed.loaded(a, s, &listed))
+            .collect();
         if !homes.is_empty() {
-            return Some(homes);
+            // A server loading another adapter holds its engine for the read (every request
+            // there waits it out): while another home is not loading, requests go there.
+            let settled: Vec<Target> = homes
+                .iter()
+                .filter(|(a, _)| homes.len() > 1 && !routed.loading(a, &listed))
+                .map(|h| target(h))
+                .collect();
+            if !settled.is_empty() {
+                return Some(settled);
+            }
+            return Some(homes.into_iter().map(target).collect());
         }
         let listing = |(a, s): &&(String, String)| listed(a, s).is_some();
         let draining: Vec<Target> = route.draining.iter().filter(listing).map(target).collect();
@@ -348,6 +387,40 @@ mod tests {
         let routed = f.table.load_full().unwrap();
         let kept = routed.table.kept(&routed.table.servers["s2"]);
         assert_eq!(kept, [v1, v2].map(String::from).into());
+    }
+
+    #[test]
+    fn requests_avoid_a_home_whose_server_is_loading_another_adapter() {
+        let (s1, s2) = ("10.0.0.1:8000", "10.0.0.2:8000");
+        let mut t = Table::default();
+        for (s, addr) in [("s1", s1), ("s2", s2)] {
+            let mut part = wire::ServerPart {
+                address: addr.into(),
+                ..Default::default()
+            };
+            part.homes.insert("a".into(), Role::Hot);
+            t.servers.insert(s.into(), part);
+        }
+        t.servers
+            .get_mut("s2")
+            .unwrap()
+            .homes
+            .insert("b".into(), Role::Warm);
+        t.served.insert("a".into(), "a".into());
+        t.served.insert("b".into(), "b".into());
+        let f = FleetState::default();
+        f.table.store(Some(Arc::new(Routed::new(t, None))));
+        let now = Instant::now();
+        let without_b = move |_: &str, n: &str| (n == "a").then_some(now);
+        assert_eq!(f.allowed("a", without_b), Some(vec![target(s1, "a")]));
+        let all = move |_: &str, _: &str| Some(now);
+        assert_eq!(
+            f.allowed("a", all),
+            Some(vec![target(s1, "a"), target(s2, "a")])
+        );
+        // Its only home is loading: it still serves there.
+        let only_s2 = move |addr: &str, n: &str| (addr == s2 && n == "a").then_some(now);
+        assert_eq!(f.allowed("a", only_s2), Some(vec![target(s2, "a")]));
     }
 
     #[test]

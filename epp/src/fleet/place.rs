@@ -12,6 +12,10 @@ pub struct Params {
     pub min_demand: f64,
     /// Ticks a new decider keeps every home it found, while it measures demand.
     pub grace_ticks: u32,
+    /// Servers that take the disk reads: registered-only adapters live there, and no hot or
+    /// warm home does ([`read_servers`]). `None`: one server in four, rounded up, from three
+    /// servers on; 0: none (registered-only adapters anywhere).
+    pub read_servers: Option<u32>,
 }
 
 impl Default for Params {
@@ -19,6 +23,7 @@ impl Default for Params {
         Self {
             min_demand: 0.05,
             grace_ticks: 5,
+            read_servers: None,
         }
     }
 }
@@ -40,6 +45,11 @@ pub struct Placer {
     found: BTreeMap<String, Want>,
     grace: u32,
 }
+
+/// An adapter cached now keeps its entry against a challenger less than this many times as
+/// costly to leave uncached (demand x rank): Zipf demand measured over a few seconds reorders
+/// the quieter adapters every tick, and each swap is a disk read on a server that serves.
+const KEEP_CACHED: f64 = 2.0;
 
 /// How far below the homes it has an adapter's exact share of the GPU slots must fall before
 /// it gives one up (rounding alone flips at 0.5: demand noise would add a home one tick and
@@ -139,12 +149,13 @@ impl Placer {
         if servers.is_empty() {
             return homes;
         }
-        let wants = self.wants(cat, servers, demand, current);
+        let reads = read_servers(servers, self.params.read_servers);
+        let wants = self.wants(cat, servers, &reads, demand, current);
         self.grace = self.grace.saturating_sub(1);
         if self.grace == 0 {
             self.found.clear();
         }
-        let mut budget = Budget::new(servers, cat.pinned.len() as u32);
+        let mut budget = Budget::new(servers, cat.pinned.len() as u32, &reads);
         // Busiest first within a role.
         let mut order: Vec<(&String, Want)> = wants.iter().map(|(id, w)| (id, *w)).collect();
         order.sort_by(|a, b| {
@@ -185,13 +196,24 @@ impl Placer {
         &self,
         cat: &Catalogue,
         servers: &[Server],
+        reads: &[bool],
         demand: &BTreeMap<String, f64>,
         current: &Homes,
     ) -> BTreeMap<String, Want> {
-        let n = servers.len() as u32;
-        let gpu: u32 = servers.iter().map(|s| s.gpu_slots).sum();
         let pinned = cat.pinned.len() as u32;
-        let warm_cap: u32 = servers.iter().map(|s| cache_room(s, pinned)).sum();
+        let serving: Vec<&Server> = servers
+            .iter()
+            .zip(reads)
+            .filter(|(_, r)| !**r)
+            .map(|(s, _)| s)
+            .collect();
+        let n = serving.len() as u32;
+        // A hot home takes a cache entry too: a server has no more of them than of either.
+        let gpu: u32 = serving
+            .iter()
+            .map(|s| s.gpu_slots.min(cache_room(s, pinned)))
+            .sum();
+        let warm_cap: u32 = serving.iter().map(|s| cache_room(s, pinned)).sum();
         let mut ids: Vec<(&str, f64, u32)> = cat
             .placeable()
             .map(|e| (e.id.as_str(), demand_of(demand, &e.id), e.rank))
@@ -223,10 +245,28 @@ impl Placer {
         let hot = shares.len();
         let mut warm_left = warm_cap.saturating_sub(shares.iter().sum());
         // After the hot ones, the cache goes to the adapters whose disk reads cost the most
-        // per second: demand x rank.
-        ids[hot..active].sort_by(|a, b| {
-            (b.1 * f64::from(b.2))
-                .total_cmp(&(a.1 * f64::from(a.2)))
+        // per second: demand x rank, with a head start for those cached now.
+        let cached_now = |id: &str| {
+            serving.iter().any(|s| {
+                current
+                    .get(&s.id)
+                    .and_then(|h| h.get(id))
+                    .is_some_and(|r| *r >= Role::Warm)
+            })
+        };
+        let cost = |a: &(&str, f64, u32)| {
+            let keep = if cached_now(a.0) { KEEP_CACHED } else { 1.0 };
+            a.1 * f64::from(a.2) * keep
+        };
+        ids[hot..active].sort_by(|a, b| cost(b).total_cmp(&cost(a)).then(a.0.cmp(b.0)));
+        // Cache room no busy adapter wants goes to idle ones (cached now first, then the
+        // costliest reads): an entry left empty saves nothing, and a fresh decider, which
+        // has measured nothing yet, does not send every first request to the read servers.
+        let idle_from = hot.max(active);
+        ids[idle_from..].sort_by(|a, b| {
+            cached_now(b.0)
+                .cmp(&cached_now(a.0))
+                .then(b.2.cmp(&a.2))
                 .then(a.0.cmp(b.0))
         });
         let mut wants = BTreeMap::new();
@@ -236,7 +276,7 @@ impl Placer {
                     role: Role::Hot,
                     replicas: shares[i],
                 }
-            } else if i < active && warm_left > 0 {
+            } else if warm_left > 0 {
                 warm_left -= 1;
                 Want {
                     role: Role::Warm,
@@ -263,6 +303,31 @@ fn cache_room(s: &Server, pinned: u32) -> u32 {
     cache.saturating_sub(pinned).saturating_sub(cache / 8)
 }
 
+/// Which servers take the disk reads (true), chosen by rendezvous weight so that every
+/// replica picks the same ones and a server joining or leaving changes the choice rarely.
+/// vLLM reads an adapter in neither tier on the engine's loop, so every request on that
+/// server waits out the read, and the read pushes the least recently used adapter out of
+/// its host cache: a registered-only adapter's request spread over every server stalls all
+/// of them and evicts the adapters placed to stay cached. Confined to a few servers that
+/// hold no hot or warm home, reads stall only each other. At least one server is left to
+/// the others.
+pub fn read_servers(servers: &[Server], want: Option<u32>) -> Vec<bool> {
+    let n = servers.len();
+    let auto = if n >= 3 { n.div_ceil(4) } else { 0 };
+    let r = want.map_or(auto, |r| r as usize).min(n.saturating_sub(1));
+    let key = endpoint_key(READ_KEY);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&s| (std::cmp::Reverse(weight(key, servers[s].key)), s));
+    let mut reads = vec![false; n];
+    for &s in order.iter().take(r) {
+        reads[s] = true;
+    }
+    reads
+}
+
+/// Rendezvous key that ranks servers for [`read_servers`].
+const READ_KEY: &str = "inferlane/lora-read-servers";
+
 fn demand_of(demand: &BTreeMap<String, f64>, id: &str) -> f64 {
     demand
         .get(id)
@@ -275,13 +340,27 @@ fn demand_of(demand: &BTreeMap<String, f64>, id: &str) -> f64 {
 struct Budget {
     hot: Vec<u32>,
     warm: Vec<u32>,
+    /// Where registered-only homes may be.
+    cold: Vec<bool>,
+    /// Read servers: nothing above registered-only, ever.
+    read: Vec<bool>,
 }
 
 impl Budget {
-    fn new(servers: &[Server], pinned: u32) -> Self {
+    /// Read servers get no hot or warm home; registered-only homes go only to them (to any
+    /// server when there are none).
+    fn new(servers: &[Server], pinned: u32, reads: &[bool]) -> Self {
+        let any_read = reads.contains(&true);
+        let serve = |s: usize, n: u32| if reads[s] { 0 } else { n };
         Self {
-            hot: servers.iter().map(|s| s.gpu_slots).collect(),
-            warm: servers.iter().map(|s| cache_room(s, pinned)).collect(),
+            hot: (0..servers.len())
+                .map(|s| serve(s, servers[s].gpu_slots))
+                .collect(),
+            warm: (0..servers.len())
+                .map(|s| serve(s, cache_room(&servers[s], pinned)))
+                .collect(),
+            cold: reads.iter().map(|r| *r || !any_read).collect(),
+            read: reads.to_vec(),
         }
     }
 
@@ -289,7 +368,7 @@ impl Budget {
         match role {
             Role::Hot => self.hot[s] > 0 && self.warm[s] > 0,
             Role::Warm => self.warm[s] > 0,
-            Role::Cold => true,
+            Role::Cold => self.cold[s],
         }
     }
 
@@ -329,12 +408,20 @@ impl Budget {
             if placed.len() as u32 >= want.replicas {
                 break;
             }
+            // An adapter wanted cached leaves a read server (it could never be cached there).
+            if want.role > Role::Cold && self.read[s] {
+                continue;
+            }
             let role = was.min(want.role);
             let role = if self.fits(s, role) {
                 role
             } else if role == Role::Hot && self.fits(s, Role::Warm) {
                 Role::Warm
-            } else if want.role <= Role::Warm && want.replicas == 1 && placed.is_empty() {
+            } else if want.role <= Role::Warm
+                && want.replicas == 1
+                && placed.is_empty()
+                && self.fits(s, Role::Cold)
+            {
                 Role::Cold
             } else {
                 continue;

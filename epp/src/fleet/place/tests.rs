@@ -216,7 +216,7 @@ fn a_hot_adapter_gets_homes_in_proportion_and_sheds_them_as_its_demand_falls() {
         "an idle adapter keeps one home"
     );
     // A flash crowd: a cold adapter takes a fifth of the traffic; one tick later it has
-    // homes in proportion.
+    // homes in proportion (of the 24 GPU slots of the six servers that do not read).
     traffic[150].1 = 150;
     d.observe(
         traffic.iter().map(|(id, n)| (id.as_str(), *n, 0)),
@@ -225,7 +225,7 @@ fn a_hot_adapter_gets_homes_in_proportion_and_sheds_them_as_its_demand_falls() {
     );
     h = p.place(&cat, &servers, d.rates(), &held(&h));
     let crowd = homes_of(&h, "a150").len();
-    assert!(crowd >= 4, "{crowd}");
+    assert!(crowd >= 3, "{crowd}");
     // It falls silent: its smoothed demand falls by a fifth a tick, and its homes with it,
     // not at once.
     traffic[150].1 = 0;
@@ -250,25 +250,44 @@ fn a_hot_adapter_gets_homes_in_proportion_and_sheds_them_as_its_demand_falls() {
 #[test]
 fn losing_a_server_moves_only_its_adapters() {
     let servers = eight();
-    let cat = catalogue(40, &[], &[]);
-    let demand = BTreeMap::new();
-    let mut p = Placer::default();
-    let before = p.place(&cat, &servers, &demand, &BTreeMap::new());
-    let gone = &servers[3].id;
-    let after = p.place(
-        &cat,
-        &servers[..3]
+    let cat = catalogue(200, &[], &[]);
+    let demand: BTreeMap<String, f64> = (0..40)
+        .map(|i| (format!("a{i}"), 10.0 / (1 + i) as f64))
+        .collect();
+    let reads = read_servers(&servers, None);
+    // A server that reads and one that serves; the read servers stay the same two when a
+    // serving one leaves (when a read server leaves, the next in rendezvous order takes its
+    // place and its own homes move).
+    for gone in [0, 3] {
+        let mut p = Placer::default();
+        let before = p.place(&cat, &servers, &demand, &BTreeMap::new());
+        let left: Vec<Server> = servers
             .iter()
-            .chain(&servers[4..])
-            .cloned()
-            .collect::<Vec<_>>(),
-        &demand,
-        &held(&before),
-    );
-    for e in cat.on_demand.values() {
-        let was = homes_of(&before, &e.id);
-        if was.iter().all(|(s, _)| s != gone) {
-            assert_eq!(was, homes_of(&after, &e.id), "{} moved", e.id);
+            .enumerate()
+            .filter(|(i, _)| *i != gone)
+            .map(|(_, s)| s.clone())
+            .collect();
+        let after = p.place(&cat, &left, &demand, &held(&before));
+        if reads[gone] {
+            continue;
+        }
+        assert_eq!(
+            read_servers(&left, None),
+            reads
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != gone)
+                .map(|(_, r)| *r)
+                .collect::<Vec<_>>()
+        );
+        // Busy adapters: the room the server took is taken from idle ones.
+        for id in demand.keys() {
+            let was = homes_of(&before, id);
+            // Roles may change in place (fewer GPU slots in all); servers may not.
+            let on = |h: &[(String, Role)]| h.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+            if was.iter().all(|(s, _)| *s != servers[gone].id) {
+                assert_eq!(on(&was), on(&homes_of(&after, id)), "{id} moved");
+            }
         }
     }
 }
@@ -296,4 +315,70 @@ fn a_restarted_decider_keeps_the_homes_it_finds_until_demand_is_measured() {
     let quiet = BTreeMap::new();
     let next = fresh.place(&cat, &servers, &quiet, &held(&found));
     assert_eq!(sets(&next), sets(&found), "no demand yet, nothing moves");
+}
+
+#[test]
+fn reads_are_confined_and_a_busy_adapter_leaves_its_read_server() {
+    let servers = eight();
+    let reads = read_servers(&servers, None);
+    assert_eq!(reads.iter().filter(|r| **r).count(), 2, "one in four");
+    assert_eq!(
+        reads,
+        read_servers(&servers, None),
+        "the same on every replica"
+    );
+    let is_read = |s: &str| reads[servers.iter().position(|x| x.id == s).unwrap()];
+    let confined = |h: &Homes| {
+        for (s, m) in h {
+            for (id, r) in m {
+                assert_eq!(is_read(s), *r == Role::Cold, "{id} {r:?} on {s}");
+            }
+        }
+    };
+    let cat = catalogue(200, &[], &[]);
+    let mut p = Placer::default();
+    let idle = p.place(&cat, &servers, &BTreeMap::new(), &BTreeMap::new());
+    check_budgets(&idle, &servers, &cat).unwrap();
+    confined(&idle);
+    let cached = idle
+        .values()
+        .flat_map(|m| m.values())
+        .filter(|r| **r >= Role::Warm)
+        .count();
+    assert_eq!(
+        cached,
+        6 * 14,
+        "idle adapters fill the six serving servers' cache room"
+    );
+    let demand: BTreeMap<String, f64> = (100..120)
+        .map(|i| (format!("a{i}"), 10.0 / (1 + i - 100) as f64))
+        .collect();
+    let mut busy = held(&idle);
+    for _ in 0..3 {
+        busy = p.place(&cat, &servers, &demand, &held(&busy));
+        check_budgets(&busy, &servers, &cat).unwrap();
+        confined(&busy);
+    }
+    for i in 100..120 {
+        let id = format!("a{i}");
+        let homes = homes_of(&busy, &id);
+        assert!(
+            homes.iter().all(|(_, r)| *r >= Role::Warm),
+            "{id}: {homes:?}"
+        );
+    }
+    let none = Placer::new(Params {
+        read_servers: Some(0),
+        ..Params::default()
+    })
+    .place(&cat, &servers, &BTreeMap::new(), &BTreeMap::new());
+    let colds: BTreeSet<&String> = none
+        .iter()
+        .filter(|(_, m)| m.values().any(|r| *r == Role::Cold))
+        .map(|(s, _)| s)
+        .collect();
+    assert!(
+        colds.len() > 2,
+        "0 read servers: registered anywhere ({colds:?})"
+    );
 }
