@@ -21,8 +21,10 @@ pub struct Counters {
 /// Where an adapter's requests may go: (address, served name) pairs.
 #[derive(Debug, Clone, Default)]
 pub struct Route {
-    /// Its homes, with its current version's name.
+    /// Its homes that keep it in a tier (hot or warm), with its current version's name.
     pub homes: Vec<(String, String)>,
+    /// Where it is registered only (its read server): used while no tier home serves.
+    pub reads: Vec<(String, String)>,
     /// Where it drains (dropped homes, replaced versions), used only while no home lists
     /// the current version yet.
     pub draining: Vec<(String, String)>,
@@ -56,7 +58,7 @@ impl Routed {
         let mut placed_at = HashMap::new();
         let mut at: HashMap<String, Vec<String>> = HashMap::new();
         for part in table.servers.values() {
-            for id in part.homes.keys() {
+            for (id, role) in &part.homes {
                 let Some(served) = table.served.get(id) else {
                     continue;
                 };
@@ -69,11 +71,13 @@ impl Routed {
                     .copied()
                     .unwrap_or(now);
                 placed_at.insert(key, at);
-                routes
-                    .entry(id.clone())
-                    .or_default()
-                    .homes
-                    .push((part.address.clone(), served.clone()));
+                let route = routes.entry(id.clone()).or_default();
+                let list = if *role == inferlane_epp::fleet::Role::Cold {
+                    &mut route.reads
+                } else {
+                    &mut route.homes
+                };
+                list.push((part.address.clone(), served.clone()));
             }
             for name in &part.draining {
                 routes
@@ -283,8 +287,10 @@ impl FleetState {
             address: a.clone(),
             served: s.clone(),
         };
+        let all = route.homes.iter().chain(&route.reads);
         if self.lazy.load(Ordering::Relaxed) {
-            return (!route.homes.is_empty()).then(|| route.homes.iter().map(target).collect());
+            return (!route.homes.is_empty() || !route.reads.is_empty())
+                .then(|| all.map(target).collect());
         }
         let homes: Vec<&(String, String)> = route
             .homes
@@ -304,6 +310,15 @@ impl FleetState {
             }
             return Some(homes.into_iter().map(target).collect());
         }
+        let reads: Vec<Target> = route
+            .reads
+            .iter()
+            .filter(|(a, s)| routed.loaded(a, s, &listed))
+            .map(target)
+            .collect();
+        if !reads.is_empty() {
+            return Some(reads);
+        }
         let listing = |(a, s): &&(String, String)| listed(a, s).is_some();
         let draining: Vec<Target> = route.draining.iter().filter(listing).map(target).collect();
         if !draining.is_empty() {
@@ -311,7 +326,7 @@ impl FleetState {
         }
         // Nothing known to be loaded since placed (a follower's or restarted decider's
         // first table): homes that list it at all, as routing without placement would.
-        let listed_homes: Vec<Target> = route.homes.iter().filter(listing).map(target).collect();
+        let listed_homes: Vec<Target> = all.filter(listing).map(target).collect();
         (!listed_homes.is_empty()).then_some(listed_homes)
     }
 }

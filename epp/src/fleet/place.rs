@@ -21,7 +21,7 @@ pub struct Params {
 impl Default for Params {
     fn default() -> Self {
         Self {
-            min_demand: 0.05,
+            min_demand: 0.005,
             grace_ticks: 5,
             read_servers: None,
         }
@@ -42,7 +42,7 @@ struct Want {
 pub struct Placer {
     pub params: Params,
     /// What a new decider found, kept for `grace` more ticks.
-    found: BTreeMap<String, Want>,
+    found: Homes,
     grace: u32,
 }
 
@@ -110,24 +110,35 @@ impl Placer {
     /// each adapter keeps at least the homes it has, so nothing moves before its demand
     /// has been measured.
     pub fn seed(&mut self, current: &Homes) {
-        let mut count: BTreeMap<&str, (u32, Role)> = BTreeMap::new();
-        for ids in current.values() {
-            for (id, role) in ids {
-                let c = count.entry(id).or_insert((0, Role::Cold));
-                c.0 += 1;
-                c.1 = c.1.max(*role);
+        self.found = current.clone();
+        self.grace = self.params.grace_ticks;
+    }
+
+    /// What a new decider found `id` to have: several cached homes were hot, one keeps the
+    /// role it had (a listed adapter is at least cached: what the servers list comes in as
+    /// warm); a registration on a read server is a cold home whatever it came in as.
+    fn found(&self, id: &str, servers: &[Server], reads: &[bool]) -> Option<Want> {
+        let mut n = 0u32;
+        let mut role = None;
+        for (s, server) in servers.iter().enumerate() {
+            let Some(r) = self.found.get(&server.id).and_then(|h| h.get(id)) else {
+                continue;
+            };
+            if reads[s] {
+                role = role.max(Some(Role::Cold));
+            } else {
+                n += 1;
+                role = role.max(Some(*r));
             }
         }
-        // Several homes were hot; one keeps the role it had (a listed adapter is at least
-        // cached: what the servers list comes in as warm).
-        self.found = count
-            .into_iter()
-            .map(|(id, (n, role))| {
-                let role = if n > 1 { Role::Hot } else { role };
-                (id.to_string(), Want { role, replicas: n })
-            })
-            .collect();
-        self.grace = self.params.grace_ticks;
+        let role = role?;
+        Some(match n {
+            0 | 1 => Want { role, replicas: 1 },
+            _ => Want {
+                role: Role::Hot,
+                replicas: n,
+            },
+        })
     }
 
     /// This tick's homes. `current` is what each server holds now and in which role (last
@@ -186,6 +197,18 @@ impl Placer {
                 }
             }
         }
+        // Every adapter stays registered on a read server as well: its requests read there
+        // while its cached homes load and after they are dropped, and dropping a cached home
+        // is an unload, not a read on another server.
+        for (id, _) in &order {
+            let on_read =
+                (0..servers.len()).any(|s| reads[s] && homes[&servers[s].id].contains_key(*id));
+            if let Some(s) = read_home(id, servers, &reads, current).filter(|_| !on_read)
+                && let Some(h) = homes.get_mut(&servers[s].id)
+            {
+                h.insert((*id).clone(), Role::Cold);
+            }
+        }
         homes
     }
 
@@ -226,7 +249,12 @@ impl Placer {
             .count();
         // A hot adapter's homes now (those the GPU budget turned into cache entries count).
         let hot_now = |id: &str| {
-            let roles = current.values().filter_map(|h| h.get(id));
+            let roles = servers
+                .iter()
+                .zip(reads)
+                .filter(|(_, r)| !**r)
+                .filter_map(|(s, _)| current.get(&s.id).and_then(|h| h.get(id)))
+                .filter(|r| **r >= Role::Warm);
             if roles.clone().any(|r| *r == Role::Hot) {
                 roles.count() as u32
             } else {
@@ -244,6 +272,8 @@ impl Placer {
         );
         let hot = shares.len();
         let mut warm_left = warm_cap.saturating_sub(shares.iter().sum());
+        // Nothing measured yet (a fresh fleet): idle adapters may take new cache entries.
+        let fresh = active == 0;
         // After the hot ones, the cache goes to the adapters whose disk reads cost the most
         // per second: demand x rank, with a head start for those cached now.
         let cached_now = |id: &str| {
@@ -259,9 +289,10 @@ impl Placer {
             a.1 * f64::from(a.2) * keep
         };
         ids[hot..active].sort_by(|a, b| cost(b).total_cmp(&cost(a)).then(a.0.cmp(b.0)));
-        // Cache room no busy adapter wants goes to idle ones (cached now first, then the
-        // costliest reads): an entry left empty saves nothing, and a fresh decider, which
-        // has measured nothing yet, does not send every first request to the read servers.
+        // Cache room no busy adapter wants stays with the idle adapters that have it (an
+        // entry emptied saves nothing; a new one would cost a read), and on a fresh fleet
+        // goes to the costliest reads, so that the first requests do not all go to the read
+        // servers.
         let idle_from = hot.max(active);
         ids[idle_from..].sort_by(|a, b| {
             cached_now(b.0)
@@ -276,7 +307,7 @@ impl Placer {
                     role: Role::Hot,
                     replicas: shares[i],
                 }
-            } else if warm_left > 0 {
+            } else if warm_left > 0 && (i < active || fresh || cached_now(id)) {
                 warm_left -= 1;
                 Want {
                     role: Role::Warm,
@@ -288,7 +319,7 @@ impl Placer {
                     replicas: 1,
                 }
             };
-            let found = self.found.get(*id).copied().unwrap_or(want);
+            let found = self.found(id, servers, reads).unwrap_or(want);
             wants.insert(id.to_string(), want.max(found));
         }
         wants
@@ -323,6 +354,23 @@ pub fn read_servers(servers: &[Server], want: Option<u32>) -> Vec<bool> {
         reads[s] = true;
     }
     reads
+}
+
+/// The read server an adapter is registered on: where it is now, else the read server of
+/// highest rendezvous weight; `None` without read servers.
+fn read_home(id: &str, servers: &[Server], reads: &[bool], current: &Homes) -> Option<usize> {
+    let key = endpoint_key(id);
+    let mut on: Vec<usize> = (0..servers.len()).filter(|&s| reads[s]).collect();
+    on.sort_by_key(|&s| {
+        let here = current
+            .get(&servers[s].id)
+            .is_some_and(|h| h.contains_key(id));
+        (
+            std::cmp::Reverse(here),
+            std::cmp::Reverse(weight(key, servers[s].key)),
+        )
+    });
+    on.first().copied()
 }
 
 /// Rendezvous key that ranks servers for [`read_servers`].

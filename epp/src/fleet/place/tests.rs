@@ -52,6 +52,14 @@ fn homes_of(h: &Homes, id: &str) -> Vec<(String, Role)> {
         .collect()
 }
 
+/// Its homes that hold it in a tier (not its registration on a read server).
+fn cached_of(h: &Homes, id: &str) -> Vec<(String, Role)> {
+    homes_of(h, id)
+        .into_iter()
+        .filter(|(_, r)| *r >= Role::Warm)
+        .collect()
+}
+
 fn check_budgets(h: &Homes, servers: &[Server], cat: &Catalogue) -> Result<(), TestCaseError> {
     for s in servers {
         let m = &h[&s.id];
@@ -207,13 +215,12 @@ fn a_hot_adapter_gets_homes_in_proportion_and_sheds_them_as_its_demand_falls() {
         );
         h = p.place(&cat, &servers, d.rates(), &held(&h));
     }
-    let hot0 = homes_of(&h, "a0");
+    let hot0 = cached_of(&h, "a0");
     assert!(hot0.len() >= 4, "the busiest adapter spreads: {hot0:?}");
     assert!(hot0.iter().all(|(_, r)| *r == Role::Hot));
-    assert_eq!(
-        homes_of(&h, "a199").len(),
-        1,
-        "an idle adapter keeps one home"
+    assert!(
+        cached_of(&h, "a199").len() <= 1,
+        "a quiet adapter has one cache entry at most"
     );
     // A flash crowd: a cold adapter takes a fifth of the traffic; one tick later it has
     // homes in proportion (of the 24 GPU slots of the six servers that do not read).
@@ -224,7 +231,7 @@ fn a_hot_adapter_gets_homes_in_proportion_and_sheds_them_as_its_demand_falls() {
         known,
     );
     h = p.place(&cat, &servers, d.rates(), &held(&h));
-    let crowd = homes_of(&h, "a150").len();
+    let crowd = cached_of(&h, "a150").len();
     assert!(crowd >= 3, "{crowd}");
     // It falls silent: its smoothed demand falls by a fifth a tick, and its homes with it,
     // not at once.
@@ -237,14 +244,14 @@ fn a_hot_adapter_gets_homes_in_proportion_and_sheds_them_as_its_demand_falls() {
             known,
         );
         h = p.place(&cat, &servers, d.rates(), &held(&h));
-        seen.push(homes_of(&h, "a150").len());
+        seen.push(cached_of(&h, "a150").len());
     }
     assert!(
         seen[1] + 1 >= crowd,
         "one quiet tick sheds at most one home: {seen:?}"
     );
     assert!(seen.windows(2).all(|w| w[1] <= w[0]), "{seen:?}");
-    assert_eq!(*seen.last().unwrap(), 1, "{seen:?}");
+    assert!(*seen.last().unwrap() <= 1, "{seen:?}");
 }
 
 #[test]
@@ -361,11 +368,12 @@ fn reads_are_confined_and_a_busy_adapter_leaves_its_read_server() {
     }
     for i in 100..120 {
         let id = format!("a{i}");
-        let homes = homes_of(&busy, &id);
-        assert!(
-            homes.iter().all(|(_, r)| *r >= Role::Warm),
-            "{id}: {homes:?}"
-        );
+        assert!(!cached_of(&busy, &id).is_empty(), "{id} not cached");
+    }
+    for e in cat.on_demand.values() {
+        let homes = homes_of(&busy, &e.id);
+        let read = homes.iter().filter(|(s, _)| is_read(s)).count();
+        assert_eq!(read, 1, "{} registered on one read server: {homes:?}", e.id);
     }
     let none = Placer::new(Params {
         read_servers: Some(0),
