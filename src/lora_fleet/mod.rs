@@ -439,6 +439,35 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_home_serves_before_the_read_server() {
+        let (warm, read) = ("10.0.0.1:8000", "10.0.0.9:8000");
+        let mut t = Table::default();
+        for (s, addr, role) in [("w", warm, Role::Warm), ("r", read, Role::Cold)] {
+            let mut part = wire::ServerPart {
+                address: addr.into(),
+                ..Default::default()
+            };
+            part.homes.insert("a".into(), role);
+            t.servers.insert(s.into(), part);
+        }
+        t.served.insert("a".into(), "a".into());
+        let f = FleetState::default();
+        f.table.store(Some(Arc::new(Routed::new(t, None))));
+        let now = Instant::now();
+        let all = move |_: &str, _: &str| Some(now);
+        assert_eq!(f.allowed("a", all), Some(vec![target(warm, "a")]));
+        // Its cached home is still loading: the read server registered it and serves.
+        let read_only = move |addr: &str, _: &str| (addr == read).then_some(now);
+        assert_eq!(f.allowed("a", read_only), Some(vec![target(read, "a")]));
+        // Lazy placement: every home at once.
+        f.lazy.store(true, Ordering::Relaxed);
+        assert_eq!(
+            f.allowed("a", |_, _| None),
+            Some(vec![target(warm, "a"), target(read, "a")])
+        );
+    }
+
+    #[test]
     fn only_catalogue_adapters_are_counted() {
         let f = FleetState::default();
         f.count("a", 10);

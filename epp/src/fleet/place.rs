@@ -46,10 +46,10 @@ pub struct Placer {
     grace: u32,
 }
 
-/// An adapter cached now keeps its entry against a challenger less than this many times as
-/// costly to leave uncached (demand x rank): Zipf demand measured over a few seconds reorders
-/// the quieter adapters every tick, and each swap is a disk read on a server that serves.
-const KEEP_CACHED: f64 = 2.0;
+/// An adapter cached now keeps its entry against a challenger with less than this many times
+/// its demand: Zipf demand measured over a few seconds reorders the quieter adapters every
+/// tick, and each swap is a disk read on a server that serves.
+const KEEP_CACHED: f64 = 1.5;
 
 /// How far below the homes it has an adapter's exact share of the GPU slots must fall before
 /// it gives one up (rounding alone flips at 0.5: demand noise would add a home one tick and
@@ -232,10 +232,14 @@ impl Placer {
             .collect();
         let n = serving.len() as u32;
         // A hot home takes a cache entry too: a server has no more of them than of either.
+        // Hot homes share half of them: a request for a warm adapter needs a free slot to
+        // run, and every extra home of a busy adapter is a cache entry a quieter one lacks
+        // (its requests then read from disk).
         let gpu: u32 = serving
             .iter()
             .map(|s| s.gpu_slots.min(cache_room(s, pinned)))
-            .sum();
+            .sum::<u32>()
+            .div_ceil(2);
         let warm_cap: u32 = serving.iter().map(|s| cache_room(s, pinned)).sum();
         let mut ids: Vec<(&str, f64, u32)> = cat
             .placeable()
@@ -274,8 +278,9 @@ impl Placer {
         let mut warm_left = warm_cap.saturating_sub(shares.iter().sum());
         // Nothing measured yet (a fresh fleet): idle adapters may take new cache entries.
         let fresh = active == 0;
-        // After the hot ones, the cache goes to the adapters whose disk reads cost the most
-        // per second: demand x rank, with a head start for those cached now.
+        // After the hot ones, the cache goes to the busiest (each request it keeps off the
+        // read servers is one fewer read or wait there), with a head start for those cached
+        // now; between equals, the costlier read (higher rank).
         let cached_now = |id: &str| {
             serving.iter().any(|s| {
                 current
@@ -284,11 +289,16 @@ impl Placer {
                     .is_some_and(|r| *r >= Role::Warm)
             })
         };
-        let cost = |a: &(&str, f64, u32)| {
+        let worth = |a: &(&str, f64, u32)| {
             let keep = if cached_now(a.0) { KEEP_CACHED } else { 1.0 };
-            a.1 * f64::from(a.2) * keep
+            a.1 * keep
         };
-        ids[hot..active].sort_by(|a, b| cost(b).total_cmp(&cost(a)).then(a.0.cmp(b.0)));
+        ids[hot..active].sort_by(|a, b| {
+            worth(b)
+                .total_cmp(&worth(a))
+                .then(b.2.cmp(&a.2))
+                .then(a.0.cmp(b.0))
+        });
         // Cache room no busy adapter wants stays with the idle adapters that have it (an
         // entry emptied saves nothing; a new one would cost a read), and on a fresh fleet
         // goes to the costliest reads, so that the first requests do not all go to the read

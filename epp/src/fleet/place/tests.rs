@@ -216,14 +216,14 @@ fn a_hot_adapter_gets_homes_in_proportion_and_sheds_them_as_its_demand_falls() {
         h = p.place(&cat, &servers, d.rates(), &held(&h));
     }
     let hot0 = cached_of(&h, "a0");
-    assert!(hot0.len() >= 4, "the busiest adapter spreads: {hot0:?}");
+    assert!(hot0.len() >= 2, "the busiest adapter spreads: {hot0:?}");
     assert!(hot0.iter().all(|(_, r)| *r == Role::Hot));
     assert!(
         cached_of(&h, "a199").len() <= 1,
         "a quiet adapter has one cache entry at most"
     );
     // A flash crowd: a cold adapter takes a fifth of the traffic; one tick later it has
-    // homes in proportion (of the 24 GPU slots of the six servers that do not read).
+    // homes in proportion (of half the 24 GPU slots of the six servers that do not read).
     traffic[150].1 = 150;
     d.observe(
         traffic.iter().map(|(id, n)| (id.as_str(), *n, 0)),
@@ -232,7 +232,7 @@ fn a_hot_adapter_gets_homes_in_proportion_and_sheds_them_as_its_demand_falls() {
     );
     h = p.place(&cat, &servers, d.rates(), &held(&h));
     let crowd = cached_of(&h, "a150").len();
-    assert!(crowd >= 3, "{crowd}");
+    assert!(crowd >= 2, "{crowd}");
     // It falls silent: its smoothed demand falls by a fifth a tick, and its homes with it,
     // not at once.
     traffic[150].1 = 0;
