@@ -177,25 +177,6 @@ pub struct EppArgs {
     /// LoRA resolver plugins; every move costs a request a disk read).
     #[arg(long, value_enum, default_value_t = PlacementMode::Load)]
     pub lora_placement_mode: PlacementMode,
-    /// Servers that take the disk reads (docs/lora-fleet.md): registered-only adapters live
-    /// on them and no placed hot or warm one does, so reads stall and evict only there.
-    /// `auto`: one server in four, rounded up, from three servers on (none in `lazy` mode);
-    /// or a count (0: registered-only adapters anywhere).
-    #[arg(long, default_value = "auto", value_parser = parse_read_servers)]
-    pub lora_read_servers: ReadServers,
-}
-
-/// `--lora-read-servers`: `None` is `auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReadServers(pub Option<u32>);
-
-fn parse_read_servers(s: &str) -> Result<ReadServers, String> {
-    if s == "auto" {
-        return Ok(ReadServers(None));
-    }
-    s.parse::<u32>()
-        .map(|n| ReadServers(Some(n)))
-        .map_err(|_| format!("{s:?} is neither `auto` nor a number of servers"))
 }
 
 /// `--lora-placement-mode`.

@@ -323,14 +323,7 @@ fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) 
                 .filter(|p| args.lora_placement_election && p.exists()),
             min_drain_ticks: 2,
             max_drain: Duration::from_secs(120),
-            params: inferlane_epp::fleet::Params {
-                // Dynamo's approach (the `lazy` baseline) reads wherever a home is.
-                read_servers: match (args.lora_read_servers.0, args.lora_placement_mode) {
-                    (None, args::PlacementMode::Lazy) => Some(0),
-                    (n, _) => n,
-                },
-                ..inferlane_epp::fleet::Params::default()
-            },
+            params: inferlane_epp::fleet::Params::default(),
         },
     )
     .start();

@@ -21,10 +21,8 @@ pub struct Counters {
 /// Where an adapter's requests may go: (address, served name) pairs.
 #[derive(Debug, Clone, Default)]
 pub struct Route {
-    /// Its homes that keep it in a tier (hot or warm), with its current version's name.
+    /// Its homes, with its current version's name.
     pub homes: Vec<(String, String)>,
-    /// Where it is registered only (its read server): used while no tier home serves.
-    pub reads: Vec<(String, String)>,
     /// Where it drains (dropped homes, replaced versions), used only while no home lists
     /// the current version yet.
     pub draining: Vec<(String, String)>,
@@ -58,7 +56,7 @@ impl Routed {
         let mut placed_at = HashMap::new();
         let mut at: HashMap<String, Vec<String>> = HashMap::new();
         for part in table.servers.values() {
-            for (id, role) in &part.homes {
+            for id in part.homes.keys() {
                 let Some(served) = table.served.get(id) else {
                     continue;
                 };
@@ -71,13 +69,11 @@ impl Routed {
                     .copied()
                     .unwrap_or(now);
                 placed_at.insert(key, at);
-                let route = routes.entry(id.clone()).or_default();
-                let list = if *role == inferlane_epp::fleet::Role::Cold {
-                    &mut route.reads
-                } else {
-                    &mut route.homes
-                };
-                list.push((part.address.clone(), served.clone()));
+                routes
+                    .entry(id.clone())
+                    .or_default()
+                    .homes
+                    .push((part.address.clone(), served.clone()));
             }
             for name in &part.draining {
                 routes
@@ -287,10 +283,8 @@ impl FleetState {
             address: a.clone(),
             served: s.clone(),
         };
-        let all = route.homes.iter().chain(&route.reads);
         if self.lazy.load(Ordering::Relaxed) {
-            return (!route.homes.is_empty() || !route.reads.is_empty())
-                .then(|| all.map(target).collect());
+            return (!route.homes.is_empty()).then(|| route.homes.iter().map(target).collect());
         }
         let homes: Vec<&(String, String)> = route
             .homes
@@ -310,15 +304,6 @@ impl FleetState {
             }
             return Some(homes.into_iter().map(target).collect());
         }
-        let reads: Vec<Target> = route
-            .reads
-            .iter()
-            .filter(|(a, s)| routed.loaded(a, s, &listed))
-            .map(target)
-            .collect();
-        if !reads.is_empty() {
-            return Some(reads);
-        }
         let listing = |(a, s): &&(String, String)| listed(a, s).is_some();
         let draining: Vec<Target> = route.draining.iter().filter(listing).map(target).collect();
         if !draining.is_empty() {
@@ -326,7 +311,7 @@ impl FleetState {
         }
         // Nothing known to be loaded since placed (a follower's or restarted decider's
         // first table): homes that list it at all, as routing without placement would.
-        let listed_homes: Vec<Target> = all.filter(listing).map(target).collect();
+        let listed_homes: Vec<Target> = route.homes.iter().filter(listing).map(target).collect();
         (!listed_homes.is_empty()).then_some(listed_homes)
     }
 }
@@ -436,35 +421,6 @@ mod tests {
         // Its only home is loading: it still serves there.
         let only_s2 = move |addr: &str, n: &str| (addr == s2 && n == "a").then_some(now);
         assert_eq!(f.allowed("a", only_s2), Some(vec![target(s2, "a")]));
-    }
-
-    #[test]
-    fn a_cached_home_serves_before_the_read_server() {
-        let (warm, read) = ("10.0.0.1:8000", "10.0.0.9:8000");
-        let mut t = Table::default();
-        for (s, addr, role) in [("w", warm, Role::Warm), ("r", read, Role::Cold)] {
-            let mut part = wire::ServerPart {
-                address: addr.into(),
-                ..Default::default()
-            };
-            part.homes.insert("a".into(), role);
-            t.servers.insert(s.into(), part);
-        }
-        t.served.insert("a".into(), "a".into());
-        let f = FleetState::default();
-        f.table.store(Some(Arc::new(Routed::new(t, None))));
-        let now = Instant::now();
-        let all = move |_: &str, _: &str| Some(now);
-        assert_eq!(f.allowed("a", all), Some(vec![target(warm, "a")]));
-        // Its cached home is still loading: the read server registered it and serves.
-        let read_only = move |addr: &str, _: &str| (addr == read).then_some(now);
-        assert_eq!(f.allowed("a", read_only), Some(vec![target(read, "a")]));
-        // Lazy placement: every home at once.
-        f.lazy.store(true, Ordering::Relaxed);
-        assert_eq!(
-            f.allowed("a", |_, _| None),
-            Some(vec![target(warm, "a"), target(read, "a")])
-        );
     }
 
     #[test]

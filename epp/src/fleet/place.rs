@@ -12,10 +12,6 @@ pub struct Params {
     pub min_demand: f64,
     /// Ticks a new decider keeps every home it found, while it measures demand.
     pub grace_ticks: u32,
-    /// Servers that take the disk reads: registered-only adapters live there, and no hot or
-    /// warm home does ([`read_servers`]). `None`: one server in four, rounded up, from three
-    /// servers on; 0: none (registered-only adapters anywhere).
-    pub read_servers: Option<u32>,
 }
 
 impl Default for Params {
@@ -23,7 +19,6 @@ impl Default for Params {
         Self {
             min_demand: 0.005,
             grace_ticks: 5,
-            read_servers: None,
         }
     }
 }
@@ -48,7 +43,7 @@ pub struct Placer {
 
 /// An adapter cached now keeps its entry against a challenger with less than this many times
 /// its demand: Zipf demand measured over a few seconds reorders the quieter adapters every
-/// tick, and each swap is a disk read on a server that serves.
+/// tick, and each swap is a disk read that holds a serving server's engine.
 const KEEP_CACHED: f64 = 1.5;
 
 /// How far below the homes it has an adapter's exact share of the GPU slots must fall before
@@ -114,26 +109,17 @@ impl Placer {
         self.grace = self.params.grace_ticks;
     }
 
-    /// What a new decider found `id` to have: several cached homes were hot, one keeps the
-    /// role it had (a listed adapter is at least cached: what the servers list comes in as
-    /// warm); a registration on a read server is a cold home whatever it came in as.
-    fn found(&self, id: &str, servers: &[Server], reads: &[bool]) -> Option<Want> {
-        let mut n = 0u32;
-        let mut role = None;
-        for (s, server) in servers.iter().enumerate() {
-            let Some(r) = self.found.get(&server.id).and_then(|h| h.get(id)) else {
-                continue;
-            };
-            if reads[s] {
-                role = role.max(Some(Role::Cold));
-            } else {
-                n += 1;
-                role = role.max(Some(*r));
-            }
-        }
-        let role = role?;
+    /// What a new decider found `id` to have on the servers still here: several homes were
+    /// hot; one keeps the role it had (a listed adapter is at least cached: what the
+    /// servers list comes in as warm).
+    fn found(&self, id: &str, servers: &[Server]) -> Option<Want> {
+        let roles = servers
+            .iter()
+            .filter_map(|s| self.found.get(&s.id).and_then(|h| h.get(id)).copied());
+        let n = roles.clone().count() as u32;
+        let role = roles.max()?;
         Some(match n {
-            0 | 1 => Want { role, replicas: 1 },
+            1 => Want { role, replicas: 1 },
             _ => Want {
                 role: Role::Hot,
                 replicas: n,
@@ -160,13 +146,15 @@ impl Placer {
         if servers.is_empty() {
             return homes;
         }
-        let reads = read_servers(servers, self.params.read_servers);
-        let wants = self.wants(cat, servers, &reads, demand, current);
+        let wants = self.wants(cat, servers, demand, current);
         self.grace = self.grace.saturating_sub(1);
         if self.grace == 0 {
             self.found.clear();
         }
-        let mut budget = Budget::new(servers, cat.pinned.len() as u32, &reads);
+        let mut budget = Budget::new(servers, cat.pinned.len() as u32);
+        let fresh = !cat
+            .placeable()
+            .any(|e| demand_of(demand, &e.id) >= self.params.min_demand);
         // Busiest first within a role.
         let mut order: Vec<(&String, Want)> = wants.iter().map(|(id, w)| (id, *w)).collect();
         order.sort_by(|a, b| {
@@ -187,7 +175,8 @@ impl Placer {
                 .map(|&i| budget.keep(order[i].0, order[i].1, servers, current))
                 .collect();
             for (&i, p) in mine.iter().zip(placed.iter_mut()) {
-                budget.add(order[i].0, order[i].1, servers, p);
+                let busy = fresh || demand_of(demand, order[i].0) >= self.params.min_demand;
+                budget.add(order[i].0, order[i].1, servers, p, busy);
             }
             for (&i, p) in mine.iter().zip(placed) {
                 for (s, r) in p {
@@ -195,18 +184,6 @@ impl Placer {
                         h.insert(order[i].0.clone(), r);
                     }
                 }
-            }
-        }
-        // Every adapter stays registered on a read server as well: its requests read there
-        // while its cached homes load and after they are dropped, and dropping a cached home
-        // is an unload, not a read on another server.
-        for (id, _) in &order {
-            let on_read =
-                (0..servers.len()).any(|s| reads[s] && homes[&servers[s].id].contains_key(*id));
-            if let Some(s) = read_home(id, servers, &reads, current).filter(|_| !on_read)
-                && let Some(h) = homes.get_mut(&servers[s].id)
-            {
-                h.insert((*id).clone(), Role::Cold);
             }
         }
         homes
@@ -219,28 +196,21 @@ impl Placer {
         &self,
         cat: &Catalogue,
         servers: &[Server],
-        reads: &[bool],
         demand: &BTreeMap<String, f64>,
         current: &Homes,
     ) -> BTreeMap<String, Want> {
+        let n = servers.len() as u32;
         let pinned = cat.pinned.len() as u32;
-        let serving: Vec<&Server> = servers
-            .iter()
-            .zip(reads)
-            .filter(|(_, r)| !**r)
-            .map(|(s, _)| s)
-            .collect();
-        let n = serving.len() as u32;
         // A hot home takes a cache entry too: a server has no more of them than of either.
         // Hot homes share half of them: a request for a warm adapter needs a free slot to
         // run, and every extra home of a busy adapter is a cache entry a quieter one lacks
         // (its requests then read from disk).
-        let gpu: u32 = serving
+        let gpu: u32 = servers
             .iter()
             .map(|s| s.gpu_slots.min(cache_room(s, pinned)))
             .sum::<u32>()
             .div_ceil(2);
-        let warm_cap: u32 = serving.iter().map(|s| cache_room(s, pinned)).sum();
+        let warm_cap: u32 = servers.iter().map(|s| cache_room(s, pinned)).sum();
         let mut ids: Vec<(&str, f64, u32)> = cat
             .placeable()
             .map(|e| (e.id.as_str(), demand_of(demand, &e.id), e.rank))
@@ -253,12 +223,7 @@ impl Placer {
             .count();
         // A hot adapter's homes now (those the GPU budget turned into cache entries count).
         let hot_now = |id: &str| {
-            let roles = servers
-                .iter()
-                .zip(reads)
-                .filter(|(_, r)| !**r)
-                .filter_map(|(s, _)| current.get(&s.id).and_then(|h| h.get(id)))
-                .filter(|r| **r >= Role::Warm);
+            let roles = current.values().filter_map(|h| h.get(id));
             if roles.clone().any(|r| *r == Role::Hot) {
                 roles.count() as u32
             } else {
@@ -278,17 +243,17 @@ impl Placer {
         let mut warm_left = warm_cap.saturating_sub(shares.iter().sum());
         // Nothing measured yet (a fresh fleet): idle adapters may take new cache entries.
         let fresh = active == 0;
-        // After the hot ones, the cache goes to the busiest (each request it keeps off the
-        // read servers is one fewer read or wait there), with a head start for those cached
-        // now; between equals, the costlier read (higher rank).
         let cached_now = |id: &str| {
-            serving.iter().any(|s| {
+            servers.iter().any(|s| {
                 current
                     .get(&s.id)
                     .and_then(|h| h.get(id))
                     .is_some_and(|r| *r >= Role::Warm)
             })
         };
+        // After the hot ones, the cache goes to the busiest (each request it keeps from a
+        // disk read is one fewer engine stall), with a head start for those cached now;
+        // between equals, the costlier read (higher rank).
         let worth = |a: &(&str, f64, u32)| {
             let keep = if cached_now(a.0) { KEEP_CACHED } else { 1.0 };
             a.1 * keep
@@ -301,10 +266,8 @@ impl Placer {
         });
         // Cache room no busy adapter wants stays with the idle adapters that have it (an
         // entry emptied saves nothing; a new one would cost a read), and on a fresh fleet
-        // goes to the costliest reads, so that the first requests do not all go to the read
-        // servers.
-        let idle_from = hot.max(active);
-        ids[idle_from..].sort_by(|a, b| {
+        // goes to the costliest reads.
+        ids[active..].sort_by(|a, b| {
             cached_now(b.0)
                 .cmp(&cached_now(a.0))
                 .then(b.2.cmp(&a.2))
@@ -329,7 +292,7 @@ impl Placer {
                     replicas: 1,
                 }
             };
-            let found = self.found(id, servers, reads).unwrap_or(want);
+            let found = self.found(id, servers).unwrap_or(want);
             wants.insert(id.to_string(), want.max(found));
         }
         wants
@@ -344,48 +307,6 @@ fn cache_room(s: &Server, pinned: u32) -> u32 {
     cache.saturating_sub(pinned).saturating_sub(cache / 8)
 }
 
-/// Which servers take the disk reads (true), chosen by rendezvous weight so that every
-/// replica picks the same ones and a server joining or leaving changes the choice rarely.
-/// vLLM reads an adapter in neither tier on the engine's loop, so every request on that
-/// server waits out the read, and the read pushes the least recently used adapter out of
-/// its host cache: a registered-only adapter's request spread over every server stalls all
-/// of them and evicts the adapters placed to stay cached. Confined to a few servers that
-/// hold no hot or warm home, reads stall only each other. At least one server is left to
-/// the others.
-pub fn read_servers(servers: &[Server], want: Option<u32>) -> Vec<bool> {
-    let n = servers.len();
-    let auto = if n >= 3 { n.div_ceil(4) } else { 0 };
-    let r = want.map_or(auto, |r| r as usize).min(n.saturating_sub(1));
-    let key = endpoint_key(READ_KEY);
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&s| (std::cmp::Reverse(weight(key, servers[s].key)), s));
-    let mut reads = vec![false; n];
-    for &s in order.iter().take(r) {
-        reads[s] = true;
-    }
-    reads
-}
-
-/// The read server an adapter is registered on: where it is now, else the read server of
-/// highest rendezvous weight; `None` without read servers.
-fn read_home(id: &str, servers: &[Server], reads: &[bool], current: &Homes) -> Option<usize> {
-    let key = endpoint_key(id);
-    let mut on: Vec<usize> = (0..servers.len()).filter(|&s| reads[s]).collect();
-    on.sort_by_key(|&s| {
-        let here = current
-            .get(&servers[s].id)
-            .is_some_and(|h| h.contains_key(id));
-        (
-            std::cmp::Reverse(here),
-            std::cmp::Reverse(weight(key, servers[s].key)),
-        )
-    });
-    on.first().copied()
-}
-
-/// Rendezvous key that ranks servers for [`read_servers`].
-const READ_KEY: &str = "inferlane/lora-read-servers";
-
 fn demand_of(demand: &BTreeMap<String, f64>, id: &str) -> f64 {
     demand
         .get(id)
@@ -398,27 +319,13 @@ fn demand_of(demand: &BTreeMap<String, f64>, id: &str) -> f64 {
 struct Budget {
     hot: Vec<u32>,
     warm: Vec<u32>,
-    /// Where registered-only homes may be.
-    cold: Vec<bool>,
-    /// Read servers: nothing above registered-only, ever.
-    read: Vec<bool>,
 }
 
 impl Budget {
-    /// Read servers get no hot or warm home; registered-only homes go only to them (to any
-    /// server when there are none).
-    fn new(servers: &[Server], pinned: u32, reads: &[bool]) -> Self {
-        let any_read = reads.contains(&true);
-        let serve = |s: usize, n: u32| if reads[s] { 0 } else { n };
+    fn new(servers: &[Server], pinned: u32) -> Self {
         Self {
-            hot: (0..servers.len())
-                .map(|s| serve(s, servers[s].gpu_slots))
-                .collect(),
-            warm: (0..servers.len())
-                .map(|s| serve(s, cache_room(&servers[s], pinned)))
-                .collect(),
-            cold: reads.iter().map(|r| *r || !any_read).collect(),
-            read: reads.to_vec(),
+            hot: servers.iter().map(|s| s.gpu_slots).collect(),
+            warm: servers.iter().map(|s| cache_room(s, pinned)).collect(),
         }
     }
 
@@ -426,7 +333,7 @@ impl Budget {
         match role {
             Role::Hot => self.hot[s] > 0 && self.warm[s] > 0,
             Role::Warm => self.warm[s] > 0,
-            Role::Cold => self.cold[s],
+            Role::Cold => true,
         }
     }
 
@@ -466,20 +373,12 @@ impl Budget {
             if placed.len() as u32 >= want.replicas {
                 break;
             }
-            // An adapter wanted cached leaves a read server (it could never be cached there).
-            if want.role > Role::Cold && self.read[s] {
-                continue;
-            }
             let role = was.min(want.role);
             let role = if self.fits(s, role) {
                 role
             } else if role == Role::Hot && self.fits(s, Role::Warm) {
                 Role::Warm
-            } else if want.role <= Role::Warm
-                && want.replicas == 1
-                && placed.is_empty()
-                && self.fits(s, Role::Cold)
-            {
+            } else if want.role <= Role::Warm && want.replicas == 1 && placed.is_empty() {
                 Role::Cold
             } else {
                 continue;
@@ -494,7 +393,14 @@ impl Budget {
     /// `want.replicas` by rendezvous weight; a home the role's budget cannot take is
     /// offered the next role down. Every adapter ends with at least one home (one cold
     /// home, which takes no slot).
-    fn add(&mut self, id: &str, want: Want, servers: &[Server], placed: &mut Vec<(usize, Role)>) {
+    fn add(
+        &mut self,
+        id: &str,
+        want: Want,
+        servers: &[Server],
+        placed: &mut Vec<(usize, Role)>,
+        busy: bool,
+    ) {
         for p in placed.iter_mut() {
             if p.1 < want.role {
                 self.release(p.0, p.1);
@@ -506,6 +412,14 @@ impl Budget {
                 self.take(p.0, role);
                 p.1 = role;
             }
+        }
+        // A busy adapter's registration kept where no cache entry is left gives way to a
+        // server with one: staying would leave it reading from disk. (An idle adapter that
+        // lost its entry stays registered: a new entry would cost a read for nothing.)
+        let room_elsewhere = (0..servers.len())
+            .any(|s| !placed.iter().any(|p| p.0 == s) && self.fits(s, Role::Warm));
+        if busy && want.role >= Role::Warm && room_elsewhere {
+            placed.retain(|p| p.1 != Role::Cold);
         }
         let key = endpoint_key(id);
         let mut order: Vec<usize> = (0..servers.len()).collect();
