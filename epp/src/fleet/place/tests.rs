@@ -36,6 +36,13 @@ fn catalogue(n: usize, pinned: &[usize], never: &[usize]) -> Catalogue {
     c
 }
 
+fn cached_of(h: &Homes, id: &str) -> Vec<(String, Role)> {
+    homes_of(h, id)
+        .into_iter()
+        .filter(|(_, r)| *r >= Role::Warm)
+        .collect()
+}
+
 fn held(h: &Homes) -> Homes {
     h.clone()
 }
@@ -330,11 +337,12 @@ fn a_fresh_fleet_fills_the_cache_and_idle_adapters_keep_their_entries() {
             }
         }
     }
+    // Busy adapters cached by the fill stay cached (a registration where the fill left no
+    // entry stays too: moving it would be a load and an unload, see `Budget::add`).
     for id in demand.keys() {
-        assert!(
-            homes_of(&busy, id).iter().all(|(_, r)| *r >= Role::Warm),
-            "{id} not cached"
-        );
+        if !cached_of(&fresh, id).is_empty() {
+            assert!(!cached_of(&busy, id).is_empty(), "{id} lost its entry");
+        }
     }
 }
 
