@@ -40,12 +40,11 @@ pub struct Target {
 pub struct Routed {
     pub table: Table,
     routes: HashMap<String, Route>,
-    /// When each home (served name, address) first appeared in a table here: only a model
-    /// list read after that shows its sidecar has loaded it (an older list may show a copy
-    /// that was being unloaded).
-    placed_at: HashMap<(String, String), Instant>,
-    /// Served names placed on each server (by address).
-    at: HashMap<String, Vec<String>>,
+    /// Per server address, the served names placed there and when each first appeared in a
+    /// table here: only a model list read after that shows its sidecar has loaded it (an
+    /// older list may show a copy that was being unloaded). Keyed by address so the request
+    /// path looks homes up without building keys.
+    placed: HashMap<String, Vec<(String, Instant)>>,
 }
 
 impl Routed {
@@ -53,22 +52,19 @@ impl Routed {
     pub fn new(table: Table, before: Option<&Routed>) -> Self {
         let now = Instant::now();
         let mut routes: HashMap<String, Route> = HashMap::new();
-        let mut placed_at = HashMap::new();
-        let mut at: HashMap<String, Vec<String>> = HashMap::new();
+        let mut placed: HashMap<String, Vec<(String, Instant)>> = HashMap::new();
         for part in table.servers.values() {
             for id in part.homes.keys() {
                 let Some(served) = table.served.get(id) else {
                     continue;
                 };
-                at.entry(part.address.clone())
-                    .or_default()
-                    .push(served.clone());
-                let key = (served.clone(), part.address.clone());
                 let at = before
-                    .and_then(|b| b.placed_at.get(&key))
-                    .copied()
+                    .and_then(|b| b.placed_at(served, &part.address))
                     .unwrap_or(now);
-                placed_at.insert(key, at);
+                placed
+                    .entry(part.address.clone())
+                    .or_default()
+                    .push((served.clone(), at));
                 routes
                     .entry(id.clone())
                     .or_default()
@@ -86,8 +82,7 @@ impl Routed {
         Self {
             table,
             routes,
-            placed_at,
-            at,
+            placed,
         }
     }
 
@@ -99,25 +94,27 @@ impl Routed {
         served: &str,
         listed: &impl Fn(&str, &str) -> Option<Instant>,
     ) -> bool {
-        let since = self
-            .placed_at
-            .get(&(served.to_string(), address.to_string()));
-        listed(address, served).is_some_and(|read| since.is_none_or(|at| read >= *at))
+        let since = self.placed_at(served, address);
+        listed(address, served).is_some_and(|read| since.is_none_or(|at| read >= at))
     }
 
     /// Whether a home placed on `address` is not loaded yet: its sidecar is about to read
     /// it, or reading it, on the engine's loop.
     fn loading(&self, address: &str, listed: &impl Fn(&str, &str) -> Option<Instant>) -> bool {
-        self.at
-            .get(address)
-            .is_some_and(|names| names.iter().any(|s| !self.loaded(address, s, listed)))
+        self.placed.get(address).is_some_and(|names| {
+            names
+                .iter()
+                .any(|(served, at)| listed(address, served).is_none_or(|read| read < *at))
+        })
     }
 
     /// When `address` became a home of served name `served`, if it is one.
     pub fn placed_at(&self, served: &str, address: &str) -> Option<Instant> {
-        self.placed_at
-            .get(&(served.to_string(), address.to_string()))
-            .copied()
+        self.placed
+            .get(address)?
+            .iter()
+            .find(|(s, _)| s == served)
+            .map(|(_, at)| *at)
     }
 
     pub fn route(&self, id: &str) -> Option<&Route> {

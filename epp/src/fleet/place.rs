@@ -1,6 +1,6 @@
 //! Homes per adapter: replicas proportional to demand over the fleet's GPU slots, sticky slot-aware rendezvous homes, hysteresis before scale-down.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Catalogue, Homes, Role, Server};
 use crate::affinity::{endpoint_key, weight};
@@ -146,15 +146,16 @@ impl Placer {
         if servers.is_empty() {
             return homes;
         }
-        let wants = self.wants(cat, servers, demand, current);
+        // Nothing measured yet (a fresh fleet): idle adapters may take new cache entries.
+        let fresh = !cat
+            .placeable()
+            .any(|e| demand_of(demand, &e.id) >= self.params.min_demand);
+        let wants = self.wants(cat, servers, demand, current, fresh);
         self.grace = self.grace.saturating_sub(1);
         if self.grace == 0 {
             self.found.clear();
         }
         let mut budget = Budget::new(servers, cat.pinned.len() as u32);
-        let fresh = !cat
-            .placeable()
-            .any(|e| demand_of(demand, &e.id) >= self.params.min_demand);
         // Busiest first within a role.
         let mut order: Vec<(&String, Want)> = wants.iter().map(|(id, w)| (id, *w)).collect();
         order.sort_by(|a, b| {
@@ -197,6 +198,7 @@ impl Placer {
         servers: &[Server],
         demand: &BTreeMap<String, f64>,
         current: &Homes,
+        fresh: bool,
     ) -> BTreeMap<String, Want> {
         let n = servers.len() as u32;
         let pinned = cat.pinned.len() as u32;
@@ -240,16 +242,15 @@ impl Placer {
         );
         let hot = shares.len();
         let mut warm_left = warm_cap.saturating_sub(shares.iter().sum());
-        // Nothing measured yet (a fresh fleet): idle adapters may take new cache entries.
-        let fresh = active == 0;
-        let cached_now = |id: &str| {
-            servers.iter().any(|s| {
-                current
-                    .get(&s.id)
-                    .and_then(|h| h.get(id))
-                    .is_some_and(|r| *r >= Role::Warm)
-            })
-        };
+        // Adapters cached now on a server still here.
+        let cached: BTreeSet<&str> = servers
+            .iter()
+            .filter_map(|s| current.get(&s.id))
+            .flat_map(|h| h.iter())
+            .filter(|(_, r)| **r >= Role::Warm)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        let cached_now = |id: &str| cached.contains(id);
         // After the hot ones, the cache goes to the busiest (each request it keeps from a
         // disk read is one fewer engine stall), with a head start for those cached now;
         // between equals, the costlier read (higher rank).
@@ -416,9 +417,11 @@ impl Budget {
         // server with one (the first placement fills the cache). Later it stays: a move is
         // a load and an unload, and measured, letting every busy adapter move so churned
         // the cache (190 moves in lora-zipf against 23, with more reads on the request path).
-        let room_elsewhere = (0..servers.len())
-            .any(|s| !placed.iter().any(|p| p.0 == s) && self.fits(s, Role::Warm));
-        if fresh && want.role >= Role::Warm && room_elsewhere {
+        if fresh
+            && want.role >= Role::Warm
+            && (0..servers.len())
+                .any(|s| !placed.iter().any(|p| p.0 == s) && self.fits(s, Role::Warm))
+        {
             placed.retain(|p| p.1 != Role::Cold);
         }
         let key = endpoint_key(id);
