@@ -32,6 +32,8 @@ fn catalogue(port: u16, dir: &Path) -> String {
 }
 
 struct Rig {
+    /// `--lora-cold-adapters resolver`, the servers with a LoRA resolver.
+    resolver: bool,
     dir: tempfile::TempDir,
     sims: Vec<Proc>,
     sidecars: Vec<Option<Proc>>,
@@ -44,25 +46,27 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Rig {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(resolver: bool) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let adapters = dir.path().join("adapters");
         std::fs::create_dir_all(&adapters).unwrap();
-        let sims: Vec<Proc> = (0..3)
-            .map(|_| {
-                spawn_sim(
-                    &[
-                        "--enable-lora",
-                        "--max-loras",
-                        "2",
-                        "--max-cpu-loras",
-                        "3",
-                        "--lora-residency-metrics",
-                        "--lora-unload-frees",
-                    ],
-                    dir.path(),
-                )
-            })
-            .collect();
+        let adapters_arg = adapters.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--enable-lora",
+            "--max-loras",
+            "2",
+            "--max-cpu-loras",
+            "3",
+            "--lora-residency-metrics",
+            "--lora-unload-frees",
+        ];
+        if resolver {
+            args.extend(["--lora-resolver-dir", &adapters_arg]);
+        }
+        let sims: Vec<Proc> = (0..3).map(|_| spawn_sim(&args, dir.path())).collect();
         let mut pool = String::from("pool: {name: test-pool}\nendpoints:\n");
         for s in &sims {
             pool.push_str(&format!("- address: {}\n", s.addr));
@@ -82,6 +86,7 @@ impl Rig {
         }
         let (grpc_port, metrics_port) = (free_port(), free_port());
         let mut rig = Rig {
+            resolver,
             sims,
             sidecars: Vec::new(),
             epp: None,
@@ -107,22 +112,22 @@ impl Rig {
         let pool = self.dir.path().join("pool.yaml");
         let cat = self.dir.path().join("catalogue.yaml");
         let (g, m) = (self.grpc_port.to_string(), self.metrics_port.to_string());
-        self.epp = Some(spawn_epp(
-            &pool,
-            &[
-                "--grpc-port",
-                &g,
-                "--metrics-port",
-                &m,
-                "--lora-catalog",
-                cat.to_str().unwrap(),
-                "--lora-placement-interval",
-                "250ms",
-                "--lora-max-cpu-loras",
-                "3",
-            ],
-            self.dir.path(),
-        ));
+        let mut args = vec![
+            "--grpc-port",
+            &g,
+            "--metrics-port",
+            &m,
+            "--lora-catalog",
+            cat.to_str().unwrap(),
+            "--lora-placement-interval",
+            "250ms",
+            "--lora-max-cpu-loras",
+            "3",
+        ];
+        if self.resolver {
+            args.extend(["--lora-cold-adapters", "resolver"]);
+        }
+        self.epp = Some(spawn_epp(&pool, &args, self.dir.path()));
     }
 
     fn start_sidecar(&self, i: usize) -> Proc {
@@ -695,4 +700,81 @@ async fn a_new_source_swaps_versions_without_a_failed_request() {
         let loads = st["load_attempts"][&old].as_array().map_or(0, Vec::len);
         assert!(loads <= 1, "{old} loaded {loads} times on {}: {st}", s.addr);
     }
+}
+
+/// `--lora-cold-adapters resolver`: an adapter placement leaves without a home is served
+/// through a server's LoRA resolver (no 404, no failed request), under its plain id, and
+/// the EPP unloads the copy once its requests are done; the sidecars leave copies alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
+    let rig = Arc::new(Rig::start_with(true).await);
+    // A fresh fleet fills the cache (6 entries, 7 adapters): one adapter has no home.
+    let cold = wait_for("a table leaving one adapter without a home", T, || {
+        let rig = &rig;
+        async move {
+            let t = rig.table().await?;
+            let h = homes(&t);
+            let cold = (0..ADAPTERS - 1)
+                .map(|i| format!("a{i}"))
+                .find(|id| !h.contains_key(id))?;
+            (h.len() == ADAPTERS - 2 && t["resolver"] == true).then_some(cold)
+        }
+    })
+    .await;
+    let (code, body) = rig.complete(&cold).await;
+    assert_eq!(code, 200, "{body}");
+    let mut ran = 0;
+    for sim in &rig.sims {
+        ran += rig.served(sim, &cold).await;
+    }
+    assert_eq!(ran, 1, "one server ran it, read through its resolver");
+    let unloads = format!("http://127.0.0.1:{}/metrics", rig.metrics_port);
+    let unloaded = || {
+        let (rig, url, cold) = (rig.clone(), unloads.clone(), cold.clone());
+        async move {
+            let page = rig.c.get(&url).send().await.ok()?.text().await.ok()?;
+            let n = metric(&page, "inferlane_epp_lora_on_demand_unloads_total")?;
+            let listed = rig.listed_names().await;
+            (n >= 1.0 && !listed.contains_key(&cold)).then_some(n)
+        }
+    };
+    let first = wait_for("the EPP to unload the copy once done", T, unloaded).await;
+    // Busy now: requests keep working while placement gives it a home and the copies
+    // drain and go.
+    let (stop, ok, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let tasks = traffic(
+        &rig,
+        vec![cold.clone()],
+        2,
+        stop.clone(),
+        ok.clone(),
+        failed.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await; // traffic runs a while: several ticks (250 ms)
+    let done = stop_and_check(&rig, &stop, tasks, &ok, &failed).await;
+    assert!(done > 10, "{done} requests in 2 s");
+    wait_for("every copy of it unloaded", T, || {
+        let rig = rig.clone();
+        let cold = cold.clone();
+        async move { (!rig.listed_names().await.contains_key(&cold)).then_some(()) }
+    })
+    .await;
+    let page = rig
+        .c
+        .get(&unloads)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metric(&page, "inferlane_epp_lora_on_demand_unloads_total").unwrap() >= first);
+    assert_eq!(
+        metric(&page, "inferlane_epp_lora_on_demand_unload_failures_total"),
+        Some(0.0)
+    );
 }

@@ -11,8 +11,9 @@ use crate::version::served_name;
 /// Sources come from this sidecar's own catalogue: the EPP names adapters, it cannot make the
 /// sidecar load anything the ConfigMap does not list (a version this ConfigMap does not have
 /// yet waits for kubelet to bring it). With `placed` unknown (the EPP not heard from yet)
-/// catalogue adapters are left as they are.
-pub fn merge(base: &LoraConfig, placed: Option<&BTreeSet<String>>) -> LoraConfig {
+/// catalogue adapters are left as they are. `copies`: the EPP unloads copies under the
+/// plain id itself (a LoRA resolver made them for its requests), so they are left alone.
+pub fn merge(base: &LoraConfig, placed: Option<&BTreeSet<String>>, copies: bool) -> LoraConfig {
     let mut c = base.clone();
     let Some(placed) = placed else {
         return c;
@@ -25,7 +26,9 @@ pub fn merge(base: &LoraConfig, placed: Option<&BTreeSet<String>>) -> LoraConfig
                 ..a.clone()
             });
         }
-        c.ensure_not_exist.push(a.clone());
+        if !copies {
+            c.ensure_not_exist.push(a.clone());
+        }
     }
     c.versions = Some(Versions {
         ids: base.on_demand.iter().map(|a| a.id.clone()).collect(),
@@ -52,7 +55,7 @@ mod tests {
         let (x, y) = (served_name("x", "/a/x"), served_name("y", "/a/y"));
         let bad = served_name("bad", "/a/bad");
         let placed = set(&[&x, &bad, "/etc/passwd", "bad"]);
-        let c = merge(&base, Some(&placed));
+        let c = merge(&base, Some(&placed), false);
         let mut actual = Actual::default();
         for (id, src) in [
             (y.as_str(), "/a/y"),
@@ -82,8 +85,13 @@ mod tests {
                 .all(|o| o.id() != "other" && o.id() != "/etc/passwd" && o.id() != bad)
         );
         // Not heard from the EPP: catalogue adapters are left alone.
-        let ops = plan(&merge(&base, None), &actual);
+        let ops = plan(&merge(&base, None, false), &actual);
         assert!(ops.iter().all(|o| o.id() != y && o.id() != x), "{ops:?}");
+        // The EPP unloads on-demand copies (plain ids) itself: left alone, versions not.
+        let ops = plan(&merge(&base, Some(&placed), true), &actual);
+        assert!(ops.iter().all(|o| o.id() != "x"), "{ops:?}");
+        assert!(ops.contains(&AdapterOp::Unload { id: y.clone() }));
+        assert!(ops.contains(&AdapterOp::Unload { id: "bad".into() }));
     }
 
     #[test]
@@ -100,7 +108,7 @@ mod tests {
         actual.adapters.insert(old.clone(), "/a/x".into());
         // The EPP places the new version and drains the old one: both stay.
         let both = set(&[&new, &old]);
-        let ops = plan(&merge(&v2, Some(&both)), &actual);
+        let ops = plan(&merge(&v2, Some(&both), false), &actual);
         assert_eq!(
             ops,
             vec![AdapterOp::Load {
@@ -111,7 +119,7 @@ mod tests {
         );
         let actual = apply(&actual, &ops);
         // The drain ended: the old version unloads; nothing reloads in place.
-        let ops = plan(&merge(&v2, Some(&set(&[&new]))), &actual);
+        let ops = plan(&merge(&v2, Some(&set(&[&new])), false), &actual);
         assert_eq!(ops, vec![AdapterOp::Unload { id: old.clone() }]);
         // Moved to ensureNotExist: every version goes, whatever the EPP still drains.
         let never = crate::parse(
@@ -122,7 +130,7 @@ mod tests {
             true,
         )
         .unwrap();
-        let ops = plan(&merge(&never, Some(&both)), &actual);
+        let ops = plan(&merge(&never, Some(&both), false), &actual);
         assert_eq!(
             ops,
             vec![
@@ -135,6 +143,6 @@ mod tests {
         let mut actual = Actual::default();
         actual.adapters.insert("pin".into(), "/a/pin".into());
         actual.adapters.insert(old.clone(), "/a/x".into());
-        assert!(plan(&merge(&v1, Some(&both)), &actual).is_empty());
+        assert!(plan(&merge(&v1, Some(&both), false), &actual).is_empty());
     }
 }

@@ -181,6 +181,11 @@ impl LoraPlacer {
         let counts = self.shared.fleet.take_counts();
         let dt = self.last_tick.elapsed().as_secs_f64();
         self.last_tick = Instant::now();
+        let deciding = self.deciding();
+        self.shared
+            .fleet
+            .deciding
+            .store(deciding, Ordering::Relaxed);
         if let Some(url) = self.follow_url() {
             self.following = true;
             self.post_demand(&url, counts, ctx);
@@ -224,6 +229,7 @@ impl LoraPlacer {
         // what this decider does not keep there drains before its sidecar unloads it.
         let mut current = Homes::new();
         let mut told = self.told.clone();
+        let copies = self.shared.fleet.resolver.load(Ordering::Relaxed);
         for (s, h) in servers {
             let held = match (self.told.contains_key(&s.id), self.homes.get(&s.id)) {
                 (true, homes) => homes.cloned().unwrap_or_default(),
@@ -236,6 +242,8 @@ impl LoraPlacer {
                                 .filter_map(|a| {
                                     catalogue_id(&cat, a).map(|id| (id.to_string(), a.clone()))
                                 })
+                                // A resolver's on-demand copy (its plain id) is no home.
+                                .filter(|(id, a)| !(copies && id == a))
                                 .collect()
                         });
                     told.insert(
@@ -341,6 +349,7 @@ impl LoraPlacer {
             tick: self.tick,
             demand: self.demand.rates().clone(),
             moves: self.moves,
+            resolver: self.shared.fleet.resolver.load(Ordering::Relaxed),
             ..Table::default()
         };
         for (s, h) in servers {

@@ -6,6 +6,7 @@ pub mod file_watcher;
 pub mod kube_discovery;
 pub mod leader;
 pub mod lora_placer;
+pub mod lora_unloader;
 pub mod messages;
 pub mod placement;
 pub mod placement_follower;

@@ -38,6 +38,8 @@ pub struct PlacementFollower {
     base: Option<Arc<LoraConfig>>,
     /// The last set the EPP gave (kept while it is away).
     placed: Option<BTreeSet<String>>,
+    /// The EPP unloads on-demand copies itself (`ServerSet::resolver`).
+    copies: bool,
     sent: Option<Arc<LoraConfig>>,
     generation: u64,
     asking: bool,
@@ -55,6 +57,7 @@ impl PlacementFollower {
             reconciler,
             base: None,
             placed: None,
+            copies: false,
             sent: None,
             generation: 0,
             asking: false,
@@ -64,7 +67,7 @@ impl PlacementFollower {
     /// Sends the merged config when it differs from the last one sent.
     fn forward(&mut self) {
         let Some(base) = &self.base else { return };
-        let merged = Arc::new(merge(base, self.placed.as_ref()));
+        let merged = Arc::new(merge(base, self.placed.as_ref(), self.copies));
         if self.sent.as_deref() == Some(&*merged) {
             return;
         }
@@ -116,6 +119,7 @@ impl PlacementFollower {
                         tracing::info!(tick = set.tick, adapters = set.adapters.len(), draining = set.draining.len(), "placement for this server changed");
                     }
                     a.placed = Some(ids);
+                    a.copies = set.resolver;
                     a.forward();
                 }
                 Err(e) => {

@@ -212,7 +212,7 @@ pub fn sim_args(
                         .map(|n| format!("{n}={}", adapters_dir.join(n).display())),
                 );
             }
-            AdapterSetup::Resolver => {
+            AdapterSetup::Resolver | AdapterSetup::SidecarsAndResolver => {
                 a.push("--lora-resolver-dir".into());
                 a.push(adapters_dir.display().to_string());
             }

@@ -34,7 +34,7 @@ pub fn epp_args(
     dir: &Path,
 ) -> Result<Vec<String>, FleetError> {
     let lazy = match policy.adapters() {
-        AdapterSetup::Sidecars => false,
+        AdapterSetup::Sidecars | AdapterSetup::SidecarsAndResolver => false,
         AdapterSetup::Resolver => true,
         _ => return Ok(Vec::new()),
     };
@@ -54,6 +54,9 @@ pub fn epp_args(
     a.extend(["--lora-max-cpu-loras".to_string(), cpu.to_string()]);
     if lazy {
         a.extend(["--lora-placement-mode".to_string(), "lazy".to_string()]);
+    }
+    if policy.adapters() == AdapterSetup::SidecarsAndResolver {
+        a.extend(["--lora-cold-adapters".to_string(), "resolver".to_string()]);
     }
     Ok(a)
 }
@@ -77,7 +80,7 @@ pub async fn prepare(
 ) -> Result<Prepared, FleetError> {
     let mut out = Prepared::default();
     match (policy.adapters(), epp) {
-        (AdapterSetup::Sidecars, Some(epp)) => {
+        (AdapterSetup::Sidecars | AdapterSetup::SidecarsAndResolver, Some(epp)) => {
             let url = format!("http://{}/lora/v1/placement", epp.metrics);
             for (i, addr) in fleet.addrs.iter().enumerate() {
                 let port = addr
@@ -124,11 +127,22 @@ pub async fn prepare(
         (AdapterSetup::Partition(k), _) => load_partition(w, fleet, k).await,
         _ => return Ok(out),
     }
-    let want = w.adapters().len();
     let c = reqwest::Client::new();
+    // With the resolver, adapters placement gives no home are loaded by requests: wait for
+    // those it placed.
+    let table = match (policy.adapters(), epp) {
+        (AdapterSetup::SidecarsAndResolver, Some(epp)) => {
+            Some(format!("http://{}/lora/v1/placement", epp.metrics))
+        }
+        _ => None,
+    };
     poll(Duration::from_secs(180), || {
-        let c = c.clone();
+        let (c, table) = (c.clone(), table.clone());
         async move {
+            let want = match table {
+                Some(url) => homed(&c, &url).await?,
+                None => w.adapters().len(),
+            };
             let mut seen = std::collections::BTreeSet::new();
             for a in &fleet.addrs {
                 seen.extend(listed(&c, a).await?);
@@ -143,6 +157,14 @@ pub async fn prepare(
         log: dir.display().to_string(),
     })?;
     Ok(out)
+}
+
+/// Adapters with a home in the EPP's placement table (`None` before its first table).
+async fn homed(c: &reqwest::Client, url: &str) -> Option<usize> {
+    let t: crate::lora_fleet::Table = c.get(url).send().await.ok()?.json().await.ok()?;
+    let ids: std::collections::BTreeSet<&String> =
+        t.servers.values().flat_map(|p| p.homes.keys()).collect();
+    (!ids.is_empty()).then_some(ids.len())
 }
 
 async fn listed(c: &reqwest::Client, addr: &str) -> Option<Vec<String>> {

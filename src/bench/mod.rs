@@ -65,7 +65,7 @@ pub struct BenchArgs {
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
     Policy::parse(s).ok_or_else(|| {
-        format!("unknown policy {s:?}: use round-robin, random, least-queue, default, default-local-prefix, flow-control, flow-round-robin, flow-vtc, lora-everywhere, lora-hash-2, lora-lazy or lora-placed")
+        format!("unknown policy {s:?}: use round-robin, random, least-queue, default, default-local-prefix, flow-control, flow-round-robin, flow-vtc, lora-everywhere, lora-hash-2, lora-lazy, lora-placed or lora-placed-resolver")
     })
 }
 

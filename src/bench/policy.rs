@@ -38,6 +38,9 @@ pub enum Policy {
     LoraLazy,
     /// Ours: demand-proportional homes the sidecars load before requests go there.
     LoraPlaced,
+    /// Ours with `--lora-cold-adapters resolver`: adapters without a cache entry are read
+    /// by the servers' LoRA resolver where a request lands, and unloaded once done.
+    LoraPlacedResolver,
 }
 
 impl Policy {
@@ -55,6 +58,7 @@ impl Policy {
             Policy::LoraHash2 => "lora-hash-2",
             Policy::LoraLazy => "lora-lazy",
             Policy::LoraPlaced => "lora-placed",
+            Policy::LoraPlacedResolver => "lora-placed-resolver",
         }
     }
 
@@ -73,6 +77,7 @@ impl Policy {
             Policy::LoraHash2,
             Policy::LoraLazy,
             Policy::LoraPlaced,
+            Policy::LoraPlacedResolver,
         ]
         .into_iter()
         .find(|p| p.name() == s)
@@ -148,7 +153,8 @@ impl Policy {
             | Policy::LoraEverywhere
             | Policy::LoraHash2
             | Policy::LoraLazy
-            | Policy::LoraPlaced => None,
+            | Policy::LoraPlaced
+            | Policy::LoraPlacedResolver => None,
             Policy::Random => Some(
                 "kind: EndpointPickerConfig\nplugins:\n- type: random-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: random-picker\n",
             ),
@@ -169,6 +175,7 @@ impl Policy {
             Policy::LoraHash2 => AdapterSetup::Partition(2),
             Policy::LoraLazy => AdapterSetup::Resolver,
             Policy::LoraPlaced => AdapterSetup::Sidecars,
+            Policy::LoraPlacedResolver => AdapterSetup::SidecarsAndResolver,
             _ => AdapterSetup::Everywhere,
         }
     }
@@ -185,6 +192,9 @@ pub enum AdapterSetup {
     Resolver,
     /// The EPP places them and the sidecars load them.
     Sidecars,
+    /// As `Sidecars`, and the servers' LoRA resolver reads the adapters placement leaves
+    /// without a home.
+    SidecarsAndResolver,
 }
 
 pub(super) fn all_policies() -> Vec<Policy> {

@@ -177,6 +177,22 @@ pub struct EppArgs {
     /// LoRA resolver plugins; every move costs a request a disk read).
     #[arg(long, value_enum, default_value_t = PlacementMode::Load)]
     pub lora_placement_mode: PlacementMode,
+    /// Adapters placement gives no cache entry: `registered` keeps one registration each
+    /// (a sidecar load; vLLM's LRU then keeps what was read last). `resolver`: none; a
+    /// request for one goes to a server with a free cache entry, whose LoRA resolver
+    /// (`VLLM_PLUGINS=lora_filesystem_resolver`, `VLLM_LORA_RESOLVER_CACHE_DIR` holding
+    /// `<id>/`) reads it, and the EPP unloads the copy once its requests are done, so the
+    /// adapters placed there stay cached. Needs vLLM's Rust frontend (an unload frees the
+    /// entry) and `--lora-placement-mode load`.
+    #[arg(long, value_enum, default_value_t = ColdAdapters::Registered)]
+    pub lora_cold_adapters: ColdAdapters,
+}
+
+/// `--lora-cold-adapters`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColdAdapters {
+    Registered,
+    Resolver,
 }
 
 /// `--lora-placement-mode`.

@@ -140,6 +140,13 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
     // Before any actor starts: a bad certificate is an error to exit on, not a half-started
     // process to tear down.
     let tls = tls::serving_acceptor(args.secure_serving, args.cert_path.as_deref())?;
+    if args.lora_cold_adapters == args::ColdAdapters::Resolver
+        && args.lora_placement_mode == args::PlacementMode::Lazy
+    {
+        return Err(EppError::Placement(
+            "--lora-cold-adapters resolver places with the sidecars: drop --lora-placement-mode lazy (lazy already leaves every load to the resolver)".into(),
+        ));
+    }
     let budget = memory_budget(&args.memory_budget)?;
     let shared = Arc::new(Shared::new(scheduler));
     let metrics = EppMetrics::new();
@@ -305,10 +312,25 @@ fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) 
     if args.lora_catalog.is_none() && args.lora_placement_from.is_none() {
         return;
     }
+    use std::sync::atomic::Ordering::Relaxed;
+    let resolver = args.lora_cold_adapters == args::ColdAdapters::Resolver;
     shared.fleet.lazy.store(
         args.lora_placement_mode == args::PlacementMode::Lazy,
-        std::sync::atomic::Ordering::Relaxed,
+        Relaxed,
     );
+    shared.fleet.resolver.store(resolver, Relaxed);
+    shared
+        .fleet
+        .max_cpu_loras
+        .store(args.lora_max_cpu_loras, Relaxed);
+    if resolver {
+        crate::actors::lora_unloader::CopyUnloader::new(
+            shared.clone(),
+            metrics.clone(),
+            Duration::from_millis(100),
+        )
+        .start();
+    }
     let placer = LoraPlacer::new(
         shared.clone(),
         metrics.clone(),
@@ -323,7 +345,10 @@ fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) 
                 .filter(|p| args.lora_placement_election && p.exists()),
             min_drain_ticks: 2,
             max_drain: Duration::from_secs(120),
-            params: inferlane_epp::fleet::Params::default(),
+            params: inferlane_epp::fleet::Params {
+                cold_homes: !resolver,
+                ..Default::default()
+            },
         },
     )
     .start();

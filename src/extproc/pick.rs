@@ -54,23 +54,28 @@ impl FleetView {
     }
 
     /// LoRA placement's say: where a catalogue adapter may go and under which name (its
-    /// homes that list its current version; a home still loading gets nothing yet), `None`
-    /// where placement has none.
+    /// homes that list its current version; a home still loading gets nothing yet; an
+    /// on-demand adapter's copies or servers to resolve it on), `None` where placement has
+    /// none.
     fn placed(
         &self,
         fleet: &crate::lora_fleet::FleetState,
         endpoints: &[&Arc<EndpointHandle>],
         target: Option<&str>,
     ) -> Option<Vec<Target>> {
-        fleet.allowed(target?, |addr, name| {
-            endpoints
+        let target = target?;
+        fleet.table.load().as_ref()?;
+        let listing = Listing {
+            view: self,
+            endpoints,
+            by_address: endpoints
                 .iter()
-                .zip(&self.models)
-                .find(|(h, _)| h.address == addr)
-                .and_then(|(_, m)| m.as_ref())
-                .filter(|m| m.adapters.contains(name))
-                .and_then(|m| m.read_at)
-        })
+                .enumerate()
+                .map(|(i, h)| (h.address.as_str(), i))
+                .collect(),
+            max_cpu: fleet.max_cpu_loras.load(Ordering::Relaxed) as usize,
+        };
+        fleet.allowed(target, &listing)
     }
 
     fn candidates<'a>(
@@ -102,6 +107,58 @@ impl FleetView {
                 h.candidate(&self.scraped[i], now, has_model)
             })
             .collect()
+    }
+}
+
+/// The pool as placement's routing asks about it, each server found by address once.
+struct Listing<'v> {
+    view: &'v FleetView,
+    endpoints: &'v [&'v Arc<EndpointHandle>],
+    by_address: HashMap<&'v str, usize>,
+    max_cpu: usize,
+}
+
+impl Listing<'_> {
+    fn models(&self, address: &str) -> Option<&ServedModels> {
+        self.view.models[*self.by_address.get(address)?].as_deref()
+    }
+}
+
+impl crate::lora_fleet::Servers for Listing<'_> {
+    fn listed(&self, address: &str, name: &str) -> Option<Instant> {
+        self.models(address)
+            .filter(|m| m.adapters.contains(name))
+            .and_then(|m| m.read_at)
+    }
+
+    fn read_at(&self, address: &str) -> Option<Instant> {
+        self.models(address).and_then(|m| m.read_at)
+    }
+
+    fn addresses(&self) -> impl Iterator<Item = &str> + Clone {
+        self.endpoints
+            .iter()
+            .filter(|h| h.is_healthy())
+            .map(|h| h.address.as_str())
+    }
+
+    /// Fewer adapters cached than `--lora-max-cpu-loras` (by vLLM's residency metrics;
+    /// without them, or without the flag, every server is taken to have room).
+    fn room(&self, address: &str) -> bool {
+        let Some(&i) = self.by_address.get(address) else {
+            return false;
+        };
+        let Some(m) = self.view.scraped[i].as_deref().map(|s| &s.metrics) else {
+            return true;
+        };
+        if self.max_cpu == 0 || !m.residency_reported {
+            return true;
+        }
+        let cpu_only = m
+            .cpu_adapters
+            .iter()
+            .filter(|a| !m.gpu_adapters.contains(a));
+        m.gpu_adapters.len() + cpu_only.count() < self.max_cpu
     }
 }
 
@@ -228,12 +285,15 @@ impl ExtProc {
         scraped: Option<&Scraped>,
         prompt_chars: usize,
     ) -> Option<&'p str> {
-        let served = placed
-            .and_then(|p| p.iter().find(|t| t.address == chosen.address))
-            .map(|t| t.served.as_str());
+        let picked = placed.and_then(|p| p.iter().find(|t| t.address == chosen.address));
+        let served = picked.map(|t| t.served.as_str());
         let name = served.unwrap_or(target);
         self.shared.fleet.count(target, prompt_chars as u64 / 4);
-        st.adapter_flight = self.shared.fleet.begin(target, name, &chosen.address);
+        let on_demand = picked.is_some_and(|t| t.on_demand);
+        st.adapter_flight = self
+            .shared
+            .fleet
+            .begin(target, name, &chosen.address, on_demand);
         self.count_tier(name, scraped);
         served.filter(|s| *s != target)
     }

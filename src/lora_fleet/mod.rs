@@ -1,6 +1,7 @@
 //! The LoRA fleet on the EPP's side: demand counters the request path bumps, and the placement table it routes by.
 
 pub mod catalogue;
+pub mod on_demand;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -10,6 +11,7 @@ use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
+pub use on_demand::{Flights, Servers};
 pub use wire::Table;
 
 /// Requests and prompt tokens per catalogue adapter since the last placement tick.
@@ -33,6 +35,8 @@ pub struct Route {
 pub struct Target {
     pub address: String,
     pub served: String,
+    /// An on-demand copy (made, or to be made, by the server's LoRA resolver).
+    pub on_demand: bool,
 }
 
 /// A table with its routes by adapter, built once per tick.
@@ -88,23 +92,19 @@ impl Routed {
 
     /// Whether `address` lists (in a read made after it was placed there) the served name
     /// `served`.
-    fn loaded(
-        &self,
-        address: &str,
-        served: &str,
-        listed: &impl Fn(&str, &str) -> Option<Instant>,
-    ) -> bool {
+    fn loaded(&self, address: &str, served: &str, view: &impl Servers) -> bool {
         let since = self.placed_at(served, address);
-        listed(address, served).is_some_and(|read| since.is_none_or(|at| read >= at))
+        view.listed(address, served)
+            .is_some_and(|read| since.is_none_or(|at| read >= at))
     }
 
     /// Whether a home placed on `address` is not loaded yet: its sidecar is about to read
     /// it, or reading it, on the engine's loop.
-    fn loading(&self, address: &str, listed: &impl Fn(&str, &str) -> Option<Instant>) -> bool {
+    fn loading(&self, address: &str, view: &impl Servers) -> bool {
         self.placed.get(address).is_some_and(|names| {
             names
                 .iter()
-                .any(|(served, at)| listed(address, served).is_none_or(|read| read < *at))
+                .any(|(served, at)| view.listed(address, served).is_none_or(|read| read < *at))
         })
     }
 
@@ -132,9 +132,18 @@ pub struct FleetState {
     /// or not (servers with a LoRA resolver load it on the first request; nothing is
     /// loaded ahead).
     pub lazy: std::sync::atomic::AtomicBool,
-    /// Our requests in flight per (catalogue adapter, server address): a drain ends only
-    /// when none is left, including those still on their way to the server.
-    flights: Arc<Mutex<HashMap<(String, String), u32>>>,
+    /// `--lora-cold-adapters resolver`: adapters without a home are served by the servers'
+    /// LoRA resolver, and the copies it makes for our requests are unloaded once done.
+    pub resolver: std::sync::atomic::AtomicBool,
+    /// This replica decides placement (it adopts on-demand copies found with no record).
+    pub deciding: std::sync::atomic::AtomicBool,
+    /// `--lora-max-cpu-loras` as placement reads it (0: unknown): a server with fewer
+    /// adapters cached has room for an on-demand read that pushes nothing out.
+    pub max_cpu_loras: std::sync::atomic::AtomicU32,
+    /// Our requests in flight per (served name, server address): a drain ends only when
+    /// none is left, including those still on their way to the server; and the on-demand
+    /// copies.
+    pub flights: Arc<Mutex<Flights>>,
     /// `--lora-placement-election`: this replica holds the placement lease and decides.
     pub elected: Arc<std::sync::atomic::AtomicBool>,
     /// `--lora-placement-election`: the deciding replica's `/lora/v1/placement` URL, read
@@ -145,24 +154,20 @@ pub struct FleetState {
 /// One request in flight for a catalogue adapter on a server; counted down when dropped.
 pub struct Flight {
     key: Option<(String, String)>,
-    flights: Arc<Mutex<HashMap<(String, String), u32>>>,
+    flights: Arc<Mutex<Flights>>,
 }
 
 impl Drop for Flight {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            let mut m = self
-                .flights
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(n) = m.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    m.remove(&key);
-                }
-            }
+            lock(&self.flights).end(&key, Instant::now());
         }
     }
+}
+
+/// The flights, whatever a panicking holder left (counts stay usable).
+pub fn lock(m: &Mutex<Flights>) -> std::sync::MutexGuard<'_, Flights> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl FleetState {
@@ -185,17 +190,12 @@ impl FleetState {
 
     /// A request for catalogue adapter `id`, sent to `address` as `served` (the map's keys
     /// are bounded by the catalogue's versions in the table and the pool).
-    pub fn begin(&self, id: &str, served: &str, address: &str) -> Option<Flight> {
+    /// `on_demand`: it goes to a copy the server's resolver holds or will make.
+    pub fn begin(&self, id: &str, served: &str, address: &str, on_demand: bool) -> Option<Flight> {
         if !self.counters.load().by_id.contains_key(id) {
             return None;
         }
-        let key = (served.to_string(), address.to_string());
-        *self
-            .flights
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(key.clone())
-            .or_default() += 1;
+        let key = lock(&self.flights).begin(served, address, on_demand);
         Some(Flight {
             key: Some(key),
             flights: self.flights.clone(),
@@ -204,9 +204,8 @@ impl FleetState {
 
     /// Our requests for served name `served` in flight on `address`.
     pub fn in_flight(&self, served: &str, address: &str) -> u32 {
-        self.flights
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.flights)
+            .counts
             .get(&(served.to_string(), address.to_string()))
             .copied()
             .unwrap_or(0)
@@ -254,6 +253,23 @@ impl FleetState {
             .collect()
     }
 
+    /// `name`, listed on `address`, is an on-demand copy: resolver mode, a catalogue id
+    /// served under its plain id, which the table neither homes nor drains there.
+    pub fn adoptable(&self, name: &str, address: &str) -> bool {
+        if !self.resolver.load(Ordering::Relaxed) || !self.counters.load().by_id.contains_key(name)
+        {
+            return false;
+        }
+        let table = self.table.load();
+        let Some(routed) = table.as_ref() else {
+            return false;
+        };
+        let here = |(a, s): &(String, String)| a == address && s == name;
+        routed
+            .route(name)
+            .is_none_or(|r| !r.homes.iter().any(here) && !r.draining.iter().any(here))
+    }
+
     /// Placement has homes for `id` (a catalogue adapter, perhaps still loading).
     pub fn knows(&self, id: &str) -> bool {
         self.table
@@ -263,53 +279,71 @@ impl FleetState {
     }
 
     /// Where a request for `id` may go, and under which name: its homes whose model list,
-    /// read after they became homes, lists its current version (`listed(address, name)`
-    /// gives when the list was read, if it lists it), else (a new home still loading, a new
-    /// version not loaded yet) where it drains and the server still lists it, else homes
-    /// whose older list shows it; `None` when placement says nothing about it or none of
-    /// them lists it (route as without placement: to any server that lists it).
-    pub fn allowed(
-        &self,
-        id: &str,
-        listed: impl Fn(&str, &str) -> Option<Instant>,
-    ) -> Option<Vec<Target>> {
+    /// read after they became homes, lists its current version, else (a new home still
+    /// loading, a new version not loaded yet) where it drains and the server still lists
+    /// it, else homes whose older list shows it, else (`--lora-cold-adapters resolver`, an
+    /// adapter without a home) its on-demand copies or servers whose resolver may make one;
+    /// `None` when placement says nothing about it or none of them lists it (route as
+    /// without placement: to any server that lists it).
+    pub fn allowed(&self, id: &str, view: &impl Servers) -> Option<Vec<Target>> {
         let table = self.table.load();
         let routed = table.as_ref()?;
-        let route = routed.route(id)?;
-        let target = |(a, s): &(String, String)| Target {
-            address: a.clone(),
-            served: s.clone(),
+        let placed = routed.route(id).and_then(|r| self.placed(routed, r, view));
+        if placed.is_some() || !self.resolver.load(Ordering::Relaxed) {
+            return placed;
+        }
+        if !self.counters.load().by_id.contains_key(id) {
+            return None;
+        }
+        let targets = lock(&self.flights).targets(id, view);
+        let copy = |a: &str| Target {
+            on_demand: true,
+            ..target(a, id)
         };
+        (!targets.is_empty()).then(|| targets.into_iter().map(copy).collect())
+    }
+
+    /// [`Self::allowed`] by the table's route.
+    fn placed(&self, routed: &Routed, route: &Route, view: &impl Servers) -> Option<Vec<Target>> {
+        let pair = |(a, s): &(String, String)| target(a, s);
         if self.lazy.load(Ordering::Relaxed) {
-            return (!route.homes.is_empty()).then(|| route.homes.iter().map(target).collect());
+            return (!route.homes.is_empty()).then(|| route.homes.iter().map(pair).collect());
         }
         let homes: Vec<&(String, String)> = route
             .homes
             .iter()
-            .filter(|(a, s)| routed.loaded(a, s, &listed))
+            .filter(|(a, s)| routed.loaded(a, s, view))
             .collect();
         if !homes.is_empty() {
             // A server loading another adapter holds its engine for the read (every request
             // there waits it out): while another home is not loading, requests go there.
             let settled: Vec<Target> = homes
                 .iter()
-                .filter(|(a, _)| homes.len() > 1 && !routed.loading(a, &listed))
-                .map(|h| target(h))
+                .filter(|(a, _)| homes.len() > 1 && !routed.loading(a, view))
+                .map(|h| pair(h))
                 .collect();
             if !settled.is_empty() {
                 return Some(settled);
             }
-            return Some(homes.into_iter().map(target).collect());
+            return Some(homes.into_iter().map(pair).collect());
         }
-        let listing = |(a, s): &&(String, String)| listed(a, s).is_some();
-        let draining: Vec<Target> = route.draining.iter().filter(listing).map(target).collect();
+        let listing = |(a, s): &&(String, String)| view.listed(a, s).is_some();
+        let draining: Vec<Target> = route.draining.iter().filter(listing).map(pair).collect();
         if !draining.is_empty() {
             return Some(draining);
         }
         // Nothing known to be loaded since placed (a follower's or restarted decider's
         // first table): homes that list it at all, as routing without placement would.
-        let listed_homes: Vec<Target> = route.homes.iter().filter(listing).map(target).collect();
+        let listed_homes: Vec<Target> = route.homes.iter().filter(listing).map(pair).collect();
         (!listed_homes.is_empty()).then_some(listed_homes)
+    }
+}
+
+fn target(address: &str, served: &str) -> Target {
+    Target {
+        address: address.to_string(),
+        served: served.to_string(),
+        on_demand: false,
     }
 }
 
@@ -318,10 +352,18 @@ mod tests {
     use super::*;
     use inferlane_epp::fleet::Role;
 
-    fn target(address: &str, served: &str) -> Target {
-        Target {
-            address: address.into(),
-            served: served.into(),
+    /// A view of the servers from a listing function (no addresses: no on-demand copies).
+    struct View<F>(F);
+
+    impl<F: Fn(&str, &str) -> Option<Instant>> Servers for View<F> {
+        fn listed(&self, address: &str, name: &str) -> Option<Instant> {
+            (self.0)(address, name)
+        }
+        fn read_at(&self, _: &str) -> Option<Instant> {
+            None
+        }
+        fn addresses(&self) -> impl Iterator<Item = &str> + Clone {
+            std::iter::empty()
         }
     }
 
@@ -356,18 +398,21 @@ mod tests {
         let old_only = |at: Instant| move |_: &str, n: &str| (n == v1).then_some(at);
         // The new version is not loaded anywhere: the old one serves, under its own name.
         assert_eq!(
-            f.allowed("a", old_only(after)),
+            f.allowed("a", &View(old_only(after))),
             Some(vec![target(s1, v1), target(s2, v1)])
         );
-        assert_eq!(f.allowed("a", all(after)), Some(vec![target(s2, v2)]));
+        assert_eq!(
+            f.allowed("a", &View(all(after))),
+            Some(vec![target(s2, v2)])
+        );
         // A list read before it became a home says nothing about it (an unload may have
         // raced it): the drained copies serve until a newer read.
         assert_eq!(
-            f.allowed("a", all(before)),
+            f.allowed("a", &View(all(before))),
             Some(vec![target(s1, v1), target(s2, v1)])
         );
-        assert_eq!(f.allowed("a", |_, _| None), None);
-        assert_eq!(f.allowed("b", all(after)), None);
+        assert_eq!(f.allowed("a", &View(|_: &str, _: &str| None)), None);
+        assert_eq!(f.allowed("b", &View(all(after))), None);
         // A sidecar asks for its part: the version to load, and the one to keep meanwhile.
         let set = f
             .table
@@ -409,15 +454,18 @@ mod tests {
         f.table.store(Some(Arc::new(Routed::new(t, None))));
         let now = Instant::now();
         let without_b = move |_: &str, n: &str| (n == "a").then_some(now);
-        assert_eq!(f.allowed("a", without_b), Some(vec![target(s1, "a")]));
+        assert_eq!(
+            f.allowed("a", &View(without_b)),
+            Some(vec![target(s1, "a")])
+        );
         let all = move |_: &str, _: &str| Some(now);
         assert_eq!(
-            f.allowed("a", all),
+            f.allowed("a", &View(all)),
             Some(vec![target(s1, "a"), target(s2, "a")])
         );
         // Its only home is loading: it still serves there.
         let only_s2 = move |addr: &str, n: &str| (addr == s2 && n == "a").then_some(now);
-        assert_eq!(f.allowed("a", only_s2), Some(vec![target(s2, "a")]));
+        assert_eq!(f.allowed("a", &View(only_s2)), Some(vec![target(s2, "a")]));
     }
 
     #[test]
@@ -430,9 +478,9 @@ mod tests {
         f.count("client-made-up", 1);
         assert_eq!(f.take_counts(), vec![("a".to_string(), 2, 15)]);
         assert!(f.take_counts().is_empty());
-        let one = f.begin("a", "a@1", "s1");
-        let two = f.begin("a", "a@1", "s1");
-        assert!(f.begin("client-made-up", "a@1", "s1").is_none());
+        let one = f.begin("a", "a@1", "s1", false);
+        let two = f.begin("a", "a@1", "s1", false);
+        assert!(f.begin("client-made-up", "a@1", "s1", false).is_none());
         assert_eq!(f.in_flight("a@1", "s1"), 2);
         drop(one);
         assert_eq!(f.in_flight("a@1", "s1"), 1);

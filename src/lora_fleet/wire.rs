@@ -22,6 +22,10 @@ pub struct Table {
     pub demand: BTreeMap<String, f64>,
     /// Pair moves (a home added or dropped) since the decider started.
     pub moves: u64,
+    /// `--lora-cold-adapters resolver`: servers' LoRA resolvers hold on-demand copies under
+    /// plain ids, which the EPP unloads (sidecars leave them alone).
+    #[serde(default)]
+    pub resolver: bool,
 }
 
 /// One server's part.
@@ -70,6 +74,10 @@ pub struct ServerSet {
     pub server: String,
     pub adapters: Vec<Placed>,
     pub draining: Vec<Placed>,
+    /// Copies under a catalogue adapter's plain id are the EPP's on-demand copies: leave
+    /// them (`--lora-cold-adapters resolver`).
+    #[serde(default)]
+    pub resolver: bool,
 }
 
 impl Table {
@@ -122,6 +130,7 @@ impl Table {
                 .map(|n| placed(n))
                 .collect(),
             draining: part.draining.iter().map(|n| placed(n)).collect(),
+            resolver: self.resolver,
         })
     }
 }

@@ -151,6 +151,8 @@ pub struct EppMetrics {
     pub lora_requests: Family<TierLabels, Counter>,
     pub lora_moves: Counter,
     pub lora_drains: Counter,
+    pub lora_copy_unloads: Counter,
+    pub lora_copy_unload_failures: Counter,
     pub lora_homes: Family<AdapterHomeLabels, Gauge>,
 }
 
@@ -184,6 +186,8 @@ impl EppMetrics {
             lora_requests: Family::default(),
             lora_moves: Counter::default(),
             lora_drains: Counter::default(),
+            lora_copy_unloads: Counter::default(),
+            lora_copy_unload_failures: Counter::default(),
             lora_homes: Family::default(),
         };
         r.register(
@@ -310,6 +314,16 @@ impl EppMetrics {
             "inferlane_epp_lora_drains",
             "Dropped adapter homes whose drain ended (the sidecar then unloads)",
             m.lora_drains.clone(),
+        );
+        r.register(
+            "inferlane_epp_lora_on_demand_unloads",
+            "On-demand adapter copies (made by a server's LoRA resolver) unloaded once their requests were done",
+            m.lora_copy_unloads.clone(),
+        );
+        r.register(
+            "inferlane_epp_lora_on_demand_unload_failures",
+            "Unloads of on-demand adapter copies that failed (tried again)",
+            m.lora_copy_unload_failures.clone(),
         );
         r.register(
             "inferlane_epp_lora_adapter_homes",

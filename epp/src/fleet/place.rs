@@ -12,6 +12,10 @@ pub struct Params {
     pub min_demand: f64,
     /// Ticks a new decider keeps every home it found, while it measures demand.
     pub grace_ticks: u32,
+    /// Adapters without a cache entry keep one registration (`true`), or none: the servers'
+    /// LoRA resolver registers one on a request and the EPP unloads it once its requests
+    /// are done (`--lora-cold-adapters resolver`).
+    pub cold_homes: bool,
 }
 
 impl Default for Params {
@@ -19,6 +23,7 @@ impl Default for Params {
         Self {
             min_demand: 0.005,
             grace_ticks: 5,
+            cold_homes: true,
         }
     }
 }
@@ -45,6 +50,13 @@ pub struct Placer {
 /// its demand: Zipf demand measured over a few seconds reorders the quieter adapters every
 /// tick, and each swap is a disk read that holds a serving server's engine.
 const KEEP_CACHED: f64 = 1.5;
+
+/// Seconds within which a newly cached adapter must save the read its placement costs: an
+/// adapter cached now keeps its entry against one whose demand exceeds its own by less than
+/// one request per this many seconds (at equal rank). Quiet adapters' demand is a few
+/// hundredths of a request per second, and without cold homes every change is a load and
+/// an unload.
+const PAYBACK_S: f64 = 20.0;
 
 /// How far below the homes it has an adapter's exact share of the GPU slots must fall before
 /// it gives one up (rounding alone flips at 0.5: demand noise would add a home one tick and
@@ -167,7 +179,12 @@ impl Placer {
         // Role by role, hot first: every adapter of the role keeps the homes it has, then
         // takes new ones; a busier adapter taking a new home never pushes a quieter one of
         // its role out of a home it has.
-        for role in [Role::Hot, Role::Warm, Role::Cold] {
+        let roles: &[Role] = if self.params.cold_homes {
+            &[Role::Hot, Role::Warm, Role::Cold]
+        } else {
+            &[Role::Hot, Role::Warm]
+        };
+        for &role in roles {
             let mine: Vec<usize> = (0..order.len())
                 .filter(|&i| order[i].1.role == role)
                 .collect();
@@ -179,7 +196,12 @@ impl Placer {
                 budget.add(order[i].0, order[i].1, servers, p, fresh);
             }
             for (&i, p) in mine.iter().zip(placed) {
-                for (s, r) in p {
+                // Without cold homes, a home the budget left no cache entry for goes: the
+                // resolver serves the adapter where a request lands.
+                let kept = p
+                    .into_iter()
+                    .filter(|&(_, r)| self.params.cold_homes || r > Role::Cold);
+                for (s, r) in kept {
                     if let Some(h) = homes.get_mut(&servers[s].id) {
                         h.insert(order[i].0.clone(), r);
                     }
@@ -251,12 +273,19 @@ impl Placer {
             .map(|(id, _)| id.as_str())
             .collect();
         let cached_now = |id: &str| cached.contains(id);
-        // After the hot ones, the cache goes to the busiest (each request it keeps from a
-        // disk read is one fewer engine stall), with a head start for those cached now;
-        // between equals, the costlier read (higher rank).
+        // After the hot ones, the cache goes to the adapters whose disk reads would cost the
+        // most engine time: demand times read cost, which grows with rank (each read holds
+        // its server's engine for every request there, so a rank-32 adapter's request costs
+        // what four of a rank-8 one do), with a head start for those cached now.
+        // Taking an entry costs the newcomer's read: it must save that within about a
+        // minute, besides being KEEP_CACHED times as busy.
         let worth = |a: &(&str, f64, u32)| {
-            let keep = if cached_now(a.0) { KEEP_CACHED } else { 1.0 };
-            a.1 * keep
+            let cost = f64::from(a.2.max(1));
+            if cached_now(a.0) {
+                a.1 * cost * KEEP_CACHED + cost / PAYBACK_S
+            } else {
+                a.1 * cost
+            }
         };
         ids[hot..active].sort_by(|a, b| {
             worth(b)

@@ -60,6 +60,17 @@ fn homes_of(h: &Homes, id: &str) -> Vec<(String, Role)> {
 }
 
 fn check_budgets(h: &Homes, servers: &[Server], cat: &Catalogue) -> Result<(), TestCaseError> {
+    check_budgets_with(h, servers, cat, true)
+}
+
+/// Budgets hold, `never` and pinned adapters are not placed; with `cold_homes` every other
+/// adapter has a home, without them no home is a registration only.
+fn check_budgets_with(
+    h: &Homes,
+    servers: &[Server],
+    cat: &Catalogue,
+    cold_homes: bool,
+) -> Result<(), TestCaseError> {
     for s in servers {
         let m = &h[&s.id];
         let hot = m.values().filter(|r| **r == Role::Hot).count() as u32;
@@ -80,8 +91,14 @@ fn check_budgets(h: &Homes, servers: &[Server], cat: &Catalogue) -> Result<(), T
         let homes = homes_of(h, &e.id);
         if cat.never.contains(&e.id) || cat.pinned.contains(&e.id) {
             prop_assert!(homes.is_empty(), "{} placed: {homes:?}", e.id);
-        } else {
+        } else if cold_homes {
             prop_assert!(!homes.is_empty(), "{} has no home", e.id);
+        } else {
+            prop_assert!(
+                homes.iter().all(|(_, r)| *r >= Role::Warm),
+                "{} registered only: {homes:?}",
+                e.id
+            );
         }
     }
     Ok(())
@@ -142,6 +159,9 @@ proptest! {
         let mut p = Placer::default();
         let h = p.place(&cat, &servers, &demand, &current_of(&servers, &pairs));
         check_budgets(&h, &servers, &cat)?;
+        let mut p = Placer::new(Params { cold_homes: false, ..Params::default() });
+        let h = p.place(&cat, &servers, &demand, &current_of(&servers, &pairs));
+        check_budgets_with(&h, &servers, &cat, false)?;
     }
 
     #[test]
@@ -363,4 +383,46 @@ fn gpu_slots_as_many_as_cache_entries_settle() {
         assert_eq!(sets(&next), sets(&h), "a steady demand moves nothing");
         h = next;
     }
+}
+
+#[test]
+fn the_cache_goes_to_the_costliest_reads() {
+    // One GPU slot, two cache entries: the busiest is hot, one entry is left. a1 (rank 16)
+    // is busier than a3 (rank 32), but a3's reads hold the engine twice as long: 0.2 x 32
+    // is more engine time saved than 0.3 x 16.
+    let servers = vec![server(0, 1, 2)];
+    let cat = catalogue(4, &[], &[]);
+    let demand: BTreeMap<String, f64> = [("a0", 1.0), ("a1", 0.3), ("a3", 0.2)]
+        .into_iter()
+        .map(|(id, d)| (id.to_string(), d))
+        .collect();
+    let h = Placer::default().place(&cat, &servers, &demand, &BTreeMap::new());
+    assert_eq!(h["pod-0"].get("a0"), Some(&Role::Hot));
+    assert_eq!(h["pod-0"].get("a3"), Some(&Role::Warm));
+    assert_eq!(h["pod-0"].get("a1"), Some(&Role::Cold));
+}
+
+#[test]
+fn without_cold_homes_adapters_past_the_cache_have_none() {
+    let servers = eight();
+    let cat = catalogue(200, &[], &[]);
+    let mut p = Placer::new(Params {
+        cold_homes: false,
+        ..Params::default()
+    });
+    let demand: BTreeMap<String, f64> = (0..200)
+        .map(|i| (format!("a{i}"), 10.0 / (1 + i) as f64))
+        .collect();
+    let h = p.place(&cat, &servers, &demand, &BTreeMap::new());
+    check_budgets_with(&h, &servers, &cat, false).unwrap();
+    let homed: BTreeSet<&String> = h.values().flat_map(|m| m.keys()).collect();
+    assert!(homed.len() < 8 * 14, "the busiest hold several entries");
+    assert!(homed.contains(&"a0".to_string()));
+    assert!(
+        !homed.contains(&"a199".to_string()),
+        "the quietest are left to the resolver"
+    );
+    // Steady demand: nothing moves.
+    let next = p.place(&cat, &servers, &demand, &held(&h));
+    assert_eq!(sets(&next), sets(&h));
 }
