@@ -13,6 +13,6 @@ rm -rf "$OUT"
 for w in lora-zipf lora-flash-crowd lora-shift; do
   target/release/route-bench "bench/workloads/$w.yaml" --out "$OUT/$w" "$@"
 done
-target/release/route-bench bench/workloads/lora-zipf.yaml --policies lora-placed --epp-replicas 3 \
+target/release/route-bench bench/workloads/lora-zipf.yaml --policies lora-placed,lora-placed-resolver --epp-replicas 3 \
   --out "$OUT/lora-zipf-x3" "$@"
 cat "$OUT"/*/summary.md

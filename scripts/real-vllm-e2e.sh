@@ -17,15 +17,16 @@ trap cleanup EXIT
 fail=0
 check() { if [ "$2" = "$3" ]; then echo "PASS $1"; else echo "FAIL $1: got [$2] want [$3]"; fail=1; fi; }
 
-# start_vllm PORT LOG: a tiny-Llama vLLM with runtime LoRA updates, up within 3 minutes.
+# start_vllm PORT LOG [ARGS...]: a tiny-Llama vLLM with runtime LoRA updates, up within 3 minutes.
 start_vllm() {
+  local port=$1 log=$2; shift 2
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=true VLLM_CPU_KVCACHE_SPACE=1 \
     .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model "$R/tiny-llama" \
     --served-model-name tiny-llama --dtype float32 --enable-lora --max-loras 2 --max-lora-rank 8 \
-    --max-model-len 256 --host 127.0.0.1 --port "$1" > "$2" 2>&1 &
+    --max-model-len 256 --host 127.0.0.1 --port "$port" "$@" > "$log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 1 180); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return; sleep 1; done
-  echo "vLLM did not start; see $2"; exit 1
+  for _ in $(seq 1 180); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && return; sleep 1; done
+  echo "vLLM did not start; see $log"; exit 1
 }
 start_vllm "$PORT" "$R/vllm.log"
 
@@ -160,4 +161,62 @@ for _ in $(seq 1 900); do [ "$(homes_a1)" = 1 ] && break; sleep 0.1; done
 check "placement: demand gone, a1 drained and unloaded back to one home" "$(homes_a1)" "1"
 check "placement: no failed request while a1 spread and shrank" "$(grep -vc '^200$' "$R/demand.codes")" "0"
 echo "  a1 requests while spreading: $(wc -l < "$R/demand.codes")"
+
+# Cold adapters through vLLM's LoRA resolver (--lora-cold-adapters resolver, docs/lora-fleet.md):
+# a server with the filesystem resolver and three cache entries; placement caches r1-r3 there
+# (sidecar loads, versioned names) and leaves r4 without a home. A request for r4 through the
+# gateway is read by the resolver under its plain id; the EPP unloads that copy once done; the
+# sidecar leaves it alone and the placed adapters stay. The resolver matches the adapter's
+# base_model_name_or_path against --model, so the folder holds copies naming it.
+rm -rf "$R/resolver" && mkdir -p "$R/resolver"
+for a in r1 r2 r3 r4; do cp -r "$R/a1" "$R/resolver/$a"; done
+python3 - "$R" <<'PY'
+import glob, json, sys
+for p in glob.glob(sys.argv[1] + "/resolver/*/adapter_config.json"):
+    c = json.load(open(p)); c["base_model_name_or_path"] = sys.argv[1] + "/tiny-llama"; json.dump(c, open(p, "w"))
+PY
+PORT3=$((PORT + 2))
+export VLLM_PLUGINS=lora_filesystem_resolver VLLM_LORA_RESOLVER_CACHE_DIR="$R/resolver"
+start_vllm "$PORT3" "$R/vllm3.log" --max-cpu-loras 3
+unset VLLM_PLUGINS VLLM_LORA_RESOLVER_CACHE_DIR
+BASE3=http://127.0.0.1:$PORT3
+{ printf 'vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: %s\n  onDemand:\n    models:\n' "$PORT3"
+  for a in r1 r2 r3 r4; do printf '    - id: %s\n      source: %s\n' "$a" "$R/resolver/$a"; done; } > "$R/resolver.yaml"
+printf 'pool: {name: real3}\nendpoints:\n- address: 127.0.0.1:%s\n' "$PORT3" > "$R/pool3.yaml"
+target/debug/epp --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
+  --pool-name real3 --pool-file "$R/pool3.yaml" --lora-catalog "$R/resolver.yaml" --lora-max-cpu-loras 3 \
+  --lora-cold-adapters resolver --lora-placement-interval 500ms > "$R/epp3.out" 2> "$R/epp3.log" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q EPP_LISTENING "$R/epp3.out" && break; sleep 0.1; done
+EPP3=$(grep EPP_LISTENING "$R/epp3.out")
+EPP3_GRPC=$(echo "$EPP3" | sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p')
+EPP3_METRICS=$(echo "$EPP3" | sed -n 's/.*metrics=\([^ ]*\).*/\1/p')
+target/debug/lora-sidecar --config "$R/resolver.yaml" --metrics-host 127.0.0.1 --metrics-port 0 \
+  --reconcile-trigger 1s --placement-url "http://$EPP3_METRICS/lora/v1/placement" \
+  --placement-server "127.0.0.1:$PORT3" --placement-interval 500ms > "$R/sidecar4.out" 2> "$R/sidecar4.log" &
+pids+=($!)
+sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP3_GRPC/; s/\${BODY_MODE}/BUFFERED/; s/\${TRAILER_MODE}/SKIP/; s/\${FAILURE_MODE_ALLOW}/false/" \
+  deploy/envoy/envoy-epp.yaml.tmpl > "$R/envoy3.yaml"
+rm -f "$R/envoy3.admin"
+.venv/bin/envoy -c "$R/envoy3.yaml" --use-dynamic-base-id --concurrency 1 -l warning \
+  --admin-address-path "$R/envoy3.admin" > "$R/envoy3.log" 2>&1 &
+pids+=($!)
+GW3=""
+for _ in $(seq 1 100); do
+  [ -s "$R/envoy3.admin" ] && GW3=$(curl -s "http://$(cat "$R/envoy3.admin")/listeners?format=json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])' 2>/dev/null || true)
+  [ -n "$GW3" ] && break; sleep 0.1
+done
+ids3() { curl -s "$BASE3/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))'; }
+plain3() { ids3 | sed -E 's/@[0-9a-f]{8}//g'; }
+for _ in $(seq 1 300); do [ "$(plain3)" = "r1,r2,r3" ] && break; sleep 0.1; done
+check "resolver: r1-r3 placed in the cache, r4 without a home" "$(plain3)" "r1,r2,r3"
+placed3=$(ids3)
+codes=""
+for _ in 1 2 3; do codes="$codes$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW3/v1/completions" \
+  -H 'content-type: application/json' -d '{"model":"r4","prompt":"hi","max_tokens":2}')"; done
+check "resolver: requests for r4 served through its resolver" "$codes" "200200200"
+unloads() { curl -s "http://$EPP3_METRICS/metrics" | sed -n 's/^inferlane_epp_lora_on_demand_unloads_total \([0-9]*\).*/\1/p'; }
+for _ in $(seq 1 100); do [ "$(unloads)" -ge 1 ] 2>/dev/null && [ "$(ids3)" = "$placed3" ] && break; sleep 0.1; done
+check "resolver: the EPP unloaded r4's copy once done" "$( [ "$(unloads)" -ge 1 ] 2>/dev/null && echo yes)" "yes"
+check "resolver: the placed adapters stay as they were" "$(ids3)" "$placed3"
 exit $fail

@@ -739,6 +739,47 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
         }
     };
     let first = wait_for("the EPP to unload the copy once done", T, unloaded).await;
+    // A follower replica serves it too (the decider's table names every catalogue adapter);
+    // its copy is adopted and unloaded by the decider.
+    let pool = rig.dir.path().join("pool.yaml");
+    let from = format!("http://127.0.0.1:{}/lora/v1/placement", rig.metrics_port);
+    let follower = spawn_epp(
+        &pool,
+        &[
+            "--lora-placement-from",
+            &from,
+            "--lora-placement-interval",
+            "250ms",
+            "--lora-cold-adapters",
+            "resolver",
+        ],
+        rig.dir.path(),
+    );
+    let envoy = spawn_envoy_for(&follower, rig.dir.path()).await;
+    let mine = format!("http://{}/lora/v1/placement", follower.metrics);
+    let homeless = wait_for(
+        "the follower's table naming an adapter without a home",
+        T,
+        || {
+            let (c, mine) = (rig.c.clone(), mine.clone());
+            async move {
+                let t = try_json(&c, &mine).await?;
+                let h = homes(&t);
+                (0..ADAPTERS - 1)
+                    .map(|i| format!("a{i}"))
+                    .find(|id| !h.contains_key(id) && t["served"][id.as_str()].is_string())
+            }
+        },
+    )
+    .await;
+    let r = rig
+        .c
+        .post(format!("http://127.0.0.1:{}/v1/completions", envoy.port))
+        .json(&json!({"model": homeless, "prompt": "hi", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
     // Busy now: requests keep working while placement gives it a home and the copies
     // drain and go.
     let (stop, ok, failed) = (

@@ -375,6 +375,13 @@ impl LoraPlacer {
             }
             t.servers.insert(s.id.clone(), part);
         }
+        // Adapters without a home are served by resolvers: followers count and route them
+        // by the table's names too.
+        if t.resolver {
+            for e in cat.placeable() {
+                t.served.insert(e.id.clone(), e.served.clone());
+            }
+        }
         t
     }
 
