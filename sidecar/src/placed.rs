@@ -1,6 +1,7 @@
 //! What the sidecar loads under LoRA placement: its ConfigMap plus the catalogue adapters the EPP placed on its server.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use crate::config::{AdapterSpec, LoraConfig, Versions};
 use crate::version::served_name;
@@ -36,6 +37,35 @@ pub fn merge(base: &LoraConfig, placed: Option<&BTreeSet<String>>, copies: bool)
         never: base.ensure_not_exist.iter().map(|a| a.id.clone()).collect(),
     });
     c
+}
+
+/// Served names the EPP dropped from this server's set, kept loaded a grace longer: another
+/// EPP replica routes by a copy of the table up to a placement tick older, and a request it
+/// sends by that copy must find the adapter still there.
+#[derive(Debug, Default)]
+pub struct Leaving {
+    since: BTreeMap<String, Instant>,
+}
+
+impl Leaving {
+    /// The EPP's set went from `old` to `new` at `now`.
+    pub fn update(&mut self, old: Option<&BTreeSet<String>>, new: &BTreeSet<String>, now: Instant) {
+        for name in old.into_iter().flatten().filter(|n| !new.contains(*n)) {
+            self.since.entry(name.clone()).or_insert(now);
+        }
+        self.since.retain(|n, _| !new.contains(n));
+    }
+
+    /// `placed` and the names dropped less than `grace` ago (older ones are forgotten).
+    pub fn kept(
+        &mut self,
+        placed: &BTreeSet<String>,
+        now: Instant,
+        grace: Duration,
+    ) -> BTreeSet<String> {
+        self.since.retain(|_, at| now.duration_since(*at) < grace);
+        placed.iter().chain(self.since.keys()).cloned().collect()
+    }
 }
 
 #[cfg(test)]
@@ -144,5 +174,38 @@ mod tests {
         actual.adapters.insert("pin".into(), "/a/pin".into());
         actual.adapters.insert(old.clone(), "/a/x".into());
         assert!(plan(&merge(&v1, Some(&both), false), &actual).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod leaving_tests {
+    use super::*;
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_dropped_name_stays_a_grace_longer_unless_placed_again() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(3);
+        let mut l = Leaving::default();
+        let (ab, b) = (set(&["a", "b"]), set(&["b"]));
+        l.update(None, &ab, t0);
+        assert_eq!(l.kept(&ab, t0, grace), ab);
+        l.update(Some(&ab), &b, t0 + Duration::from_secs(1));
+        assert_eq!(
+            l.kept(&b, t0 + Duration::from_secs(2), grace),
+            ab,
+            "a lingers"
+        );
+        // Dropped again later: the grace runs from the first drop.
+        l.update(Some(&b), &b, t0 + Duration::from_secs(3));
+        assert_eq!(l.kept(&b, t0 + Duration::from_secs(4), grace), b, "a goes");
+        // Placed again while leaving: no longer leaving.
+        l.update(Some(&b), &set(&[]), t0 + Duration::from_secs(5));
+        l.update(Some(&set(&[])), &b, t0 + Duration::from_secs(6));
+        assert_eq!(l.kept(&b, t0 + Duration::from_secs(6), grace), b);
+        assert_eq!(l.kept(&b, t0 + Duration::from_secs(20), grace), b);
     }
 }

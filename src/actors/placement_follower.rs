@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use inferlane_sidecar::LoraConfig;
-use inferlane_sidecar::placed::merge;
+use inferlane_sidecar::placed::{Leaving, merge};
 
 use crate::actors::messages::ConfigChanged;
 use crate::lora_fleet::wire::ServerSet;
@@ -28,6 +28,8 @@ pub struct FollowerOptions {
     /// A bearer token for an EPP with `--metrics-endpoint-auth` (re-read on every call:
     /// kubelet rotates projected tokens).
     pub token_file: Option<PathBuf>,
+    /// How long a name the EPP dropped stays loaded (other replicas' tables lag).
+    pub unload_grace: Duration,
 }
 
 /// The follower actor: between the config watcher and the reconciler.
@@ -38,6 +40,8 @@ pub struct PlacementFollower {
     base: Option<Arc<LoraConfig>>,
     /// The last set the EPP gave (kept while it is away).
     placed: Option<BTreeSet<String>>,
+    /// Names dropped from the set, kept a grace longer.
+    leaving: Leaving,
     /// The EPP unloads on-demand copies itself (`ServerSet::resolver`).
     copies: bool,
     sent: Option<Arc<LoraConfig>>,
@@ -57,6 +61,7 @@ impl PlacementFollower {
             reconciler,
             base: None,
             placed: None,
+            leaving: Leaving::default(),
             copies: false,
             sent: None,
             generation: 0,
@@ -67,7 +72,11 @@ impl PlacementFollower {
     /// Sends the merged config when it differs from the last one sent.
     fn forward(&mut self) {
         let Some(base) = &self.base else { return };
-        let merged = Arc::new(merge(base, self.placed.as_ref(), self.copies));
+        let kept = self.placed.as_ref().map(|p| {
+            self.leaving
+                .kept(p, std::time::Instant::now(), self.opts.unload_grace)
+        });
+        let merged = Arc::new(merge(base, kept.as_ref(), self.copies));
         if self.sent.as_deref() == Some(&*merged) {
             return;
         }
@@ -118,12 +127,16 @@ impl PlacementFollower {
                     if a.placed.as_ref() != Some(&ids) {
                         tracing::info!(tick = set.tick, adapters = set.adapters.len(), draining = set.draining.len(), "placement for this server changed");
                     }
+                    a.leaving
+                        .update(a.placed.as_ref(), &ids, std::time::Instant::now());
                     a.placed = Some(ids);
                     a.copies = set.resolver;
                     a.forward();
                 }
                 Err(e) => {
                     tracing::warn!(url = %a.opts.url, server = %a.opts.server, error = %e, "placement not read; keeping the last set");
+                    // Names whose grace ran out go even while the EPP is away.
+                    a.forward();
                 }
             }
         }));

@@ -127,6 +127,11 @@ pub struct SidecarArgs {
     /// How often the EPP is asked.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub placement_interval: Duration,
+    /// How long an adapter the EPP dropped from this server stays loaded before it is
+    /// unloaded: other EPP replicas route by a copy of the table up to a placement tick
+    /// (2 s) older. At least the EPP's `--lora-placement-interval`.
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    pub placement_unload_grace: Duration,
     /// Bearer token for an EPP that checks tokens (`--metrics-endpoint-auth`); the pod's
     /// service account token by default, when mounted.
     #[arg(
@@ -243,6 +248,7 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
                     url: url.clone(),
                     server,
                     interval: args.placement_interval,
+                    unload_grace: args.placement_unload_grace,
                     token_file: args
                         .placement_token_file
                         .exists()
