@@ -79,28 +79,36 @@ cat_cfg() { printf 'vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: %s\n  onDemand:\
   printf '  ensureNotExist:\n'; list "${2:-}"; }
 cat_cfg "a1:a1 a2:a2" | write_cfg
 printf 'pool: {name: real}\nendpoints:\n- address: 127.0.0.1:%s\n' "$PORT" > "$R/pool.yaml"
-target/debug/epp --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
-  --pool-name real --pool-file "$R/pool.yaml" --lora-catalog "$R/config/configmap.yaml" \
-  --lora-placement-interval 500ms > "$R/epp.out" 2> "$R/epp.log" &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q EPP_LISTENING "$R/epp.out" && break; sleep 0.1; done
-EPP=$(grep EPP_LISTENING "$R/epp.out")
-EPP_GRPC=$(echo "$EPP" | sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p')
-EPP_METRICS=$(echo "$EPP" | sed -n 's/.*metrics=\([^ ]*\).*/\1/p')
-target/debug/lora-sidecar --config "$R/config/configmap.yaml" --metrics-host 127.0.0.1 --metrics-port 0 \
-  --reconcile-trigger 1s --placement-url "http://$EPP_METRICS/lora/v1/placement" \
-  --placement-server "127.0.0.1:$PORT" --placement-interval 500ms > "$R/sidecar2.out" 2> "$R/sidecar2.log" &
-pids+=($!)
-sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP_GRPC/; s/\${BODY_MODE}/BUFFERED/; s/\${TRAILER_MODE}/SKIP/; s/\${FAILURE_MODE_ALLOW}/false/" \
-  deploy/envoy/envoy-epp.yaml.tmpl > "$R/envoy.yaml"
-.venv/bin/envoy -c "$R/envoy.yaml" --use-dynamic-base-id --concurrency 1 -l warning \
-  --admin-address-path "$R/envoy.admin" > "$R/envoy.log" 2>&1 &
-pids+=($!)
-GW=""
-for _ in $(seq 1 100); do
-  [ -s "$R/envoy.admin" ] && GW=$(curl -s "http://$(cat "$R/envoy.admin")/listeners?format=json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])' 2>/dev/null || true)
-  [ -n "$GW" ] && break; sleep 0.1
-done
+# start_chain NAME POOL CATALOGUE SERVER_PORT [EPP FLAGS...]: an EPP placing CATALOGUE's
+# adapters on POOL, the sidecar of the server on SERVER_PORT asking it, and an Envoy in front;
+# sets EPP_GRPC, EPP_METRICS and GW (the gateway's port).
+start_chain() {
+  local name=$1 pool=$2 cat=$3 port=$4; shift 4
+  target/debug/epp --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
+    --pool-name "$name" --pool-file "$pool" --lora-catalog "$cat" --lora-placement-interval 500ms "$@" \
+    > "$R/epp-$name.out" 2> "$R/epp-$name.log" &
+  pids+=($!)
+  for _ in $(seq 1 100); do grep -q EPP_LISTENING "$R/epp-$name.out" && break; sleep 0.1; done
+  local epp; epp=$(grep EPP_LISTENING "$R/epp-$name.out")
+  EPP_GRPC=$(echo "$epp" | sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p')
+  EPP_METRICS=$(echo "$epp" | sed -n 's/.*metrics=\([^ ]*\).*/\1/p')
+  target/debug/lora-sidecar --config "$cat" --metrics-host 127.0.0.1 --metrics-port 0 \
+    --reconcile-trigger 1s --placement-url "http://$EPP_METRICS/lora/v1/placement" \
+    --placement-server "127.0.0.1:$port" --placement-interval 500ms > "$R/sidecar-$name.out" 2> "$R/sidecar-$name.log" &
+  pids+=($!)
+  sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP_GRPC/; s/\${BODY_MODE}/BUFFERED/; s/\${TRAILER_MODE}/SKIP/; s/\${FAILURE_MODE_ALLOW}/false/" \
+    deploy/envoy/envoy-epp.yaml.tmpl > "$R/envoy-$name.yaml"
+  rm -f "$R/envoy-$name.admin"
+  .venv/bin/envoy -c "$R/envoy-$name.yaml" --use-dynamic-base-id --concurrency 1 -l warning \
+    --admin-address-path "$R/envoy-$name.admin" > "$R/envoy-$name.log" 2>&1 &
+  pids+=($!)
+  GW=""
+  for _ in $(seq 1 100); do
+    [ -s "$R/envoy-$name.admin" ] && GW=$(curl -s "http://$(cat "$R/envoy-$name.admin")/listeners?format=json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])' 2>/dev/null || true)
+    [ -n "$GW" ] && break; sleep 0.1
+  done
+}
+start_chain real "$R/pool.yaml" "$R/config/configmap.yaml" "$PORT"
 # Catalogue adapters are served under versioned names (<id>@<tag>, docs/lora-fleet.md).
 plain() { ids | sed -E 's/@[0-9a-f]{8}//g'; }
 wait_ids() { for _ in $(seq 1 200); do [ "$(plain)" = "$1" ] && break; sleep 0.05; done; check "$2" "$(plain)" "$1"; }
@@ -184,38 +192,16 @@ BASE3=http://127.0.0.1:$PORT3
 { printf 'vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: %s\n  onDemand:\n    models:\n' "$PORT3"
   for a in r1 r2 r3 r4; do printf '    - id: %s\n      source: %s\n' "$a" "$R/resolver/$a"; done; } > "$R/resolver.yaml"
 printf 'pool: {name: real3}\nendpoints:\n- address: 127.0.0.1:%s\n' "$PORT3" > "$R/pool3.yaml"
-target/debug/epp --bind-address 127.0.0.1 --grpc-port 0 --grpc-health-port 0 --metrics-port 0 \
-  --pool-name real3 --pool-file "$R/pool3.yaml" --lora-catalog "$R/resolver.yaml" --lora-max-cpu-loras 3 \
-  --lora-cold-adapters resolver --lora-placement-interval 500ms > "$R/epp3.out" 2> "$R/epp3.log" &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q EPP_LISTENING "$R/epp3.out" && break; sleep 0.1; done
-EPP3=$(grep EPP_LISTENING "$R/epp3.out")
-EPP3_GRPC=$(echo "$EPP3" | sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p')
-EPP3_METRICS=$(echo "$EPP3" | sed -n 's/.*metrics=\([^ ]*\).*/\1/p')
-target/debug/lora-sidecar --config "$R/resolver.yaml" --metrics-host 127.0.0.1 --metrics-port 0 \
-  --reconcile-trigger 1s --placement-url "http://$EPP3_METRICS/lora/v1/placement" \
-  --placement-server "127.0.0.1:$PORT3" --placement-interval 500ms > "$R/sidecar4.out" 2> "$R/sidecar4.log" &
-pids+=($!)
-sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP3_GRPC/; s/\${BODY_MODE}/BUFFERED/; s/\${TRAILER_MODE}/SKIP/; s/\${FAILURE_MODE_ALLOW}/false/" \
-  deploy/envoy/envoy-epp.yaml.tmpl > "$R/envoy3.yaml"
-rm -f "$R/envoy3.admin"
-.venv/bin/envoy -c "$R/envoy3.yaml" --use-dynamic-base-id --concurrency 1 -l warning \
-  --admin-address-path "$R/envoy3.admin" > "$R/envoy3.log" 2>&1 &
-pids+=($!)
-GW3=""
-for _ in $(seq 1 100); do
-  [ -s "$R/envoy3.admin" ] && GW3=$(curl -s "http://$(cat "$R/envoy3.admin")/listeners?format=json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])' 2>/dev/null || true)
-  [ -n "$GW3" ] && break; sleep 0.1
-done
+start_chain real3 "$R/pool3.yaml" "$R/resolver.yaml" "$PORT3" --lora-max-cpu-loras 3 --lora-cold-adapters resolver
 ids3() { curl -s "$BASE3/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))'; }
 plain3() { ids3 | sed -E 's/@[0-9a-f]{8}//g'; }
 for _ in $(seq 1 300); do [ "$(plain3)" = "r1,r2,r3" ] && break; sleep 0.1; done
 check "resolver: r1-r3 placed in the cache, r4 without a home" "$(plain3)" "r1,r2,r3"
 codes=""
-for _ in 1 2 3; do codes="$codes$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW3/v1/completions" \
+for _ in 1 2 3; do codes="$codes$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/v1/completions" \
   -H 'content-type: application/json' -d '{"model":"r4","prompt":"hi","max_tokens":2}')"; done
 check "resolver: requests for r4 served through its resolver" "$codes" "200200200"
-unloads() { curl -s "http://$EPP3_METRICS/metrics" | sed -n 's/^inferlane_epp_lora_on_demand_unloads_total \([0-9]*\).*/\1/p'; }
+unloads() { curl -s "http://$EPP_METRICS/metrics" | sed -n 's/^inferlane_epp_lora_on_demand_unloads_total \([0-9]*\).*/\1/p'; }
 # Placed adapters carry a version tag (<id>@<tag>); the copy is the plain id.
 copies3() { ids3 | tr ',' '\n' | grep -vc '@' || true; }
 placed3() { ids3 | tr ',' '\n' | grep -c '@' || true; }

@@ -130,6 +130,20 @@ impl Rig {
         self.epp = Some(spawn_epp(&pool, &args, self.dir.path()));
     }
 
+    /// A second EPP following this rig's (`--lora-placement-from`), with `extra` flags.
+    fn spawn_follower(&self, extra: &[&str]) -> Epp {
+        let pool = self.dir.path().join("pool.yaml");
+        let from = format!("http://127.0.0.1:{}/lora/v1/placement", self.metrics_port);
+        let mut args = vec![
+            "--lora-placement-from",
+            &from,
+            "--lora-placement-interval",
+            "250ms",
+        ];
+        args.extend_from_slice(extra);
+        spawn_epp(&pool, &args, self.dir.path())
+    }
+
     fn start_sidecar(&self, i: usize) -> Proc {
         let cfg = self.dir.path().join(format!("sidecar{i}.yaml"));
         let url = format!("http://127.0.0.1:{}/lora/v1/placement", self.metrics_port);
@@ -555,18 +569,7 @@ async fn an_epp_restart_and_a_sidecar_restart_move_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_replica_routes_by_the_deciders_table() {
     let rig = Rig::start().await;
-    let pool = rig.dir.path().join("pool.yaml");
-    let from = format!("http://127.0.0.1:{}/lora/v1/placement", rig.metrics_port);
-    let follower = spawn_epp(
-        &pool,
-        &[
-            "--lora-placement-from",
-            &from,
-            "--lora-placement-interval",
-            "250ms",
-        ],
-        rig.dir.path(),
-    );
+    let follower = rig.spawn_follower(&[]);
     let envoy = spawn_envoy_for(&follower, rig.dir.path()).await;
     let mine = format!("http://{}/lora/v1/placement", follower.metrics);
     let table = wait_for("the follower to copy a complete table", T, || {
@@ -741,20 +744,7 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
     let first = wait_for("the EPP to unload the copy once done", T, unloaded).await;
     // A follower replica serves it too (the decider's table names every catalogue adapter);
     // its copy is adopted and unloaded by the decider.
-    let pool = rig.dir.path().join("pool.yaml");
-    let from = format!("http://127.0.0.1:{}/lora/v1/placement", rig.metrics_port);
-    let follower = spawn_epp(
-        &pool,
-        &[
-            "--lora-placement-from",
-            &from,
-            "--lora-placement-interval",
-            "250ms",
-            "--lora-cold-adapters",
-            "resolver",
-        ],
-        rig.dir.path(),
-    );
+    let follower = rig.spawn_follower(&["--lora-cold-adapters", "resolver"]);
     let envoy = spawn_envoy_for(&follower, rig.dir.path()).await;
     let mine = format!("http://{}/lora/v1/placement", follower.metrics);
     let homeless = wait_for(
