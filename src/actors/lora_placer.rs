@@ -192,7 +192,7 @@ impl LoraPlacer {
             self.follow(url, ctx);
             return;
         }
-        if self.following && self.deciding() {
+        if self.following && deciding {
             self.following = false;
             self.adopt_followed_table();
         }
@@ -202,7 +202,7 @@ impl LoraPlacer {
             dt,
             |id| cat.on_demand.contains_key(id),
         );
-        if !self.deciding() {
+        if !deciding {
             return;
         }
         let Some(servers) = self.servers() else {

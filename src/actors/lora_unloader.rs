@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use crate::lora_fleet::lock;
 use crate::lora_fleet::on_demand::Timing;
-use crate::lora_fleet::{Servers, lock};
+use crate::pool::listing::Listing;
 use crate::pool::metrics::EppMetrics;
-use crate::pool::state::{PoolSnapshot, Shared};
+use crate::pool::state::{EndpointHandle, Shared};
 
 /// How long one unload call may take.
 const UNLOAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,39 +41,32 @@ impl CopyUnloader {
             return;
         }
         let snap = self.shared.snapshot.load_full();
-        let view = Pool(&snap);
+        let endpoints: Vec<&Arc<EndpointHandle>> = snap.endpoints.iter().collect();
+        let models: Vec<_> = endpoints.iter().map(|h| h.models.load_full()).collect();
+        let scraped: Vec<_> = endpoints.iter().map(|h| h.scraped.load_full()).collect();
+        let view = Listing::new(&endpoints, &models, &scraped, 0);
         let now = Instant::now();
         let due = {
             let mut flights = lock(&fleet.flights);
             if fleet.deciding.load(Ordering::Relaxed) {
-                for h in &snap.endpoints {
-                    let Some(models) = h.models.load_full() else {
-                        continue;
-                    };
-                    for id in models
-                        .adapters
-                        .iter()
-                        .filter(|a| fleet.adoptable(a, &h.address))
-                    {
+                for (h, m) in endpoints.iter().zip(&models) {
+                    let listed = m.iter().flat_map(|m| &m.adapters);
+                    for id in listed.filter(|a| fleet.adoptable(a, &h.address)) {
                         flights.adopt(id, &h.address, now);
                     }
                 }
             }
-            let present = |a: &str| snap.endpoints.iter().any(|h| h.address == a);
+            // Another replica's request for it may be running or waiting there.
             let busy = |a: &str, id: &str| {
-                snap.endpoints
-                    .iter()
-                    .find(|h| h.address == a)
-                    .and_then(|h| h.scraped.load_full())
-                    .is_some_and(|s| {
-                        let m = &s.metrics;
-                        m.running_adapters
-                            .iter()
-                            .chain(&m.waiting_adapters)
-                            .any(|x| x == id)
-                    })
+                view.scraped(a).is_some_and(|s| {
+                    let m = &s.metrics;
+                    m.running_adapters
+                        .iter()
+                        .chain(&m.waiting_adapters)
+                        .any(|x| x == id)
+                })
             };
-            flights.due(now, self.timing, &view, present, busy)
+            flights.due(now, self.timing, &view, |a| view.has(a), busy)
         };
         for key in due {
             self.unload(key, ctx);
@@ -127,25 +121,5 @@ impl Actor for CopyUnloader {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.every, |a, ctx| a.tick(ctx));
-    }
-}
-
-/// The pool's model lists by address, for the copies' bookkeeping.
-struct Pool<'a>(&'a PoolSnapshot);
-
-impl Servers for Pool<'_> {
-    fn listed(&self, address: &str, name: &str) -> Option<Instant> {
-        let h = self.0.endpoints.iter().find(|h| h.address == address)?;
-        let m = h.models.load_full()?;
-        m.adapters.contains(name).then_some(m.read_at).flatten()
-    }
-
-    fn read_at(&self, address: &str) -> Option<Instant> {
-        let h = self.0.endpoints.iter().find(|h| h.address == address)?;
-        h.models.load_full()?.read_at
-    }
-
-    fn addresses(&self) -> impl Iterator<Item = &str> + Clone {
-        self.0.endpoints.iter().map(|h| h.address.as_str())
     }
 }

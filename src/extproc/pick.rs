@@ -18,6 +18,7 @@ use super::state::{InFlight, Reject, RequestState};
 use super::usage::{ModelRestorer, UsageParser};
 use crate::lora_fleet::Target;
 use crate::pool::labels::for_log;
+use crate::pool::listing::Listing;
 use crate::pool::metrics::{EndpointLabels, ModelLabels};
 use crate::pool::state::{
     EndpointHandle, PoolSnapshot, Scraped, ServedModels, lock_placement, lock_prefix,
@@ -65,16 +66,8 @@ impl FleetView {
     ) -> Option<Vec<Target>> {
         let target = target?;
         fleet.table.load().as_ref()?;
-        let listing = Listing {
-            view: self,
-            endpoints,
-            by_address: endpoints
-                .iter()
-                .enumerate()
-                .map(|(i, h)| (h.address.as_str(), i))
-                .collect(),
-            max_cpu: fleet.max_cpu_loras.load(Ordering::Relaxed) as usize,
-        };
+        let max_cpu = fleet.max_cpu_loras.load(Ordering::Relaxed) as usize;
+        let listing = Listing::new(endpoints, &self.models, &self.scraped, max_cpu);
         fleet.allowed(target, &listing)
     }
 
@@ -107,58 +100,6 @@ impl FleetView {
                 h.candidate(&self.scraped[i], now, has_model)
             })
             .collect()
-    }
-}
-
-/// The pool as placement's routing asks about it, each server found by address once.
-struct Listing<'v> {
-    view: &'v FleetView,
-    endpoints: &'v [&'v Arc<EndpointHandle>],
-    by_address: HashMap<&'v str, usize>,
-    max_cpu: usize,
-}
-
-impl Listing<'_> {
-    fn models(&self, address: &str) -> Option<&ServedModels> {
-        self.view.models[*self.by_address.get(address)?].as_deref()
-    }
-}
-
-impl crate::lora_fleet::Servers for Listing<'_> {
-    fn listed(&self, address: &str, name: &str) -> Option<Instant> {
-        self.models(address)
-            .filter(|m| m.adapters.contains(name))
-            .and_then(|m| m.read_at)
-    }
-
-    fn read_at(&self, address: &str) -> Option<Instant> {
-        self.models(address).and_then(|m| m.read_at)
-    }
-
-    fn addresses(&self) -> impl Iterator<Item = &str> + Clone {
-        self.endpoints
-            .iter()
-            .filter(|h| h.is_healthy())
-            .map(|h| h.address.as_str())
-    }
-
-    /// Fewer adapters cached than `--lora-max-cpu-loras` (by vLLM's residency metrics;
-    /// without them, or without the flag, every server is taken to have room).
-    fn room(&self, address: &str) -> bool {
-        let Some(&i) = self.by_address.get(address) else {
-            return false;
-        };
-        let Some(m) = self.view.scraped[i].as_deref().map(|s| &s.metrics) else {
-            return true;
-        };
-        if self.max_cpu == 0 || !m.residency_reported {
-            return true;
-        }
-        let cpu_only = m
-            .cpu_adapters
-            .iter()
-            .filter(|a| !m.gpu_adapters.contains(a));
-        m.gpu_adapters.len() + cpu_only.count() < self.max_cpu
     }
 }
 

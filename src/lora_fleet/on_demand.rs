@@ -104,7 +104,14 @@ impl Flights {
     /// ours unloaded and a later model list shows it gone), those with a free cache entry
     /// (`room`) first. Empty when none may.
     pub fn targets<'a>(&self, id: &str, servers: &'a impl Servers) -> Vec<&'a str> {
-        let copy = |a: &str| self.copies.get(&(id.to_string(), a.to_string())).copied();
+        // This adapter's copies, by address (a handful: the request path builds no keys).
+        let mine: HashMap<&str, Copy> = self
+            .copies
+            .iter()
+            .filter(|((i, _), _)| i == id)
+            .map(|((_, a), c)| (a.as_str(), *c))
+            .collect();
+        let copy = |a: &str| mine.get(a).copied();
         let addresses = servers.addresses();
         let live: Vec<&str> = addresses
             .clone()

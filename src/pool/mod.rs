@@ -2,5 +2,6 @@
 
 pub mod config;
 pub mod labels;
+pub mod listing;
 pub mod metrics;
 pub mod state;

@@ -277,8 +277,8 @@ impl Placer {
         // most engine time: demand times read cost, which grows with rank (each read holds
         // its server's engine for every request there, so a rank-32 adapter's request costs
         // what four of a rank-8 one do), with a head start for those cached now.
-        // Taking an entry costs the newcomer's read: it must save that within about a
-        // minute, besides being KEEP_CACHED times as busy.
+        // Taking an entry costs the newcomer's read: it must save that within PAYBACK_S,
+        // besides being KEEP_CACHED times as busy.
         let worth = |a: &(&str, f64, u32)| {
             let cost = f64::from(a.2.max(1));
             if cached_now(a.0) {
