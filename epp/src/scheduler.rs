@@ -67,6 +67,11 @@ pub struct SchedulerConfig {
     /// slots are still free for critical requests (vLLM never preempts a running request for
     /// a more urgent waiting one, so a full batch makes critical work wait for a slot).
     pub running_requests_threshold: f64,
+    /// Taken off the score of an endpoint whose engine is reading a LoRA adapter from disk
+    /// (a read holds every request there for 200-800 ms; a request sent elsewhere waits for
+    /// none), and such an endpoint counts as having no room in the LoRA affinity filter. 0
+    /// turns it off.
+    pub read_hold_weight: f64,
 }
 
 /// Upstream's pickers.
@@ -103,6 +108,7 @@ impl Default for SchedulerConfig {
             lora_affinity_queue_threshold: 2.0,
             forward_priority: false,
             running_requests_threshold: 0.0,
+            read_hold_weight: 4.0,
         }
     }
 }
@@ -135,6 +141,10 @@ pub struct Candidate<'a> {
     pub in_flight_at_scrape: u64,
     /// Stable key of its address ([`crate::affinity::endpoint_key`]), for rendezvous affinity.
     pub key: u64,
+    /// Its engine is reading a LoRA adapter from disk, as far as the caller knows (a request
+    /// that reads one was sent there and has not answered, or its sidecar is loading one):
+    /// vLLM reads between steps on the engine's loop, so everything sent there waits it out.
+    pub reading: bool,
 }
 
 /// Requests running or waiting on an endpoint now, as best known: ours in flight plus the
@@ -417,7 +427,8 @@ pub fn pick(
             .iter()
             .map(|&i| {
                 let c = &candidates[i];
-                let tier = if queue(i) < cfg.lora_affinity_queue_threshold {
+                let held = c.reading && cfg.read_hold_weight > 0.0;
+                let tier = if queue(i) < cfg.lora_affinity_queue_threshold && !held {
                     lora_tier(c.metrics, input.target)
                 } else {
                     2
@@ -515,6 +526,9 @@ pub fn pick(
             if input.is_adapter {
                 score += cfg.lora_affinity_weight * lora_score(c.metrics, input.target);
             }
+            if c.reading {
+                score -= cfg.read_hold_weight;
+            }
             (score, mix(u64::from(c.id), input.tie_break), i)
         })
         .collect();
@@ -549,6 +563,7 @@ mod tests {
             in_flight: 0,
             in_flight_at_scrape: 0,
             key: crate::affinity::endpoint_key(&id.to_string()),
+            reading: false,
         }
     }
 
@@ -896,6 +911,51 @@ mod tests {
         };
         let cands = [cand(1, &full), cand(2, &free_slot), cand(3, &runs_it)];
         assert_ne!(pick(&off, &cands, &inp).unwrap(), [2]);
+    }
+
+    #[test]
+    fn a_server_reading_an_adapter_gets_only_what_cannot_go_elsewhere() {
+        let lora = |running: &[&str]| {
+            let mut x = m(0.0, 0.1);
+            x.max_lora = Some(2);
+            x.running_adapters = running.iter().map(|s| s.to_string()).collect();
+            x
+        };
+        let runs_it = lora(&["fr"]);
+        let free_slot = lora(&["other"]);
+        let p = HashMap::new();
+        let mut inp = input(&p);
+        inp.target = "fr";
+        inp.is_adapter = true;
+        let cfg = SchedulerConfig::default();
+        fn reading(c: Candidate<'_>) -> Candidate<'_> {
+            Candidate { reading: true, ..c }
+        }
+        let (runs_it, free_slot) = (&runs_it, &free_slot);
+        // Where the adapter runs wins while its engine is free...
+        let cands = [cand(1, free_slot), cand(2, runs_it)];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [1]);
+        // ...and loses to a free slot while it reads another adapter from disk.
+        let cands = [cand(1, free_slot), reading(cand(2, runs_it))];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [0]);
+        // Every server reading: the usual order again.
+        let cands = [reading(cand(1, free_slot)), reading(cand(2, runs_it))];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [1]);
+        // A base-model request leaves its prefix's server while that server reads.
+        let base = &m(0.0, 0.1);
+        let prefix: HashMap<u32, usize> = [(1, 4)].into();
+        let mut inp = input(&prefix);
+        inp.total_blocks = 4;
+        let cands = [cand(1, base), cand(2, base)];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [0]);
+        let cands = [reading(cand(1, base)), cand(2, base)];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [1]);
+        // Turned off: the read is not seen.
+        let off = SchedulerConfig {
+            read_hold_weight: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(pick(&off, &cands, &inp).unwrap(), [0]);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::time::Instant;
 use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
 use inferlane_epp::request;
 use inferlane_epp::rules::Resolved;
-use inferlane_epp::scheduler::{Candidate, ModelPresence, PickInput, pool_saturation};
+use inferlane_epp::scheduler::{
+    Candidate, ModelPresence, PickInput, Residency, pool_saturation, residency,
+};
 use inferlane_epp::{PickError, SchedulerConfig};
 
 use super::ExtProc;
@@ -54,28 +56,25 @@ impl FleetView {
         })
     }
 
-    /// LoRA placement's say: where a catalogue adapter may go and under which name (its
-    /// homes that list its current version; a home still loading gets nothing yet; an
-    /// on-demand adapter's copies or servers to resolve it on), `None` where placement has
-    /// none.
-    fn placed(
-        &self,
+    /// The endpoints' lists by address, for LoRA placement (`None` without a table).
+    fn listing<'v>(
+        &'v self,
         fleet: &crate::lora_fleet::FleetState,
-        endpoints: &[&Arc<EndpointHandle>],
-        target: Option<&str>,
-    ) -> Option<Vec<Target>> {
-        let target = target?;
+        endpoints: &'v [&'v Arc<EndpointHandle>],
+    ) -> Option<Listing<'v>> {
         fleet.table.load().as_ref()?;
         let max_cpu = fleet.max_cpu_loras.load(Ordering::Relaxed) as usize;
-        let listing = Listing::new(endpoints, &self.models, &self.scraped, max_cpu);
-        fleet.allowed(target, &listing)
+        Some(Listing::new(endpoints, &self.models, &self.scraped, max_cpu))
     }
 
+    /// `listing` (with LoRA placement): a candidate whose sidecar loads an adapter counts
+    /// as reading (that read holds the engine as a request's does).
     fn candidates<'a>(
         &'a self,
         endpoints: &[&Arc<EndpointHandle>],
         target: Option<&str>,
         placed: Option<&[Target]>,
+        listing: Option<(&crate::lora_fleet::FleetState, &Listing<'_>)>,
     ) -> Vec<Candidate<'a>> {
         let now = Instant::now();
         endpoints
@@ -97,7 +96,14 @@ impl FleetView {
                     (Some(t), Some(m)) if m.contains(t) => ModelPresence::Yes,
                     (Some(_), Some(_)) => ModelPresence::No,
                 };
-                h.candidate(&self.scraped[i], now, has_model)
+                let mut c = h.candidate(&self.scraped[i], now, has_model);
+                if let Some((fleet, l)) = listing
+                    && has_model != ModelPresence::No
+                    && !c.reading
+                {
+                    c.reading = fleet.loading(&h.address, l);
+                }
+                c
             })
             .collect()
     }
@@ -153,14 +159,23 @@ impl ExtProc {
         let target = resolved.as_ref().map(|r| r.target.as_str());
         let endpoints = allowed(st, &snap)?;
         let view = FleetView::load(&endpoints);
-        let placed = view.placed(&self.shared.fleet, &endpoints, target);
+        let fleet = &self.shared.fleet;
+        let listing = view.listing(fleet, &endpoints);
+        // LoRA placement's say: where a catalogue adapter may go and under which name (its
+        // homes that list its current version; a home still loading gets nothing yet; an
+        // on-demand adapter's copies or servers to resolve it on), `None` where it has none.
+        let placed = listing
+            .as_ref()
+            .zip(target)
+            .and_then(|(l, t)| fleet.allowed(t, l));
         let is_adapter = placed.is_some() || view.is_adapter(target);
         // Servers report a catalogue adapter under its version's name.
         let served = placed
             .as_ref()
             .and_then(|p| p.first())
             .map(|t| t.served.as_str());
-        let candidates = view.candidates(&endpoints, target, placed.as_deref());
+        let with_fleet = listing.as_ref().map(|l| (fleet, l));
+        let candidates = view.candidates(&endpoints, target, placed.as_deref(), with_fleet);
         let prefix = self.prefix(&cfg, target.unwrap_or(""), prompt, &candidates, is_adapter);
         let input = PickInput {
             target: served.or(target).unwrap_or(""),
@@ -235,14 +250,16 @@ impl ExtProc {
             .shared
             .fleet
             .begin(target, name, &chosen.address, on_demand);
-        self.count_tier(name, scraped);
+        if self.count_tier(name, scraped) == Some(Residency::Cold) {
+            st.read = Some(chosen.begin_read());
+        }
         served.filter(|s| *s != target)
     }
 
     /// Where the chosen server held the adapter (`inferlane_epp_lora_requests_total`).
-    fn count_tier(&self, target: &str, scraped: Option<&Scraped>) {
-        use inferlane_epp::scheduler::{Residency, residency};
-        let tier = match scraped.and_then(|s| residency(&s.metrics, target)) {
+    fn count_tier(&self, target: &str, scraped: Option<&Scraped>) -> Option<Residency> {
+        let found = scraped.and_then(|s| residency(&s.metrics, target));
+        let tier = match found {
             Some(Residency::Gpu) => "gpu",
             Some(Residency::Cpu) => "cpu",
             Some(Residency::Cold) => "cold",
@@ -252,6 +269,7 @@ impl ExtProc {
             .lora_requests
             .get_or_create(&crate::pool::metrics::TierLabels { tier: tier.into() })
             .inc();
+        found
     }
 
     /// The prompt's blocks, what the prefix index has seen of them, and where the prefix

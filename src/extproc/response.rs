@@ -65,6 +65,8 @@ impl ExtProc {
         b: &HttpBody,
         tx: &Tx,
     ) -> Result<Next, Status> {
+        // Its first answer: the read it needed is done.
+        st.read = None;
         if let Some(u) = st.usage.as_mut() {
             u.feed(&b.body);
         }

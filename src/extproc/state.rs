@@ -74,6 +74,8 @@ pub(super) struct RequestState {
     pub(super) in_flight: Option<InFlight>,
     /// Counts the request against its catalogue adapter on its server (drains wait for it).
     pub(super) adapter_flight: Option<crate::lora_fleet::Flight>,
+    /// Its server reads the adapter from disk for it: held until its first answer.
+    pub(super) read: Option<crate::pool::state::Read>,
     pub(super) usage: Option<UsageParser>,
     /// Set for rewritten requests when --restore-model-name is on.
     pub(super) restorer: Option<ModelRestorer>,

@@ -14,6 +14,10 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 pub use on_demand::{Flights, Servers};
 pub use wire::Table;
 
+/// A home not listed this long after it was placed no longer counts as loading (its
+/// sidecar is away or failing: nothing is holding that engine for it).
+pub const LOADING_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Requests and prompt tokens per catalogue adapter since the last placement tick.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -98,13 +102,14 @@ impl Routed {
             .is_some_and(|read| since.is_none_or(|at| read >= at))
     }
 
-    /// Whether a home placed on `address` is not loaded yet: its sidecar is about to read
-    /// it, or reading it, on the engine's loop.
-    fn loading(&self, address: &str, view: &impl Servers) -> bool {
+    /// Whether a home placed on `address` within [`LOADING_MAX`] is not loaded yet: its
+    /// sidecar is about to read it, or reading it, on the engine's loop.
+    fn loading(&self, address: &str, view: &impl Servers, now: Instant) -> bool {
         self.placed.get(address).is_some_and(|names| {
-            names
-                .iter()
-                .any(|(served, at)| view.listed(address, served).is_none_or(|read| read < *at))
+            names.iter().any(|(served, at)| {
+                now.saturating_duration_since(*at) < LOADING_MAX
+                    && view.listed(address, served).is_none_or(|read| read < *at)
+            })
         })
     }
 
@@ -303,12 +308,22 @@ impl FleetState {
         (!targets.is_empty()).then(|| targets.into_iter().map(copy).collect())
     }
 
+    /// Whether the sidecar of `address` is loading an adapter placed there (never in lazy
+    /// placement: there homes load on their first request).
+    pub fn loading(&self, address: &str, view: &impl Servers) -> bool {
+        let table = self.table.load();
+        table.as_ref().is_some_and(|routed| {
+            !self.lazy.load(Ordering::Relaxed) && routed.loading(address, view, Instant::now())
+        })
+    }
+
     /// [`Self::allowed`] by the table's route.
     fn placed(&self, routed: &Routed, route: &Route, view: &impl Servers) -> Option<Vec<Target>> {
         let pair = |(a, s): &(String, String)| target(a, s);
         if self.lazy.load(Ordering::Relaxed) {
             return (!route.homes.is_empty()).then(|| route.homes.iter().map(pair).collect());
         }
+        let now = Instant::now();
         let homes: Vec<&(String, String)> = route
             .homes
             .iter()
@@ -319,7 +334,7 @@ impl FleetState {
             // there waits it out): while another home is not loading, requests go there.
             let settled: Vec<Target> = homes
                 .iter()
-                .filter(|(a, _)| homes.len() > 1 && !routed.loading(a, view))
+                .filter(|(a, _)| homes.len() > 1 && !routed.loading(a, view, now))
                 .map(|h| pair(h))
                 .collect();
             if !settled.is_empty() {

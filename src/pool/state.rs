@@ -71,6 +71,24 @@ pub struct EndpointHandle {
     pub in_flight: AtomicU64,
     /// Set when a request for a model got 404 here: the model list is re-read at once.
     pub models_stale: AtomicBool,
+    /// Our requests sent here that read their adapter from disk and have not answered yet,
+    /// and when the last was sent ([`clock_ms`]): while one reads, the engine serves no one.
+    reads: AtomicU64,
+    read_sent_ms: AtomicU64,
+}
+
+/// A read counts this long after it was sent at most: a non-streamed answer comes at the
+/// request's end, long after the read (vLLM's longest reads are seconds).
+pub const READ_HOLD_MAX_MS: u64 = 2_000;
+
+/// One of our requests reading its adapter from disk on an endpoint, until it answers.
+#[derive(Debug)]
+pub struct Read(Arc<EndpointHandle>);
+
+impl Drop for Read {
+    fn drop(&mut self) {
+        self.0.reads.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl EndpointHandle {
@@ -90,7 +108,25 @@ impl EndpointHandle {
             dispatched_since_scrape: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             models_stale: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
+            read_sent_ms: AtomicU64::new(0),
         }
+    }
+
+    /// A request of ours sent here reads its adapter from disk: the endpoint counts as
+    /// reading until the returned guard is dropped (its first answer) or for
+    /// [`READ_HOLD_MAX_MS`].
+    pub fn begin_read(self: &Arc<Self>) -> Read {
+        self.read_sent_ms.fetch_max(clock_ms(), Ordering::Relaxed);
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        Read(self.clone())
+    }
+
+    /// Its engine is reading an adapter for one of our requests, as far as we know.
+    pub fn reading(&self) -> bool {
+        self.reads.load(Ordering::Relaxed) > 0
+            && clock_ms().saturating_sub(self.read_sent_ms.load(Ordering::Relaxed))
+                < READ_HOLD_MAX_MS
     }
 
     /// Usable for new requests: its scrapes answer, its engine is up and its answers have
@@ -121,6 +157,7 @@ impl EndpointHandle {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             in_flight_at_scrape: scraped.as_ref().map_or(0, |s| s.in_flight),
             key: self.key,
+            reading: self.reading(),
         }
     }
 }

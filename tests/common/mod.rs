@@ -330,8 +330,20 @@ pub fn spawn_sidecar_with(extra: &[&str], env: &[(&str, &str)], log_dir: &Path) 
     )
 }
 
-/// A loopback port free right now (for a process that must be restarted on the same one).
+/// A loopback port free right now (for a process that must be restarted on the same one),
+/// below Linux's ephemeral range (32768-60999): a port the kernel hands out for outgoing
+/// connections could be taken while the process is down (sidecars keep polling it).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(7919);
+    for _ in 0..200 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (base.wrapping_add(n.wrapping_mul(104_729)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -34,11 +34,14 @@ pub fn parse_picker_config(text: &str) -> Result<SchedulerConfig, EppConfigError
                     ("affinityQueueThreshold", Some(n)) if n >= 0.0 => {
                         cfg.lora_affinity_queue_threshold = n
                     }
+                    ("readHoldWeight", Some(n)) if n >= 0.0 && n.is_finite() => {
+                        cfg.read_hold_weight = n
+                    }
                     _ => {
                         return Err(EppConfigError::Invalid {
                             field: format!("plugins[lora-affinity-scorer].parameters.{k}"),
                             message: "unknown parameter or not a non-negative number".into(),
-                            fix: "use affinityQueueThreshold (queue depth; 0 turns the affinity filter off)".into(),
+                            fix: "use affinityQueueThreshold (queue depth; 0 turns the affinity filter off) or readHoldWeight (taken off the score of a server reading an adapter from disk; 0 = off)".into(),
                         });
                     }
                 }
@@ -209,6 +212,12 @@ mod tests {
         let r = parse_picker_config("plugins:\n- type: lora-affinity-scorer\n  parameters: {affinityQueueThreshold: 4}\nschedulingProfiles:\n- plugins:\n  - pluginRef: random-picker\n").unwrap();
         assert_eq!(r.picker, inferlane_epp::scheduler::PickerKind::Random);
         assert_eq!(r.lora_affinity_queue_threshold, 4.0);
+        assert_eq!(r.read_hold_weight, SchedulerConfig::default().read_hold_weight);
+        let r = parse_picker_config(
+            "plugins:\n- type: lora-affinity-scorer\n  parameters: {readHoldWeight: 0}\n",
+        )
+        .unwrap();
+        assert_eq!(r.read_hold_weight, 0.0);
         let e = parse_picker_config(
             "plugins:\n- type: lora-affinity-scorer\n  parameters: {affinityQueueThreshold: -1}\n",
         )
