@@ -239,11 +239,9 @@ async fn invalid_first_config_changes_nothing() {
 #[tokio::test]
 async fn server_down_at_start_then_restart_forgets_adapters() {
     let tmp = tempfile::tempdir().unwrap();
-    // Reserve a port, release it, and start the server on it only later.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // A free port (below the ephemeral range: the sidecar's connection attempts to it
+    // meanwhile cannot end up connected to themselves), the server started on it later.
+    let port = common::free_port();
     let a1 = adapter(tmp.path(), "a1", 8);
     let mut dir = KubeletDir::new(&tmp.path().join("config"));
     dir.write(&lora_config(port, &[("a1", &a1)], &[]));

@@ -56,15 +56,23 @@ impl FleetView {
         })
     }
 
-    /// The endpoints' lists by address, for LoRA placement (`None` without a table).
-    fn listing<'v>(
+    /// The endpoints' lists by address, for LoRA placement (`None` without a table), and
+    /// placement's say: where a catalogue adapter may go and under which name (its homes
+    /// that list its current version; a home still loading gets nothing yet; an on-demand
+    /// adapter's copies or servers to resolve it on), `None` where it has none.
+    fn placed<'v>(
         &'v self,
         fleet: &crate::lora_fleet::FleetState,
         endpoints: &'v [&'v Arc<EndpointHandle>],
-    ) -> Option<Listing<'v>> {
-        fleet.table.load().as_ref()?;
+        target: Option<&str>,
+    ) -> (Option<Listing<'v>>, Option<Vec<Target>>) {
+        if fleet.table.load().is_none() {
+            return (None, None);
+        }
         let max_cpu = fleet.max_cpu_loras.load(Ordering::Relaxed) as usize;
-        Some(Listing::new(endpoints, &self.models, &self.scraped, max_cpu))
+        let listing = Listing::new(endpoints, &self.models, &self.scraped, max_cpu);
+        let placed = target.and_then(|t| fleet.allowed(t, &listing));
+        (Some(listing), placed)
     }
 
     /// `listing` (with LoRA placement): a candidate whose sidecar loads an adapter counts
@@ -160,14 +168,7 @@ impl ExtProc {
         let endpoints = allowed(st, &snap)?;
         let view = FleetView::load(&endpoints);
         let fleet = &self.shared.fleet;
-        let listing = view.listing(fleet, &endpoints);
-        // LoRA placement's say: where a catalogue adapter may go and under which name (its
-        // homes that list its current version; a home still loading gets nothing yet; an
-        // on-demand adapter's copies or servers to resolve it on), `None` where it has none.
-        let placed = listing
-            .as_ref()
-            .zip(target)
-            .and_then(|(l, t)| fleet.allowed(t, l));
+        let (listing, placed) = view.placed(fleet, &endpoints, target);
         let is_adapter = placed.is_some() || view.is_adapter(target);
         // Servers report a catalogue adapter under its version's name.
         let served = placed

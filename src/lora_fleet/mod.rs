@@ -53,6 +53,9 @@ pub struct Routed {
     /// older list may show a copy that was being unloaded). Keyed by address so the request
     /// path looks homes up without building keys.
     placed: HashMap<String, Vec<(String, Instant)>>,
+    /// Per server address, the demand only it may serve: each adapter's demand shared among
+    /// its homes (requests per second).
+    captive: HashMap<String, f64>,
 }
 
 impl Routed {
@@ -87,11 +90,35 @@ impl Routed {
                     .push((part.address.clone(), name.clone()));
             }
         }
+        let mut captive: HashMap<String, f64> = HashMap::new();
+        for (id, r) in &routes {
+            let d = table.demand.get(id).copied().unwrap_or(0.0);
+            if d.is_finite() && d > 0.0 && !r.homes.is_empty() {
+                let share = d / r.homes.len() as f64;
+                for (a, _) in &r.homes {
+                    *captive.entry(a.clone()).or_default() += share;
+                }
+            }
+        }
         Self {
             table,
             routes,
             placed,
+            captive,
         }
+    }
+
+    /// Keeps the quieter half (at least two) of `addresses` for an on-demand read, by the
+    /// demand that must go to each (its homes' demand, each shared among that adapter's
+    /// homes): a read holds its server's engine, and requests for an adapter homed only
+    /// there cannot go elsewhere meanwhile.
+    pub fn quietest(&self, addresses: &mut Vec<&str>) {
+        if addresses.len() <= 2 {
+            return;
+        }
+        let captive = |a: &str| self.captive.get(a).copied().unwrap_or(0.0);
+        addresses.sort_by(|a, b| captive(a).total_cmp(&captive(b)));
+        addresses.truncate(addresses.len().div_ceil(2).max(2));
     }
 
     /// Whether `address` lists (in a read made after it was placed there) the served name
@@ -300,7 +327,18 @@ impl FleetState {
         if !self.counters.load().by_id.contains_key(id) {
             return None;
         }
-        let targets = lock(&self.flights).targets(id, view);
+        let targets = {
+            let flights = lock(&self.flights);
+            let targets = flights.targets(id, view);
+            if targets.first().is_some_and(|a| !flights.is_live(id, a)) {
+                // A new copy: its read holds the server's engine.
+                let mut targets = targets;
+                routed.quietest(&mut targets);
+                targets
+            } else {
+                targets
+            }
+        };
         let copy = |a: &str| Target {
             on_demand: true,
             ..target(a, id)
@@ -481,6 +519,52 @@ mod tests {
         // Its only home is loading: it still serves there.
         let only_s2 = move |addr: &str, n: &str| (addr == s2 && n == "a").then_some(now);
         assert_eq!(f.allowed("a", &View(only_s2)), Some(vec![target(s2, "a")]));
+        // Every request sees s2 reading while b is not listed there (not in lazy placement,
+        // where homes load on their first request).
+        assert!(f.loading(s2, &View(without_b)) && !f.loading(s1, &View(without_b)));
+        assert!(!f.loading(s2, &View(all)));
+        f.lazy.store(true, Ordering::Relaxed);
+        assert!(!f.loading(s2, &View(without_b)));
+    }
+
+    #[test]
+    fn on_demand_reads_go_to_the_servers_with_the_least_demand_only_they_may_serve() {
+        let addrs = [
+            "10.0.0.1:8000",
+            "10.0.0.2:8000",
+            "10.0.0.3:8000",
+            "10.0.0.4:8000",
+        ];
+        let mut t = Table::default();
+        for (i, addr) in addrs.iter().enumerate() {
+            t.servers.insert(
+                format!("s{i}"),
+                wire::ServerPart {
+                    address: addr.to_string(),
+                    ..Default::default()
+                },
+            );
+        }
+        let mut home = |server: &str, id: &str| {
+            let part = t.servers.get_mut(server).unwrap();
+            part.homes.insert(id.into(), Role::Warm);
+        };
+        // "a" (4 req/s) has one home, s0; "b" (2 req/s) two, s1 and s2; s3 has none.
+        home("s0", "a");
+        home("s1", "b");
+        home("s2", "b");
+        for (id, d) in [("a", 4.0), ("b", 2.0)] {
+            t.demand.insert(id.into(), d);
+            t.served.insert(id.into(), id.into());
+        }
+        let routed = Routed::new(t, None);
+        let mut all = addrs.to_vec();
+        routed.quietest(&mut all);
+        assert_eq!(all, vec![addrs[3], addrs[1]]);
+        // Two or fewer are left as they are.
+        let mut two = vec![addrs[0], addrs[1]];
+        routed.quietest(&mut two);
+        assert_eq!(two, vec![addrs[0], addrs[1]]);
     }
 
     #[test]

@@ -83,6 +83,13 @@ impl Flights {
         key
     }
 
+    /// `id` has a live copy on `address`.
+    pub fn is_live(&self, id: &str, address: &str) -> bool {
+        self.copies
+            .iter()
+            .any(|((i, a), c)| i == id && a == address && matches!(c, Copy::Live { .. }))
+    }
+
     /// A request ended: a copy with nothing left in flight starts its linger.
     pub fn end(&mut self, key: &(String, String), now: Instant) {
         let Some(n) = self.counts.get_mut(key) else {

@@ -124,9 +124,13 @@ impl EndpointHandle {
 
     /// Its engine is reading an adapter for one of our requests, as far as we know.
     pub fn reading(&self) -> bool {
+        self.reading_at(clock_ms())
+    }
+
+    /// [`Self::reading`] at `now_ms` ([`clock_ms`]).
+    fn reading_at(&self, now_ms: u64) -> bool {
         self.reads.load(Ordering::Relaxed) > 0
-            && clock_ms().saturating_sub(self.read_sent_ms.load(Ordering::Relaxed))
-                < READ_HOLD_MAX_MS
+            && now_ms.saturating_sub(self.read_sent_ms.load(Ordering::Relaxed)) < READ_HOLD_MAX_MS
     }
 
     /// Usable for new requests: its scrapes answer, its engine is up and its answers have
@@ -273,5 +277,33 @@ impl Shared {
                 consecutive = self.outlier_policy.consecutive_failures,
                 "endpoint answers with server errors; taken out of the pool until its scrape and /health pass");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_reads_while_a_read_of_ours_has_not_answered() {
+        let h = Arc::new(EndpointHandle::new(
+            0,
+            "10.0.0.1:8000".into(),
+            EngineType::Vllm,
+            "a",
+        ));
+        assert!(!h.reading());
+        let first = h.begin_read();
+        let second = h.begin_read();
+        assert!(h.reading());
+        drop(first);
+        assert!(h.reading(), "one read still holds it");
+        drop(second);
+        assert!(!h.reading());
+        // A read never answered (a non-streamed answer comes at the end) stops counting.
+        let _stuck = h.begin_read();
+        let sent = h.read_sent_ms.load(Ordering::Relaxed);
+        assert!(h.reading_at(sent + READ_HOLD_MAX_MS - 1));
+        assert!(!h.reading_at(sent + READ_HOLD_MAX_MS));
     }
 }

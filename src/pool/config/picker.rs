@@ -212,7 +212,10 @@ mod tests {
         let r = parse_picker_config("plugins:\n- type: lora-affinity-scorer\n  parameters: {affinityQueueThreshold: 4}\nschedulingProfiles:\n- plugins:\n  - pluginRef: random-picker\n").unwrap();
         assert_eq!(r.picker, inferlane_epp::scheduler::PickerKind::Random);
         assert_eq!(r.lora_affinity_queue_threshold, 4.0);
-        assert_eq!(r.read_hold_weight, SchedulerConfig::default().read_hold_weight);
+        assert_eq!(
+            r.read_hold_weight,
+            SchedulerConfig::default().read_hold_weight
+        );
         let r = parse_picker_config(
             "plugins:\n- type: lora-affinity-scorer\n  parameters: {readHoldWeight: 0}\n",
         )
