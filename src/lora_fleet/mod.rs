@@ -327,18 +327,7 @@ impl FleetState {
         if !self.counters.load().by_id.contains_key(id) {
             return None;
         }
-        let targets = {
-            let flights = lock(&self.flights);
-            let targets = flights.targets(id, view);
-            if targets.first().is_some_and(|a| !flights.is_live(id, a)) {
-                // A new copy: its read holds the server's engine.
-                let mut targets = targets;
-                routed.quietest(&mut targets);
-                targets
-            } else {
-                targets
-            }
-        };
+        let targets = lock(&self.flights).targets(id, view, |a| routed.quietest(a));
         let copy = |a: &str| Target {
             on_demand: true,
             ..target(a, id)

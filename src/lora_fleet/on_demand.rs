@@ -83,13 +83,6 @@ impl Flights {
         key
     }
 
-    /// `id` has a live copy on `address`.
-    pub fn is_live(&self, id: &str, address: &str) -> bool {
-        self.copies
-            .iter()
-            .any(|((i, a), c)| i == id && a == address && matches!(c, Copy::Live { .. }))
-    }
-
     /// A request ended: a copy with nothing left in flight starts its linger.
     pub fn end(&mut self, key: &(String, String), now: Instant) {
         let Some(n) = self.counts.get_mut(key) else {
@@ -109,8 +102,14 @@ impl Flights {
     /// Servers (of `addresses`) that may serve on-demand adapter `id`: those holding a live
     /// copy; else those a resolver may load it on (no copy of ours there, none listed, or
     /// ours unloaded and a later model list shows it gone), those with a free cache entry
-    /// (`room`) first. Empty when none may.
-    pub fn targets<'a>(&self, id: &str, servers: &'a impl Servers) -> Vec<&'a str> {
+    /// (`room`) first, narrowed by `narrow` (a new copy's read holds its server's engine).
+    /// Empty when none may.
+    pub fn targets<'a>(
+        &self,
+        id: &str,
+        servers: &'a impl Servers,
+        narrow: impl FnOnce(&mut Vec<&'a str>),
+    ) -> Vec<&'a str> {
         // This adapter's copies, by address (a handful: the request path builds no keys).
         let mine: HashMap<&str, Copy> = self
             .copies
@@ -136,7 +135,9 @@ impl Flights {
         };
         let open: Vec<&str> = addresses.filter(free).collect();
         let roomy: Vec<&str> = open.iter().copied().filter(|a| servers.room(a)).collect();
-        if roomy.is_empty() { open } else { roomy }
+        let mut fresh = if roomy.is_empty() { open } else { roomy };
+        narrow(&mut fresh);
+        fresh
     }
 
     /// One tick of the copies' lives: a live copy idle past the linger, and not running or
@@ -263,13 +264,16 @@ mod tests {
             ..Fake::default()
         };
         // Nobody has it: any server, those with a free cache entry first.
-        assert_eq!(f.targets("x", &view), vec![s2]);
+        assert_eq!(f.targets("x", &view, |_| {}), vec![s2]);
         view.roomy.clear();
-        assert_eq!(f.targets("x", &view), vec![s1, s2]);
+        assert_eq!(f.targets("x", &view, |_| {}), vec![s1, s2]);
+        // A new copy's servers are narrowed (placement keeps the quieter ones).
+        assert_eq!(f.targets("x", &view, |v| v.truncate(1)), vec![s1]);
         let key = f.begin("x", s2, true);
         view.listed.insert(s2.into(), vec!["x".into()]);
-        // The live copy takes its requests.
-        assert_eq!(f.targets("x", &view), vec![s2]);
+        // The live copy takes its requests, whatever the narrowing would keep.
+        assert_eq!(f.targets("x", &view, |_| {}), vec![s2]);
+        assert_eq!(f.targets("x", &view, |v| v.clear()), vec![s2]);
         f.end(&key, ms(t0, 100));
         let never_busy = |_: &str, _: &str| false;
         assert!(
@@ -283,7 +287,7 @@ mod tests {
             "chosen"
         );
         // Chosen: no request goes to it; another server resolves it.
-        assert_eq!(f.targets("x", &view), vec![s1]);
+        assert_eq!(f.targets("x", &view, |_| {}), vec![s1]);
         assert_eq!(
             f.due(ms(t0, 950), T, &view, |_| true, never_busy),
             vec![key.clone()]
@@ -291,15 +295,15 @@ mod tests {
         f.unloaded(&key, ms(t0, 960));
         // A list read before the unload still shows it: s2 is not asked again yet.
         view.addrs = vec![s2];
-        assert_eq!(f.targets("x", &view), Vec::<&str>::new());
+        assert_eq!(f.targets("x", &view, |_| {}), Vec::<&str>::new());
         view.listed.clear();
         assert_eq!(
-            f.targets("x", &view),
+            f.targets("x", &view, |_| {}),
             Vec::<&str>::new(),
             "read before the unload"
         );
         view.read = Some(ms(t0, 1000));
-        assert_eq!(f.targets("x", &view), vec![s2]);
+        assert_eq!(f.targets("x", &view, |_| {}), vec![s2]);
         f.due(ms(t0, 1100), T, &view, |_| true, never_busy);
         assert!(f.copies.is_empty(), "forgotten once gone");
     }
