@@ -145,6 +145,9 @@ pub struct Candidate<'a> {
     /// that reads one was sent there and has not answered, or its sidecar is loading one):
     /// vLLM reads between steps on the engine's loop, so everything sent there waits it out.
     pub reading: bool,
+    /// The read under way there is of this request's own adapter (the caller matched it): a
+    /// request joining it waits for what it would otherwise read itself elsewhere.
+    pub reading_target: bool,
 }
 
 /// Requests running or waiting on an endpoint now, as best known: ours in flight plus the
@@ -316,6 +319,21 @@ fn lora_score(m: Option<&EndpointMetrics>, target: &str) -> f64 {
     }
 }
 
+/// The disk reads a request would wait out on a candidate: another read under way there
+/// (the engine reads between steps, so everything sent there waits), and its own adapter's
+/// when the server reports it cold. Counting its own keeps a request leaving a reading server
+/// from going where it must read too (where every adapter is registered everywhere, that
+/// doubled the reads under moving popularity); joining a read of its own adapter costs
+/// neither.
+fn read_holds(c: &Candidate<'_>, input: &PickInput<'_>) -> u8 {
+    if c.reading_target {
+        return 0;
+    }
+    let own = input.is_adapter
+        && c.metrics.and_then(|m| residency(m, input.target)) == Some(Residency::Cold);
+    u8::from(c.reading) + u8::from(own)
+}
+
 /// Where a server holds an adapter, when it reports residency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Residency {
@@ -427,7 +445,7 @@ pub fn pick(
             .iter()
             .map(|&i| {
                 let c = &candidates[i];
-                let held = c.reading && cfg.read_hold_weight > 0.0;
+                let held = read_holds(c, input) > 0 && cfg.read_hold_weight > 0.0;
                 let tier = if queue(i) < cfg.lora_affinity_queue_threshold && !held {
                     lora_tier(c.metrics, input.target)
                 } else {
@@ -526,9 +544,7 @@ pub fn pick(
             if input.is_adapter {
                 score += cfg.lora_affinity_weight * lora_score(c.metrics, input.target);
             }
-            if c.reading {
-                score -= cfg.read_hold_weight;
-            }
+            score -= cfg.read_hold_weight * f64::from(read_holds(c, input));
             (score, mix(u64::from(c.id), input.tie_break), i)
         })
         .collect();
@@ -564,6 +580,7 @@ mod tests {
             in_flight_at_scrape: 0,
             key: crate::affinity::endpoint_key(&id.to_string()),
             reading: false,
+            reading_target: false,
         }
     }
 
@@ -956,6 +973,50 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(pick(&off, &cands, &inp).unwrap(), [0]);
+    }
+
+    #[test]
+    fn a_request_that_would_read_its_own_adapter_counts_that_read_too() {
+        let lora = |cached: &[&str]| {
+            let mut x = m(0.0, 0.1);
+            x.max_lora = Some(2);
+            x.residency_reported = true;
+            x.cpu_adapters = cached.iter().map(|s| s.to_string()).collect();
+            x
+        };
+        let (cached, cold) = (&lora(&["fr"]), &lora(&[]));
+        let p = HashMap::new();
+        let mut inp = input(&p);
+        inp.target = "fr";
+        inp.is_adapter = true;
+        let cfg = SchedulerConfig::default();
+        fn reading(c: Candidate<'_>) -> Candidate<'_> {
+            Candidate { reading: true, ..c }
+        }
+        // Leaving a server reading another adapter for one where this one must be read gains
+        // nothing: its own read holds as long.
+        let cands = [reading(cand(1, cached)), cand(2, cold)];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [0]);
+        // A server reading another adapter and cold for this one is worse than one cold only.
+        let cands = [reading(cand(1, cold)), cand(2, cold)];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [1]);
+        // A read of this very adapter under way: joining it beats reading it again elsewhere,
+        // though the server's last scrape still says cold.
+        let joining = Candidate {
+            reading_target: true,
+            ..reading(cand(1, cold))
+        };
+        let cands = [joining, cand(2, cold)];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [0]);
+        // Cached somewhere idle: no read at all wins over a read.
+        let cands = [cand(1, cold), cand(2, cached)];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [1]);
+        // Servers that do not report residency: only reads we know of count.
+        let (mut silent_cold, silent) = (cold.clone(), m(0.0, 0.1));
+        silent_cold.residency_reported = false;
+        silent_cold.max_lora = Some(2);
+        let cands = [cand(1, &silent_cold), reading(cand(2, &silent))];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [0]);
     }
 
     #[test]

@@ -391,15 +391,19 @@ impl LoraPlacer {
         for (s, p) in &table.servers {
             let before = self.told.get(s);
             let now: BTreeSet<&String> = sets.get(s).unwrap_or(&none).iter().collect();
-            moved += now
+            for id in now
                 .iter()
                 .filter(|id| before.is_none_or(|b| !b.contains(**id)))
-                .count() as u64;
-            moved += before.map_or(0, |b| {
-                b.iter()
-                    .filter(|id| !now.contains(id) && !p.draining.contains(*id))
-                    .count() as u64
-            });
+            {
+                moved += 1;
+                tracing::debug!(adapter = %id, server = %s, demand = self.demand.of(id.split('@').next().unwrap_or(id)), "home added");
+            }
+            for id in before.into_iter().flatten() {
+                if !now.contains(id) && !p.draining.contains(id) {
+                    moved += 1;
+                    tracing::debug!(adapter = %id, server = %s, demand = self.demand.of(id.split('@').next().unwrap_or(id)), "home dropped");
+                }
+            }
         }
         if self.tick > 1 {
             self.moves += moved;

@@ -34,13 +34,15 @@ pub enum FleetError {
     },
 }
 
-/// Where the binaries are.
+/// Where the binaries are, and how the EPP logs.
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub sim: PathBuf,
     pub epp: PathBuf,
     pub sidecar: PathBuf,
     pub envoy: PathBuf,
+    /// The EPP's `--log-filter` (its log is the run's `epp.log`).
+    pub epp_log_filter: String,
 }
 
 /// Writes `text` to `dir/name` (creating `dir`) and returns the path.
@@ -315,7 +317,7 @@ pub async fn start_epp(
         "--metrics-port",
         "0",
         "--log-filter",
-        "warn",
+        &bins.epp_log_filter,
         "--pool-name",
         &w.name,
     ]

@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// balances streams across them); policies are reported as `<policy>-x<N>`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub epp_replicas: u16,
+    /// The EPP's log filter (each run's `epp.log`), e.g.
+    /// `warn,inferlane::actors::lora_placer=debug` for every placement move.
+    #[arg(long, default_value = "warn")]
+    pub epp_log_filter: String,
     /// Kill (SIGKILL) the first EPP replica this many seconds into each run.
     #[arg(long)]
     pub kill_replica_at: Option<f64>,
@@ -104,6 +108,7 @@ fn binaries(args: &BenchArgs) -> Binaries {
         epp: dir.join("epp"),
         sidecar: dir.join("lora-sidecar"),
         envoy: args.envoy.clone(),
+        epp_log_filter: args.epp_log_filter.clone(),
     }
 }
 

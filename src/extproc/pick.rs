@@ -23,7 +23,7 @@ use crate::pool::labels::for_log;
 use crate::pool::listing::Listing;
 use crate::pool::metrics::{EndpointLabels, ModelLabels};
 use crate::pool::state::{
-    EndpointHandle, PoolSnapshot, Scraped, ServedModels, lock_placement, lock_prefix,
+    EndpointHandle, PoolSnapshot, Scraped, ServedModels, adapter_key, lock_placement, lock_prefix,
 };
 
 /// The routing decision: where to send the request and how to change it.
@@ -104,7 +104,13 @@ impl FleetView {
                     (Some(t), Some(m)) if m.contains(t) => ModelPresence::Yes,
                     (Some(_), Some(_)) => ModelPresence::No,
                 };
-                let mut c = h.candidate(&self.scraped[i], now, has_model);
+                // The name this server would serve the request under (a read under way
+                // there of that name is one the request can join).
+                let served = placed
+                    .and_then(|p| p.iter().find(|t| t.address == h.address))
+                    .map_or(target, |t| Some(t.served.as_str()));
+                let key = served.map(adapter_key);
+                let mut c = h.candidate(&self.scraped[i], now, has_model, key);
                 if let Some((fleet, l)) = listing
                     && has_model != ModelPresence::No
                     && !c.reading
@@ -252,7 +258,7 @@ impl ExtProc {
             .fleet
             .begin(target, name, &chosen.address, on_demand);
         if self.count_tier(name, scraped) == Some(Residency::Cold) {
-            st.read = Some(chosen.begin_read());
+            st.read = Some(chosen.begin_read(adapter_key(name)));
         }
         served.filter(|s| *s != target)
     }

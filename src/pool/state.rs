@@ -75,6 +75,14 @@ pub struct EndpointHandle {
     /// and when the last was sent ([`clock_ms`]): while one reads, the engine serves no one.
     reads: AtomicU64,
     read_sent_ms: AtomicU64,
+    /// [`adapter_key`] of the adapter the last of them reads (several at once are rare: the
+    /// scheduler steers reads apart; a joiner of an earlier one is then seen as reading anew).
+    read_key: AtomicU64,
+}
+
+/// The key a read is known by: the adapter's served name, hashed (the same on every call).
+pub fn adapter_key(served: &str) -> u64 {
+    inferlane_epp::affinity::endpoint_key(served)
 }
 
 /// A read counts this long after it was sent at most: a non-streamed answer comes at the
@@ -110,13 +118,15 @@ impl EndpointHandle {
             models_stale: AtomicBool::new(false),
             reads: AtomicU64::new(0),
             read_sent_ms: AtomicU64::new(0),
+            read_key: AtomicU64::new(0),
         }
     }
 
     /// A request of ours sent here reads its adapter from disk: the endpoint counts as
     /// reading until the returned guard is dropped (its first answer) or for
     /// [`READ_HOLD_MAX_MS`].
-    pub fn begin_read(self: &Arc<Self>) -> Read {
+    pub fn begin_read(self: &Arc<Self>, adapter: u64) -> Read {
+        self.read_key.store(adapter, Ordering::Relaxed);
         self.read_sent_ms.fetch_max(clock_ms(), Ordering::Relaxed);
         self.reads.fetch_add(1, Ordering::Relaxed);
         Read(self.clone())
@@ -148,7 +158,9 @@ impl EndpointHandle {
         scraped: &'a Option<Arc<Scraped>>,
         now: Instant,
         has_model: ModelPresence,
+        target: Option<u64>,
     ) -> Candidate<'a> {
+        let reading = self.reading();
         Candidate {
             id: self.id,
             metrics: scraped.as_ref().map(|s| &s.metrics),
@@ -161,7 +173,9 @@ impl EndpointHandle {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             in_flight_at_scrape: scraped.as_ref().map_or(0, |s| s.in_flight),
             key: self.key,
-            reading: self.reading(),
+            reading,
+            reading_target: reading
+                && target.is_some_and(|t| self.read_key.load(Ordering::Relaxed) == t),
         }
     }
 }
@@ -293,15 +307,34 @@ mod tests {
             "a",
         ));
         assert!(!h.reading());
-        let first = h.begin_read();
-        let second = h.begin_read();
+        let first = h.begin_read(adapter_key("fr"));
+        let second = h.begin_read(adapter_key("de"));
         assert!(h.reading());
+        // The candidate a request sees: reading, and whether the read is of its adapter
+        // (the last one begun).
+        let none = None;
+        let c = h.candidate(
+            &none,
+            Instant::now(),
+            ModelPresence::Yes,
+            Some(adapter_key("de")),
+        );
+        assert!(c.reading && c.reading_target);
+        let c = h.candidate(
+            &none,
+            Instant::now(),
+            ModelPresence::Yes,
+            Some(adapter_key("fr")),
+        );
+        assert!(c.reading && !c.reading_target);
+        let c = h.candidate(&none, Instant::now(), ModelPresence::Yes, None);
+        assert!(c.reading && !c.reading_target);
         drop(first);
         assert!(h.reading(), "one read still holds it");
         drop(second);
         assert!(!h.reading());
         // A read never answered (a non-streamed answer comes at the end) stops counting.
-        let _stuck = h.begin_read();
+        let _stuck = h.begin_read(1);
         let sent = h.read_sent_ms.load(Ordering::Relaxed);
         assert!(h.reading_at(sent + READ_HOLD_MAX_MS - 1));
         assert!(!h.reading_at(sent + READ_HOLD_MAX_MS));
