@@ -1102,12 +1102,14 @@ async fn a_server_whose_engine_dies_is_taken_out_by_its_answers() {
     for _ in 0..3 {
         assert_eq!(statuses(&f, 20, 4).await, vec![200; 20]);
     }
-    let dead = pool().await;
-    assert_eq!(
-        (&dead["engine_down"], &dead["healthy"]),
-        (&json!(true), &json!(false)),
-        "{dead}"
-    );
+    // Its /health is read on the scrape's schedule: wait for it rather than assume the
+    // requests above outlasted a scrape (a loaded machine answered them faster than one).
+    let dead = wait_for("the dead engine's /health seen", T, || async {
+        let e = pool().await;
+        (e["engine_down"] == json!(true)).then_some(e)
+    })
+    .await;
+    assert_eq!(dead["healthy"], json!(false), "{dead}");
     // Recovery: a good /health and scrape put it back.
     faults(
         &f.c,

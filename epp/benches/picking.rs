@@ -90,6 +90,7 @@ fn picking(c: &mut Criterion) {
                 in_flight_at_scrape: 0,
                 key: i as u64,
                 reading: false,
+                reading_target: false,
             })
             .collect();
         let prefix: HashMap<u32, usize> = (0..n as u32).step_by(3).map(|i| (i, 5)).collect();

@@ -1,20 +1,36 @@
-//! Per-adapter demand: request-equivalents per second, smoothed (rises fast, falls slowly), discounted by its own counting noise.
+//! Per-adapter demand: request-equivalents per second, smoothed (rises fast, falls slowly), discounted by its own counting noise; quiet adapters measured over their last few requests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// Prompt tokens that weigh as much as one request (a long prompt is more demand).
 pub const TOKENS_PER_REQUEST: f64 = 512.0;
 
 /// Smoothed demand per adapter. Two averages per adapter: a fast one (a flash crowd is
-/// followed within a tick) and a slow one (a quiet adapter's rate). The demand placement
+/// followed within a tick) and a slow one (a busy adapter's rate). The demand placement
 /// reads is the larger of the slow one and the fast one less twice its Poisson noise: one
 /// request in a two-second tick reads as 0.3 req/s on the fast average, and with two hundred
 /// adapters at a few hundredths of a request per second each, such spikes reorder the quiet
 /// ones every tick (each reorder a load and an unload) though none of them changed.
+///
+/// Below `quiet_below` the slow average counts a handful of requests at most (its window is
+/// about 40 s): one request of an adapter used once in minutes reads as much as an adapter
+/// used every half minute that was idle lately, and pushes it out of the cache (measured:
+/// half the placement moves on lora-zipf were such adapters, most of them placed again within
+/// the minute). There the rate comes from the time back to the adapter's `recent_k`-th most
+/// recent request (LRU-K's estimate, `(k - 1) / t`): its window is as long as its last few
+/// requests, so it ranks quiet adapters by how often they are used, and decays as one stops
+/// being used: an adapter counts as busy only while both measures say so, so one hot before
+/// a shift in popularity reads as quiet `(k - 1) / quiet_below` (30) seconds after its last
+/// request, where its slow average alone would take minutes.
 #[derive(Debug, Clone)]
 pub struct Demand {
     rate: BTreeMap<String, f64>,
     slow: BTreeMap<String, f64>,
+    /// Each adapter's newest intervals that had requests, newest first, as many as hold its
+    /// last `recent_k` requests.
+    recent: BTreeMap<String, VecDeque<Interval>>,
+    /// Seconds observed so far (the time base of `recent`).
+    clock: f64,
     /// What placement reads (see above).
     demand: BTreeMap<String, f64>,
     /// Weight of the newest interval when demand rises (a flash crowd is followed at once).
@@ -23,6 +39,20 @@ pub struct Demand {
     pub alpha_down: f64,
     /// Weight of the newest interval in the slow average.
     pub alpha_slow: f64,
+    /// Requests per second under which an adapter counts as quiet (see above).
+    pub quiet_below: f64,
+    /// Requests a quiet adapter's rate is measured over.
+    pub recent_k: u64,
+}
+
+/// One interval's requests of an adapter: it ended at `end` (on [`Demand`]'s clock) and
+/// lasted `len` seconds; `weight` in request-equivalents.
+#[derive(Debug, Clone, Copy)]
+struct Interval {
+    end: f64,
+    len: f64,
+    requests: u64,
+    weight: f64,
 }
 
 impl Default for Demand {
@@ -30,10 +60,14 @@ impl Default for Demand {
         Self {
             rate: BTreeMap::new(),
             slow: BTreeMap::new(),
+            recent: BTreeMap::new(),
+            clock: 0.0,
             demand: BTreeMap::new(),
             alpha_up: 0.6,
             alpha_down: 0.2,
             alpha_slow: 0.05,
+            quiet_below: 0.1,
+            recent_k: 4,
         }
     }
 }
@@ -42,6 +76,26 @@ impl Default for Demand {
 /// (an exponential average of weight `a` keeps `a / (2 - a)` of one interval's variance).
 fn noise(r: f64, dt: f64, a: f64) -> f64 {
     (a / (2.0 - a) * r / dt).sqrt()
+}
+
+/// A quiet adapter's rate at `now`: `k - 1` requests' worth over the time back to its `k`-th
+/// most recent request (a Poisson rate's unbiased estimate from that time), requests taken
+/// as spread evenly over their interval; with fewer than `k` requests seen, all of them over
+/// the time observed.
+fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64) -> f64 {
+    let (mut n, mut w) = (0u64, 0.0);
+    for t in intervals {
+        let need = k.saturating_sub(n);
+        if t.requests >= need && t.requests > 0 {
+            let share = need as f64 / t.requests as f64;
+            let at = t.end - t.len * share;
+            let per_request = (w + t.weight * share) / k as f64;
+            return per_request * (k - 1) as f64 / (now - at).max(1e-3);
+        }
+        n += t.requests;
+        w += t.weight;
+    }
+    if now > 0.0 { w / now } else { 0.0 }
 }
 
 impl Demand {
@@ -54,6 +108,21 @@ impl Demand {
             .map(|(id, r)| (id.clone(), *r))
             .collect();
         self.slow = self.rate.clone();
+        let k = self.recent_k.max(2);
+        self.recent = self
+            .rate
+            .iter()
+            .filter(|(_, r)| **r > 0.0)
+            .map(|(id, r)| {
+                let last = Interval {
+                    end: self.clock - (k - 1) as f64 / r,
+                    len: 0.0,
+                    requests: k,
+                    weight: k as f64,
+                };
+                (id.clone(), VecDeque::from([last]))
+            })
+            .collect();
         self.demand = self.rate.clone();
     }
 
@@ -70,10 +139,16 @@ impl Demand {
         } else {
             return;
         };
+        self.clock += dt;
+        let k = self.recent_k.max(2);
         let mut now: BTreeMap<&str, f64> = BTreeMap::new();
+        let mut seen: BTreeMap<&str, (u64, f64)> = BTreeMap::new();
         for (id, requests, tokens) in counts {
-            *now.entry(id).or_default() +=
-                (requests as f64 + tokens as f64 / TOKENS_PER_REQUEST) / dt;
+            let weight = requests as f64 + tokens as f64 / TOKENS_PER_REQUEST;
+            *now.entry(id).or_default() += weight / dt;
+            let e = seen.entry(id).or_default();
+            e.0 = e.0.saturating_add(requests);
+            e.1 += weight;
         }
         for (id, x) in &now {
             if known(id) && *x > 0.0 {
@@ -81,8 +156,31 @@ impl Demand {
                 self.slow.entry(id.to_string()).or_default();
             }
         }
+        for (id, (requests, weight)) in seen {
+            if requests == 0 || !known(id) {
+                continue;
+            }
+            let q = self.recent.entry(id.to_string()).or_default();
+            q.push_front(Interval {
+                end: self.clock,
+                len: dt,
+                requests,
+                weight,
+            });
+            // Keep only the intervals holding the last k requests.
+            let mut n = 0u64;
+            let keep = q
+                .iter()
+                .position(|t| {
+                    n = n.saturating_add(t.requests);
+                    n >= k
+                })
+                .map_or(q.len(), |i| i + 1);
+            q.truncate(keep);
+        }
         self.rate.retain(|id, _| known(id));
         self.slow.retain(|id, _| known(id));
+        self.recent.retain(|id, _| known(id));
         for (id, r) in self.rate.iter_mut() {
             let x = now.get(id.as_str()).copied().unwrap_or(0.0);
             let a = if x > *r {
@@ -102,13 +200,24 @@ impl Demand {
                 *r = 0.0;
             }
         }
-        let up = self.alpha_up;
+        let (up, quiet_below, clock) = (self.alpha_up, self.quiet_below, self.clock);
         self.demand = self
             .rate
             .iter()
             .map(|(id, r)| {
                 let slow = self.slow.get(id).copied().unwrap_or(0.0);
-                (id.clone(), slow.max(r - 2.0 * noise(*r, dt, up)))
+                let recent = self
+                    .recent
+                    .get(id)
+                    .map_or(0.0, |q| recent_rate(q, k, clock));
+                // Busy by both measures, or quiet: one that stopped is quiet within
+                // (k - 1) / quiet_below seconds, not once its slow average has decayed.
+                let steady = if slow >= quiet_below && recent >= quiet_below {
+                    slow
+                } else {
+                    recent.min(quiet_below)
+                };
+                (id.clone(), steady.max(r - 2.0 * noise(*r, dt, up)))
             })
             .filter(|(_, d)| *d > 0.0)
             .collect();
@@ -163,6 +272,65 @@ mod tests {
             d.rates().is_empty(),
             "adapters leaving the catalogue are forgotten"
         );
+    }
+
+    #[test]
+    fn a_quiet_adapter_is_measured_over_its_last_requests() {
+        // "steady" gets a request every 30 s and has been idle for 40 s; "rare" got one ten
+        // minutes ago and one now. A 40-s average ranks "rare" first (its one request is
+        // recent); the time back to the fourth most recent request ranks them as used.
+        let mut d = Demand::default();
+        for t in 0..320 {
+            let mut counts = Vec::new();
+            if t % 15 == 0 && t < 300 {
+                counts.push(("steady", 1, 0));
+            }
+            if t == 0 || t == 319 {
+                counts.push(("rare", 1, 0));
+            }
+            d.observe(counts, 2.0, |_| true);
+        }
+        let (steady, rare) = (d.of("steady"), d.of("rare"));
+        assert!(steady > 2.0 * rare, "steady {steady}, rare {rare}");
+        assert!(
+            steady > 0.015 && steady < 0.035,
+            "about 3 requests in 130 s: {steady}"
+        );
+        // The slow average alone had it the other way round.
+        let (s_steady, s_rare) = (d.slow["steady"], d.slow["rare"]);
+        assert!(s_rare > s_steady, "{s_rare} {s_steady}");
+    }
+
+    #[test]
+    fn a_busy_adapter_that_stops_reads_as_quiet_within_half_a_minute() {
+        let mut d = Demand::default();
+        for _ in 0..30 {
+            d.observe([("hot", 10, 0), ("other", 1, 0)], 2.0, |_| true);
+        }
+        assert!(d.of("hot") > 3.0, "{}", d.of("hot"));
+        let mut ticks = 0;
+        while d.of("hot") >= d.quiet_below && ticks < 100 {
+            d.observe([("other", 1, 0)], 2.0, |_| true);
+            ticks += 1;
+        }
+        assert!(ticks <= 16, "quiet after {ticks} ticks of 2 s");
+        assert!(
+            d.slow["hot"] > 1.0,
+            "the slow average alone still says busy"
+        );
+        // Requests come back: busy again at once (the fast average).
+        d.observe([("hot", 10, 0)], 2.0, |_| true);
+        assert!(d.of("hot") > 1.0, "{}", d.of("hot"));
+    }
+
+    #[test]
+    fn seeded_rates_carry_over_for_quiet_adapters_too() {
+        let mut d = Demand::default();
+        d.seed(&[("a".to_string(), 0.05), ("b".to_string(), 2.0)].into());
+        d.observe([], 2.0, |_| true);
+        let a = d.of("a");
+        assert!(a > 0.04 && a < 0.05, "{a}");
+        assert!(d.of("b") > 1.5, "{}", d.of("b"));
     }
 
     #[test]
