@@ -91,6 +91,7 @@ fn picking(c: &mut Criterion) {
                 key: i as u64,
                 reading: false,
                 reading_target: false,
+                cached: None,
             })
             .collect();
         let prefix: HashMap<u32, usize> = (0..n as u32).step_by(3).map(|i| (i, 5)).collect();

@@ -4,6 +4,7 @@ pub mod affinity;
 pub mod bbr;
 pub mod fleet;
 pub mod flow;
+pub mod lora_cache;
 pub mod metrics;
 pub mod outlier;
 pub mod prefix;

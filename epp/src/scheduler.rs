@@ -148,6 +148,10 @@ pub struct Candidate<'a> {
     /// The read under way there is of this request's own adapter (the caller matched it): a
     /// request joining it waits for what it would otherwise read itself elsewhere.
     pub reading_target: bool,
+    /// Whether its host-memory cache holds the request's adapter, as the caller infers it
+    /// from the adapters it sent there ([`crate::lora_cache`]); used only where the server
+    /// does not report residency. `None`: no guess.
+    pub cached: Option<bool>,
 }
 
 /// Requests running or waiting on an endpoint now, as best known: ours in flight plus the
@@ -288,14 +292,14 @@ fn lora_tier(m: Option<&EndpointMetrics>, target: &str) -> u8 {
 /// How soon an adapter request would run here: in the running batch (1.0), else by whether
 /// a LoRA slot is free and, when the server reports residency, where the adapter is: a GPU
 /// slot (no load), the host-memory cache (a copy), or neither (a disk read first).
-fn lora_score(m: Option<&EndpointMetrics>, target: &str) -> f64 {
+fn lora_score(m: Option<&EndpointMetrics>, target: &str, guess: Option<bool>) -> f64 {
     let Some(m) = m else { return 0.5 };
     let active = m.running_adapters.iter().any(|a| a == target);
     if active {
         return 1.0;
     }
     let waiting = m.waiting_adapters.iter().any(|a| a == target);
-    let tier = residency(m, target);
+    let tier = residency_or_guess(m, target, guess);
     match m.max_lora {
         Some(max) => {
             let mut in_use: Vec<&str> = m.running_adapters.iter().map(String::as_str).collect();
@@ -330,8 +334,23 @@ fn read_holds(c: &Candidate<'_>, input: &PickInput<'_>) -> u8 {
         return 0;
     }
     let own = input.is_adapter
-        && c.metrics.and_then(|m| residency(m, input.target)) == Some(Residency::Cold);
+        && c.metrics
+            .and_then(|m| residency_or_guess(m, input.target, c.cached))
+            == Some(Residency::Cold);
     u8::from(c.reading) + u8::from(own)
+}
+
+/// [`residency`], else the caller's guess of whether the host cache holds it (`guess`).
+pub fn residency_or_guess(
+    m: &EndpointMetrics,
+    target: &str,
+    guess: Option<bool>,
+) -> Option<Residency> {
+    residency(m, target).or(match guess {
+        Some(true) => Some(Residency::Cpu),
+        Some(false) => Some(Residency::Cold),
+        None => None,
+    })
 }
 
 /// Where a server holds an adapter, when it reports residency.
@@ -542,7 +561,7 @@ pub fn pick(
                 + cfg.kv_cache_weight * kv_score
                 + cfg.prefix_cache_weight * prefix_score;
             if input.is_adapter {
-                score += cfg.lora_affinity_weight * lora_score(c.metrics, input.target);
+                score += cfg.lora_affinity_weight * lora_score(c.metrics, input.target, c.cached);
             }
             score -= cfg.read_hold_weight * f64::from(read_holds(c, input));
             (score, mix(u64::from(c.id), input.tie_break), i)
@@ -581,6 +600,7 @@ mod tests {
             key: crate::affinity::endpoint_key(&id.to_string()),
             reading: false,
             reading_target: false,
+            cached: None,
         }
     }
 
@@ -741,7 +761,7 @@ mod tests {
         };
         m.gpu_adapters = vec!["g".into()];
         m.cpu_adapters = vec!["c".into()];
-        let s = |m: &EndpointMetrics, t: &str| lora_score(Some(m), t);
+        let s = |m: &EndpointMetrics, t: &str| lora_score(Some(m), t, None);
         assert!(s(&m, "g") > s(&m, "c") && s(&m, "c") > s(&m, "x"));
         m.running_adapters = vec!["r1".into(), "r2".into()];
         assert!(s(&m, "g") > s(&m, "c") && s(&m, "c") > s(&m, "x"));
@@ -1017,6 +1037,32 @@ mod tests {
         silent_cold.max_lora = Some(2);
         let cands = [cand(1, &silent_cold), reading(cand(2, &silent))];
         assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [0]);
+        // ...unless the caller guesses from what it sent each server: a guess that the
+        // cache holds it wins over one that it does not, and counts as a read there.
+        fn guess(c: Candidate<'_>, held: bool) -> Candidate<'_> {
+            Candidate {
+                cached: Some(held),
+                ..c
+            }
+        }
+        let silent_cold = &silent_cold;
+        let cands = [
+            guess(cand(1, silent_cold), false),
+            guess(cand(2, silent_cold), true),
+        ];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [1]);
+        let cands = [
+            guess(reading(cand(1, silent_cold)), true),
+            guess(cand(2, silent_cold), false),
+        ];
+        assert_eq!(
+            pick(&cfg, &cands, &inp).unwrap(),
+            [0],
+            "its own read holds as long"
+        );
+        // A server that reports residency is believed over the guess.
+        let cands = [guess(cand(1, cold), true), cand(2, cached)];
+        assert_eq!(pick(&cfg, &cands, &inp).unwrap(), [1]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! 2,000 wake-ups a second of 100 endpoints at 50 ms never park or unpark the request path's
 //! worker pool. The actor owns the task's lifetime.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use inferlane_sidecar::models::parse_models;
 use tokio::task::JoinHandle;
 
 use crate::net::scrape_http::{ScrapeClient, ScrapeError};
-use crate::pool::state::{EndpointHandle, Scraped, ServedModels, clock_ms};
+use crate::pool::state::{EndpointHandle, Scraped, ServedModels, adapter_key, clock_ms};
 use inferlane_epp::outlier::OutlierPolicy;
 
 /// Scrape settings.
@@ -383,11 +384,22 @@ impl ScrapeLoop {
             Err(e) => Err(e.to_string()),
         };
         match res {
-            Ok(actual) => self.handle.models.store(Some(Arc::new(ServedModels {
-                base: actual.base_models.into_iter().collect(),
-                adapters: actual.adapters.into_keys().collect(),
-                read_at: Some(began),
-            }))),
+            Ok(actual) => {
+                let adapters: HashSet<String> = actual.adapters.into_keys().collect();
+                // A load reads the adapter into the server's cache: what the EPP guesses
+                // it holds (where it does not report residency) counts it.
+                let before = self.handle.models.load();
+                for a in &adapters {
+                    if before.as_ref().is_none_or(|m| !m.adapters.contains(a)) {
+                        self.handle.sent_adapter(adapter_key(a));
+                    }
+                }
+                self.handle.models.store(Some(Arc::new(ServedModels {
+                    base: actual.base_models.into_iter().collect(),
+                    adapters,
+                    read_at: Some(began),
+                })))
+            }
             Err(e) => {
                 tracing::debug!(endpoint = %self.handle.address, error = %e, "model list failed")
             }

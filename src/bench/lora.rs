@@ -25,7 +25,9 @@ pub fn catalogue_yaml(w: &Workload, adapters_dir: &Path, port: u16) -> String {
     s
 }
 
-/// The EPP flags of a placing policy (the decider, or a follower of `follow`).
+/// The EPP flags of a workload with adapters: the servers' host cache size (what the EPP
+/// sent a server names what it holds), and a placing policy's (the decider, or a follower
+/// of `follow`).
 pub fn epp_args(
     w: &Workload,
     policy: Policy,
@@ -33,12 +35,16 @@ pub fn epp_args(
     follow: Option<&str>,
     dir: &Path,
 ) -> Result<Vec<String>, FleetError> {
+    if w.adapters().is_empty() {
+        return Ok(Vec::new());
+    }
+    let cpu = w.fleet.max_cpu_loras.unwrap_or(w.fleet.max_loras);
+    let mut a = vec!["--lora-max-cpu-loras".to_string(), cpu.to_string()];
     let lazy = match policy.adapters() {
         AdapterSetup::Sidecars | AdapterSetup::SidecarsAndResolver => false,
         AdapterSetup::Resolver => true,
-        _ => return Ok(Vec::new()),
+        _ => return Ok(a),
     };
-    let mut a = Vec::new();
     match follow {
         Some(url) => a.extend(["--lora-placement-from".to_string(), url.to_string()]),
         None => {
@@ -50,8 +56,6 @@ pub fn epp_args(
             a.extend(["--lora-catalog".to_string(), cat.display().to_string()]);
         }
     }
-    let cpu = w.fleet.max_cpu_loras.unwrap_or(w.fleet.max_loras);
-    a.extend(["--lora-max-cpu-loras".to_string(), cpu.to_string()]);
     if lazy {
         a.extend(["--lora-placement-mode".to_string(), "lazy".to_string()]);
     }

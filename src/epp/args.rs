@@ -153,7 +153,8 @@ pub struct EppArgs {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub lora_placement_interval: Duration,
     /// The servers' `--max-cpu-loras` (host-memory adapter cache); 0: their `--max-loras`,
-    /// vLLM's default. vLLM does not report it.
+    /// vLLM's default. vLLM does not report it. Sizes placement's cache budget, and the
+    /// cache the EPP guesses from what it sent a server that does not report residency.
     #[arg(long, default_value_t = 0)]
     pub lora_max_cpu_loras: u32,
     /// GPU adapter slots of a server whose metrics do not report `max_lora`.

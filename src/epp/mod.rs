@@ -309,20 +309,21 @@ async fn start_pool(
 /// LoRA placement with `--lora-catalog` (deciding) or `--lora-placement-from` (following).
 fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) {
     use crate::actors::lora_placer::{LoraPlacer, PlacerOptions};
+    use std::sync::atomic::Ordering::Relaxed;
+    // Also without placement: what the EPP sent each server names what its cache holds.
+    shared
+        .fleet
+        .max_cpu_loras
+        .store(args.lora_max_cpu_loras, Relaxed);
     if args.lora_catalog.is_none() && args.lora_placement_from.is_none() {
         return;
     }
-    use std::sync::atomic::Ordering::Relaxed;
     let resolver = args.lora_cold_adapters == args::ColdAdapters::Resolver;
     shared.fleet.lazy.store(
         args.lora_placement_mode == args::PlacementMode::Lazy,
         Relaxed,
     );
     shared.fleet.resolver.store(resolver, Relaxed);
-    shared
-        .fleet
-        .max_cpu_loras
-        .store(args.lora_max_cpu_loras, Relaxed);
     if resolver {
         crate::actors::lora_unloader::CopyUnloader::new(
             shared.clone(),

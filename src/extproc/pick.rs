@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
 use inferlane_epp::request;
 use inferlane_epp::rules::Resolved;
 use inferlane_epp::scheduler::{
-    Candidate, ModelPresence, PickInput, Residency, pool_saturation, residency,
+    Candidate, ModelPresence, PickInput, Residency, pool_saturation, residency, residency_or_guess,
 };
 use inferlane_epp::{PickError, SchedulerConfig};
 
@@ -76,13 +76,16 @@ impl FleetView {
     }
 
     /// `listing` (with LoRA placement): a candidate whose sidecar loads an adapter counts
-    /// as reading (that read holds the engine as a request's does).
+    /// as reading (that read holds the engine as a request's does). `adapter_cache` (an
+    /// adapter request: `--lora-max-cpu-loras`, 0 for the servers' GPU slots): each
+    /// candidate's guess of whether its cache holds the adapter.
     fn candidates<'a>(
         &'a self,
         endpoints: &[&Arc<EndpointHandle>],
         target: Option<&str>,
         placed: Option<&[Target]>,
         listing: Option<(&crate::lora_fleet::FleetState, &Listing<'_>)>,
+        adapter_cache: Option<usize>,
     ) -> Vec<Candidate<'a>> {
         let now = Instant::now();
         endpoints
@@ -109,8 +112,10 @@ impl FleetView {
                 let served = placed
                     .and_then(|p| p.iter().find(|t| t.address == h.address))
                     .map_or(target, |t| Some(t.served.as_str()));
-                let key = served.map(adapter_key);
-                let mut c = h.candidate(&self.scraped[i], now, has_model, key);
+                // An adapter request only: what we sent a server names what it holds.
+                let key = adapter_cache.and(served).map(adapter_key);
+                let max_cpu = adapter_cache.unwrap_or(0);
+                let mut c = h.candidate(&self.scraped[i], now, has_model, key, max_cpu);
                 if let Some((fleet, l)) = listing
                     && has_model != ModelPresence::No
                     && !c.reading
@@ -121,6 +126,14 @@ impl FleetView {
             })
             .collect()
     }
+}
+
+/// The server an adapter request goes to, as the pick saw it.
+struct Picked<'a> {
+    chosen: &'a Arc<EndpointHandle>,
+    scraped: Option<&'a Scraped>,
+    /// Whether its cache held the adapter, by what we sent it.
+    cached: Option<bool>,
 }
 
 /// The prompt's prefix as the prefix scorer and affinity read it.
@@ -182,7 +195,9 @@ impl ExtProc {
             .and_then(|p| p.first())
             .map(|t| t.served.as_str());
         let with_fleet = listing.as_ref().map(|l| (fleet, l));
-        let candidates = view.candidates(&endpoints, target, placed.as_deref(), with_fleet);
+        let max_cpu = fleet.max_cpu_loras.load(Ordering::Relaxed) as usize;
+        let cache = is_adapter.then_some(max_cpu);
+        let candidates = view.candidates(&endpoints, target, placed.as_deref(), with_fleet, cache);
         let prefix = self.prefix(&cfg, target.unwrap_or(""), prompt, &candidates, is_adapter);
         let input = PickInput {
             target: served.or(target).unwrap_or(""),
@@ -204,7 +219,13 @@ impl ExtProc {
         let scraped = view.scraped[picked[0]].as_deref();
         let served = match target {
             Some(t) if is_adapter => {
-                self.adapter_picked(st, t, placed.as_deref(), chosen, scraped, prompt.len())
+                let cached = candidates[picked[0]].cached;
+                let picked = Picked {
+                    chosen,
+                    scraped,
+                    cached,
+                };
+                self.adapter_picked(st, t, placed.as_deref(), picked, prompt.len())
             }
             _ => None,
         };
@@ -219,6 +240,22 @@ impl ExtProc {
             }
             _ => false,
         };
+        self.record_pick(st, chosen, started, &destination);
+        Ok(Decision {
+            destination,
+            extra_headers,
+            body_changed,
+        })
+    }
+
+    /// A pick's metrics and debug line.
+    fn record_pick(
+        &self,
+        st: &RequestState,
+        chosen: &EndpointHandle,
+        started: Instant,
+        destination: &str,
+    ) {
         self.metrics
             .picks
             .get_or_create(&EndpointLabels {
@@ -229,11 +266,6 @@ impl ExtProc {
             .scheduler_e2e
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(request_id = for_log(st.headers.request_id()), model = for_log(&st.requested_model), target = for_log(&st.target_model), endpoint = %destination, "picked");
-        Ok(Decision {
-            destination,
-            extra_headers,
-            body_changed,
-        })
     }
 
     /// An adapter's pick: its demand counted, the request tracked until it ends (drains wait
@@ -244,10 +276,14 @@ impl ExtProc {
         st: &mut RequestState,
         target: &str,
         placed: Option<&'p [Target]>,
-        chosen: &Arc<EndpointHandle>,
-        scraped: Option<&Scraped>,
+        p: Picked<'_>,
         prompt_chars: usize,
     ) -> Option<&'p str> {
+        let Picked {
+            chosen,
+            scraped,
+            cached,
+        } = p;
         let picked = placed.and_then(|p| p.iter().find(|t| t.address == chosen.address));
         let served = picked.map(|t| t.served.as_str());
         let name = served.unwrap_or(target);
@@ -257,9 +293,16 @@ impl ExtProc {
             .shared
             .fleet
             .begin(target, name, &chosen.address, on_demand);
-        if self.count_tier(name, scraped) == Some(Residency::Cold) {
-            st.read = Some(chosen.begin_read(adapter_key(name)));
+        let key = adapter_key(name);
+        let reported = self.count_tier(name, scraped);
+        let tier = match (scraped, reported) {
+            (Some(s), None) => residency_or_guess(&s.metrics, name, cached),
+            _ => reported,
+        };
+        if tier == Some(Residency::Cold) {
+            st.read = Some(chosen.begin_read(key));
         }
+        chosen.sent_adapter(key);
         served.filter(|s| *s != target)
     }
 

@@ -310,7 +310,7 @@ impl FlowControl {
             .endpoints
             .iter()
             .zip(&scraped)
-            .map(|(h, s)| h.candidate(s, now, ModelPresence::Yes, None))
+            .map(|(h, s)| h.candidate(s, now, ModelPresence::Yes, None, 0))
             .collect();
         dispatch_saturation(&cfg, &candidates, self.reserved.load(Ordering::Acquire))
     }

@@ -8,6 +8,7 @@ use std::sync::{LazyLock, MutexGuard};
 use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use inferlane_epp::lora_cache::AdapterLru;
 use inferlane_epp::outlier::{Outlier, OutlierPolicy, Verdict, may_eject};
 use inferlane_epp::{
     Candidate, EndpointMetrics, EngineType, ModelPresence, ModelRules, PrefixIndex, SchedulerConfig,
@@ -78,6 +79,9 @@ pub struct EndpointHandle {
     /// [`adapter_key`] of the adapter the last of them reads (several at once are rare: the
     /// scheduler steers reads apart; a joiner of an earlier one is then seen as reading anew).
     read_key: AtomicU64,
+    /// The adapters we sent it, most recent first: what its host cache likely holds when it
+    /// does not report residency.
+    sent_adapters: Mutex<AdapterLru>,
 }
 
 /// The key a read is known by: the adapter's served name, hashed (the same on every call).
@@ -119,6 +123,7 @@ impl EndpointHandle {
             reads: AtomicU64::new(0),
             read_sent_ms: AtomicU64::new(0),
             read_key: AtomicU64::new(0),
+            sent_adapters: Mutex::new(AdapterLru::default()),
         }
     }
 
@@ -130,6 +135,18 @@ impl EndpointHandle {
         self.read_sent_ms.fetch_max(clock_ms(), Ordering::Relaxed);
         self.reads.fetch_add(1, Ordering::Relaxed);
         Read(self.clone())
+    }
+
+    /// An adapter request goes there, or its model list newly lists the adapter (a load
+    /// reads it into the cache): its cache now holds it.
+    pub fn sent_adapter(&self, adapter: u64) {
+        lock_sent(&self.sent_adapters).touch(adapter);
+    }
+
+    /// Whether its cache of `capacity` adapters holds `adapter`, by what we sent it (`None`
+    /// without a capacity: no guess).
+    pub fn holds_adapter(&self, adapter: u64, capacity: usize) -> Option<bool> {
+        (capacity > 0).then(|| lock_sent(&self.sent_adapters).holds(adapter, capacity))
     }
 
     /// Its engine is reading an adapter for one of our requests, as far as we know.
@@ -159,8 +176,10 @@ impl EndpointHandle {
         now: Instant,
         has_model: ModelPresence,
         target: Option<u64>,
+        max_cpu_loras: usize,
     ) -> Candidate<'a> {
         let reading = self.reading();
+        let capacity = cache_capacity(scraped.as_deref(), max_cpu_loras);
         Candidate {
             id: self.id,
             metrics: scraped.as_ref().map(|s| &s.metrics),
@@ -176,8 +195,25 @@ impl EndpointHandle {
             reading,
             reading_target: reading
                 && target.is_some_and(|t| self.read_key.load(Ordering::Relaxed) == t),
+            cached: target.and_then(|t| self.holds_adapter(t, capacity)),
         }
     }
+}
+
+/// Adapters a server's host cache holds: `--lora-max-cpu-loras`, else its GPU slots (vLLM's
+/// default for `--max-cpu-loras`); 0 when neither is known.
+pub fn cache_capacity(scraped: Option<&Scraped>, max_cpu_loras: usize) -> usize {
+    if max_cpu_loras > 0 {
+        return max_cpu_loras;
+    }
+    scraped
+        .and_then(|s| s.metrics.max_lora)
+        .map_or(0, |m| m as usize)
+}
+
+/// A poisoned lock still holds a usable guess (nothing is left half-updated in it).
+fn lock_sent(m: &Mutex<AdapterLru>) -> MutexGuard<'_, AdapterLru> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The pool as of the last membership or rules change.
@@ -318,6 +354,7 @@ mod tests {
             Instant::now(),
             ModelPresence::Yes,
             Some(adapter_key("de")),
+            0,
         );
         assert!(c.reading && c.reading_target);
         let c = h.candidate(
@@ -325,10 +362,32 @@ mod tests {
             Instant::now(),
             ModelPresence::Yes,
             Some(adapter_key("fr")),
+            0,
         );
         assert!(c.reading && !c.reading_target);
-        let c = h.candidate(&none, Instant::now(), ModelPresence::Yes, None);
+        let c = h.candidate(&none, Instant::now(), ModelPresence::Yes, None, 0);
         assert!(c.reading && !c.reading_target);
+        assert_eq!(c.cached, None, "no capacity known: no guess");
+        // What we sent it: its cache of two holds the last two.
+        for a in ["fr", "de", "it"] {
+            h.sent_adapter(adapter_key(a));
+        }
+        let c = h.candidate(
+            &none,
+            Instant::now(),
+            ModelPresence::Yes,
+            Some(adapter_key("it")),
+            2,
+        );
+        assert_eq!(c.cached, Some(true));
+        let c = h.candidate(
+            &none,
+            Instant::now(),
+            ModelPresence::Yes,
+            Some(adapter_key("fr")),
+            2,
+        );
+        assert_eq!(c.cached, Some(false), "pushed out by two since");
         drop(first);
         assert!(h.reading(), "one read still holds it");
         drop(second);
