@@ -950,6 +950,17 @@ mod tests {
         assert_ne!(pick(&off, &cands, &inp).unwrap(), [2]);
     }
 
+    fn reading(c: Candidate<'_>) -> Candidate<'_> {
+        Candidate { reading: true, ..c }
+    }
+
+    fn adapter_input<'a>(p: &'a HashMap<u32, usize>, target: &'a str) -> PickInput<'a> {
+        let mut inp = input(p);
+        inp.target = target;
+        inp.is_adapter = true;
+        inp
+    }
+
     #[test]
     fn a_server_reading_an_adapter_gets_only_what_cannot_go_elsewhere() {
         let lora = |running: &[&str]| {
@@ -961,13 +972,8 @@ mod tests {
         let runs_it = lora(&["fr"]);
         let free_slot = lora(&["other"]);
         let p = HashMap::new();
-        let mut inp = input(&p);
-        inp.target = "fr";
-        inp.is_adapter = true;
+        let inp = adapter_input(&p, "fr");
         let cfg = SchedulerConfig::default();
-        fn reading(c: Candidate<'_>) -> Candidate<'_> {
-            Candidate { reading: true, ..c }
-        }
         let (runs_it, free_slot) = (&runs_it, &free_slot);
         // Where the adapter runs wins while its engine is free...
         let cands = [cand(1, free_slot), cand(2, runs_it)];
@@ -1006,13 +1012,8 @@ mod tests {
         };
         let (cached, cold) = (&lora(&["fr"]), &lora(&[]));
         let p = HashMap::new();
-        let mut inp = input(&p);
-        inp.target = "fr";
-        inp.is_adapter = true;
+        let inp = adapter_input(&p, "fr");
         let cfg = SchedulerConfig::default();
-        fn reading(c: Candidate<'_>) -> Candidate<'_> {
-            Candidate { reading: true, ..c }
-        }
         // Leaving a server reading another adapter for one where this one must be read gains
         // nothing: its own read holds as long.
         let cands = [reading(cand(1, cached)), cand(2, cold)];
