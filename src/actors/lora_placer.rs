@@ -388,6 +388,10 @@ impl LoraPlacer {
     fn count_moves(&mut self, table: &Table, sets: &BTreeMap<String, BTreeSet<String>>) {
         let mut moved = 0u64;
         let none = BTreeSet::new();
+        let demand = |served: &str| {
+            let id = inferlane_sidecar::version::id_of(served).unwrap_or(served);
+            self.demand.of(id)
+        };
         for (s, p) in &table.servers {
             let before = self.told.get(s);
             let now: BTreeSet<&String> = sets.get(s).unwrap_or(&none).iter().collect();
@@ -396,12 +400,12 @@ impl LoraPlacer {
                 .filter(|id| before.is_none_or(|b| !b.contains(**id)))
             {
                 moved += 1;
-                tracing::debug!(adapter = %id, server = %s, demand = self.demand.of(id.split('@').next().unwrap_or(id)), "home added");
+                tracing::debug!(adapter = %id, server = %s, demand = demand(id), "home added");
             }
             for id in before.into_iter().flatten() {
                 if !now.contains(id) && !p.draining.contains(id) {
                     moved += 1;
-                    tracing::debug!(adapter = %id, server = %s, demand = self.demand.of(id.split('@').next().unwrap_or(id)), "home dropped");
+                    tracing::debug!(adapter = %id, server = %s, demand = demand(id), "home dropped");
                 }
             }
         }

@@ -92,12 +92,14 @@ impl FleetView {
             .iter()
             .enumerate()
             .map(|(i, h)| {
+                // Its placed target, if placement has a say (one scan per candidate).
+                let home = placed.map(|p| p.iter().find(|t| t.address == h.address));
                 let has_model = match (target, &self.models[i]) {
                     (None, _) => ModelPresence::Yes,
                     // Placement checked the listing (lazy placement: a home loads the
                     // adapter on its first request).
-                    (Some(_), _) if let Some(p) = placed => {
-                        if p.iter().any(|t| t.address == h.address) {
+                    (Some(_), _) if let Some(home) = home => {
+                        if home.is_some() {
                             ModelPresence::Yes
                         } else {
                             ModelPresence::No
@@ -109,9 +111,7 @@ impl FleetView {
                 };
                 // The name this server would serve the request under (a read under way
                 // there of that name is one the request can join).
-                let served = placed
-                    .and_then(|p| p.iter().find(|t| t.address == h.address))
-                    .map_or(target, |t| Some(t.served.as_str()));
+                let served = home.flatten().map_or(target, |t| Some(t.served.as_str()));
                 // An adapter request only: what we sent a server names what it holds.
                 let key = adapter_cache.and(served).map(adapter_key);
                 let max_cpu = adapter_cache.unwrap_or(0);

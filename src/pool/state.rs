@@ -145,7 +145,7 @@ impl EndpointHandle {
 
     /// Whether its cache of `capacity` adapters holds `adapter`, by what we sent it (`None`
     /// without a capacity: no guess).
-    pub fn holds_adapter(&self, adapter: u64, capacity: usize) -> Option<bool> {
+    fn holds_adapter(&self, adapter: u64, capacity: usize) -> Option<bool> {
         (capacity > 0).then(|| lock_sent(&self.sent_adapters).holds(adapter, capacity))
     }
 
@@ -202,7 +202,7 @@ impl EndpointHandle {
 
 /// Adapters a server's host cache holds: `--lora-max-cpu-loras`, else its GPU slots (vLLM's
 /// default for `--max-cpu-loras`); 0 when neither is known.
-pub fn cache_capacity(scraped: Option<&Scraped>, max_cpu_loras: usize) -> usize {
+fn cache_capacity(scraped: Option<&Scraped>, max_cpu_loras: usize) -> usize {
     if max_cpu_loras > 0 {
         return max_cpu_loras;
     }

@@ -141,23 +141,23 @@ impl Demand {
         };
         self.clock += dt;
         let k = self.recent_k.max(2);
-        let mut now: BTreeMap<&str, f64> = BTreeMap::new();
+        // Requests and request-equivalents per adapter this interval.
         let mut seen: BTreeMap<&str, (u64, f64)> = BTreeMap::new();
         for (id, requests, tokens) in counts {
-            let weight = requests as f64 + tokens as f64 / TOKENS_PER_REQUEST;
-            *now.entry(id).or_default() += weight / dt;
             let e = seen.entry(id).or_default();
             e.0 = e.0.saturating_add(requests);
-            e.1 += weight;
+            e.1 += requests as f64 + tokens as f64 / TOKENS_PER_REQUEST;
         }
-        for (id, x) in &now {
-            if known(id) && *x > 0.0 {
+        let now = |id: &str| seen.get(id).map_or(0.0, |(_, w)| w / dt);
+        for (&id, &(requests, weight)) in &seen {
+            if !known(id) {
+                continue;
+            }
+            if weight > 0.0 {
                 self.rate.entry(id.to_string()).or_default();
                 self.slow.entry(id.to_string()).or_default();
             }
-        }
-        for (id, (requests, weight)) in seen {
-            if requests == 0 || !known(id) {
+            if requests == 0 {
                 continue;
             }
             let q = self.recent.entry(id.to_string()).or_default();
@@ -182,7 +182,7 @@ impl Demand {
         self.slow.retain(|id, _| known(id));
         self.recent.retain(|id, _| known(id));
         for (id, r) in self.rate.iter_mut() {
-            let x = now.get(id.as_str()).copied().unwrap_or(0.0);
+            let x = now(id);
             let a = if x > *r {
                 self.alpha_up
             } else {
@@ -194,7 +194,7 @@ impl Demand {
             }
         }
         for (id, r) in self.slow.iter_mut() {
-            let x = now.get(id.as_str()).copied().unwrap_or(0.0);
+            let x = now(id);
             *r += self.alpha_slow * (x - *r);
             if *r < 1e-6 {
                 *r = 0.0;
