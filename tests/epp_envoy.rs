@@ -1433,3 +1433,97 @@ async fn two_replicas_send_one_prefix_to_one_server() {
         assert!(picks >= 3.0, "a replica picked {picks} times:\n{page}");
     }
 }
+
+/// Servers that report no residency (vLLM 0.32): the EPP replays the adapters it sends each
+/// server through an LRU of `--lora-max-cpu-loras` and keeps each adapter where it was read,
+/// so alternating requests for two adapters on one-entry caches read each once, not on
+/// every switch; a server back from a dead engine (it may have restarted with an empty
+/// cache) starts with no guess.
+#[tokio::test]
+async fn residency_guessed_from_what_was_sent_and_forgotten_on_recovery() {
+    let f = Fleet::start(FleetOptions {
+        sims: 3,
+        sim_flags: &[
+            "--enable-lora",
+            "--max-loras",
+            "1",
+            "--max-cpu-loras",
+            "1",
+            "--lora-disk-ms-per-rank",
+            "1",
+            "--time-scale",
+            "0.1",
+        ],
+        adapters: &[("a", &[0, 1, 2]), ("b", &[0, 1, 2])],
+        epp_flags: &["--lora-max-cpu-loras", "1"],
+        ..Default::default()
+    })
+    .await;
+    let disk_loads = || async {
+        let mut n = 0;
+        for s in &f.sims {
+            n += sim_stats(&f.c, s).await["lora_disk_loads"]
+                .as_u64()
+                .unwrap();
+        }
+        n
+    };
+    let before = disk_loads().await;
+    for i in 0..30 {
+        let model = if i % 2 == 0 { "a" } else { "b" };
+        let (s, body) = f
+            .complete(json!({"model": model, "prompt": format!("r{i}"), "max_tokens": 1}))
+            .await;
+        assert_eq!(s, 200, "{body}");
+    }
+    let reads = disk_loads().await - before;
+    // One read each at most, plus one where the EPP's list scrape lagged its first picks.
+    assert!(
+        reads <= 4,
+        "{reads} disk reads for 30 requests of two adapters"
+    );
+    let pool = || async {
+        try_json(&f.c, &format!("http://{}/debug/pool", f.epp.metrics))
+            .await
+            .unwrap()["endpoints"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let guessed = pool().await;
+    let i = (0..3)
+        .find(|&i| {
+            let e = guessed
+                .iter()
+                .find(|e| e["address"] == f.sims[i].addr.as_str());
+            e.is_some_and(|e| e["adapters_sent"].as_u64() > Some(0))
+        })
+        .expect("a server with adapters sent");
+    let sent = |i: usize| {
+        let pool = &pool;
+        let addr = f.sims[i].addr.clone();
+        async move {
+            let all = pool().await;
+            let e = all.iter().find(|e| e["address"] == addr.as_str()).unwrap();
+            (
+                e["engine_down"].as_bool().unwrap(),
+                e["adapters_sent"].as_u64().unwrap(),
+            )
+        }
+    };
+    faults(&f.c, &f.sims[i], json!({"unhealthy": true})).await;
+    wait_for("the dead engine taken out", T, || async {
+        sent(i).await.0.then_some(())
+    })
+    .await;
+    faults(&f.c, &f.sims[i], json!({"unhealthy": false})).await;
+    let after = wait_for("the engine back in the pool", T, || async {
+        let (down, n) = sent(i).await;
+        (!down).then_some(n)
+    })
+    .await;
+    assert_eq!(
+        after, 0,
+        "the guess of a server that may have restarted is cleared"
+    );
+}

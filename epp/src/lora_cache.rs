@@ -3,9 +3,10 @@
 //! vLLM keeps `--max-cpu-loras` adapters in host memory, least recently used out first, and
 //! (before its residency metrics) does not say which. The EPP sees every request it sends a
 //! server, so replaying them through an LRU of that size names what the server most likely
-//! holds: routing by residency on servers that do not report it. Another replica's requests,
-//! a sidecar's loads and a server restart are not seen: it is a guess, ranked below what a
-//! server reports, and only ever used as a score.
+//! holds: routing by residency on servers that do not report it. Another replica's requests
+//! and a sidecar's loads of adapters already listed are not seen, and a restart only as the
+//! server's return to the pool (the guess is then cleared): it is a guess, ranked below what
+//! a server reports, and only ever used as a score.
 
 use std::collections::VecDeque;
 
@@ -27,6 +28,20 @@ impl AdapterLru {
         }
         self.keys.push_front(key);
         self.keys.truncate(MAX_ENTRIES);
+    }
+
+    /// Forgets everything: the server may have restarted with an empty cache.
+    pub fn clear(&mut self) {
+        self.keys.clear();
+    }
+
+    /// Distinct adapters remembered (at most [`MAX_ENTRIES`]).
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     /// Whether the adapter is among the `capacity` most recently sent.
@@ -53,6 +68,12 @@ mod tests {
         assert!(
             !c.holds(3, 2),
             "a smaller cache holds only the two most recent"
+        );
+        assert_eq!(c.len(), 4);
+        c.clear();
+        assert!(
+            c.is_empty() && !c.holds(4, 3),
+            "a restarted server holds nothing"
         );
     }
 

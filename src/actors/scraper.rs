@@ -254,6 +254,7 @@ impl ScrapeLoop {
         let h = &self.handle;
         let was_down = h.engine_down.swap(!up, Ordering::Relaxed);
         if was_down && up {
+            h.forget_sent_adapters();
             tracing::info!(endpoint = %h.address, "engine /health is good again; back in the pool");
         } else if !was_down && !up {
             tracing::warn!(endpoint = %h.address, "engine /health answers 5xx; taken out of the pool until it recovers");
@@ -343,6 +344,7 @@ impl ScrapeLoop {
                 })));
                 h.dispatched_since_scrape.store(0, Ordering::Relaxed);
                 if !h.healthy.swap(true, Ordering::Relaxed) {
+                    h.forget_sent_adapters();
                     tracing::info!(endpoint = %h.address, after_failures = self.failures, "endpoint healthy again; back in the pool");
                 }
                 self.failures = 0;

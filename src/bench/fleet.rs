@@ -43,6 +43,8 @@ pub struct Binaries {
     pub envoy: PathBuf,
     /// The EPP's `--log-filter` (its log is the run's `epp.log`).
     pub epp_log_filter: String,
+    /// Appended to every EPP's arguments (`--epp-arg`).
+    pub epp_args: Vec<String>,
 }
 
 /// Writes `text` to `dir/name` (creating `dir`) and returns the path.
@@ -339,6 +341,7 @@ pub async fn start_epp(
     }
     // LoRA placement's flags (bench/lora.rs), for the policies that place.
     args.extend(extra);
+    args.extend(bins.epp_args.iter().cloned());
     let log = dir.join("epp.log");
     let mut child = spawn(
         "EPP",

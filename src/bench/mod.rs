@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// `warn,inferlane::actors::lora_placer=debug` for every placement move.
     #[arg(long, default_value = "warn")]
     pub epp_log_filter: String,
+    /// One more argument for every EPP, after the policy's own (repeat it; e.g.
+    /// `--epp-arg=--lora-placement-interval --epp-arg=1s`): an A/B of one flag.
+    #[arg(long = "epp-arg", allow_hyphen_values = true)]
+    pub epp_args: Vec<String>,
     /// Kill (SIGKILL) the first EPP replica this many seconds into each run.
     #[arg(long)]
     pub kill_replica_at: Option<f64>,
@@ -109,6 +113,7 @@ fn binaries(args: &BenchArgs) -> Binaries {
         sidecar: dir.join("lora-sidecar"),
         envoy: args.envoy.clone(),
         epp_log_filter: args.epp_log_filter.clone(),
+        epp_args: args.epp_args.clone(),
     }
 }
 

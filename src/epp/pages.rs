@@ -48,7 +48,7 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .iter()
         .map(|h| serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy(),
             "engine_down": h.engine_down.load(std::sync::atomic::Ordering::Relaxed),
-            "ejected": h.outlier.is_ejected()}))
+            "ejected": h.outlier.is_ejected(), "adapters_sent": h.sent_adapters_len()}))
         .collect();
     // How many prompt prefixes this replica places: replicas that agree hold about as many.
     let prefixes = crate::pool::state::lock_placement(&shared).len();

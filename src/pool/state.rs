@@ -143,6 +143,17 @@ impl EndpointHandle {
         lock_sent(&self.sent_adapters).touch(adapter);
     }
 
+    /// It is back in the pool after its scrapes or its engine failed: it may have restarted,
+    /// with an empty cache, so what we sent it before says nothing.
+    pub fn forget_sent_adapters(&self) {
+        lock_sent(&self.sent_adapters).clear();
+    }
+
+    /// Distinct adapters remembered as sent here (`/debug/pool`).
+    pub fn sent_adapters_len(&self) -> usize {
+        lock_sent(&self.sent_adapters).len()
+    }
+
     /// Whether its cache of `capacity` adapters holds `adapter`, by what we sent it (`None`
     /// without a capacity: no guess).
     fn holds_adapter(&self, adapter: u64, capacity: usize) -> Option<bool> {
