@@ -12,6 +12,14 @@ if [ -x scripts/install-envoy.sh ]; then
 fi
 # Debian's Prometheus and promtool, for the observability tests (rules, alerts, dashboard).
 scripts/install-prometheus.sh
+# tests/netns_faults.rs drops packets with iptables (Debian's package; a fresh machine may
+# lack it).
+if ! command -v iptables >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq iptables >/dev/null 2>&1 || {
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq iptables >/dev/null
+  }
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
