@@ -142,8 +142,8 @@ impl Flights {
 
     /// One tick of the copies' lives: a live copy idle past the linger, and not running or
     /// waiting on its server (`busy`: another replica's request may be), is chosen; one
-    /// chosen a grace ago with nothing in flight is returned to be unloaded; unloaded
-    /// copies are forgotten once their server's list no longer shows them (or after
+    /// chosen a grace ago with nothing in flight, ours or on its server, is returned to be
+    /// unloaded (one busy again lives on); unloaded copies are forgotten once their server's list no longer shows them (or after
     /// `forget`); copies on servers gone from the pool (`present`) are forgotten.
     pub fn due(
         &mut self,
@@ -166,6 +166,12 @@ impl Flights {
                     idle_since: Some(at),
                 } if idle && now.duration_since(at) >= t.linger && !busy(addr, id) => {
                     *c = Copy::Unloading { since: now };
+                }
+                // Another replica's request that began during the grace shows on the server.
+                Copy::Unloading { .. } if idle && busy(addr, id) => {
+                    *c = Copy::Live {
+                        idle_since: Some(now),
+                    };
                 }
                 Copy::Unloading { since } if idle && now.duration_since(since) >= t.grace => {
                     out.push(key.clone());
@@ -339,13 +345,22 @@ mod tests {
                 .is_empty()
         );
         f.end(&c, ms(t0, 6300));
-        // A failed unload is tried again after the linger; a server gone is forgotten.
+        // Chosen, then another replica's request shows on the server during the grace: it
+        // lives on, and lingers again once that is done.
         f.due(ms(t0, 6900), T, &view, |_| true, |_, _| false);
-        let due = f.due(ms(t0, 7200), T, &view, |_| true, |_, _| false);
-        assert_eq!(due, vec![c.clone()]);
-        f.unload_failed(&c, ms(t0, 7200));
+        assert!(matches!(f.copies[&c], Copy::Unloading { .. }));
+        assert!(
+            f.due(ms(t0, 7000), T, &view, |_| true, |_, _| true)
+                .is_empty()
+        );
         assert!(matches!(f.copies[&c], Copy::Live { .. }));
-        f.due(ms(t0, 7300), T, &view, |_| false, |_, _| false);
+        // A failed unload is tried again after the linger; a server gone is forgotten.
+        f.due(ms(t0, 7600), T, &view, |_| true, |_, _| false);
+        let due = f.due(ms(t0, 7900), T, &view, |_| true, |_, _| false);
+        assert_eq!(due, vec![c.clone()]);
+        f.unload_failed(&c, ms(t0, 7900));
+        assert!(matches!(f.copies[&c], Copy::Live { .. }));
+        f.due(ms(t0, 8000), T, &view, |_| false, |_, _| false);
         assert!(f.copies.is_empty());
     }
 }
