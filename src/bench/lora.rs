@@ -163,13 +163,12 @@ pub async fn prepare(
     Ok(out)
 }
 
-/// Adapters with a home in the EPP's placement table (`None` before its first table with
-/// servers; a table may place nothing, leaving every adapter to the resolver).
+/// Adapters with a home in the EPP's placement table (`None` before its first table).
 async fn homed(c: &reqwest::Client, url: &str) -> Option<usize> {
     let t: crate::lora_fleet::Table = c.get(url).send().await.ok()?.json().await.ok()?;
     let ids: std::collections::BTreeSet<&String> =
         t.servers.values().flat_map(|p| p.homes.keys()).collect();
-    (t.tick > 0 && !t.servers.is_empty()).then_some(ids.len())
+    (!ids.is_empty()).then_some(ids.len())
 }
 
 async fn listed(c: &reqwest::Client, addr: &str) -> Option<Vec<String>> {
