@@ -346,11 +346,16 @@ pub fn residency_or_guess(
     target: &str,
     guess: Option<bool>,
 ) -> Option<Residency> {
-    residency(m, target).or(match guess {
+    residency(m, target).or(guessed_residency(guess))
+}
+
+/// The tier a guess of whether the host cache holds an adapter stands for.
+pub fn guessed_residency(guess: Option<bool>) -> Option<Residency> {
+    match guess {
         Some(true) => Some(Residency::Cpu),
         Some(false) => Some(Residency::Cold),
         None => None,
-    })
+    }
 }
 
 /// Where a server holds an adapter, when it reports residency.

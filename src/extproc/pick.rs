@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
 use inferlane_epp::request;
 use inferlane_epp::rules::Resolved;
 use inferlane_epp::scheduler::{
-    Candidate, ModelPresence, PickInput, Residency, pool_saturation, residency, residency_or_guess,
+    Candidate, ModelPresence, PickInput, Residency, guessed_residency, pool_saturation, residency,
 };
 use inferlane_epp::{PickError, SchedulerConfig};
 
@@ -295,8 +295,9 @@ impl ExtProc {
             .begin(target, name, &chosen.address, on_demand);
         let key = adapter_key(name);
         let reported = self.count_tier(name, scraped);
+        // The server's metrics did not place it (`reported`): the guess, as the pick used it.
         let tier = match (scraped, reported) {
-            (Some(s), None) => residency_or_guess(&s.metrics, name, cached),
+            (Some(_), None) => guessed_residency(cached),
             _ => reported,
         };
         if tier == Some(Residency::Cold) {

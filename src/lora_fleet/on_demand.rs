@@ -143,8 +143,9 @@ impl Flights {
     /// One tick of the copies' lives: a live copy idle past the linger, and not running or
     /// waiting on its server (`busy`: another replica's request may be), is chosen; one
     /// chosen a grace ago with nothing in flight, ours or on its server, is returned to be
-    /// unloaded (one busy again lives on); unloaded copies are forgotten once their server's list no longer shows them (or after
-    /// `forget`); copies on servers gone from the pool (`present`) are forgotten.
+    /// unloaded (one busy again lives on); unloaded copies are forgotten once their server's
+    /// list no longer shows them (or after `forget`); copies on servers gone from the pool
+    /// (`present`) are forgotten.
     pub fn due(
         &mut self,
         now: Instant,
