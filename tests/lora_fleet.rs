@@ -711,19 +711,7 @@ async fn a_new_source_swaps_versions_without_a_failed_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
     let rig = Arc::new(Rig::start_with(true).await);
-    // A fresh fleet fills the cache (6 entries, 7 adapters): one adapter has no home.
-    let cold = wait_for("a table leaving one adapter without a home", T, || {
-        let rig = &rig;
-        async move {
-            let t = rig.table().await?;
-            let h = homes(&t);
-            let cold = (0..ADAPTERS - 1)
-                .map(|i| format!("a{i}"))
-                .find(|id| !h.contains_key(id))?;
-            (h.len() == ADAPTERS - 2 && t["resolver"] == true).then_some(cold)
-        }
-    })
-    .await;
+    let cold = homeless(&rig).await;
     let (code, body) = rig.complete(&cold).await;
     assert_eq!(code, 200, "{body}");
     let mut ran = 0;
@@ -747,21 +735,7 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
     let follower = rig.spawn_follower(&["--lora-cold-adapters", "resolver"]);
     let envoy = spawn_envoy_for(&follower, rig.dir.path()).await;
     let mine = format!("http://{}/lora/v1/placement", follower.metrics);
-    let homeless = wait_for(
-        "the follower's table naming an adapter without a home",
-        T,
-        || {
-            let (c, mine) = (rig.c.clone(), mine.clone());
-            async move {
-                let t = try_json(&c, &mine).await?;
-                let h = homes(&t);
-                (0..ADAPTERS - 1)
-                    .map(|i| format!("a{i}"))
-                    .find(|id| !h.contains_key(id) && t["served"][id.as_str()].is_string())
-            }
-        },
-    )
-    .await;
+    let homeless = follower_homeless(&rig, &mine).await;
     let r = rig
         .c
         .post(format!("http://127.0.0.1:{}/v1/completions", envoy.port))
@@ -808,4 +782,157 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
         metric(&page, "inferlane_epp_lora_on_demand_unload_failures_total"),
         Some(0.0)
     );
+}
+
+/// A fresh resolver rig fills the cache (6 entries, 7 adapters): the adapter left without a
+/// home.
+async fn homeless(rig: &Rig) -> String {
+    wait_for("a table leaving one adapter without a home", T, || async {
+        let t = rig.table().await?;
+        let h = homes(&t);
+        let cold = (0..ADAPTERS - 1)
+            .map(|i| format!("a{i}"))
+            .find(|id| !h.contains_key(id))?;
+        (h.len() == ADAPTERS - 2 && t["resolver"] == true).then_some(cold)
+    })
+    .await
+}
+
+/// An adapter without a home in the table of the follower whose placement page is `page`.
+async fn follower_homeless(rig: &Rig, page: &str) -> String {
+    wait_for(
+        "the follower's table naming an adapter without a home",
+        T,
+        || async {
+            let t = try_json(&rig.c, page).await?;
+            let h = homes(&t);
+            (0..ADAPTERS - 1)
+                .map(|i| format!("a{i}"))
+                .find(|id| !h.contains_key(id) && t["served"][id.as_str()].is_string())
+        },
+    )
+    .await
+}
+
+/// The servers where, as the EPP serving `debug_port` sees them, `id` is in the endpoint's
+/// `field` list on `/debug/pool` (`adapters_running`, `adapters_listed`).
+async fn seen_at(
+    c: &reqwest::Client,
+    debug_port: u16,
+    field: &str,
+    id: &str,
+) -> Option<Vec<String>> {
+    let pool = try_json(c, &format!("http://127.0.0.1:{debug_port}/debug/pool")).await?;
+    let on: Vec<String> = pool["endpoints"]
+        .as_array()?
+        .iter()
+        .filter(|e| {
+            e[field]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|a| a == id))
+        })
+        .filter_map(|e| e["address"].as_str().map(str::to_string))
+        .collect();
+    Some(on)
+}
+
+/// With several replicas, a follower's requests for an adapter without a home go to the
+/// copy another replica's request made there (its server reports it running) rather than
+/// having a second server read it: one read, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_borrows_another_replicas_copy_instead_of_reading_its_own() {
+    let rig = Arc::new(Rig::start_with(true).await);
+    homeless(&rig).await;
+    let follower = rig.spawn_follower(&["--lora-cold-adapters", "resolver"]);
+    let envoy = spawn_envoy_for(&follower, rig.dir.path()).await;
+    let page = format!("http://{}/lora/v1/placement", follower.metrics);
+    let cold = follower_homeless(&rig, &page).await;
+    // The placed adapters stay busier than it, so placement gives it no home meanwhile.
+    let table = rig.table().await.unwrap();
+    let placed: Vec<String> = homes(&table).into_keys().collect();
+    let (stop, ok, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let tasks = traffic(
+        &rig,
+        placed.clone(),
+        4,
+        stop.clone(),
+        ok.clone(),
+        failed.clone(),
+    );
+    wait_for(
+        "the placed adapters' demand well above what it gets",
+        T,
+        || async {
+            let t = rig.table().await?;
+            let d = |id: &String| t["demand"][id.as_str()].as_f64().unwrap_or(0.0);
+            placed.iter().all(|id| d(id) >= 10.0).then_some(())
+        },
+    )
+    .await;
+    // A long request through the decider makes a copy and keeps it running (2,000 tokens
+    // at 8 ms each: 16 s).
+    let long = {
+        let (c, url, cold) = (
+            rig.c.clone(),
+            format!("http://127.0.0.1:{}/v1/completions", rig.envoy.port),
+            cold.clone(),
+        );
+        tokio::spawn(async move {
+            let body = json!({"model": cold, "prompt": "hi", "max_tokens": 2000});
+            c.post(url).json(&body).send().await.map(|r| r.status())
+        })
+    };
+    let metrics_port = |e: &Epp| port_of(&e.metrics);
+    let decider_port = rig.metrics_port;
+    let copy = wait_for("the decider's copy running on one server", T, || async {
+        let on = seen_at(&rig.c, decider_port, "adapters_running", &cold).await?;
+        (on.len() == 1).then(|| on[0].clone())
+    })
+    .await;
+    let follower_port = metrics_port(&follower);
+    // Listed there too: a server that lists an adapter we made no copy of is not asked to
+    // resolve it (it would not), so without borrowing the follower would read it elsewhere.
+    wait_for(
+        "the follower to see it running and listed there",
+        T,
+        || async {
+            let running = seen_at(&rig.c, follower_port, "adapters_running", &cold).await?;
+            let listed = seen_at(&rig.c, follower_port, "adapters_listed", &cold).await?;
+            (running == [copy.clone()] && listed == [copy.clone()]).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        let r = rig
+            .c
+            .post(format!("http://127.0.0.1:{}/v1/completions", envoy.port))
+            .json(&json!({"model": cold, "prompt": "hi", "max_tokens": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    let mut ran = BTreeMap::new();
+    for sim in &rig.sims {
+        ran.insert(sim.addr.clone(), rig.served(sim, &cold).await);
+    }
+    stop_and_check(&rig, &stop, tasks, &ok, &failed).await;
+    long.abort();
+    let elsewhere: u64 = ran
+        .iter()
+        .filter(|(a, _)| **a != copy)
+        .map(|(_, n)| n)
+        .sum();
+    let table = try_json(&rig.c, &page).await;
+    assert_eq!(
+        elsewhere,
+        0,
+        "the follower's requests went to the copy on {copy}, not to new ones: {ran:?}; {cold} in the follower's table: homes {:?}",
+        table.as_ref().map(|t| homes(t).get(&cold).cloned())
+    );
+    assert!(ran[&copy] >= 3, "{ran:?}");
 }

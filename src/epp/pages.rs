@@ -40,15 +40,50 @@ async fn metrics_page(State(p): State<Pages>) -> impl IntoResponse {
     crate::net::metrics_text::response(m.encode())
 }
 
+/// Most adapter names listed per endpoint and kind on `/debug/pool` (a server may report
+/// any number).
+const DEBUG_ADAPTERS: usize = 64;
+
+/// The adapters `h`'s latest scrape shows running or waiting, those cached (vLLM's
+/// residency metrics, GPU or host memory), and those its model list names: what routing by
+/// residency and the resolver's copies go by.
+fn adapters_seen(h: &crate::pool::state::EndpointHandle) -> [Vec<String>; 3] {
+    let names = |lists: &[&Vec<String>]| {
+        let mut v: Vec<String> = lists.iter().copied().flatten().cloned().collect();
+        v.sort_unstable();
+        v.dedup();
+        v.truncate(DEBUG_ADAPTERS);
+        v
+    };
+    let (running, cached) = h.scraped.load_full().map_or_else(Default::default, |s| {
+        let m = &s.metrics;
+        (
+            names(&[&m.running_adapters, &m.waiting_adapters]),
+            names(&[&m.gpu_adapters, &m.cpu_adapters]),
+        )
+    });
+    let listed = h.models.load_full().map_or_else(Vec::new, |m| {
+        let mut v: Vec<String> = m.adapters.iter().cloned().collect();
+        v.sort_unstable();
+        v.truncate(DEBUG_ADAPTERS);
+        v
+    });
+    [running, cached, listed]
+}
+
 /// What the picker sees: endpoints (with health) and model names, for operators and tests.
 async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let snap = shared.snapshot.load();
     let endpoints: Vec<serde_json::Value> = snap
         .endpoints
         .iter()
-        .map(|h| serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy(),
+        .map(|h| {
+            let [running, cached, listed] = adapters_seen(h);
+            serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy(),
             "engine_down": h.engine_down.load(std::sync::atomic::Ordering::Relaxed),
-            "ejected": h.outlier.is_ejected(), "adapters_sent": h.sent_adapters_len()}))
+            "ejected": h.outlier.is_ejected(), "adapters_sent": h.sent_adapters_len(),
+            "adapters_running": running, "adapters_cached": cached, "adapters_listed": listed})
+        })
         .collect();
     // How many prompt prefixes this replica places: replicas that agree hold about as many.
     let prefixes = crate::pool::state::lock_placement(&shared).len();

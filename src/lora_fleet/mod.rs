@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-pub use on_demand::{Flights, Servers};
+pub use on_demand::{Flights, Found, Servers};
 pub use wire::Table;
 
 /// A home not listed this long after it was placed no longer counts as loading (its
@@ -39,7 +39,8 @@ pub struct Route {
 pub struct Target {
     pub address: String,
     pub served: String,
-    /// An on-demand copy (made, or to be made, by the server's LoRA resolver).
+    /// An on-demand copy of ours (made, or to be made, by the server's LoRA resolver for
+    /// our requests); not for another replica's copy we borrow (its maker unloads it).
     pub on_demand: bool,
 }
 
@@ -327,9 +328,9 @@ impl FleetState {
         if !self.counters.load().by_id.contains_key(id) {
             return None;
         }
-        let targets = lock(&self.flights).targets(id, view, |a| routed.quietest(a));
+        let (found, targets) = lock(&self.flights).targets(id, view, |a| routed.quietest(a));
         let copy = |a: &str| Target {
-            on_demand: true,
+            on_demand: found != Found::Borrowed,
             ..target(a, id)
         };
         (!targets.is_empty()).then(|| targets.into_iter().map(copy).collect())

@@ -7,9 +7,12 @@
 //! next request then reads from disk: one read becomes two). So once the copy's requests are
 //! done the EPP unloads it, which frees the entry on vLLM's Rust frontend.
 //!
-//! A copy is used only by the replica that made it, only while it is [`Copy::Live`]; it is
-//! unloaded only after a grace with nothing in flight, and its server is not asked to
-//! resolve the adapter again until a model list read after the unload no longer lists it.
+//! A copy is unloaded by the replica that made it (or the decider, which adopts copies it
+//! finds with no record), only after a grace with nothing in flight, ours or on its server,
+//! and its server is not asked to resolve the adapter again until a model list read after
+//! the unload no longer lists it. Our own copies are used only while [`Copy::Live`];
+//! another replica's copy, which its server reports cached or running, is borrowed: used
+//! as it is, its unloading left to its maker.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -56,6 +59,18 @@ impl Default for Timing {
     }
 }
 
+/// Which copies [`Flights::targets`] found for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// Live copies of ours: the request keeps them live.
+    Ours,
+    /// Copies another replica made (we have no record; their servers report them cached
+    /// or running): the request uses them without taking them over.
+    Borrowed,
+    /// None: the servers whose resolver may make one for this request.
+    New,
+}
+
 /// What the servers report, as routing by placement needs it.
 pub trait Servers {
     /// When the model list of `address` that lists `name` was read; `None` if it does not.
@@ -67,6 +82,11 @@ pub trait Servers {
     /// `address` has a free host-memory cache entry (a read there pushes nothing out).
     fn room(&self, _address: &str) -> bool {
         true
+    }
+    /// `address`'s latest scrape shows `name` cached (vLLM's residency metrics) or running
+    /// or waiting there.
+    fn resident(&self, _address: &str, _name: &str) -> bool {
+        false
     }
 }
 
@@ -100,8 +120,10 @@ impl Flights {
     }
 
     /// Servers (of `addresses`) that may serve on-demand adapter `id`: those holding a live
-    /// copy; else those a resolver may load it on (no copy of ours there, none listed, or
-    /// ours unloaded and a later model list shows it gone), those with a free cache entry
+    /// copy of ours; else those holding another replica's (no record here, reported
+    /// `resident`: a read saved, since the model lists that show copies are read seldom);
+    /// else those a resolver may load it on (no copy of ours there, none listed, or ours
+    /// unloaded and a later model list shows it gone), those with a free cache entry
     /// (`room`) first, narrowed by `narrow` (a new copy's read holds its server's engine).
     /// Empty when none may.
     pub fn targets<'a>(
@@ -109,7 +131,7 @@ impl Flights {
         id: &str,
         servers: &'a impl Servers,
         narrow: impl FnOnce(&mut Vec<&'a str>),
-    ) -> Vec<&'a str> {
+    ) -> (Found, Vec<&'a str>) {
         // This adapter's copies, by address (a handful: the request path builds no keys).
         let mine: HashMap<&str, Copy> = self
             .copies
@@ -124,7 +146,14 @@ impl Flights {
             .filter(|a| matches!(copy(a), Some(Copy::Live { .. })))
             .collect();
         if !live.is_empty() {
-            return live;
+            return (Found::Ours, live);
+        }
+        let theirs: Vec<&str> = addresses
+            .clone()
+            .filter(|a| copy(a).is_none() && servers.resident(a, id))
+            .collect();
+        if !theirs.is_empty() {
+            return (Found::Borrowed, theirs);
         }
         let free = |a: &&str| match copy(a) {
             None => servers.listed(a, id).is_none(),
@@ -137,7 +166,7 @@ impl Flights {
         let roomy: Vec<&str> = open.iter().copied().filter(|a| servers.room(a)).collect();
         let mut fresh = if roomy.is_empty() { open } else { roomy };
         narrow(&mut fresh);
-        fresh
+        (Found::New, fresh)
     }
 
     /// One tick of the copies' lives: a live copy idle past the linger, and not running or
@@ -229,6 +258,7 @@ mod tests {
         read: Option<Instant>,
         addrs: Vec<&'static str>,
         roomy: Vec<&'static str>,
+        resident: Vec<(&'static str, &'static str)>,
     }
 
     impl Servers for Fake {
@@ -237,6 +267,11 @@ mod tests {
         }
         fn room(&self, address: &str) -> bool {
             self.roomy.contains(&address)
+        }
+        fn resident(&self, address: &str, name: &str) -> bool {
+            self.resident
+                .iter()
+                .any(|&(a, n)| a == address && n == name)
         }
         fn listed(&self, address: &str, name: &str) -> Option<Instant> {
             self.listed
@@ -271,16 +306,16 @@ mod tests {
             ..Fake::default()
         };
         // Nobody has it: any server, those with a free cache entry first.
-        assert_eq!(f.targets("x", &view, |_| {}), vec![s2]);
+        assert_eq!(f.targets("x", &view, |_| {}).1, vec![s2]);
         view.roomy.clear();
-        assert_eq!(f.targets("x", &view, |_| {}), vec![s1, s2]);
+        assert_eq!(f.targets("x", &view, |_| {}).1, vec![s1, s2]);
         // A new copy's servers are narrowed (placement keeps the quieter ones).
-        assert_eq!(f.targets("x", &view, |v| v.truncate(1)), vec![s1]);
+        assert_eq!(f.targets("x", &view, |v| v.truncate(1)).1, vec![s1]);
         let key = f.begin("x", s2, true);
         view.listed.insert(s2.into(), vec!["x".into()]);
         // The live copy takes its requests, whatever the narrowing would keep.
-        assert_eq!(f.targets("x", &view, |_| {}), vec![s2]);
-        assert_eq!(f.targets("x", &view, |v| v.clear()), vec![s2]);
+        assert_eq!(f.targets("x", &view, |_| {}).1, vec![s2]);
+        assert_eq!(f.targets("x", &view, |v| v.clear()).1, vec![s2]);
         f.end(&key, ms(t0, 100));
         let never_busy = |_: &str, _: &str| false;
         assert!(
@@ -294,7 +329,7 @@ mod tests {
             "chosen"
         );
         // Chosen: no request goes to it; another server resolves it.
-        assert_eq!(f.targets("x", &view, |_| {}), vec![s1]);
+        assert_eq!(f.targets("x", &view, |_| {}).1, vec![s1]);
         assert_eq!(
             f.due(ms(t0, 950), T, &view, |_| true, never_busy),
             vec![key.clone()]
@@ -302,15 +337,15 @@ mod tests {
         f.unloaded(&key, ms(t0, 960));
         // A list read before the unload still shows it: s2 is not asked again yet.
         view.addrs = vec![s2];
-        assert_eq!(f.targets("x", &view, |_| {}), Vec::<&str>::new());
+        assert_eq!(f.targets("x", &view, |_| {}).1, Vec::<&str>::new());
         view.listed.clear();
         assert_eq!(
-            f.targets("x", &view, |_| {}),
+            f.targets("x", &view, |_| {}).1,
             Vec::<&str>::new(),
             "read before the unload"
         );
         view.read = Some(ms(t0, 1000));
-        assert_eq!(f.targets("x", &view, |_| {}), vec![s2]);
+        assert_eq!(f.targets("x", &view, |_| {}).1, vec![s2]);
         f.due(ms(t0, 1100), T, &view, |_| true, never_busy);
         assert!(f.copies.is_empty(), "forgotten once gone");
     }
@@ -363,5 +398,44 @@ mod tests {
         assert!(matches!(f.copies[&c], Copy::Live { .. }));
         f.due(ms(t0, 8000), T, &view, |_| false, |_, _| false);
         assert!(f.copies.is_empty());
+    }
+
+    #[test]
+    fn another_replicas_copy_is_borrowed_but_not_taken_over() {
+        let t0 = Instant::now();
+        let (s1, s2, s3) = ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000");
+        let mut f = Flights::default();
+        let mut view = Fake {
+            read: Some(t0),
+            addrs: vec![s1, s2, s3],
+            resident: vec![(s2, "x"), (s3, "y")],
+            ..Fake::default()
+        };
+        // Another replica's copy on s2 (the list that would show it not read yet): used,
+        // whatever the narrowing for a new copy would keep.
+        assert_eq!(
+            f.targets("x", &view, |v| v.truncate(1)),
+            (Found::Borrowed, vec![s2])
+        );
+        let key = f.begin("x", s2, false);
+        assert!(f.copies.is_empty(), "its maker unloads it");
+        f.end(&key, ms(t0, 10));
+        assert!(
+            f.due(ms(t0, 5000), T, &view, |_| true, |_, _| false)
+                .is_empty()
+        );
+        // A copy of ours comes first; one of ours being unloaded is not borrowed back.
+        let ours = f.begin("x", s1, true);
+        assert_eq!(f.targets("x", &view, |_| {}), (Found::Ours, vec![s1]));
+        f.end(&ours, ms(t0, 5000));
+        f.due(ms(t0, 5600), T, &view, |_| true, |_, _| false);
+        view.resident = vec![(s1, "x")];
+        assert_eq!(f.targets("x", &view, |_| {}), (Found::New, vec![s2, s3]));
+        // Gone from the server's report: nothing to borrow.
+        view.resident.clear();
+        assert_eq!(
+            f.targets("y", &view, |_| {}),
+            (Found::New, vec![s1, s2, s3])
+        );
     }
 }

@@ -87,4 +87,18 @@ impl crate::lora_fleet::Servers for Listing<'_> {
             .filter(|a| !m.gpu_adapters.contains(a));
         m.gpu_adapters.len() + cpu_only.count() < self.max_cpu
     }
+
+    fn resident(&self, address: &str, name: &str) -> bool {
+        self.scraped(address).is_some_and(|s| {
+            let m = &s.metrics;
+            [
+                &m.gpu_adapters,
+                &m.cpu_adapters,
+                &m.running_adapters,
+                &m.waiting_adapters,
+            ]
+            .iter()
+            .any(|l| l.iter().any(|a| a == name))
+        })
+    }
 }
