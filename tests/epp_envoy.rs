@@ -1527,3 +1527,88 @@ async fn residency_guessed_from_what_was_sent_and_forgotten_on_recovery() {
         "the guess of a server that may have restarted is cleared"
     );
 }
+
+/// A server whose engine makes no step while requests run there (here a LoRA read someone
+/// else started: another replica's request, a sidecar's load) gets no request that another
+/// server can take, from the scrapes alone; it gets requests again once it steps.
+#[tokio::test]
+async fn a_server_whose_engine_stalls_is_avoided_until_it_steps_again() {
+    let f = Fleet::start(FleetOptions {
+        sims: 2,
+        // A rank-16 adapter's read holds the engine 3.2 s.
+        sim_flags: &[
+            "--enable-lora",
+            "--max-loras",
+            "2",
+            "--lora-disk-ms-per-rank",
+            "200",
+        ],
+        epp_flags: &["--engine-stall-after", "100ms"],
+        ..Default::default()
+    })
+    .await;
+    // Both busy with a long request (2,000 tokens at 8 ms), sent past the EPP.
+    let long: Vec<_> = f
+        .sims
+        .iter()
+        .map(|s| {
+            let (c, url) = (f.c.clone(), format!("http://{}/v1/completions", s.addr));
+            tokio::spawn(async move {
+                let body = json!({"model": BASE, "prompt": "long", "max_tokens": 2000});
+                c.post(url).json(&body).send().await.map(|r| r.status())
+            })
+        })
+        .collect();
+    let path = adapter(f.dir.path(), "slow", 16);
+    let stalled_on = |addr: String| {
+        let (c, page) = (f.c.clone(), format!("http://{}/debug/pool", f.epp.metrics));
+        async move {
+            let v = try_json(&c, &page).await?;
+            let e = v["endpoints"]
+                .as_array()?
+                .iter()
+                .find(|e| e["address"] == addr.as_str())?
+                .clone();
+            e["stalled"].as_bool()
+        }
+    };
+    let (a, b) = (f.sims[0].addr.clone(), f.sims[1].addr.clone());
+    wait_for("both busy and stepping", T, || async {
+        let busy = f.totals().await.iter().all(|&n| n >= 1);
+        let stepping = stalled_on(a.clone()).await == Some(false);
+        (busy && stepping).then_some(())
+    })
+    .await;
+    let before = sim_total(&f.c, &f.sims[0]).await;
+    let load = {
+        let (c, url) = (f.c.clone(), format!("http://{a}/v1/load_lora_adapter"));
+        tokio::spawn(async move {
+            let body = json!({"lora_name": "slow", "lora_path": path});
+            c.post(url).json(&body).send().await.map(|r| r.status())
+        })
+    };
+    wait_for("the EPP to see the first server stall", T, || async {
+        stalled_on(a.clone()).await.filter(|&s| s)
+    })
+    .await;
+    for i in 0..6 {
+        let (s, body) = f
+            .complete(json!({"model": BASE, "prompt": format!("p{i}"), "max_tokens": 1}))
+            .await;
+        assert_eq!(s, 200, "{body}");
+    }
+    assert_eq!(
+        sim_total(&f.c, &f.sims[0]).await,
+        before,
+        "a request went to {a} while its engine was held"
+    );
+    assert_eq!(stalled_on(b.clone()).await, Some(false));
+    assert_eq!(load.await.unwrap().unwrap(), 200);
+    wait_for("the stall seen to end", T, || async {
+        stalled_on(a.clone()).await.filter(|&s| !s)
+    })
+    .await;
+    for h in long {
+        h.abort();
+    }
+}

@@ -48,6 +48,10 @@ pub struct EndpointMetrics {
     pub cpu_adapters: Vec<String>,
     /// The server reports residency (else the lists above say nothing).
     pub residency_reported: bool,
+    /// Tokens the engine has processed, prompt and generated (vLLM's counters, summed over
+    /// engines): unchanged between two scrapes while requests run or wait, the engine made
+    /// no step (it is reading a LoRA adapter, or stuck). `None` where not reported.
+    pub progress: Option<f64>,
     pub block_size: Option<u32>,
     pub num_gpu_blocks: Option<u32>,
 }
@@ -73,6 +77,8 @@ struct Names {
     lora_info: &'static str,
     residency: &'static str,
     cache_info: &'static str,
+    /// Counters that grow with every engine step (see [`EndpointMetrics::progress`]).
+    progress: &'static [&'static str],
     block_label: &'static str,
     blocks_label: &'static str,
 }
@@ -85,6 +91,9 @@ const VLLM: Names = Names {
     lora_info: "vllm:lora_requests_info",
     residency: "vllm:lora_adapter_loaded",
     cache_info: "vllm:cache_config_info",
+    // Counted per engine step's output (SGLang's and TensorRT-LLM's are not read: not known
+    // to be counted per step).
+    progress: &["vllm:generation_tokens_total", "vllm:prompt_tokens_total"],
     block_label: "block_size",
     blocks_label: "num_gpu_blocks",
 };
@@ -97,6 +106,7 @@ const SGLANG: Names = Names {
     lora_info: "",
     residency: "",
     cache_info: "sglang:cache_config_info",
+    progress: &[],
     block_label: "page_size",
     blocks_label: "num_pages",
 };
@@ -109,6 +119,7 @@ const TRTLLM: Names = Names {
     lora_info: "",
     residency: "",
     cache_info: "",
+    progress: &[],
     block_label: "",
     blocks_label: "",
 };
@@ -197,6 +208,7 @@ impl Spec {
             .iter()
             .chain(names.running)
             .chain(names.kv)
+            .chain(names.progress)
             .copied()
             .chain([
                 names.waiting_by_reason,
@@ -419,6 +431,8 @@ impl Acc {
                     .map(|s| split_list(&s))
                     .unwrap_or_default();
             }
+        } else if names.progress.iter().any(|n| is(n)) {
+            self.m.progress = Some(self.m.progress.unwrap_or(0.0) + gauge()?);
         } else if is(names.residency) {
             let set = label_text()?;
             self.m.residency_reported = true;
@@ -528,6 +542,7 @@ mod tests {
         assert_eq!(m.waiting_adapters, ["a1", "a2"]);
         assert_eq!(m.block_size, Some(128));
         assert_eq!(m.num_gpu_blocks, Some(2048));
+        assert_eq!(m.progress, Some(481.0 + 24.0));
     }
 
     #[test]
@@ -760,8 +775,9 @@ mod tests {
         );
         let filtered = parse_page(EngineType::Vllm, filtered_text.as_bytes()).unwrap();
         assert_eq!(filtered, whole);
-        // waiting, running, kv, waiting_by_reason, lora_requests_info, cache_config_info.
-        assert_eq!(whole.families.len(), 6);
+        // waiting, running, kv, waiting_by_reason, lora_requests_info, cache_config_info,
+        // generation and prompt tokens.
+        assert_eq!(whole.families.len(), 8);
         // A filter that dropped a family is told apart from one that kept them all.
         let no_lora: Vec<&str> = names
             .iter()

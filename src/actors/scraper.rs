@@ -17,6 +17,7 @@ use inferlane_sidecar::models::parse_models;
 use tokio::task::JoinHandle;
 
 use crate::net::scrape_http::{ScrapeClient, ScrapeError};
+use crate::pool::stall::{stall_start, stalled};
 use crate::pool::state::{EndpointHandle, Scraped, ServedModels, adapter_key, clock_ms};
 use inferlane_epp::outlier::OutlierPolicy;
 
@@ -32,6 +33,8 @@ pub struct ScrapeOptions {
     pub threads: Arc<ScrapeThreads>,
     /// How many endpoints' scrapes are timing out, fleet-wide.
     pub fleet: Arc<FleetScrapes>,
+    /// Busy without an engine step this long counts as stalled (0: never).
+    pub stall_after: Duration,
 }
 
 /// Fleet-wide scrape health, shared by the scrape loops: a scrape that times out where most
@@ -337,10 +340,15 @@ impl ScrapeLoop {
         let h = &self.handle;
         match res {
             Ok(page) => {
+                let at = Instant::now();
+                let stalled_since = stall_start(h.scraped.load().as_deref(), &page.metrics, at);
+                let stalled = stalled(stalled_since, at, self.opts.stall_after);
                 h.scraped.store(Some(Arc::new(Scraped {
                     metrics: page.metrics,
-                    at: Instant::now(),
+                    at,
                     in_flight: h.in_flight.load(Ordering::Relaxed),
+                    stalled_since,
+                    stalled,
                 })));
                 h.dispatched_since_scrape.store(0, Ordering::Relaxed);
                 if !h.healthy.swap(true, Ordering::Relaxed) {

@@ -272,6 +272,7 @@ async fn start_pool(
         fleet: Arc::new(crate::actors::scraper::FleetScrapes::counting_errors(
             metrics.scrape_errors.clone(),
         )),
+        stall_after: args.engine_stall_after,
     };
     let datastore = Datastore::new(
         shared.clone(),

@@ -82,6 +82,7 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy(),
             "engine_down": h.engine_down.load(std::sync::atomic::Ordering::Relaxed),
             "ejected": h.outlier.is_ejected(), "adapters_sent": h.sent_adapters_len(),
+            "stalled": h.scraped.load().as_ref().is_some_and(|s| s.stalled),
             "adapters_running": running, "adapters_cached": cached, "adapters_listed": listed})
         })
         .collect();

@@ -4,4 +4,5 @@ pub mod config;
 pub mod labels;
 pub mod listing;
 pub mod metrics;
+pub mod stall;
 pub mod state;

@@ -27,6 +27,10 @@ pub struct Scraped {
     pub at: Instant,
     /// Our requests in flight on it when the scrape landed (see `Candidate::in_flight_at_scrape`).
     pub in_flight: u64,
+    /// Since when its engine has been busy without a step ([`super::stall`]), and whether
+    /// that counts as stalled (`--engine-stall-after`).
+    pub stalled_since: Option<Instant>,
+    pub stalled: bool,
 }
 
 /// Models a server lists in `/v1/models`.
@@ -189,7 +193,10 @@ impl EndpointHandle {
         target: Option<u64>,
         max_cpu_loras: usize,
     ) -> Candidate<'a> {
-        let reading = self.reading();
+        let ours = self.reading();
+        // A stall is a read we did not cause (another replica's, a sidecar's) or a stuck
+        // engine: avoided as our own reads are.
+        let reading = ours || scraped.as_ref().is_some_and(|s| s.stalled);
         let capacity = cache_capacity(scraped.as_deref(), max_cpu_loras);
         Candidate {
             id: self.id,
@@ -204,7 +211,7 @@ impl EndpointHandle {
             in_flight_at_scrape: scraped.as_ref().map_or(0, |s| s.in_flight),
             key: self.key,
             reading,
-            reading_target: reading
+            reading_target: ours
                 && target.is_some_and(|t| self.read_key.load(Ordering::Relaxed) == t),
             cached: target.and_then(|t| self.holds_adapter(t, capacity)),
         }
