@@ -27,7 +27,7 @@ pub struct Scraped {
     pub at: Instant,
     /// Our requests in flight on it when the scrape landed (see `Candidate::in_flight_at_scrape`).
     pub in_flight: u64,
-    /// Since when its engine has been busy without a step ([`super::stall`]), and whether
+    /// Since when its engine has been busy without a step (see pool/stall.rs), and whether
     /// that counts as stalled (`--engine-stall-after`).
     pub stalled_since: Option<Instant>,
     pub stalled: bool,
