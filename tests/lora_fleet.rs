@@ -253,52 +253,28 @@ fn homes(t: &Value) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
-/// Stops [`traffic`], waits for its workers and asserts none of its requests failed; how many
-/// succeeded.
-async fn stop_and_check(
-    rig: &Rig,
-    stop: &AtomicBool,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    ok: &AtomicU64,
-    failed: &std::sync::Mutex<Vec<String>>,
-) -> u64 {
-    stop.store(true, Ordering::Relaxed);
-    for h in tasks {
-        h.await.unwrap();
-    }
-    let failures = failed.lock().unwrap().clone();
-    let done = ok.load(Ordering::Relaxed);
-    assert!(
-        failures.is_empty(),
-        "{} failed of {}: {:?}\nEPP and sidecars:\n{}",
-        failures.len(),
-        done,
-        &failures[..failures.len().min(5)],
-        rig.trail()
-    );
-    done
-}
-
-/// Sends requests for `models` (round robin) from `workers` clients until `stop`; counts
-/// failures and keeps the first failure's text.
-fn traffic(
-    rig: &Arc<Rig>,
-    models: Vec<String>,
-    workers: usize,
+/// Request loops through the rig's Envoy: their stop flag, successes and failures.
+#[derive(Default)]
+struct Traffic {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failed: Arc<std::sync::Mutex<Vec<String>>>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..workers)
-        .map(|w| {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// Sends requests for `models` (round robin) from `workers` more clients until stopped;
+    /// counts failures and keeps each failure's text.
+    fn start(&mut self, rig: &Arc<Rig>, models: Vec<String>, workers: usize) {
+        for w in 0..workers {
             let (rig, models, stop, ok, failed) = (
                 rig.clone(),
                 models.clone(),
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
+                self.stop.clone(),
+                self.ok.clone(),
+                self.failed.clone(),
             );
-            tokio::spawn(async move {
+            self.tasks.push(tokio::spawn(async move {
                 // Bounded: at most 20,000 requests per worker.
                 for i in w..w + 20_000 {
                     if stop.load(Ordering::Relaxed) {
@@ -319,9 +295,35 @@ fn traffic(
                             .push(format!("{t:.3} {m}: {code} {body}"));
                     }
                 }
-            })
-        })
-        .collect()
+            }));
+        }
+    }
+
+    /// Stops every client and waits for them (what they counted is kept).
+    async fn pause(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.tasks.drain(..) {
+            h.await.unwrap();
+        }
+        self.stop.store(false, Ordering::Relaxed);
+    }
+
+    /// Stops every client, waits for them and asserts none of their requests failed; how
+    /// many succeeded.
+    async fn stop_and_check(mut self, rig: &Rig) -> u64 {
+        self.pause().await;
+        let failures = self.failed.lock().unwrap().clone();
+        let done = self.ok.load(Ordering::Relaxed);
+        assert!(
+            failures.is_empty(),
+            "{} failed of {}: {:?}\nEPP and sidecars:\n{}",
+            failures.len(),
+            done,
+            &failures[..failures.len().min(5)],
+            rig.trail()
+        );
+        done
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -399,17 +401,8 @@ async fn adapters_are_placed_by_demand_loaded_before_routing_and_drained_before_
 
     // Demand on a0: it spreads to every server; each new home loads before it is routed to
     // (a request sent to a server without the adapter would be a 404).
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let hot = traffic(
-        &rig,
-        vec!["a0".into()],
-        4,
-        stop.clone(),
-        ok.clone(),
-        failed.clone(),
-    );
+    let mut traffic = Traffic::default();
+    traffic.start(&rig, vec!["a0".into()], 4);
     wait_for("a0 loaded on all three servers", T, || {
         let rig = rig.clone();
         async move {
@@ -434,24 +427,13 @@ async fn adapters_are_placed_by_demand_loaded_before_routing_and_drained_before_
     })
     .await;
     assert_eq!(served_a0, 3);
-    stop.store(true, Ordering::Relaxed);
-    for h in hot {
-        h.await.unwrap();
-    }
+    traffic.pause().await;
 
     // Demand moves to a1..a5 while a trickle of a0 goes on: a0 shrinks back to one home,
     // its other homes drain and are unloaded, and no request fails throughout.
-    stop.store(false, Ordering::Relaxed);
     let busy: Vec<String> = (1..=5).map(|i| format!("a{i}")).collect();
-    let mut tasks = traffic(&rig, busy, 5, stop.clone(), ok.clone(), failed.clone());
-    tasks.extend(traffic(
-        &rig,
-        vec!["a0".into()],
-        1,
-        stop.clone(),
-        ok.clone(),
-        failed.clone(),
-    ));
+    traffic.start(&rig, busy, 5);
+    traffic.start(&rig, vec!["a0".into()], 1);
     wait_for("a0 back on one server, the others unloaded", T, || {
         let rig = rig.clone();
         async move {
@@ -474,7 +456,7 @@ async fn adapters_are_placed_by_demand_loaded_before_routing_and_drained_before_
     )
     .unwrap_or(0.0);
     assert!(drained >= 2.0, "a0's two dropped homes drained: {drained}");
-    let done = stop_and_check(&rig, &stop, tasks, &ok, &failed).await;
+    let done = traffic.stop_and_check(&rig).await;
     assert!(done > 50);
     let page = try_text(
         &rig.c,
@@ -652,17 +634,8 @@ async fn a_new_source_swaps_versions_without_a_failed_request() {
         v["model"], "a2",
         "responses name the adapter, not its version: {body}"
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let tasks = traffic(
-        &rig,
-        vec!["a2".into(), "a1".into()],
-        3,
-        stop.clone(),
-        ok.clone(),
-        failed.clone(),
-    );
+    let mut traffic = Traffic::default();
+    traffic.start(&rig, vec!["a2".into(), "a1".into()], 3);
     // The new source reaches the EPP first, the sidecars later (kubelet syncs each pod's
     // mount on its own): the old version serves until a server lists the new one.
     let swap = |text: String| text.replace(&format!("{old_src}\n"), &format!("{old_src}-v2\n"));
@@ -695,7 +668,7 @@ async fn a_new_source_swaps_versions_without_a_failed_request() {
             .copied()
             .unwrap_or(0);
     }
-    stop_and_check(&rig, &stop, tasks, &ok, &failed).await;
+    traffic.stop_and_check(&rig).await;
     assert!(on_new > 0, "the new version served requests");
     // No reload in place: every load of a2 was of a new name.
     for s in &rig.sims {
@@ -736,31 +709,14 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
     let envoy = spawn_envoy_for(&follower, rig.dir.path()).await;
     let mine = format!("http://{}/lora/v1/placement", follower.metrics);
     let homeless = follower_homeless(&rig, &mine).await;
-    let r = rig
-        .c
-        .post(format!("http://127.0.0.1:{}/v1/completions", envoy.port))
-        .json(&json!({"model": homeless, "prompt": "hi", "max_tokens": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let (code, body) = complete_at(&rig.c, envoy.port, &homeless).await;
+    assert_eq!(code, 200, "{body}");
     // Busy now: requests keep working while placement gives it a home and the copies
     // drain and go.
-    let (stop, ok, failed) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(std::sync::Mutex::new(Vec::new())),
-    );
-    let tasks = traffic(
-        &rig,
-        vec![cold.clone()],
-        2,
-        stop.clone(),
-        ok.clone(),
-        failed.clone(),
-    );
+    let mut traffic = Traffic::default();
+    traffic.start(&rig, vec![cold.clone()], 2);
     tokio::time::sleep(Duration::from_secs(2)).await; // traffic runs a while: several ticks (250 ms)
-    let done = stop_and_check(&rig, &stop, tasks, &ok, &failed).await;
+    let done = traffic.stop_and_check(&rig).await;
     assert!(done > 10, "{done} requests in 2 s");
     wait_for("every copy of it unloaded", T, || {
         let rig = rig.clone();
@@ -782,6 +738,17 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
         metric(&page, "inferlane_epp_lora_on_demand_unload_failures_total"),
         Some(0.0)
     );
+}
+
+/// One short completion for `model` through the Envoy on `port`: status and body.
+async fn complete_at(c: &reqwest::Client, port: u16, model: &str) -> (u16, String) {
+    let r = c
+        .post(format!("http://127.0.0.1:{port}/v1/completions"))
+        .json(&json!({"model": model, "prompt": "hi", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
 }
 
 /// A fresh resolver rig fills the cache (6 entries, 7 adapters): the adapter left without a
@@ -850,19 +817,8 @@ async fn a_follower_borrows_another_replicas_copy_instead_of_reading_its_own() {
     // The placed adapters stay busier than it, so placement gives it no home meanwhile.
     let table = rig.table().await.unwrap();
     let placed: Vec<String> = homes(&table).into_keys().collect();
-    let (stop, ok, failed) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(std::sync::Mutex::new(Vec::new())),
-    );
-    let tasks = traffic(
-        &rig,
-        placed.clone(),
-        4,
-        stop.clone(),
-        ok.clone(),
-        failed.clone(),
-    );
+    let mut traffic = Traffic::default();
+    traffic.start(&rig, placed.clone(), 4);
     wait_for(
         "the placed adapters' demand well above what it gets",
         T,
@@ -907,20 +863,14 @@ async fn a_follower_borrows_another_replicas_copy_instead_of_reading_its_own() {
     )
     .await;
     for _ in 0..3 {
-        let r = rig
-            .c
-            .post(format!("http://127.0.0.1:{}/v1/completions", envoy.port))
-            .json(&json!({"model": cold, "prompt": "hi", "max_tokens": 2}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        let (code, body) = complete_at(&rig.c, envoy.port, &cold).await;
+        assert_eq!(code, 200, "{body}");
     }
     let mut ran = BTreeMap::new();
     for sim in &rig.sims {
         ran.insert(sim.addr.clone(), rig.served(sim, &cold).await);
     }
-    stop_and_check(&rig, &stop, tasks, &ok, &failed).await;
+    traffic.stop_and_check(&rig).await;
     long.abort();
     let elsewhere: u64 = ran
         .iter()
