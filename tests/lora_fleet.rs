@@ -825,7 +825,9 @@ async fn a_follower_borrows_another_replicas_copy_instead_of_reading_its_own() {
         || async {
             let t = rig.table().await?;
             let d = |id: &String| t["demand"][id.as_str()].as_f64().unwrap_or(0.0);
-            placed.iter().all(|id| d(id) >= 10.0).then_some(())
+            // A few requests of it read as far less (placement discounts a quiet adapter's
+            // counting noise), and a challenger needs 1.5x an incumbent's demand.
+            placed.iter().all(|id| d(id) >= 3.0).then_some(())
         },
     )
     .await;
