@@ -56,6 +56,16 @@ pub struct EndpointMetrics {
     pub num_gpu_blocks: Option<u32>,
 }
 
+impl EndpointMetrics {
+    /// Requests for `adapter` run or wait there (`lora_requests_info`).
+    pub fn runs_or_waits(&self, adapter: &str) -> bool {
+        self.running_adapters
+            .iter()
+            .chain(&self.waiting_adapters)
+            .any(|a| a == adapter)
+    }
+}
+
 /// A scrape that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum MetricsError {

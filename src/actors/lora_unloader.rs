@@ -57,15 +57,8 @@ impl CopyUnloader {
                 }
             }
             // Another replica's request for it may be running or waiting there.
-            let busy = |a: &str, id: &str| {
-                view.scraped(a).is_some_and(|s| {
-                    let m = &s.metrics;
-                    m.running_adapters
-                        .iter()
-                        .chain(&m.waiting_adapters)
-                        .any(|x| x == id)
-                })
-            };
+            let busy =
+                |a: &str, id: &str| view.scraped(a).is_some_and(|s| s.metrics.runs_or_waits(id));
             flights.due(now, self.timing, &view, |a| view.has(a), busy)
         };
         for key in due {

@@ -48,26 +48,24 @@ const DEBUG_ADAPTERS: usize = 64;
 /// residency metrics, GPU or host memory), and those its model list names: what routing by
 /// residency and the resolver's copies go by.
 fn adapters_seen(h: &crate::pool::state::EndpointHandle) -> [Vec<String>; 3] {
-    let names = |lists: &[&Vec<String>]| {
-        let mut v: Vec<String> = lists.iter().copied().flatten().cloned().collect();
+    fn names<'a>(lists: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+        let mut v: Vec<String> = lists.into_iter().cloned().collect();
         v.sort_unstable();
         v.dedup();
         v.truncate(DEBUG_ADAPTERS);
         v
-    };
+    }
     let (running, cached) = h.scraped.load_full().map_or_else(Default::default, |s| {
         let m = &s.metrics;
         (
-            names(&[&m.running_adapters, &m.waiting_adapters]),
-            names(&[&m.gpu_adapters, &m.cpu_adapters]),
+            names(m.running_adapters.iter().chain(&m.waiting_adapters)),
+            names(m.gpu_adapters.iter().chain(&m.cpu_adapters)),
         )
     });
-    let listed = h.models.load_full().map_or_else(Vec::new, |m| {
-        let mut v: Vec<String> = m.adapters.iter().cloned().collect();
-        v.sort_unstable();
-        v.truncate(DEBUG_ADAPTERS);
-        v
-    });
+    let listed = h
+        .models
+        .load_full()
+        .map_or_else(Vec::new, |m| names(&m.adapters));
     [running, cached, listed]
 }
 

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use inferlane_epp::scheduler::{Residency, residency};
+
 use super::state::{EndpointHandle, Scraped, ServedModels};
 
 /// What the endpoints reported, loaded by the caller once, each server found by address once.
@@ -90,15 +92,11 @@ impl crate::lora_fleet::Servers for Listing<'_> {
 
     fn resident(&self, address: &str, name: &str) -> bool {
         self.scraped(address).is_some_and(|s| {
-            let m = &s.metrics;
-            [
-                &m.gpu_adapters,
-                &m.cpu_adapters,
-                &m.running_adapters,
-                &m.waiting_adapters,
-            ]
-            .iter()
-            .any(|l| l.iter().any(|a| a == name))
+            let cached = matches!(
+                residency(&s.metrics, name),
+                Some(Residency::Gpu | Residency::Cpu)
+            );
+            cached || s.metrics.runs_or_waits(name)
         })
     }
 }
