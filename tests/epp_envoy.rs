@@ -132,6 +132,16 @@ impl Fleet {
         (s, r.text().await.unwrap())
     }
 
+    /// `n` one-token base-model requests in turn (prompts `{tag}{i}`), each answered 200.
+    async fn complete_all_ok(&self, n: usize, tag: &str) {
+        for i in 0..n {
+            let (s, body) = self
+                .complete(json!({"model": BASE, "prompt": format!("{tag}{i}"), "max_tokens": 1}))
+                .await;
+            assert_eq!(s, 200, "request {i}: {body}");
+        }
+    }
+
     async fn totals(&self) -> Vec<u64> {
         let mut v = Vec::new();
         for s in &self.sims {
@@ -400,12 +410,7 @@ async fn dead_server_is_taken_out_and_put_back() {
     drop(dead); // killed
     // Two scrape intervals (2 x 50 ms) and some slack for a loaded machine.
     tokio::time::sleep(Duration::from_millis(250)).await;
-    for i in 0..20 {
-        let (s, body) = f
-            .complete(json!({"model": BASE, "prompt": format!("p{i}"), "max_tokens": 1}))
-            .await;
-        assert_eq!(s, 200, "request {i} after the kill: {body}");
-    }
+    f.complete_all_ok(20, "p").await; // after the kill
     assert_eq!(sim_total(&f.c, &f.sims[0]).await, 20);
     // The server comes back on the same address and gets traffic again.
     let port = port_of(&dead_addr).to_string();
@@ -498,12 +503,7 @@ async fn subset_hint_is_honoured() {
         ..Default::default()
     })
     .await;
-    for i in 0..15 {
-        let (s, body) = f
-            .complete(json!({"model": BASE, "prompt": format!("s{i}"), "max_tokens": 1}))
-            .await;
-        assert_eq!(s, 200, "{body}");
-    }
+    f.complete_all_ok(15, "s").await;
     assert_eq!(
         f.totals().await,
         [0, 15, 0],
@@ -1592,12 +1592,7 @@ async fn a_server_whose_engine_stalls_is_avoided_until_it_steps_again() {
         stalled_on(a.clone()).await.filter(|&s| s)
     })
     .await;
-    for i in 0..6 {
-        let (s, body) = f
-            .complete(json!({"model": BASE, "prompt": format!("p{i}"), "max_tokens": 1}))
-            .await;
-        assert_eq!(s, 200, "{body}");
-    }
+    f.complete_all_ok(6, "p").await;
     assert_eq!(
         sim_total(&f.c, &f.sims[0]).await,
         before,

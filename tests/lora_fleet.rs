@@ -219,19 +219,7 @@ impl Rig {
     }
 
     async fn complete(&self, model: &str) -> (u16, String) {
-        let r = self
-            .c
-            .post(format!(
-                "http://127.0.0.1:{}/v1/completions",
-                self.envoy.port
-            ))
-            .json(&json!({"model": model, "prompt": "hello there", "max_tokens": 2}))
-            .send()
-            .await;
-        match r {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(e) => (0, e.to_string()),
-        }
+        complete_at(&self.c, self.envoy.port, model).await
     }
 }
 
@@ -740,15 +728,18 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
     );
 }
 
-/// One short completion for `model` through the Envoy on `port`: status and body.
+/// One short completion for `model` through the Envoy on `port`: status and body (0 and
+/// the error when it could not be sent).
 async fn complete_at(c: &reqwest::Client, port: u16, model: &str) -> (u16, String) {
     let r = c
         .post(format!("http://127.0.0.1:{port}/v1/completions"))
-        .json(&json!({"model": model, "prompt": "hi", "max_tokens": 1}))
+        .json(&json!({"model": model, "prompt": "hello there", "max_tokens": 2}))
         .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.text().await.unwrap_or_default())
+        .await;
+    match r {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
 }
 
 /// A fresh resolver rig fills the cache (6 entries, 7 adapters): the adapter left without a
