@@ -320,6 +320,8 @@ struct Acc {
     seen_kv: bool,
     kv_rank: usize,
     newest_lora: f64,
+    /// A progress count was not a finite non-negative number.
+    progress_bad: bool,
 }
 
 /// The family a `# HELP name ...` or `# TYPE name type` line introduces.
@@ -442,7 +444,17 @@ impl Acc {
                     .unwrap_or_default();
             }
         } else if names.progress.iter().any(|n| is(n)) {
-            self.m.progress = Some(self.m.progress.unwrap_or(0.0) + gauge()?);
+            // Optional (only the stall signal reads it): a bad count leaves this scrape
+            // without one instead of refusing it.
+            match gauge() {
+                Ok(v) if !self.progress_bad => {
+                    self.m.progress = Some(self.m.progress.unwrap_or(0.0) + v);
+                }
+                _ => {
+                    self.progress_bad = true;
+                    self.m.progress = None;
+                }
+            }
         } else if is(names.residency) {
             let set = label_text()?;
             self.m.residency_reported = true;
@@ -493,6 +505,7 @@ pub fn parse_page(engine: EngineType, text: &[u8]) -> Result<Page, MetricsError>
         seen_kv: false,
         kv_rank: usize::MAX,
         newest_lora: f64::NEG_INFINITY,
+        progress_bad: false,
     };
     let mut pos = 0;
     while pos < text.len() {
@@ -591,6 +604,14 @@ mod tests {
                     "{fam} {bad}: {e}"
                 );
             }
+        }
+        // A broken token count leaves the scrape without a progress count, not refused.
+        for bad in ["NaN", "-1", "x"] {
+            let page = format!(
+                "vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc 0.5\nvllm:prompt_tokens_total 5\nvllm:generation_tokens_total {bad}\n"
+            );
+            let m = parse(EngineType::Vllm, &page).unwrap();
+            assert_eq!((m.waiting, m.progress), (1.0, None), "{bad}");
         }
         // A NaN elsewhere on the page (a histogram sum) is no concern of routing.
         let ok = "vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc 0.5\nvllm:e2e_request_latency_seconds_sum NaN\n";
