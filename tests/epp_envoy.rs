@@ -1528,6 +1528,108 @@ async fn residency_guessed_from_what_was_sent_and_forgotten_on_recovery() {
     );
 }
 
+/// The stall signal is on by default, and a server whose prefill steps are long learns, from
+/// its own token counters, a threshold above them: its long prompts stop counting as stalls
+/// after a few, while an adapter read (a spell that computes little) still counts.
+#[tokio::test]
+async fn a_servers_long_prefill_steps_raise_its_stall_threshold_and_reads_still_count() {
+    let f = Fleet::start(FleetOptions {
+        sims: 1,
+        // 3,000 prompt tokens prefill in 600 ms; a rank-16 adapter's read holds the engine 3.2 s.
+        sim_flags: &[
+            "--enable-lora",
+            "--max-loras",
+            "2",
+            "--prefill-us-per-token",
+            "200",
+            "--lora-disk-ms-per-rank",
+            "200",
+        ],
+        ..Default::default()
+    })
+    .await;
+    let sim = f.sims[0].addr.clone();
+    let post = |path: &'static str, body: Value| {
+        let (c, url) = (f.c.clone(), format!("http://{sim}{path}"));
+        tokio::spawn(async move { c.post(url).json(&body).send().await.map(|r| r.status()) })
+    };
+    // Busy throughout: a long decode (2,000 tokens at 8 ms) the prefills join.
+    let busy = post(
+        "/v1/completions",
+        json!({"model": BASE, "prompt": "busy", "max_tokens": 2000}),
+    );
+    // A prompt of `tokens` (4 characters each, a prefix of its own) while watching /debug/pool:
+    // whether the server was ever seen stalled, and its threshold after.
+    let prefill = |tokens: usize, tag: usize| {
+        let prompt = format!("{tag:04}{}", "abcd".repeat(tokens - 1));
+        let req = post(
+            "/v1/completions",
+            json!({"model": BASE, "prompt": prompt, "max_tokens": 1}),
+        );
+        watch_stall(&f, &f.sims[0].addr, req)
+    };
+    let threshold = || async { stall_of(&f, &f.sims[0].addr).await.and_then(|(_, ms)| ms) };
+    assert_eq!(wait_for("a scrape", T, threshold).await, 50, "the default");
+    assert!(
+        prefill(3000, 0).await,
+        "a 600 ms step counts as a stall until the server has made a few"
+    );
+    for tag in 1..4 {
+        prefill(3000, tag).await;
+    }
+    wait_for("a threshold above the steps learned", T, || async {
+        threshold().await.filter(|&ms| ms > 500)
+    })
+    .await;
+    assert!(
+        !prefill(1500, 4).await,
+        "a 300 ms step, shorter than those learned, is no stall"
+    );
+    // An adapter read holds the engine for longer than any step, computing nothing.
+    let path = adapter(f.dir.path(), "slow", 16);
+    let load = post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "slow", "lora_path": path}),
+    );
+    assert!(
+        watch_stall(&f, &f.sims[0].addr, load).await,
+        "a read counts as a stall"
+    );
+    busy.abort();
+}
+
+/// What `/debug/pool` says of `addr`: stalled, and its stall threshold (ms).
+async fn stall_of(f: &Fleet, addr: &str) -> Option<(bool, Option<u64>)> {
+    let v = try_json(&f.c, &format!("http://{}/debug/pool", f.epp.metrics)).await?;
+    let e = v["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["address"] == addr)?
+        .clone();
+    Some((e["stalled"].as_bool()?, e["stall_after_ms"].as_u64()))
+}
+
+/// Polls `/debug/pool` for `addr` until `req` ends (answered 200): whether it was ever seen
+/// stalled meanwhile.
+async fn watch_stall(
+    f: &Fleet,
+    addr: &str,
+    req: tokio::task::JoinHandle<reqwest::Result<reqwest::StatusCode>>,
+) -> bool {
+    let mut seen = false;
+    let deadline = tokio::time::Instant::now() + T;
+    while !req.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request still running after {T:?}"
+        );
+        seen |= stall_of(f, addr).await.is_some_and(|(s, _)| s);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(req.await.unwrap().unwrap(), 200);
+    seen
+}
+
 /// A server whose engine makes no step while requests run there (here a LoRA read someone
 /// else started: another replica's request, a sidecar's load) gets no request that another
 /// server can take, from the scrapes alone; it gets requests again once it steps.

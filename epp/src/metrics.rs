@@ -52,6 +52,9 @@ pub struct EndpointMetrics {
     /// engines): unchanged between two scrapes while requests run or wait, the engine made
     /// no step (it is reading a LoRA adapter, or stuck). `None` where not reported.
     pub progress: Option<f64>,
+    /// Prompt tokens found in the prefix cache (`vllm:prefix_cache_hits_total`, summed over
+    /// engines): the part of `progress` the engine did not compute. `None` where not reported.
+    pub cached: Option<f64>,
     pub block_size: Option<u32>,
     pub num_gpu_blocks: Option<u32>,
 }
@@ -89,6 +92,8 @@ struct Names {
     cache_info: &'static str,
     /// Counters that grow with every engine step (see [`EndpointMetrics::progress`]).
     progress: &'static [&'static str],
+    /// Counts prompt tokens served from the prefix cache.
+    cached: &'static str,
     block_label: &'static str,
     blocks_label: &'static str,
 }
@@ -104,6 +109,7 @@ const VLLM: Names = Names {
     // Counted per engine step's output (SGLang's and TensorRT-LLM's are not read: not known
     // to be counted per step).
     progress: &["vllm:generation_tokens_total", "vllm:prompt_tokens_total"],
+    cached: "vllm:prefix_cache_hits_total",
     block_label: "block_size",
     blocks_label: "num_gpu_blocks",
 };
@@ -117,6 +123,7 @@ const SGLANG: Names = Names {
     residency: "",
     cache_info: "sglang:cache_config_info",
     progress: &[],
+    cached: "",
     block_label: "page_size",
     blocks_label: "num_pages",
 };
@@ -130,6 +137,7 @@ const TRTLLM: Names = Names {
     residency: "",
     cache_info: "",
     progress: &[],
+    cached: "",
     block_label: "",
     blocks_label: "",
 };
@@ -225,6 +233,7 @@ impl Spec {
                 names.lora_info,
                 names.residency,
                 names.cache_info,
+                names.cached,
             ])
             .filter(|n| !n.is_empty())
             .map(str::as_bytes)
@@ -320,8 +329,21 @@ struct Acc {
     seen_kv: bool,
     kv_rank: usize,
     newest_lora: f64,
-    /// A progress count was not a finite non-negative number.
+    /// A progress (or cached) count was not a finite non-negative number.
     progress_bad: bool,
+    cached_bad: bool,
+}
+
+/// Adds one engine's count to `sum`. Optional counts (only the stall signal reads them): a
+/// bad one leaves this scrape without the sum instead of refusing it.
+fn add_count(sum: &mut Option<f64>, bad: &mut bool, v: Result<f64, MetricsError>) {
+    match v {
+        Ok(v) if !*bad => *sum = Some(sum.unwrap_or(0.0) + v),
+        _ => {
+            *bad = true;
+            *sum = None;
+        }
+    }
 }
 
 /// The family a `# HELP name ...` or `# TYPE name type` line introduces.
@@ -444,17 +466,9 @@ impl Acc {
                     .unwrap_or_default();
             }
         } else if names.progress.iter().any(|n| is(n)) {
-            // Optional (only the stall signal reads it): a bad count leaves this scrape
-            // without one instead of refusing it.
-            match gauge() {
-                Ok(v) if !self.progress_bad => {
-                    self.m.progress = Some(self.m.progress.unwrap_or(0.0) + v);
-                }
-                _ => {
-                    self.progress_bad = true;
-                    self.m.progress = None;
-                }
-            }
+            add_count(&mut self.m.progress, &mut self.progress_bad, gauge());
+        } else if !names.cached.is_empty() && is(names.cached) {
+            add_count(&mut self.m.cached, &mut self.cached_bad, gauge());
         } else if is(names.residency) {
             let set = label_text()?;
             self.m.residency_reported = true;
@@ -506,6 +520,7 @@ pub fn parse_page(engine: EngineType, text: &[u8]) -> Result<Page, MetricsError>
         kv_rank: usize::MAX,
         newest_lora: f64::NEG_INFINITY,
         progress_bad: false,
+        cached_bad: false,
     };
     let mut pos = 0;
     while pos < text.len() {
@@ -566,6 +581,7 @@ mod tests {
         assert_eq!(m.block_size, Some(128));
         assert_eq!(m.num_gpu_blocks, Some(2048));
         assert_eq!(m.progress, Some(481.0 + 24.0));
+        assert_eq!(m.cached, Some(0.0));
     }
 
     #[test]
@@ -612,7 +628,14 @@ mod tests {
             );
             let m = parse(EngineType::Vllm, &page).unwrap();
             assert_eq!((m.waiting, m.progress), (1.0, None), "{bad}");
+            let page = format!(
+                "vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc 0.5\nvllm:prefix_cache_hits_total{{engine=\"0\"}} 3\nvllm:prefix_cache_hits_total{{engine=\"1\"}} {bad}\nvllm:prompt_tokens_total 5\n"
+            );
+            let m = parse(EngineType::Vllm, &page).unwrap();
+            assert_eq!((m.progress, m.cached), (Some(5.0), None), "{bad}");
         }
+        let two = "vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc 0.5\nvllm:prefix_cache_hits_total{engine=\"0\"} 3\nvllm:prefix_cache_hits_total{engine=\"1\"} 4\n";
+        assert_eq!(parse(EngineType::Vllm, two).unwrap().cached, Some(7.0));
         // A NaN elsewhere on the page (a histogram sum) is no concern of routing.
         let ok = "vllm:num_requests_waiting 1\nvllm:kv_cache_usage_perc 0.5\nvllm:e2e_request_latency_seconds_sum NaN\n";
         assert_eq!(parse(EngineType::Vllm, ok).unwrap().waiting, 1.0);
@@ -807,8 +830,8 @@ mod tests {
         let filtered = parse_page(EngineType::Vllm, filtered_text.as_bytes()).unwrap();
         assert_eq!(filtered, whole);
         // waiting, running, kv, waiting_by_reason, lora_requests_info, cache_config_info,
-        // generation and prompt tokens.
-        assert_eq!(whole.families.len(), 8);
+        // generation and prompt tokens, prefix cache hits.
+        assert_eq!(whole.families.len(), 9);
         // A filter that dropped a family is told apart from one that kept them all.
         let no_lora: Vec<&str> = names
             .iter()

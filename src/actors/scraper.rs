@@ -17,7 +17,7 @@ use inferlane_sidecar::models::parse_models;
 use tokio::task::JoinHandle;
 
 use crate::net::scrape_http::{ScrapeClient, ScrapeError};
-use crate::pool::stall::{stall_start, stalled};
+use crate::pool::stall::{Steps, stall_start, stalled};
 use crate::pool::state::{EndpointHandle, Scraped, ServedModels, adapter_key, clock_ms};
 use inferlane_epp::outlier::OutlierPolicy;
 
@@ -33,7 +33,8 @@ pub struct ScrapeOptions {
     pub threads: Arc<ScrapeThreads>,
     /// How many endpoints' scrapes are timing out, fleet-wide.
     pub fleet: Arc<FleetScrapes>,
-    /// Busy without an engine step this long counts as stalled (0: never).
+    /// Busy without an engine step this long counts as stalled (0: never); a server's own
+    /// long compute steps raise its threshold (pool/stall.rs).
     pub stall_after: Duration,
 }
 
@@ -190,6 +191,8 @@ struct ScrapeLoop {
     health_unsupported_until: Option<Instant>,
     /// When an ejected endpoint's ejection counter was last forgiven.
     last_forgive: Instant,
+    /// What its scrapes have shown of its engine's steps.
+    steps: Steps,
 }
 
 /// How long a clean spell lasts before an endpoint's next ejection starts short again.
@@ -341,14 +344,21 @@ impl ScrapeLoop {
         match res {
             Ok(page) => {
                 let at = Instant::now();
-                let stalled_since = stall_start(h.scraped.load().as_deref(), &page.metrics, at);
-                let stalled = stalled(stalled_since, at, self.opts.stall_after);
+                let prev = h.scraped.load();
+                self.steps.observe(prev.as_deref(), &page.metrics, at);
+                let stalled_since = stall_start(prev.as_deref(), &page.metrics, at);
+                let stall_after = self.steps.threshold(self.opts.stall_after, at);
+                if prev.as_ref().is_some_and(|p| p.stall_after != stall_after) {
+                    tracing::debug!(endpoint = %h.address, stall_after_ms = stall_after.as_millis() as u64, "stall threshold follows the server's long steps");
+                }
+                let stalled = stalled(stalled_since, at, stall_after);
                 h.scraped.store(Some(Arc::new(Scraped {
                     metrics: page.metrics,
                     at,
                     in_flight: h.in_flight.load(Ordering::Relaxed),
                     stalled_since,
                     stalled,
+                    stall_after,
                 })));
                 h.dispatched_since_scrape.store(0, Ordering::Relaxed);
                 if !h.healthy.swap(true, Ordering::Relaxed) {
@@ -437,6 +447,7 @@ impl Actor for Scraper {
             },
             health_unsupported_until: None,
             last_forgive: Instant::now(),
+            steps: Steps::default(),
             filtered_path: format!(
                 "/metrics?{}",
                 inferlane_epp::metrics::filter_query(self.handle.engine)

@@ -95,9 +95,10 @@ pub struct EppArgs {
     /// A vLLM server with requests running or waiting whose token counters
     /// (`vllm:generation_tokens_total`, `vllm:prompt_tokens_total`) stay unchanged this long
     /// is stalled (reading a LoRA adapter, or stuck): it gets requests only when no other
-    /// server can take them (`readHoldWeight`). Set it above the servers' longest engine
-    /// step (100ms suits steps of tens of milliseconds); 0 (the default) turns it off.
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    /// server can take them (`readHoldWeight`). A server that makes long compute steps
+    /// (prefills of thousands of tokens) gets a threshold above its recent ones, learned
+    /// from its counters; 0 turns the signal off.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub engine_stall_after: Duration,
     /// OS threads that run the scrape loops (endpoints are spread over them); one thread
     /// scrapes a few hundred endpoints every 50 ms. Scraping off the request path's worker

@@ -34,6 +34,114 @@ pub fn stalled(since: Option<Instant>, at: Instant, after: Duration) -> bool {
     !after.is_zero() && since.is_some_and(|t| at.saturating_duration_since(t) >= after)
 }
 
+/// Long steps remembered per server, and for how long: a change of workload (longer prompts
+/// gone) stops raising its threshold within two minutes.
+const KEEP_GAPS: usize = 32;
+const KEEP_FOR: Duration = Duration::from_secs(120);
+/// Long steps seen before the threshold follows them: one odd gap does not switch the signal
+/// off for a server.
+const LEARN_AFTER: usize = 3;
+/// Fewer computed tokens a second than this is no engine step (an adapter read, a stuck
+/// engine): a prefill chunk computes thousands a second on any GPU that serves a model.
+const MIN_STEP_RATE: f64 = 1000.0;
+
+/// A busy spell without a step that has ended.
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    at: Instant,
+    /// How long the scrapes saw it without a step (what [`stalled`] compares).
+    len: Duration,
+    /// Tokens computed (prompt tokens not found in the prefix cache, and generated ones) per
+    /// second over the spell and the scrape that ended it.
+    rate: f64,
+}
+
+/// What one endpoint's scrapes have shown of its engine's steps: its long compute steps
+/// (a prefill of thousands of prompt tokens), which its stall threshold rises above, told
+/// from reads and stuck spells by the tokens computed when the spell ends. A read ends with
+/// a request's prompt after hundreds of milliseconds; a long step with as many tokens as the
+/// engine computes in that time.
+#[derive(Debug, Default)]
+pub struct Steps {
+    gaps: std::collections::VecDeque<Gap>,
+    /// Prompt tokens served from the prefix cache as of the last scrape before the current
+    /// progress count: vLLM counts a step's cache hits when it schedules the step, its
+    /// prompt tokens when the prefill ends.
+    cached_before: f64,
+}
+
+impl Steps {
+    /// Learns from a scrape at `at` (`m`) after `prev`: a spell without a step that ends here
+    /// is remembered with its rate.
+    pub fn observe(&mut self, prev: Option<&Scraped>, m: &EndpointMetrics, at: Instant) {
+        let Some(p) = prev else { return };
+        let (Some(now), Some(then)) = (m.progress, p.metrics.progress) else {
+            return;
+        };
+        if now == then {
+            return;
+        }
+        let cached = m.cached.unwrap_or(0.0);
+        let served =
+            cached - std::mem::replace(&mut self.cached_before, p.metrics.cached.unwrap_or(0.0));
+        let Some(since) = p.stalled_since.filter(|s| *s <= p.at && *s < at) else {
+            return;
+        };
+        let rate = (now - then - served).max(0.0) / at.duration_since(since).as_secs_f64();
+        if self.gaps.len() == KEEP_GAPS {
+            self.gaps.pop_front();
+        }
+        self.gaps.push_back(Gap {
+            at,
+            len: p.at.duration_since(since),
+            rate,
+        });
+    }
+
+    /// How long this server may be busy without a step before it counts as stalled, as of
+    /// `at`: `floor` (0: never), or above the longest of its recent compute steps where it
+    /// has made several longer than half a floor more (shorter ones end by the next scrape).
+    pub fn threshold(&mut self, floor: Duration, at: Instant) -> Duration {
+        while self
+            .gaps
+            .front()
+            .is_some_and(|g| at.saturating_duration_since(g.at) > KEEP_FOR)
+        {
+            self.gaps.pop_front();
+        }
+        if floor.is_zero() {
+            return floor;
+        }
+        // On the scrape thread every 50 ms per server: no allocation.
+        let mut rates = [0.0; KEEP_GAPS];
+        let mut n = 0;
+        for (slot, g) in rates
+            .iter_mut()
+            .zip(self.gaps.iter().filter(|g| g.rate >= MIN_STEP_RATE))
+        {
+            *slot = g.rate;
+            n += 1;
+        }
+        let rates = &mut rates[..n];
+        if rates.is_empty() {
+            return floor;
+        }
+        rates.sort_unstable_by(f64::total_cmp);
+        // A step computes at about the engine's usual rate: half the median of the
+        // plausible ones, so a read that ended with a long prompt is not taken for one.
+        let usual = rates[rates.len() / 2];
+        let long = self
+            .gaps
+            .iter()
+            .filter(|g| g.rate >= usual / 2.0 && g.len >= floor + floor / 2);
+        let (count, longest) = long.fold((0, Duration::ZERO), |(n, l), g| (n + 1, l.max(g.len)));
+        if count < LEARN_AFTER {
+            return floor;
+        }
+        floor.max(longest + Duration::from_millis(1))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,10 +156,128 @@ mod tests {
         Scraped {
             stalled_since: since,
             stalled: stalled(since, at, STALL_AFTER),
+            stall_after: STALL_AFTER,
             metrics,
             at,
             in_flight: 0,
         }
+    }
+
+    /// A busy server scraped every 50 ms, as the scrape loop does with its threshold.
+    struct Server {
+        ms: u64,
+        t0: Instant,
+        progress: f64,
+        cached: f64,
+        last: Option<Scraped>,
+        steps: Steps,
+    }
+
+    const FLOOR: Duration = Duration::from_millis(50);
+
+    impl Server {
+        fn new() -> Self {
+            let mut s = Server {
+                ms: 0,
+                t0: Instant::now(),
+                progress: 0.0,
+                cached: 0.0,
+                last: None,
+                steps: Steps::default(),
+            };
+            s.scrape();
+            s
+        }
+
+        /// One scrape; whether it found the server stalled.
+        fn scrape(&mut self) -> bool {
+            let at = self.t0 + Duration::from_millis(self.ms);
+            let metrics = EndpointMetrics {
+                running: 2.0,
+                progress: Some(self.progress),
+                cached: Some(self.cached),
+                ..EndpointMetrics::default()
+            };
+            let prev = self.last.as_ref();
+            self.steps.observe(prev, &metrics, at);
+            let since = stall_start(prev, &metrics, at);
+            let stall_after = self.steps.threshold(FLOOR, at);
+            let s = Scraped {
+                stalled_since: since,
+                stalled: stalled(since, at, stall_after),
+                stall_after,
+                metrics,
+                at,
+                in_flight: 0,
+            };
+            let verdict = s.stalled;
+            self.last = Some(s);
+            self.ms += 50;
+            verdict
+        }
+
+        /// `len_ms` without a step, then `tokens` counted (`cached` of them from the prefix
+        /// cache, counted when scheduled): whether any scrape found it stalled.
+        fn spell(&mut self, len_ms: u64, tokens: f64, cached: f64) -> bool {
+            self.cached += cached;
+            let mut any = false;
+            for _ in 0..len_ms / 50 {
+                any |= self.scrape();
+            }
+            self.progress += tokens;
+            any |= self.scrape();
+            // Short steps between spells: progress at every scrape.
+            for _ in 0..3 {
+                self.progress += 8.0;
+                self.scrape();
+            }
+            any
+        }
+
+        fn threshold(&mut self) -> Duration {
+            let at = self.t0 + Duration::from_millis(self.ms);
+            self.steps.threshold(FLOOR, at)
+        }
+    }
+
+    #[test]
+    fn long_prefill_steps_raise_the_threshold_reads_do_not() {
+        let mut s = Server::new();
+        // Until it has made a few, a long prefill step counts as a stall.
+        assert!(s.spell(300, 3000.0, 0.0));
+        assert!(s.spell(300, 3000.0, 0.0));
+        assert_eq!(s.threshold(), FLOOR);
+        assert!(s.spell(300, 3000.0, 0.0));
+        let learned = s.threshold();
+        assert!(learned > Duration::from_millis(250), "{learned:?}");
+        assert!(!s.spell(300, 2800.0, 0.0), "a step like those before");
+        // A read (an adapter's prompt after 500 ms) is still a stall, and teaches nothing.
+        assert!(s.spell(500, 200.0, 0.0));
+        // A long spell whose prompt the prefix cache served computed nothing: no step.
+        assert!(s.spell(500, 3000.0, 3000.0));
+        // Nor does a read that ends with a long prompt, slower than the usual steps.
+        assert!(s.spell(500, 1500.0, 0.0));
+        assert_eq!(s.threshold(), learned);
+        // Two minutes on, those steps are forgotten.
+        s.ms += 121_000;
+        assert_eq!(s.threshold(), FLOOR);
+    }
+
+    #[test]
+    fn reads_and_short_steps_leave_the_floor() {
+        let mut s = Server::new();
+        for _ in 0..10 {
+            // Steps of 60-90 ms: seen stalled for one scrape at most, and not learned.
+            s.spell(50, 600.0, 0.0);
+            assert!(s.spell(400, 200.0, 0.0));
+            // Reads with a long prompt, as long as the rate a step could have: a few are
+            // not enough to learn from, and each is seen as a stall.
+            assert!(s.spell(300, 800.0, 0.0));
+        }
+        assert_eq!(s.threshold(), FLOOR);
+        // Off stays off.
+        let at = s.t0 + Duration::from_millis(s.ms);
+        assert_eq!(s.steps.threshold(Duration::ZERO, at), Duration::ZERO);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{LazyLock, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use inferlane_epp::lora_cache::AdapterLru;
@@ -31,6 +31,9 @@ pub struct Scraped {
     /// that counts as stalled (`--engine-stall-after`).
     pub stalled_since: Option<Instant>,
     pub stalled: bool,
+    /// The threshold that verdict used: `--engine-stall-after`, or above this server's
+    /// long compute steps.
+    pub stall_after: Duration,
 }
 
 /// Models a server lists in `/v1/models`.

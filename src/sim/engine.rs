@@ -397,7 +397,6 @@ impl Engine {
                 seq.cached_tokens = cached;
                 self.counters.prefix_queries += u64::from(seq.req.prompt_tokens);
                 self.counters.prefix_hits += u64::from(cached);
-                self.counters.prompt_tokens += u64::from(seq.req.prompt_tokens);
             }
             if let Some(a) = &seq.req.adapter {
                 active.insert(a.clone());
@@ -467,6 +466,9 @@ impl Engine {
             self.counters.generation_tokens += 1;
             if !seq.started {
                 seq.started = true;
+                // vLLM counts a prompt when its prefill finishes (IterationStats), the prefix
+                // cache's queries and hits when the request is scheduled.
+                self.counters.prompt_tokens += u64::from(seq.req.prompt_tokens);
                 seq.first_token_at = Some(now);
                 events.push(EngineEvent::FirstToken {
                     id,
