@@ -88,6 +88,11 @@ impl Steps {
             return;
         };
         let rate = (now - then - served).max(0.0) / at.duration_since(since).as_secs_f64();
+        tracing::trace!(
+            len_ms = p.at.duration_since(since).as_millis() as u64,
+            tokens_per_s = rate as u64,
+            "a spell without an engine step ended"
+        );
         if self.gaps.len() == KEEP_GAPS {
             self.gaps.pop_front();
         }
@@ -112,28 +117,17 @@ impl Steps {
         if floor.is_zero() {
             return floor;
         }
-        // On the scrape thread every 50 ms per server: no allocation.
-        let mut rates = [0.0; KEEP_GAPS];
-        let mut n = 0;
-        for (slot, g) in rates
-            .iter_mut()
-            .zip(self.gaps.iter().filter(|g| g.rate >= MIN_STEP_RATE))
-        {
-            *slot = g.rate;
-            n += 1;
-        }
-        let rates = &mut rates[..n];
-        if rates.is_empty() {
+        // A step computes at about the engine's best rate; a read that ends with the prompts
+        // queued behind it computes them in a short step after hundreds of milliseconds.
+        let best = self.gaps.iter().map(|g| g.rate).fold(0.0, f64::max);
+        if best < MIN_STEP_RATE {
             return floor;
         }
-        rates.sort_unstable_by(f64::total_cmp);
-        // A step computes at about the engine's usual rate: half the median of the
-        // plausible ones, so a read that ended with a long prompt is not taken for one.
-        let usual = rates[rates.len() / 2];
         let long = self
             .gaps
             .iter()
-            .filter(|g| g.rate >= usual / 2.0 && g.len >= floor + floor / 2);
+            .filter(|g| g.rate >= best / 2.0 && g.rate >= MIN_STEP_RATE)
+            .filter(|g| g.len >= floor + floor / 2);
         let (count, longest) = long.fold((0, Duration::ZERO), |(n, l), g| (n + 1, l.max(g.len)));
         if count < LEARN_AFTER {
             return floor;
@@ -270,9 +264,10 @@ mod tests {
             // Steps of 60-90 ms: seen stalled for one scrape at most, and not learned.
             s.spell(50, 600.0, 0.0);
             assert!(s.spell(400, 200.0, 0.0));
-            // Reads with a long prompt, as long as the rate a step could have: a few are
-            // not enough to learn from, and each is seen as a stall.
+            // Reads that end with the prompts queued behind them (a few thousand tokens a
+            // second, more of them than long steps): still reads.
             assert!(s.spell(300, 800.0, 0.0));
+            assert!(s.spell(600, 1200.0, 0.0));
         }
         assert_eq!(s.threshold(), FLOOR);
         // Off stays off.
