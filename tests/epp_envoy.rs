@@ -1577,9 +1577,14 @@ async fn a_servers_long_prefill_steps_raise_its_stall_threshold_and_reads_still_
     for tag in 1..4 {
         prefill(3000, tag).await;
     }
-    wait_for("a threshold above the steps learned", T, || async {
-        threshold().await.filter(|&ms| ms > 500)
-    })
+    wait_for(
+        "a threshold above the steps learned, the last step over",
+        T,
+        || async {
+            let (stalled, ms) = stall_of(&f, &f.sims[0].addr).await?;
+            (!stalled && ms? > 500).then_some(())
+        },
+    )
     .await;
     assert!(
         !prefill(1500, 4).await,
@@ -1593,6 +1598,60 @@ async fn a_servers_long_prefill_steps_raise_its_stall_threshold_and_reads_still_
     );
     assert!(
         watch_stall(&f, &f.sims[0].addr, load).await,
+        "a read counts as a stall"
+    );
+    busy.abort();
+}
+
+/// A server whose every decode step outlasts a scrape interval (a large model) is not judged
+/// stalled while it decodes, once it has made a few such steps; a read there still is.
+#[tokio::test]
+async fn a_server_whose_steps_outlast_a_scrape_is_not_judged_stalled_while_it_decodes() {
+    let f = Fleet::start(FleetOptions {
+        sims: 1,
+        // Every decode step takes 80 ms (scrapes come every 50).
+        sim_flags: &[
+            "--enable-lora",
+            "--max-loras",
+            "2",
+            "--decode-base-ms",
+            "80",
+            "--lora-disk-ms-per-rank",
+            "200",
+        ],
+        ..Default::default()
+    })
+    .await;
+    let sim = f.sims[0].addr.clone();
+    let post = |path: &'static str, body: Value| {
+        let (c, url) = (f.c.clone(), format!("http://{sim}{path}"));
+        tokio::spawn(async move { c.post(url).json(&body).send().await.map(|r| r.status()) })
+    };
+    // 16 s of decoding.
+    let busy = post(
+        "/v1/completions",
+        json!({"model": BASE, "prompt": "busy", "max_tokens": 200}),
+    );
+    wait_for("a threshold above its steps", T, || async {
+        stall_of(&f, &sim)
+            .await
+            .and_then(|(_, ms)| ms)
+            .filter(|&ms| ms > 100)
+    })
+    .await;
+    // Two seconds more of its steps: never seen stalled.
+    let decode = post(
+        "/v1/completions",
+        json!({"model": BASE, "prompt": "more", "max_tokens": 25}),
+    );
+    assert!(!watch_stall(&f, &sim, decode).await, "an ordinary step");
+    let path = adapter(f.dir.path(), "slow", 16);
+    let load = post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "slow", "lora_path": path}),
+    );
+    assert!(
+        watch_stall(&f, &sim, load).await,
         "a read counts as a stall"
     );
     busy.abort();

@@ -41,6 +41,11 @@ const KEEP_FOR: Duration = Duration::from_secs(120);
 /// Long steps seen before the threshold follows them: one odd gap does not switch the signal
 /// off for a server.
 const LEARN_AFTER: usize = 3;
+/// Spells no longer than two floors, this many within this window: the server's ordinary
+/// steps (decode steps of a large model) outlast a scrape interval. Reads last longer, and
+/// come fewer.
+const ROUTINE_COUNT: usize = 5;
+const ROUTINE_WINDOW: Duration = Duration::from_secs(2);
 /// Fewer computed tokens a second than this is no engine step (an adapter read, a stuck
 /// engine): a prefill chunk computes thousands a second on any GPU that serves a model.
 const MIN_STEP_RATE: f64 = 1000.0;
@@ -104,8 +109,9 @@ impl Steps {
     }
 
     /// How long this server may be busy without a step before it counts as stalled, as of
-    /// `at`: `floor` (0: never), or above the longest of its recent compute steps where it
-    /// has made several longer than half a floor more (shorter ones end by the next scrape).
+    /// `at`: `floor` (0: never), or above its ordinary steps where they often outlast a
+    /// scrape, or one floor above the longest of its recent compute steps where it has made
+    /// several longer than half a floor more (shorter ones end by the next scrape).
     pub fn threshold(&mut self, floor: Duration, at: Instant) -> Duration {
         while self
             .gaps
@@ -117,11 +123,32 @@ impl Steps {
         if floor.is_zero() {
             return floor;
         }
+        floor
+            .max(self.routine(floor, at))
+            .max(self.long_steps(floor))
+    }
+
+    /// Above its ordinary steps where those often outlast a scrape (a decode step computes
+    /// one token per request, too few to be told from a read by its rate): twice the longest
+    /// of them, so no one such step counts.
+    fn routine(&self, floor: Duration, at: Instant) -> Duration {
+        let recent = self.gaps.iter().filter(|g| {
+            at.saturating_duration_since(g.at) <= ROUTINE_WINDOW && g.len <= floor.saturating_mul(2)
+        });
+        let (count, longest) = recent.fold((0, Duration::ZERO), |(n, l), g| (n + 1, l.max(g.len)));
+        if count < ROUTINE_COUNT {
+            return Duration::ZERO;
+        }
+        longest.saturating_mul(2) + Duration::from_millis(1)
+    }
+
+    /// Above its recent long compute steps, where it has made several.
+    fn long_steps(&self, floor: Duration) -> Duration {
         // A step computes at about the engine's best rate; a read that ends with the prompts
         // queued behind it computes them in a short step after hundreds of milliseconds.
         let best = self.gaps.iter().map(|g| g.rate).fold(0.0, f64::max);
         if best < MIN_STEP_RATE {
-            return floor;
+            return Duration::ZERO;
         }
         let long = self
             .gaps
@@ -130,9 +157,11 @@ impl Steps {
             .filter(|g| g.len >= floor + floor / 2);
         let (count, longest) = long.fold((0, Duration::ZERO), |(n, l), g| (n + 1, l.max(g.len)));
         if count < LEARN_AFTER {
-            return floor;
+            return Duration::ZERO;
         }
-        floor.max(longest + Duration::from_millis(1))
+        // Scrapes see a step's length to within one interval: a step as long as the longest
+        // may be seen one floor longer.
+        longest + floor
     }
 }
 
@@ -220,12 +249,16 @@ mod tests {
             }
             self.progress += tokens;
             any |= self.scrape();
-            // Short steps between spells: progress at every scrape.
-            for _ in 0..3 {
+            self.stepping(3);
+            any
+        }
+
+        /// Short steps: progress at each of `n` scrapes.
+        fn stepping(&mut self, n: usize) {
+            for _ in 0..n {
                 self.progress += 8.0;
                 self.scrape();
             }
-            any
         }
 
         fn threshold(&mut self) -> Duration {
@@ -254,6 +287,23 @@ mod tests {
         assert_eq!(s.threshold(), learned);
         // Two minutes on, those steps are forgotten.
         s.ms += 121_000;
+        assert_eq!(s.threshold(), FLOOR);
+    }
+
+    #[test]
+    fn ordinary_steps_that_outlast_a_scrape_raise_the_threshold_reads_still_count() {
+        let mut s = Server::new();
+        // Decode steps of 60-90 ms (16 tokens each): spells of one scrape interval, at first
+        // seen stalled for that scrape.
+        assert!(s.spell(50, 16.0, 0.0));
+        for _ in 0..4 {
+            s.spell(50, 16.0, 0.0);
+        }
+        assert_eq!(s.threshold(), Duration::from_millis(101));
+        assert!(!s.spell(50, 16.0, 0.0), "an ordinary step");
+        assert!(s.spell(400, 16.0, 0.0), "a read");
+        // Two seconds of steps within a scrape each: back at the floor.
+        s.stepping(41);
         assert_eq!(s.threshold(), FLOOR);
     }
 
