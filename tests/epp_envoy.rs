@@ -1533,26 +1533,9 @@ async fn residency_guessed_from_what_was_sent_and_forgotten_on_recovery() {
 /// after a few, while an adapter read (a spell that computes little) still counts.
 #[tokio::test]
 async fn a_servers_long_prefill_steps_raise_its_stall_threshold_and_reads_still_count() {
-    let f = Fleet::start(FleetOptions {
-        sims: 1,
-        // 3,000 prompt tokens prefill in 600 ms; a rank-16 adapter's read holds the engine 3.2 s.
-        sim_flags: &[
-            "--enable-lora",
-            "--max-loras",
-            "2",
-            "--prefill-us-per-token",
-            "200",
-            "--lora-disk-ms-per-rank",
-            "200",
-        ],
-        ..Default::default()
-    })
-    .await;
-    let sim = f.sims[0].addr.clone();
-    let post = |path: &'static str, body: Value| {
-        let (c, url) = (f.c.clone(), format!("http://{sim}{path}"));
-        tokio::spawn(async move { c.post(url).json(&body).send().await.map(|r| r.status()) })
-    };
+    // 3,000 prompt tokens prefill in 600 ms.
+    let f = stall_fleet(&["--prefill-us-per-token", "200"]).await;
+    let post = |path, body| post_to_sim(&f, path, body);
     // Busy throughout: a long decode (2,000 tokens at 8 ms) the prefills join.
     let busy = post(
         "/v1/completions",
@@ -1607,26 +1590,10 @@ async fn a_servers_long_prefill_steps_raise_its_stall_threshold_and_reads_still_
 /// stalled while it decodes, once it has made a few such steps; a read there still is.
 #[tokio::test]
 async fn a_server_whose_steps_outlast_a_scrape_is_not_judged_stalled_while_it_decodes() {
-    let f = Fleet::start(FleetOptions {
-        sims: 1,
-        // Every decode step takes 80 ms (scrapes come every 50).
-        sim_flags: &[
-            "--enable-lora",
-            "--max-loras",
-            "2",
-            "--decode-base-ms",
-            "80",
-            "--lora-disk-ms-per-rank",
-            "200",
-        ],
-        ..Default::default()
-    })
-    .await;
+    // Every decode step takes 80 ms (scrapes come every 50).
+    let f = stall_fleet(&["--decode-base-ms", "80"]).await;
     let sim = f.sims[0].addr.clone();
-    let post = |path: &'static str, body: Value| {
-        let (c, url) = (f.c.clone(), format!("http://{sim}{path}"));
-        tokio::spawn(async move { c.post(url).json(&body).send().await.map(|r| r.status()) })
-    };
+    let post = |path, body| post_to_sim(&f, path, body);
     // 16 s of decoding.
     let busy = post(
         "/v1/completions",
@@ -1655,6 +1622,35 @@ async fn a_server_whose_steps_outlast_a_scrape_is_not_judged_stalled_while_it_de
         "a read counts as a stall"
     );
     busy.abort();
+}
+
+/// One simulator (with `flags`) whose rank-16 adapter reads hold its engine 3.2 s, behind the
+/// EPP at its default stall settings.
+async fn stall_fleet(flags: &[&str]) -> Fleet {
+    let mut sim_flags = vec![
+        "--enable-lora",
+        "--max-loras",
+        "2",
+        "--lora-disk-ms-per-rank",
+        "200",
+    ];
+    sim_flags.extend_from_slice(flags);
+    Fleet::start(FleetOptions {
+        sims: 1,
+        sim_flags: &sim_flags,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Posts `body` to the fleet's first simulator, past the EPP.
+fn post_to_sim(
+    f: &Fleet,
+    path: &str,
+    body: Value,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::StatusCode>> {
+    let (c, url) = (f.c.clone(), format!("http://{}{path}", f.sims[0].addr));
+    tokio::spawn(async move { c.post(url).json(&body).send().await.map(|r| r.status()) })
 }
 
 /// What `/debug/pool` says of `addr`: stalled, and its stall threshold (ms).
