@@ -6,10 +6,8 @@ use inferlane_epp::EndpointMetrics;
 
 use super::state::Scraped;
 
-/// A threshold for servers whose engine steps take tens of milliseconds (an adapter's read
-/// takes hundreds): at the default 50 ms scrapes, the third busy scrape with an unchanged
-/// progress count. Not the default: a long prefill step (thousands of prompt tokens in one
-/// chunk) would count too.
+/// The fixed threshold the first test judges by: at 50 ms scrapes, the third busy scrape
+/// with an unchanged progress count.
 #[cfg(test)]
 const STALL_AFTER: Duration = Duration::from_millis(100);
 
@@ -61,11 +59,12 @@ struct Gap {
     rate: f64,
 }
 
-/// What one endpoint's scrapes have shown of its engine's steps: its long compute steps
-/// (a prefill of thousands of prompt tokens), which its stall threshold rises above, told
-/// from reads and stuck spells by the tokens computed when the spell ends. A read ends with
-/// a request's prompt after hundreds of milliseconds; a long step with as many tokens as the
-/// engine computes in that time.
+/// What one endpoint's scrapes have shown of its engine's steps, which its stall threshold
+/// rises above: its long compute steps (a prefill of thousands of prompt tokens), told from
+/// reads and stuck spells by the tokens computed when the spell ends (a read ends with the
+/// prompts queued behind it after hundreds of milliseconds; a long step with as many tokens
+/// as the engine computes in that time), and its ordinary steps where they often outlast a
+/// scrape.
 #[derive(Debug, Default)]
 pub struct Steps {
     gaps: std::collections::VecDeque<Gap>,
