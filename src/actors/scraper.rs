@@ -17,7 +17,7 @@ use inferlane_sidecar::models::parse_models;
 use tokio::task::JoinHandle;
 
 use crate::net::scrape_http::{ScrapeClient, ScrapeError};
-use crate::pool::stall::{Steps, stall_start, stalled};
+use crate::pool::stall::{Steps, stall_start};
 use crate::pool::state::{EndpointHandle, Scraped, ServedModels, adapter_key, clock_ms};
 use inferlane_epp::outlier::OutlierPolicy;
 
@@ -351,13 +351,11 @@ impl ScrapeLoop {
                 if prev.as_ref().is_some_and(|p| p.stall_after != stall_after) {
                     tracing::debug!(endpoint = %h.address, stall_after_ms = stall_after.as_millis() as u64, "stall threshold follows the server's long steps");
                 }
-                let stalled = stalled(stalled_since, at, stall_after);
                 h.scraped.store(Some(Arc::new(Scraped {
                     metrics: page.metrics,
                     at,
                     in_flight: h.in_flight.load(Ordering::Relaxed),
                     stalled_since,
-                    stalled,
                     stall_after,
                 })));
                 h.dispatched_since_scrape.store(0, Ordering::Relaxed);

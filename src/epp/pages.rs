@@ -81,7 +81,7 @@ async fn debug_pool(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             serde_json::json!({"address": h.address, "name": h.identity, "engine": format!("{:?}", h.engine), "healthy": h.is_healthy(),
             "engine_down": h.engine_down.load(std::sync::atomic::Ordering::Relaxed),
             "ejected": h.outlier.is_ejected(), "adapters_sent": h.sent_adapters_len(),
-            "stalled": scraped.as_ref().is_some_and(|s| s.stalled),
+            "stalled": scraped.as_ref().is_some_and(|s| s.stalled()),
             "stall_after_ms": scraped.as_ref().map(|s| s.stall_after.as_millis() as u64),
             "adapters_running": running, "adapters_cached": cached, "adapters_listed": listed})
         })

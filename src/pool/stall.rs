@@ -32,6 +32,13 @@ pub fn stalled(since: Option<Instant>, at: Instant, after: Duration) -> bool {
     !after.is_zero() && since.is_some_and(|t| at.saturating_duration_since(t) >= after)
 }
 
+impl Scraped {
+    /// Busy without a step for its threshold, as of this scrape.
+    pub fn stalled(&self) -> bool {
+        stalled(self.stalled_since, self.at, self.stall_after)
+    }
+}
+
 /// Long steps remembered per server, and for how long: a change of workload (longer prompts
 /// gone) stops raising its threshold within two minutes.
 const KEEP_GAPS: usize = 32;
@@ -92,19 +99,16 @@ impl Steps {
             return;
         };
         let rate = (now - then - served).max(0.0) / at.duration_since(since).as_secs_f64();
+        let len = p.at.duration_since(since);
         tracing::trace!(
-            len_ms = p.at.duration_since(since).as_millis() as u64,
+            len_ms = len.as_millis() as u64,
             tokens_per_s = rate as u64,
             "a spell without an engine step ended"
         );
         if self.gaps.len() == KEEP_GAPS {
             self.gaps.pop_front();
         }
-        self.gaps.push_back(Gap {
-            at,
-            len: p.at.duration_since(since),
-            rate,
-        });
+        self.gaps.push_back(Gap { at, len, rate });
     }
 
     /// How long this server may be busy without a step before it counts as stalled, as of
@@ -134,7 +138,7 @@ impl Steps {
         let recent = self.gaps.iter().filter(|g| {
             at.saturating_duration_since(g.at) <= ROUTINE_WINDOW && g.len <= floor.saturating_mul(2)
         });
-        let (count, longest) = recent.fold((0, Duration::ZERO), |(n, l), g| (n + 1, l.max(g.len)));
+        let (count, longest) = count_longest(recent);
         if count < ROUTINE_COUNT {
             return Duration::ZERO;
         }
@@ -154,7 +158,7 @@ impl Steps {
             .iter()
             .filter(|g| g.rate >= best / 2.0 && g.rate >= MIN_STEP_RATE)
             .filter(|g| g.len >= floor + floor / 2);
-        let (count, longest) = long.fold((0, Duration::ZERO), |(n, l), g| (n + 1, l.max(g.len)));
+        let (count, longest) = count_longest(long);
         if count < LEARN_AFTER {
             return Duration::ZERO;
         }
@@ -162,6 +166,11 @@ impl Steps {
         // may be seen one floor longer.
         longest + floor
     }
+}
+
+/// How many spells, and the longest.
+fn count_longest<'a>(gaps: impl Iterator<Item = &'a Gap>) -> (usize, Duration) {
+    gaps.fold((0, Duration::ZERO), |(n, l), g| (n + 1, l.max(g.len)))
 }
 
 #[cfg(test)]
@@ -177,7 +186,6 @@ mod tests {
         let since = stall_start(prev, &metrics, at);
         Scraped {
             stalled_since: since,
-            stalled: stalled(since, at, STALL_AFTER),
             stall_after: STALL_AFTER,
             metrics,
             at,
@@ -226,13 +234,12 @@ mod tests {
             let stall_after = self.steps.threshold(FLOOR, at);
             let s = Scraped {
                 stalled_since: since,
-                stalled: stalled(since, at, stall_after),
                 stall_after,
                 metrics,
                 at,
                 in_flight: 0,
             };
-            let verdict = s.stalled;
+            let verdict = s.stalled();
             self.last = Some(s);
             self.ms += 50;
             verdict
@@ -331,22 +338,22 @@ mod tests {
         let a = scrape(None, ms(0), 2.0, Some(10.0));
         let b = scrape(Some(&a), ms(50), 2.0, Some(10.0));
         assert_eq!(b.stalled_since, Some(ms(0)));
-        assert!(!b.stalled, "50 ms is a long step, not a stall");
+        assert!(!b.stalled(), "50 ms is a long step, not a stall");
         let c = scrape(Some(&b), ms(100), 2.0, Some(10.0));
-        assert!(c.stalled);
+        assert!(c.stalled());
         // A step: over at once.
         let d = scrape(Some(&c), ms(150), 2.0, Some(14.0));
-        assert!(d.stalled_since.is_none() && !d.stalled);
+        assert!(d.stalled_since.is_none() && !d.stalled());
         // Idle is no stall, nor is the first busy scrape after it.
         let e = scrape(Some(&d), ms(200), 0.0, Some(14.0));
         let f = scrape(Some(&e), ms(400), 1.0, Some(14.0));
-        assert!(!e.stalled && f.stalled_since.is_none());
+        assert!(!e.stalled() && f.stalled_since.is_none());
         let g = scrape(Some(&f), ms(500), 1.0, Some(14.0));
-        assert!(g.stalled, "busy 100 ms with no step");
+        assert!(g.stalled(), "busy 100 ms with no step");
         // No progress count (another engine): never.
         let h = scrape(Some(&g), ms(600), 1.0, None);
         let i = scrape(Some(&h), ms(900), 1.0, None);
-        assert!(!h.stalled && !i.stalled);
+        assert!(!h.stalled() && !i.stalled());
         // Turned off.
         assert!(!stalled(g.stalled_since, g.at, Duration::ZERO));
     }

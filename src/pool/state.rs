@@ -27,12 +27,10 @@ pub struct Scraped {
     pub at: Instant,
     /// Our requests in flight on it when the scrape landed (see `Candidate::in_flight_at_scrape`).
     pub in_flight: u64,
-    /// Since when its engine has been busy without a step (see pool/stall.rs), and whether
-    /// that counts as stalled (`--engine-stall-after`).
+    /// Since when its engine has been busy without a step (see pool/stall.rs), and how long
+    /// that may last before it counts as stalled (`--engine-stall-after`, or above this
+    /// server's own long steps): `Scraped::stalled`.
     pub stalled_since: Option<Instant>,
-    pub stalled: bool,
-    /// The threshold that verdict used: `--engine-stall-after`, or above this server's
-    /// long compute steps.
     pub stall_after: Duration,
 }
 
@@ -199,7 +197,7 @@ impl EndpointHandle {
         let ours = self.reading();
         // A stall is a read we did not cause (another replica's, a sidecar's) or a stuck
         // engine: avoided as our own reads are.
-        let reading = ours || scraped.as_ref().is_some_and(|s| s.stalled);
+        let reading = ours || scraped.as_ref().is_some_and(|s| s.stalled());
         let capacity = cache_capacity(scraped.as_deref(), max_cpu_loras);
         Candidate {
             id: self.id,
