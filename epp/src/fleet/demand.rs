@@ -22,6 +22,11 @@ pub const TOKENS_PER_REQUEST: f64 = 512.0;
 /// being used: an adapter counts as busy only while both measures say so, so one hot before
 /// a shift in popularity reads as quiet `(k - 1) / quiet_below` (30) seconds after its last
 /// request, where its slow average alone would take minutes.
+///
+/// An adapter asked for once has no demand until it is asked for again (with fewer than
+/// `recent_k` requests seen, the rate is that of the requests after the first): one request
+/// says nothing of a rate, and counted as one over the seconds a fresh EPP had watched it
+/// made every adapter asked for once worth a disk read to cache.
 #[derive(Debug, Clone)]
 pub struct Demand {
     rate: BTreeMap<String, f64>,
@@ -80,8 +85,12 @@ fn noise(r: f64, dt: f64, a: f64) -> f64 {
 
 /// A quiet adapter's rate at `now`: `k - 1` requests' worth over the time back to its `k`-th
 /// most recent request (a Poisson rate's unbiased estimate from that time), requests taken
-/// as spread evenly over their interval; with fewer than `k` requests seen, all of them over
-/// the time observed.
+/// as spread evenly over their interval. With fewer than `k` requests seen, the same over
+/// all of them (`n - 1` requests' worth back to the oldest), so an adapter asked for once
+/// has shown no rate: a fresh EPP that counted one request over its first seconds read
+/// every adapter asked for once as busy, and placement pushed the fresh fleet's cached
+/// adapters out for them (each a disk read holding a serving engine), most never asked for
+/// again within the minute (a cache's two-hit admission; docs/benchmarks.md).
 fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64) -> f64 {
     let (mut n, mut w) = (0u64, 0.0);
     for t in intervals {
@@ -95,7 +104,10 @@ fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64) -> f64 {
         n += t.requests;
         w += t.weight;
     }
-    if now > 0.0 { w / now } else { 0.0 }
+    let Some(oldest) = intervals.back().filter(|_| n >= 2) else {
+        return 0.0;
+    };
+    w / n as f64 * (n - 1) as f64 / (now - (oldest.end - oldest.len)).max(1e-3)
 }
 
 impl Demand {
@@ -331,6 +343,22 @@ mod tests {
         let a = d.of("a");
         assert!(a > 0.04 && a < 0.05, "{a}");
         assert!(d.of("b") > 1.5, "{}", d.of("b"));
+    }
+
+    #[test]
+    fn an_adapter_asked_for_once_has_no_demand_until_asked_again() {
+        let mut d = Demand::default();
+        d.observe([("once", 1, 0), ("twice", 1, 0)], 2.0, |_| true);
+        for _ in 0..4 {
+            d.observe([], 2.0, |_| true);
+        }
+        assert_eq!(d.of("once"), 0.0, "one request in the first seconds");
+        assert_eq!(d.of("twice"), 0.0);
+        d.observe([("twice", 1, 0)], 2.0, |_| true);
+        let twice = d.of("twice");
+        // One request's worth over the 12 s back to the first.
+        assert!(twice > 0.07 && twice < 0.1, "{twice}");
+        assert_eq!(d.of("once"), 0.0);
     }
 
     #[test]
