@@ -75,13 +75,16 @@ pub struct LoraPlacer {
 
 impl LoraPlacer {
     pub fn new(shared: Arc<Shared>, metrics: EppMetrics, opts: PlacerOptions) -> Self {
+        // Without cold homes a new cache entry is a load: admit on the second request.
+        let mut demand = Demand::default();
+        demand.two_hit = !opts.params.cold_homes;
         Self {
             placer: Placer::new(opts.params.clone()),
             shared,
             metrics,
             opts,
             catalogue: None,
-            demand: Demand::default(),
+            demand,
             drains: Drains::default(),
             tick: 0,
             moves: 0,

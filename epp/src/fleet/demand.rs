@@ -23,10 +23,13 @@ pub const TOKENS_PER_REQUEST: f64 = 512.0;
 /// a shift in popularity reads as quiet `(k - 1) / quiet_below` (30) seconds after its last
 /// request, where its slow average alone would take minutes.
 ///
-/// An adapter asked for once has no demand until it is asked for again (with fewer than
-/// `recent_k` requests seen, the rate is that of the requests after the first): one request
-/// says nothing of a rate, and counted as one over the seconds a fresh EPP had watched it
-/// made every adapter asked for once worth a disk read to cache.
+/// With `two_hit`, an adapter asked for once has no demand until it is asked for again (with
+/// fewer than `recent_k` requests seen, the rate is that of the requests after the first):
+/// one request says nothing of a rate, and counted as one over the seconds a fresh EPP had
+/// watched it made every adapter asked for once worth a disk read to cache. Placement sets
+/// it where a new cache entry is a load (cold adapters through the resolver); where every
+/// adapter is registered, the request has already read its adapter into its server's cache
+/// and caching it there moves nothing.
 #[derive(Debug, Clone)]
 pub struct Demand {
     rate: BTreeMap<String, f64>,
@@ -48,6 +51,8 @@ pub struct Demand {
     pub quiet_below: f64,
     /// Requests a quiet adapter's rate is measured over.
     pub recent_k: u64,
+    /// An adapter asked for once has no demand (see above).
+    pub two_hit: bool,
 }
 
 /// One interval's requests of an adapter: it ended at `end` (on [`Demand`]'s clock) and
@@ -73,6 +78,7 @@ impl Default for Demand {
             alpha_slow: 0.05,
             quiet_below: 0.1,
             recent_k: 4,
+            two_hit: false,
         }
     }
 }
@@ -85,13 +91,14 @@ fn noise(r: f64, dt: f64, a: f64) -> f64 {
 
 /// A quiet adapter's rate at `now`: `k - 1` requests' worth over the time back to its `k`-th
 /// most recent request (a Poisson rate's unbiased estimate from that time), requests taken
-/// as spread evenly over their interval. With fewer than `k` requests seen, the same over
-/// all of them (`n - 1` requests' worth back to the oldest), so an adapter asked for once
-/// has shown no rate: a fresh EPP that counted one request over its first seconds read
-/// every adapter asked for once as busy, and placement pushed the fresh fleet's cached
-/// adapters out for them (each a disk read holding a serving engine), most never asked for
-/// again within the minute (a cache's two-hit admission; docs/benchmarks.md).
-fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64) -> f64 {
+/// as spread evenly over their interval. With fewer than `k` requests seen: all of them over
+/// the time observed, or with `two_hit` the same as with `k` over all of them (`n - 1`
+/// requests' worth back to the oldest), so an adapter asked for once has shown no rate: a
+/// fresh EPP that counted one request over its first seconds read every adapter asked for
+/// once as busy, and placement pushed the fresh fleet's cached adapters out for them (each a
+/// disk read holding a serving engine), most never asked for again within the minute (a
+/// cache's two-hit admission; docs/benchmarks.md).
+fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64, two_hit: bool) -> f64 {
     let (mut n, mut w) = (0u64, 0.0);
     for t in intervals {
         let need = k.saturating_sub(n);
@@ -103,6 +110,9 @@ fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64) -> f64 {
         }
         n += t.requests;
         w += t.weight;
+    }
+    if !two_hit {
+        return if now > 0.0 { w / now } else { 0.0 };
     }
     let Some(oldest) = intervals.back().filter(|_| n >= 2) else {
         return 0.0;
@@ -212,7 +222,8 @@ impl Demand {
                 *r = 0.0;
             }
         }
-        let (up, quiet_below, clock) = (self.alpha_up, self.quiet_below, self.clock);
+        let (up, quiet_below, clock, two_hit) =
+            (self.alpha_up, self.quiet_below, self.clock, self.two_hit);
         self.demand = self
             .rate
             .iter()
@@ -221,7 +232,7 @@ impl Demand {
                 let recent = self
                     .recent
                     .get(id)
-                    .map_or(0.0, |q| recent_rate(q, k, clock));
+                    .map_or(0.0, |q| recent_rate(q, k, clock, two_hit));
                 // Busy by both measures, or quiet: one that stopped is quiet within
                 // (k - 1) / quiet_below seconds, not once its slow average has decayed.
                 let steady = if slow >= quiet_below && recent >= quiet_below {
@@ -346,8 +357,14 @@ mod tests {
     }
 
     #[test]
-    fn an_adapter_asked_for_once_has_no_demand_until_asked_again() {
-        let mut d = Demand::default();
+    fn with_two_hit_an_adapter_asked_for_once_has_no_demand_until_asked_again() {
+        let mut d = Demand {
+            two_hit: true,
+            ..Demand::default()
+        };
+        let mut counted = Demand::default();
+        counted.observe([("once", 1, 0)], 2.0, |_| true);
+        assert!(counted.of("once") > 0.0, "without it one request counts");
         d.observe([("once", 1, 0), ("twice", 1, 0)], 2.0, |_| true);
         for _ in 0..4 {
             d.observe([], 2.0, |_| true);
