@@ -691,6 +691,18 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
         }
     };
     let first = wait_for("the EPP to unload the copy once done", T, unloaded).await;
+    // Asked for once, it has no demand (in the resolver mode an adapter is admitted on its
+    // second request), so placement gives it no home.
+    let t = rig.table().await.expect("the placement table");
+    assert!(
+        t["demand"].get(&cold).is_none(),
+        "one request of {cold} counts as demand: {}",
+        t["demand"]
+    );
+    assert!(
+        !homes(&t).contains_key(&cold),
+        "{cold} placed after one request"
+    );
     // A follower replica serves it too (the decider's table names every catalogue adapter);
     // its copy is adopted and unloaded by the decider.
     let follower = rig.spawn_follower(&["--lora-cold-adapters", "resolver"]);
