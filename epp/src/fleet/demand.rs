@@ -105,8 +105,7 @@ fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64, two_hit: bool) 
         if t.requests >= need && t.requests > 0 {
             let share = need as f64 / t.requests as f64;
             let at = t.end - t.len * share;
-            let per_request = (w + t.weight * share) / k as f64;
-            return per_request * (k - 1) as f64 / (now - at).max(1e-3);
+            return after_first(w + t.weight * share, k, now, at);
         }
         n += t.requests;
         w += t.weight;
@@ -117,7 +116,13 @@ fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64, two_hit: bool) 
     let Some(oldest) = intervals.back().filter(|_| n >= 2) else {
         return 0.0;
     };
-    w / n as f64 * (n - 1) as f64 / (now - (oldest.end - oldest.len)).max(1e-3)
+    after_first(w, n, now, oldest.end - oldest.len)
+}
+
+/// `n` requests weighing `weight` since `at`: the rate of those after the first (`n - 1`
+/// requests' worth) over the time back to `at`.
+fn after_first(weight: f64, n: u64, now: f64, at: f64) -> f64 {
+    weight / n as f64 * (n - 1) as f64 / (now - at).max(1e-3)
 }
 
 impl Demand {
