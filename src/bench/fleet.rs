@@ -43,6 +43,8 @@ pub struct Binaries {
     pub envoy: PathBuf,
     /// The EPP's `--log-filter` (its log is the run's `epp.log`).
     pub epp_log_filter: String,
+    /// The simulators' `--log-filter` (their log is the run's `vllm-sim.log`).
+    pub sim_log_filter: String,
     /// Appended to every EPP's arguments (`--epp-arg`).
     pub epp_args: Vec<String>,
 }
@@ -165,6 +167,7 @@ pub fn sim_args(
     servers: usize,
     adapters_dir: &Path,
     setup: AdapterSetup,
+    log_filter: &str,
 ) -> Vec<String> {
     let f = &w.fleet;
     let mut a: Vec<String> = [
@@ -173,7 +176,7 @@ pub fn sim_args(
         "--port",
         "0",
         "--log-filter",
-        "warn",
+        log_filter,
         "--model",
         BASE_MODEL,
     ]
@@ -253,7 +256,7 @@ pub async fn start_fleet(
     let mut child = spawn(
         "vllm-sim fleet",
         &bins.sim,
-        &sim_args(w, servers, &adapters_dir, setup),
+        &sim_args(w, servers, &adapters_dir, setup, &bins.sim_log_filter),
         log.clone(),
         "build it: cargo build --release --bin vllm-sim",
         true,

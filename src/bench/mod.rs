@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// `warn,inferlane::actors::lora_placer=debug` for every placement move.
     #[arg(long, default_value = "warn")]
     pub epp_log_filter: String,
+    /// The simulators' log filter (each run's `vllm-sim.log`), e.g.
+    /// `warn,vllm_sim::ttft=debug` for where each request's time to first token went
+    /// (`scripts/ttft-causes.py` sums it).
+    #[arg(long, default_value = "warn")]
+    pub sim_log_filter: String,
     /// One more argument for every EPP, after the policy's own (repeat it; e.g.
     /// `--epp-arg=--lora-placement-interval --epp-arg=1s`): an A/B of one flag.
     #[arg(long = "epp-arg", allow_hyphen_values = true)]
@@ -113,6 +118,7 @@ fn binaries(args: &BenchArgs) -> Binaries {
         sidecar: dir.join("lora-sidecar"),
         envoy: args.envoy.clone(),
         epp_log_filter: args.epp_log_filter.clone(),
+        sim_log_filter: args.sim_log_filter.clone(),
         epp_args: args.epp_args.clone(),
     }
 }

@@ -81,16 +81,42 @@ pub struct EngineRequest {
 /// Something a request observes at the end of a step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
-    /// The first token; `cached_tokens` of the prompt came from the prefix cache.
+    /// The first token; `cached_tokens` of the prompt came from the prefix cache; `waited`:
+    /// where the time to it went.
     FirstToken {
         id: u64,
         at: f64,
         cached_tokens: u32,
+        waited: Waited,
     },
     /// A later token.
     Token { id: u64, at: f64 },
     /// The request is complete (after its last token event).
     Finished { id: u64, at: f64 },
+}
+
+/// Where a request's time to its first token went, for the simulator's debug log: why a
+/// request was slow (its own adapter's read, other adapters' reads holding the engine, a LoRA
+/// slot, a full batch) is what placement and routing change, and TTFT alone does not say.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Waited {
+    /// When it arrived (driver clock).
+    pub arrival: f64,
+    /// Its adapter's load in the step that scheduled it: a disk read, or a copy from host
+    /// memory (`found` says which).
+    pub own_load: f64,
+    /// Where its adapter was when it was scheduled (`None`: no adapter).
+    pub found: Option<Residency>,
+    /// Time the engine spent reading other requests' adapters while this request waited for
+    /// its first token.
+    pub other_reads: f64,
+    /// Time the engine spent on adapter loads through the load API (a sidecar's) meanwhile.
+    pub api_loads: f64,
+    /// Other waiting for a LoRA slot (vLLM defers the request while `--max-loras` adapters
+    /// run).
+    pub slot: f64,
+    /// Other waiting: a full batch or KV cache, or the step under way when it arrived.
+    pub queue: f64,
 }
 
 /// Why a request is waiting (vLLM's `num_requests_waiting_by_reason`).
@@ -113,6 +139,7 @@ struct Seq {
     cached_tokens: u32,
     preemptions: u32,
     wait_reason: WaitReason,
+    waited: Waited,
 }
 
 impl Seq {
@@ -169,6 +196,11 @@ pub struct Engine {
     /// Prefix cache over block hashes (LRU), sized to the KV cache.
     prefix: LruCache<u64, ()>,
     in_step: bool,
+    /// The step under way: until when the load API's reads hold it, then its requests'
+    /// adapters' reads, and when it ends; a request arriving meanwhile waits for what is left.
+    step_api_end: f64,
+    step_reads_end: f64,
+    step_end: f64,
     counters: EngineCounters,
     /// Until when an adapter read through the load API holds the engine: vLLM runs it
     /// between steps on the engine's own loop, so every running request waits for it.
@@ -192,6 +224,9 @@ impl Engine {
             tiers,
             prefix: LruCache::new(blocks),
             in_step: false,
+            step_api_end: 0.0,
+            step_reads_end: 0.0,
+            step_end: 0.0,
             counters: EngineCounters::default(),
             blocked_until: 0.0,
         }
@@ -212,6 +247,17 @@ impl Engine {
 
     /// Queues a request.
     pub fn submit(&mut self, req: EngineRequest) {
+        let mut waited = Waited {
+            arrival: req.arrival,
+            ..Waited::default()
+        };
+        if self.in_step {
+            let at = req.arrival;
+            let left = |end: f64| (end - at).max(0.0);
+            waited.api_loads = left(self.step_api_end);
+            waited.other_reads = left(self.step_reads_end) - waited.api_loads;
+            waited.queue = left(self.step_end) - left(self.step_reads_end);
+        }
         // Behind every request of the same or a more urgent priority (FIFO within a level).
         let at = if self.params.priority_scheduling {
             self.waiting
@@ -233,6 +279,7 @@ impl Engine {
                 cached_tokens: 0,
                 preemptions: 0,
                 wait_reason: WaitReason::Capacity,
+                waited,
             },
         );
     }
@@ -402,6 +449,10 @@ impl Engine {
                 active.insert(a.clone());
                 let (cost, found) = self.tiers.bring_in(a);
                 load_cost += cost;
+                if !seq.started {
+                    seq.waited.own_load = cost;
+                    seq.waited.found = Some(found);
+                }
                 match found {
                     Residency::Cold => self.counters.lora_disk_loads += 1,
                     Residency::Cpu => self.counters.lora_swaps += 1,
@@ -423,11 +474,35 @@ impl Engine {
         let held = (self.blocked_until - now).max(0.0);
         let duration =
             held + decode + self.params.prefill_per_token * f64::from(prefill_tokens) + load_cost;
+        self.account_waits(held, load_cost, duration);
+        self.step_api_end = now + held;
+        self.step_reads_end = now + held + load_cost;
+        self.step_end = now + duration;
         self.counters
             .iteration_tokens
             .push(prefill_tokens + self.running.len() as u32);
         self.in_step = true;
         Some(duration)
+    }
+
+    /// Charges a step of `duration` (`api` of it held by the load API's reads, then `loads`
+    /// reading its requests' adapters) to the requests still waiting for their first token:
+    /// those left waiting wait all of it, those it scheduled wait out the reads of other
+    /// adapters than their own.
+    fn account_waits(&mut self, api: f64, loads: f64, duration: f64) {
+        let rest = duration - api - loads;
+        for q in &mut self.waiting {
+            q.waited.api_loads += api;
+            q.waited.other_reads += loads;
+            match q.wait_reason {
+                WaitReason::Deferred => q.waited.slot += rest,
+                WaitReason::Capacity => q.waited.queue += rest,
+            }
+        }
+        for q in self.running.iter_mut().filter(|q| !q.started) {
+            q.waited.api_loads += api;
+            q.waited.other_reads += (loads - q.waited.own_load).max(0.0);
+        }
     }
 
     /// Leading cached tokens of `seq` (vLLM always recomputes the last prompt token) and the
@@ -474,6 +549,7 @@ impl Engine {
                     id,
                     at: now,
                     cached_tokens: seq.cached_tokens,
+                    waited: seq.waited,
                 });
             } else {
                 if let Some(last) = seq.last_token_at {
@@ -601,6 +677,7 @@ mod tests {
                     id: i,
                     at,
                     cached_tokens,
+                    ..
                 } if *i == id => Some((*at, *cached_tokens)),
                 _ => None,
             })
@@ -658,6 +735,76 @@ mod tests {
         later.submit(req(0, None, "hello", 2));
         let (t2, _) = first_token(&run_to_completion(&mut later, 5.0, 100), 0);
         assert!((t2 - 5.0 - t0).abs() < 1e-9, "{t2}");
+    }
+
+    fn waited(events: &[EngineEvent], id: u64) -> (f64, Waited) {
+        events
+            .iter()
+            .find_map(|e| match e {
+                EngineEvent::FirstToken {
+                    id: i, at, waited, ..
+                } if *i == id => Some((*at - waited.arrival, *waited)),
+                _ => None,
+            })
+            .expect("first token")
+    }
+
+    #[test]
+    fn a_first_token_says_where_its_wait_went() {
+        let mut e = Engine::new(EngineParams {
+            max_loras: 1,
+            max_cpu_loras: 2,
+            lora_disk_per_rank: 0.01,
+            ..Default::default()
+        });
+        e.adapter_registered("big", Some(32));
+        e.adapter_registered("small", Some(8));
+        // "big" is read from disk (0.32 s) in the first step.
+        e.submit(req(0, Some("big"), "p", 2));
+        let d = e.begin_step(0.0).expect("a step");
+        // Two arrive 0.1 s into that step: a base-model request, and one for "small", which
+        // waits for the one LoRA slot until "big"'s request is done, then reads its own.
+        for (id, adapter) in [(1, None), (2, Some("small"))] {
+            let mut r = req(id, adapter, "p", 2);
+            r.arrival = 0.1;
+            e.submit(r);
+        }
+        let mut events = e.end_step(d);
+        events.extend(run_to_completion(&mut e, d, 100));
+        let activate = EngineParams::default().lora_load;
+        let (_, big) = waited(&events, 0);
+        assert_eq!(big.found, Some(Residency::Cold));
+        assert!((big.own_load - 0.32 - activate).abs() < 1e-9, "{big:?}");
+        assert_eq!(big.other_reads, 0.0);
+        let (_, base) = waited(&events, 1);
+        assert_eq!(base.found, None);
+        assert!(
+            (base.other_reads - (0.32 + activate - 0.1)).abs() < 1e-9,
+            "{base:?}"
+        );
+        assert!(base.slot == 0.0 && base.queue >= 0.0, "{base:?}");
+        let (_, small) = waited(&events, 2);
+        assert_eq!(small.found, Some(Residency::Cold));
+        assert!((small.own_load - 0.08 - activate).abs() < 1e-9, "{small:?}");
+        assert!(small.slot > 0.0, "waited for the slot: {small:?}");
+        // The parts add up to the time to first token, less the scheduling step's compute.
+        for id in 0..3 {
+            let (ttft, w) = waited(&events, id);
+            let parts = w.own_load + w.other_reads + w.api_loads + w.slot + w.queue;
+            assert!(
+                ttft >= parts - 1e-9 && ttft - parts < 0.05,
+                "{id}: {ttft} vs {w:?}"
+            );
+        }
+        // A load through the API (a sidecar's) holds the next request as long.
+        let mut e = Engine::new(EngineParams::default());
+        e.block_for(0.0, 0.3);
+        e.submit(req(0, None, "p", 1));
+        let (_, w) = waited(&run_to_completion(&mut e, 0.0, 10), 0);
+        assert!(
+            (w.api_loads - 0.3).abs() < 1e-9 && w.other_reads == 0.0,
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::sim::engine::{Engine, EngineEvent, EngineRequest};
+use crate::sim::engine::{Engine, EngineEvent, EngineRequest, Waited};
 use crate::sim::metrics::{Gauges, LoraInfoStyle, MetricsConfig, SimMetrics};
+use crate::sim::tiers::Residency;
 
 /// Command: queue a request; its events arrive on `events`.
 #[derive(Message)]
@@ -151,6 +152,9 @@ impl EngineActor {
     fn end(&mut self, ctx: &mut Context<Self>) {
         let now = self.now();
         for ev in self.engine.end_step(now) {
+            if let EngineEvent::FirstToken { id, at, waited, .. } = &ev {
+                log_first_token(*id, *at, waited);
+            }
             let (id, done) = match &ev {
                 EngineEvent::FirstToken { id, .. } | EngineEvent::Token { id, .. } => (*id, false),
                 EngineEvent::Finished { id, .. } => (*id, true),
@@ -165,6 +169,30 @@ impl EngineActor {
         }
         self.begin(ctx);
     }
+}
+
+/// One request's first token at debug level (`--log-filter warn,vllm_sim::ttft=debug`):
+/// its time to it and where that went ([`Waited`]); `scripts/ttft-causes.py` sums a run's.
+fn log_first_token(id: u64, at: f64, w: &Waited) {
+    let found = match w.found {
+        None => "none",
+        Some(Residency::Gpu) => "gpu",
+        Some(Residency::Cpu) => "cpu",
+        Some(Residency::Cold) => "disk",
+    };
+    tracing::debug!(
+        target: "vllm_sim::ttft",
+        id,
+        arrival = w.arrival,
+        ttft = at - w.arrival,
+        found,
+        own_load = w.own_load,
+        other_reads = w.other_reads,
+        api_loads = w.api_loads,
+        slot = w.slot,
+        queue = w.queue,
+        "first token"
+    );
 }
 
 impl Actor for EngineActor {
