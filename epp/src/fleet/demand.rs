@@ -26,8 +26,10 @@ pub const TOKENS_PER_REQUEST: f64 = 512.0;
 /// With `two_hit`, an adapter asked for once has no demand until it is asked for again (with
 /// fewer than `recent_k` requests seen, the rate is that of the requests after the first):
 /// one request says nothing of a rate, and counted as one over the seconds a fresh EPP had
-/// watched it made every adapter asked for once worth a disk read to cache. Placement sets
-/// it where a new cache entry is a load (cold adapters through the resolver); where every
+/// watched it made every adapter asked for once worth a disk read to cache. Nor do two or
+/// three: their rate is counted over `(k - 1) / quiet_below` (30) seconds at least, so a pair
+/// a few seconds apart reads as a thirtieth of a request per second, not a tenth. Placement
+/// sets it where a new cache entry is a load (cold adapters through the resolver); where every
 /// adapter is registered, the request has already read its adapter into its server's cache
 /// and caching it there moves nothing.
 #[derive(Debug, Clone)]
@@ -93,12 +95,19 @@ fn noise(r: f64, dt: f64, a: f64) -> f64 {
 /// most recent request (a Poisson rate's unbiased estimate from that time), requests taken
 /// as spread evenly over their interval. With fewer than `k` requests seen: all of them over
 /// the time observed, or with `two_hit` the same as with `k` over all of them (`n - 1`
-/// requests' worth back to the oldest), so an adapter asked for once has shown no rate: a
+/// requests' worth back to the oldest, at least `min_span` seconds), so an adapter asked for
+/// once has shown no rate: a
 /// fresh EPP that counted one request over its first seconds read every adapter asked for
 /// once as busy, and placement pushed the fresh fleet's cached adapters out for them (each a
 /// disk read holding a serving engine), most never asked for again within the minute (a
 /// cache's two-hit admission; docs/benchmarks.md).
-fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64, two_hit: bool) -> f64 {
+fn recent_rate(
+    intervals: &VecDeque<Interval>,
+    k: u64,
+    now: f64,
+    two_hit: bool,
+    min_span: f64,
+) -> f64 {
     let (mut n, mut w) = (0u64, 0.0);
     for t in intervals {
         let need = k.saturating_sub(n);
@@ -116,7 +125,7 @@ fn recent_rate(intervals: &VecDeque<Interval>, k: u64, now: f64, two_hit: bool) 
     let Some(oldest) = intervals.back().filter(|_| n >= 2) else {
         return 0.0;
     };
-    after_first(w, n, now, oldest.end - oldest.len)
+    after_first(w, n, now, (oldest.end - oldest.len).min(now - min_span))
 }
 
 /// `n` requests weighing `weight` since `at`: the rate of those after the first (`n - 1`
@@ -229,6 +238,15 @@ impl Demand {
         }
         let (up, quiet_below, clock, two_hit) =
             (self.alpha_up, self.quiet_below, self.clock, self.two_hit);
+        // With two_hit, fewer than k requests read as at most (n - 1) / (k - 1) of the quiet
+        // rate: two requests a few seconds apart say little of an adapter's rate, and read as
+        // one request's worth over those seconds, an adapter used once in minutes took a
+        // cache entry (a load holding a serving engine) from one used every minute.
+        let min_span = if quiet_below > 0.0 {
+            (k - 1) as f64 / quiet_below
+        } else {
+            0.0
+        };
         self.demand = self
             .rate
             .iter()
@@ -237,7 +255,7 @@ impl Demand {
                 let recent = self
                     .recent
                     .get(id)
-                    .map_or(0.0, |q| recent_rate(q, k, clock, two_hit));
+                    .map_or(0.0, |q| recent_rate(q, k, clock, two_hit, min_span));
                 // Busy by both measures, or quiet: one that stopped is quiet within
                 // (k - 1) / quiet_below seconds, not once its slow average has decayed.
                 let steady = if slow >= quiet_below && recent >= quiet_below {
@@ -378,9 +396,17 @@ mod tests {
         assert_eq!(d.of("twice"), 0.0);
         d.observe([("twice", 1, 0)], 2.0, |_| true);
         let twice = d.of("twice");
-        // One request's worth over the 12 s back to the first.
-        assert!(twice > 0.07 && twice < 0.1, "{twice}");
+        // One request's worth over 30 s (12 s back to the first are too few to say more).
+        assert!((twice - 1.0 / 30.0).abs() < 1e-9, "{twice}");
         assert_eq!(d.of("once"), 0.0);
+        // A third request: two requests' worth; the rate over the time back to the first
+        // once that is longer.
+        for _ in 0..19 {
+            d.observe([], 2.0, |_| true);
+        }
+        d.observe([("twice", 1, 0)], 2.0, |_| true);
+        let thrice = d.of("twice");
+        assert!((thrice - 2.0 / 52.0).abs() < 0.002, "{thrice}");
     }
 
     #[test]
