@@ -10,6 +10,7 @@ use std::num::NonZeroUsize;
 use lru::LruCache;
 
 use super::tiers::{LoraTiers, Residency, TierParams};
+pub use super::waited::{StepTimes, Waited};
 
 /// Latency and capacity parameters of the simulated server. Costs are in seconds of driver time.
 #[derive(Debug, Clone)]
@@ -95,30 +96,6 @@ pub enum EngineEvent {
     Finished { id: u64, at: f64 },
 }
 
-/// Where a request's time to its first token went, for the simulator's debug log: why a
-/// request was slow (its own adapter's read, other adapters' reads holding the engine, a LoRA
-/// slot, a full batch) is what placement and routing change, and TTFT alone does not say.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Waited {
-    /// When it arrived (driver clock).
-    pub arrival: f64,
-    /// Its adapter's load in the step that scheduled it: a disk read, or a copy from host
-    /// memory (`found` says which).
-    pub own_load: f64,
-    /// Where its adapter was when it was scheduled (`None`: no adapter).
-    pub found: Option<Residency>,
-    /// Time the engine spent reading other requests' adapters while this request waited for
-    /// its first token.
-    pub other_reads: f64,
-    /// Time the engine spent on adapter loads through the load API (a sidecar's) meanwhile.
-    pub api_loads: f64,
-    /// Other waiting for a LoRA slot (vLLM defers the request while `--max-loras` adapters
-    /// run).
-    pub slot: f64,
-    /// Other waiting: a full batch or KV cache, or the step under way when it arrived.
-    pub queue: f64,
-}
-
 /// Why a request is waiting (vLLM's `num_requests_waiting_by_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WaitReason {
@@ -196,11 +173,9 @@ pub struct Engine {
     /// Prefix cache over block hashes (LRU), sized to the KV cache.
     prefix: LruCache<u64, ()>,
     in_step: bool,
-    /// The step under way: until when the load API's reads hold it, then its requests'
-    /// adapters' reads, and when it ends; a request arriving meanwhile waits for what is left.
-    step_api_end: f64,
-    step_reads_end: f64,
-    step_end: f64,
+    /// The step under way (while `in_step`): a request arriving meanwhile waits for what is
+    /// left of it.
+    step: StepTimes,
     counters: EngineCounters,
     /// Until when an adapter read through the load API holds the engine: vLLM runs it
     /// between steps on the engine's own loop, so every running request waits for it.
@@ -224,9 +199,7 @@ impl Engine {
             tiers,
             prefix: LruCache::new(blocks),
             in_step: false,
-            step_api_end: 0.0,
-            step_reads_end: 0.0,
-            step_end: 0.0,
+            step: StepTimes::default(),
             counters: EngineCounters::default(),
             blocked_until: 0.0,
         }
@@ -247,17 +220,7 @@ impl Engine {
 
     /// Queues a request.
     pub fn submit(&mut self, req: EngineRequest) {
-        let mut waited = Waited {
-            arrival: req.arrival,
-            ..Waited::default()
-        };
-        if self.in_step {
-            let at = req.arrival;
-            let left = |end: f64| (end - at).max(0.0);
-            waited.api_loads = left(self.step_api_end);
-            waited.other_reads = left(self.step_reads_end) - waited.api_loads;
-            waited.queue = left(self.step_end) - left(self.step_reads_end);
-        }
+        let waited = Waited::arriving(req.arrival, self.in_step.then_some(&self.step));
         // Behind every request of the same or a more urgent priority (FIFO within a level).
         let at = if self.params.priority_scheduling {
             self.waiting
@@ -474,35 +437,19 @@ impl Engine {
         let held = (self.blocked_until - now).max(0.0);
         let duration =
             held + decode + self.params.prefill_per_token * f64::from(prefill_tokens) + load_cost;
-        self.account_waits(held, load_cost, duration);
-        self.step_api_end = now + held;
-        self.step_reads_end = now + held + load_cost;
-        self.step_end = now + duration;
+        for q in &mut self.waiting {
+            let deferred = q.wait_reason == WaitReason::Deferred;
+            q.waited.waited_step(held, load_cost, duration, deferred);
+        }
+        for q in self.running.iter_mut().filter(|q| !q.started) {
+            q.waited.scheduled(held, load_cost);
+        }
+        self.step = StepTimes::starting(now, held, load_cost, duration);
         self.counters
             .iteration_tokens
             .push(prefill_tokens + self.running.len() as u32);
         self.in_step = true;
         Some(duration)
-    }
-
-    /// Charges a step of `duration` (`api` of it held by the load API's reads, then `loads`
-    /// reading its requests' adapters) to the requests still waiting for their first token:
-    /// those left waiting wait all of it, those it scheduled wait out the reads of other
-    /// adapters than their own.
-    fn account_waits(&mut self, api: f64, loads: f64, duration: f64) {
-        let rest = duration - api - loads;
-        for q in &mut self.waiting {
-            q.waited.api_loads += api;
-            q.waited.other_reads += loads;
-            match q.wait_reason {
-                WaitReason::Deferred => q.waited.slot += rest,
-                WaitReason::Capacity => q.waited.queue += rest,
-            }
-        }
-        for q in self.running.iter_mut().filter(|q| !q.started) {
-            q.waited.api_loads += api;
-            q.waited.other_reads += (loads - q.waited.own_load).max(0.0);
-        }
     }
 
     /// Leading cached tokens of `seq` (vLLM always recomputes the last prompt token) and the
@@ -615,28 +562,6 @@ impl Engine {
     }
 }
 
-/// Chained 64-bit block hashes of `text`, `chars_per_block` characters a block, seeded by
-/// `seed` (the adapter or base model) so that caches are per adapter as in vLLM.
-pub fn block_hashes(seed: &str, text: &str, chars_per_block: usize) -> Vec<u64> {
-    let bytes = text.as_bytes();
-    let n = bytes.len() / chars_per_block.max(1);
-    let mut out = Vec::with_capacity(n);
-    let mut h = fnv1a(0xcbf2_9ce4_8422_2325, seed.as_bytes());
-    for i in 0..n {
-        h = fnv1a(h, &bytes[i * chars_per_block..(i + 1) * chars_per_block]);
-        out.push(h);
-    }
-    out
-}
-
-fn fnv1a(mut h: u64, data: &[u8]) -> u64 {
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 /// Runs the engine to completion from `now`, returning every event (for tests and benches).
 pub fn run_to_completion(engine: &mut Engine, mut now: f64, max_steps: usize) -> Vec<EngineEvent> {
     let mut events = Vec::new();
@@ -655,6 +580,7 @@ pub fn run_to_completion(engine: &mut Engine, mut now: f64, max_steps: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::blocks::block_hashes;
 
     fn req(id: u64, adapter: Option<&str>, prompt: &str, max_tokens: u32) -> EngineRequest {
         let seed = adapter.unwrap_or("base");

@@ -1,5 +1,6 @@
 //! vllm-sim: a vLLM 0.32-compatible model server simulator for tests, the demo and benchmarks.
 
+pub mod blocks;
 pub mod engine;
 pub mod engine_actor;
 pub mod lora;
@@ -9,6 +10,7 @@ mod prom_text;
 pub mod residency;
 pub mod server;
 pub mod tiers;
+pub mod waited;
 
 use clap::Args;
 

@@ -14,7 +14,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::sim::engine::{EngineEvent, EngineRequest, block_hashes};
+use crate::sim::blocks::block_hashes;
+use crate::sim::engine::{EngineEvent, EngineRequest};
 use crate::sim::engine_actor::{Abort, EngineActor, Submit};
 use crate::sim::openai::{self, Api, ApiError, ResponseMeta};
 
