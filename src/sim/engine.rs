@@ -83,12 +83,13 @@ pub struct EngineRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     /// The first token; `cached_tokens` of the prompt came from the prefix cache; `waited`:
-    /// where the time to it went.
+    /// where the time to it went (for the request's `adapter`).
     FirstToken {
         id: u64,
         at: f64,
         cached_tokens: u32,
         waited: Waited,
+        adapter: Option<String>,
     },
     /// A later token.
     Token { id: u64, at: f64 },
@@ -497,6 +498,7 @@ impl Engine {
                     at: now,
                     cached_tokens: seq.cached_tokens,
                     waited: seq.waited,
+                    adapter: seq.req.adapter.clone(),
                 });
             } else {
                 if let Some(last) = seq.last_token_at {

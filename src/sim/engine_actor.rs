@@ -152,8 +152,15 @@ impl EngineActor {
     fn end(&mut self, ctx: &mut Context<Self>) {
         let now = self.now();
         for ev in self.engine.end_step(now) {
-            if let EngineEvent::FirstToken { id, at, waited, .. } = &ev {
-                log_first_token(*id, *at, waited);
+            if let EngineEvent::FirstToken {
+                id,
+                at,
+                waited,
+                adapter,
+                ..
+            } = &ev
+            {
+                log_first_token(*id, *at, waited, adapter.as_deref());
             }
             let (id, done) = match &ev {
                 EngineEvent::FirstToken { id, .. } | EngineEvent::Token { id, .. } => (*id, false),
@@ -173,7 +180,7 @@ impl EngineActor {
 
 /// One request's first token at debug level (`--log-filter warn,vllm_sim::ttft=debug`):
 /// its time to it and where that went ([`Waited`]); `scripts/ttft-causes.py` sums a run's.
-fn log_first_token(id: u64, at: f64, w: &Waited) {
+fn log_first_token(id: u64, at: f64, w: &Waited, adapter: Option<&str>) {
     let found = match w.found {
         None => "none",
         Some(Residency::Gpu) => "gpu",
@@ -183,6 +190,7 @@ fn log_first_token(id: u64, at: f64, w: &Waited) {
     tracing::debug!(
         target: "vllm_sim::ttft",
         id,
+        adapter = adapter.unwrap_or("-"),
         arrival = w.arrival,
         ttft = at - w.arrival,
         found,
