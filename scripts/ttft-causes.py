@@ -14,6 +14,7 @@ import argparse
 import glob
 import os
 import re
+import signal
 import sys
 
 FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
@@ -66,6 +67,8 @@ def report(path, rows, warmup, over):
 
 
 def main():
+    # Piped into head: stop quietly.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="route-bench --out directory (or one vllm-sim.log)")
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds left out at the start")

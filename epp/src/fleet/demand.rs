@@ -96,11 +96,10 @@ fn noise(r: f64, dt: f64, a: f64) -> f64 {
 /// as spread evenly over their interval. With fewer than `k` requests seen: all of them over
 /// the time observed, or with `two_hit` the same as with `k` over all of them (`n - 1`
 /// requests' worth back to the oldest, at least `min_span` seconds), so an adapter asked for
-/// once has shown no rate: a
-/// fresh EPP that counted one request over its first seconds read every adapter asked for
-/// once as busy, and placement pushed the fresh fleet's cached adapters out for them (each a
-/// disk read holding a serving engine), most never asked for again within the minute (a
-/// cache's two-hit admission; docs/benchmarks.md).
+/// once has shown no rate: a fresh EPP that counted one request over its first seconds read
+/// every adapter asked for once as busy, and placement pushed the fresh fleet's cached
+/// adapters out for them (each a disk read holding a serving engine), most never asked for
+/// again within the minute (a cache's two-hit admission; docs/benchmarks.md).
 fn recent_rate(
     intervals: &VecDeque<Interval>,
     k: u64,
