@@ -1,5 +1,7 @@
 //! Prompt block hashes for the simulated prefix cache: chained per block, seeded per adapter as vLLM's are.
 
+use std::hash::Hasher;
+
 /// Chained 64-bit block hashes of `text`, `chars_per_block` characters a block, seeded by
 /// `seed` (the adapter or base model) so that caches are per adapter as in vLLM.
 pub fn block_hashes(seed: &str, text: &str, chars_per_block: usize) -> Vec<u64> {
@@ -14,10 +16,9 @@ pub fn block_hashes(seed: &str, text: &str, chars_per_block: usize) -> Vec<u64> 
     out
 }
 
-fn fnv1a(mut h: u64, data: &[u8]) -> u64 {
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+/// FNV-1a (the `fnv` crate's) continued from `h` over `data`.
+fn fnv1a(h: u64, data: &[u8]) -> u64 {
+    let mut f = fnv::FnvHasher::with_key(h);
+    f.write(data);
+    f.finish()
 }

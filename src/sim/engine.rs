@@ -10,7 +10,8 @@ use std::num::NonZeroUsize;
 use lru::LruCache;
 
 use super::tiers::{LoraTiers, Residency, TierParams};
-pub use super::waited::{StepTimes, Waited};
+use super::waited::StepTimes;
+pub use super::waited::Waited;
 
 /// Latency and capacity parameters of the simulated server. Costs are in seconds of driver time.
 #[derive(Debug, Clone)]
