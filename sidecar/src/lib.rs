@@ -2,6 +2,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod links;
 pub mod models;
 pub mod placed;
 pub mod plan;

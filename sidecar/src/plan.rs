@@ -36,6 +36,12 @@ impl AdapterOp {
     }
 }
 
+/// `a.id` is the served name [`crate::version::served_name`] gives `a.source`.
+fn names_its_source(a: &crate::AdapterSpec) -> bool {
+    crate::version::id_of(&a.id)
+        .is_some_and(|id| crate::version::served_name(id, &a.source) == a.id)
+}
+
 /// The ops that bring `actual` to what `config` asks for. Adapters in neither list are never
 /// touched. Loads come before unloads so a rename keeps serving throughout.
 pub fn plan(config: &LoraConfig, actual: &Actual) -> Vec<AdapterOp> {
@@ -47,7 +53,9 @@ pub fn plan(config: &LoraConfig, actual: &Actual) -> Vec<AdapterOp> {
                 source: a.source.clone(),
                 inplace: false,
             }),
-            Some(root) if *root != a.source => ops.push(AdapterOp::Load {
+            // A versioned name is its source's (the tag is the source's hash): loaded from
+            // another path (a LoRA resolver's link to it) it is the same version.
+            Some(root) if *root != a.source && !names_its_source(a) => ops.push(AdapterOp::Load {
                 id: a.id.clone(),
                 source: a.source.clone(),
                 inplace: true,

@@ -262,6 +262,7 @@ impl LoraPlacer {
             self.placer.seed(&current);
             self.seeded = true;
         }
+        self.placer.holding = self.holding(&cat, servers);
         let plain: Vec<Server> = servers.iter().map(|(s, _)| s.clone()).collect();
         let homes = self
             .placer
@@ -340,6 +341,35 @@ impl LoraPlacer {
         ))));
     }
 
+    /// With `--lora-copy-names versioned`, the catalogue adapters each server lists under
+    /// their current served name (a home, or an on-demand copy a new home may take over).
+    fn holding(
+        &self,
+        cat: &Catalogue,
+        servers: &[(Server, Arc<EndpointHandle>)],
+    ) -> BTreeMap<String, BTreeSet<String>> {
+        if !self.shared.fleet.versioned_copies.load(Ordering::Relaxed) {
+            return BTreeMap::new();
+        }
+        servers
+            .iter()
+            .map(|(s, h)| {
+                let models = h.models.load_full();
+                let ids = cat
+                    .on_demand
+                    .values()
+                    .filter(|e| {
+                        models
+                            .as_ref()
+                            .is_some_and(|m| m.adapters.contains(&e.served))
+                    })
+                    .map(|e| e.id.clone())
+                    .collect();
+                (s.id.clone(), ids)
+            })
+            .collect()
+    }
+
     fn table(
         &self,
         cat: &Catalogue,
@@ -353,6 +383,7 @@ impl LoraPlacer {
             demand: self.demand.rates().clone(),
             moves: self.moves,
             resolver: self.shared.fleet.resolver.load(Ordering::Relaxed),
+            versioned_copies: self.shared.fleet.versioned_copies.load(Ordering::Relaxed),
             ..Table::default()
         };
         for (s, h) in servers {

@@ -59,7 +59,8 @@ impl CopyUnloader {
             // Another replica's request for it may be running or waiting there.
             let busy =
                 |a: &str, id: &str| view.scraped(a).is_some_and(|s| s.metrics.runs_or_waits(id));
-            flights.due(now, self.timing, &view, |a| view.has(a), busy)
+            let ours = |a: &str, name: &str| view.has(a) && !fleet.homed(name, a);
+            flights.due(now, self.timing, &view, ours, busy)
         };
         for key in due {
             self.unload(key, ctx);

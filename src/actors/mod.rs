@@ -11,4 +11,5 @@ pub mod messages;
 pub mod placement;
 pub mod placement_follower;
 pub mod reconciler;
+pub mod resolver_links;
 pub mod scraper;

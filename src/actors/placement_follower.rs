@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use inferlane_sidecar::LoraConfig;
-use inferlane_sidecar::placed::{Leaving, merge};
+use inferlane_sidecar::links::VERSION_GRACE;
+use inferlane_sidecar::placed::{Copies, Leaving, merge};
+use inferlane_sidecar::version::served_name;
 
 use crate::actors::messages::ConfigChanged;
 use crate::lora_fleet::wire::ServerSet;
@@ -37,13 +39,20 @@ pub struct PlacementFollower {
     opts: FollowerOptions,
     client: reqwest::Client,
     reconciler: Recipient<ConfigChanged<LoraConfig>>,
+    /// `--lora-resolver-dir`: the links actor, given every ConfigMap as read.
+    links: Option<Recipient<ConfigChanged<LoraConfig>>>,
     base: Option<Arc<LoraConfig>>,
     /// The last set the EPP gave (kept while it is away).
     placed: Option<BTreeSet<String>>,
     /// Names dropped from the set, kept a grace longer.
     leaving: Leaving,
-    /// The EPP unloads on-demand copies itself (`ServerSet::resolver`).
-    copies: bool,
+    /// Versioned copies: served names the ConfigMap stopped naming (a changed source),
+    /// kept loaded where they are for [`VERSION_GRACE`] (the EPP may still ask for a copy
+    /// under the old name: it sees a change at another time than this sidecar).
+    versions: Leaving,
+    /// Which on-demand copies the EPP unloads itself (`ServerSet::resolver`,
+    /// `ServerSet::versioned_copies`).
+    copies: Copies,
     sent: Option<Arc<LoraConfig>>,
     generation: u64,
     asking: bool,
@@ -54,15 +63,18 @@ impl PlacementFollower {
         opts: FollowerOptions,
         client: reqwest::Client,
         reconciler: Recipient<ConfigChanged<LoraConfig>>,
+        links: Option<Recipient<ConfigChanged<LoraConfig>>>,
     ) -> Self {
         Self {
             opts,
             client,
             reconciler,
+            links,
             base: None,
             placed: None,
             leaving: Leaving::default(),
-            copies: false,
+            versions: Leaving::default(),
+            copies: Copies::None,
             sent: None,
             generation: 0,
             asking: false,
@@ -72,11 +84,12 @@ impl PlacementFollower {
     /// Sends the merged config when it differs from the last one sent.
     fn forward(&mut self) {
         let Some(base) = &self.base else { return };
-        let kept = self.placed.as_ref().map(|p| {
-            self.leaving
-                .kept(p, std::time::Instant::now(), self.opts.unload_grace)
-        });
-        let merged = Arc::new(merge(base, kept.as_ref(), self.copies));
+        let now = std::time::Instant::now();
+        let mut leaving = self.leaving.names(now, self.opts.unload_grace);
+        if self.copies == Copies::Versioned {
+            leaving.extend(self.versions.names(now, VERSION_GRACE));
+        }
+        let merged = Arc::new(merge(base, self.placed.as_ref(), &leaving, self.copies));
         if self.sent.as_deref() == Some(&*merged) {
             return;
         }
@@ -130,7 +143,11 @@ impl PlacementFollower {
                     a.leaving
                         .update(a.placed.as_ref(), &ids, std::time::Instant::now());
                     a.placed = Some(ids);
-                    a.copies = set.resolver;
+                    a.copies = match (set.resolver, set.versioned_copies) {
+                        (false, _) => Copies::None,
+                        (true, false) => Copies::Plain,
+                        (true, true) => Copies::Versioned,
+                    };
                     a.forward();
                 }
                 Err(e) => {
@@ -155,6 +172,18 @@ impl Handler<ConfigChanged<LoraConfig>> for PlacementFollower {
     type Result = ();
 
     fn handle(&mut self, msg: ConfigChanged<LoraConfig>, ctx: &mut Context<Self>) {
+        if let Some(links) = &self.links {
+            links.do_send(msg.clone());
+        }
+        let names = |c: &LoraConfig| -> BTreeSet<String> {
+            c.on_demand
+                .iter()
+                .map(|a| served_name(&a.id, &a.source))
+                .collect()
+        };
+        let old = self.base.as_deref().map(names);
+        self.versions
+            .update(old.as_ref(), &names(&msg.config), std::time::Instant::now());
         self.base = Some(msg.config);
         self.forward();
         self.ask(ctx);

@@ -62,6 +62,9 @@ pub fn epp_args(
     if policy.adapters() == AdapterSetup::SidecarsAndResolver {
         a.extend(["--lora-cold-adapters".to_string(), "resolver".to_string()]);
     }
+    if policy == Policy::LoraPlacedVersioned {
+        a.extend(["--lora-copy-names".to_string(), "versioned".to_string()]);
+    }
     Ok(a)
 }
 
@@ -97,6 +100,12 @@ pub async fn prepare(
                     &format!("sidecar-{i}.yaml"),
                     &catalogue_yaml(w, &fleet.adapters_dir, port),
                 )?;
+                let dir_arg = fleet.adapters_dir.display().to_string();
+                let links: &[&str] = if policy == Policy::LoraPlacedVersioned {
+                    &["--lora-resolver-dir", &dir_arg]
+                } else {
+                    &[]
+                };
                 let args: Vec<String> = [
                     "--config",
                     &cfg.display().to_string(),
@@ -114,6 +123,7 @@ pub async fn prepare(
                     "warn",
                 ]
                 .iter()
+                .chain(links)
                 .map(|s| s.to_string())
                 .collect();
                 let log = dir.join(format!("sidecar-{i}.log"));

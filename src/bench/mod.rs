@@ -78,7 +78,7 @@ pub struct BenchArgs {
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
     Policy::parse(s).ok_or_else(|| {
-        format!("unknown policy {s:?}: use round-robin, random, least-queue, default, default-local-prefix, flow-control, flow-round-robin, flow-vtc, lora-everywhere, lora-hash-2, lora-lazy, lora-placed or lora-placed-resolver")
+        format!("unknown policy {s:?}: use round-robin, random, least-queue, default, default-local-prefix, flow-control, flow-round-robin, flow-vtc, lora-everywhere, lora-hash-2, lora-lazy, lora-placed, lora-placed-resolver or lora-placed-versioned")
     })
 }
 

@@ -41,6 +41,10 @@ pub enum Policy {
     /// Ours with `--lora-cold-adapters resolver`: adapters without a cache entry are read
     /// by the servers' LoRA resolver where a request lands, and unloaded once done.
     LoraPlacedResolver,
+    /// As `LoraPlacedResolver` with `--lora-copy-names versioned`: copies are asked for
+    /// under the served name the sidecars link into the resolver's folder, so a new home
+    /// takes over a copy without a read.
+    LoraPlacedVersioned,
 }
 
 impl Policy {
@@ -59,6 +63,7 @@ impl Policy {
             Policy::LoraLazy => "lora-lazy",
             Policy::LoraPlaced => "lora-placed",
             Policy::LoraPlacedResolver => "lora-placed-resolver",
+            Policy::LoraPlacedVersioned => "lora-placed-versioned",
         }
     }
 
@@ -78,6 +83,7 @@ impl Policy {
             Policy::LoraLazy,
             Policy::LoraPlaced,
             Policy::LoraPlacedResolver,
+            Policy::LoraPlacedVersioned,
         ]
         .into_iter()
         .find(|p| p.name() == s)
@@ -154,7 +160,8 @@ impl Policy {
             | Policy::LoraHash2
             | Policy::LoraLazy
             | Policy::LoraPlaced
-            | Policy::LoraPlacedResolver => None,
+            | Policy::LoraPlacedResolver
+            | Policy::LoraPlacedVersioned => None,
             Policy::Random => Some(
                 "kind: EndpointPickerConfig\nplugins:\n- type: random-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: random-picker\n",
             ),
@@ -175,7 +182,9 @@ impl Policy {
             Policy::LoraHash2 => AdapterSetup::Partition(2),
             Policy::LoraLazy => AdapterSetup::Resolver,
             Policy::LoraPlaced => AdapterSetup::Sidecars,
-            Policy::LoraPlacedResolver => AdapterSetup::SidecarsAndResolver,
+            Policy::LoraPlacedResolver | Policy::LoraPlacedVersioned => {
+                AdapterSetup::SidecarsAndResolver
+            }
             _ => AdapterSetup::Everywhere,
         }
     }

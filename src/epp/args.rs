@@ -195,6 +195,21 @@ pub struct EppArgs {
     /// entry) and `--lora-placement-mode load`.
     #[arg(long, value_enum, default_value_t = ColdAdapters::Registered)]
     pub lora_cold_adapters: ColdAdapters,
+    /// With `--lora-cold-adapters resolver`, the name a request asks a server's resolver
+    /// for: `plain`, the adapter's id (the folder `<id>/`); `versioned`, its current served
+    /// name `<id>@<tag>`, which each sidecar started with `--lora-resolver-dir` links to the
+    /// catalogue's source. A versioned copy is the version a home loads: placement makes a
+    /// server holding one a home without reading it again, a dropped home serves on as a
+    /// copy until idle, and a changed source is a new name (no same-name reload).
+    #[arg(long, value_enum, default_value_t = CopyNames::Plain)]
+    pub lora_copy_names: CopyNames,
+}
+
+/// `--lora-copy-names`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CopyNames {
+    Plain,
+    Versioned,
 }
 
 /// `--lora-cold-adapters`.

@@ -147,6 +147,13 @@ pub async fn start(args: EppArgs) -> Result<EppHandle, EppError> {
             "--lora-cold-adapters resolver places with the sidecars: drop --lora-placement-mode lazy (lazy already leaves every load to the resolver)".into(),
         ));
     }
+    if args.lora_copy_names == args::CopyNames::Versioned
+        && args.lora_cold_adapters != args::ColdAdapters::Resolver
+    {
+        return Err(EppError::Placement(
+            "--lora-copy-names versioned names the resolver's copies: add --lora-cold-adapters resolver, or drop it".into(),
+        ));
+    }
     let budget = memory_budget(&args.memory_budget)?;
     let shared = Arc::new(Shared::new(scheduler));
     let metrics = EppMetrics::new();
@@ -325,6 +332,10 @@ fn start_lora_fleet(args: &EppArgs, shared: &Arc<Shared>, metrics: &EppMetrics) 
         Relaxed,
     );
     shared.fleet.resolver.store(resolver, Relaxed);
+    shared.fleet.versioned_copies.store(
+        resolver && args.lora_copy_names == args::CopyNames::Versioned,
+        Relaxed,
+    );
     if resolver {
         crate::actors::lora_unloader::CopyUnloader::new(
             shared.clone(),

@@ -139,6 +139,12 @@ pub struct SidecarArgs {
         default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
     )]
     pub placement_token_file: PathBuf,
+    /// The folder of the server's LoRA resolver (`VLLM_LORA_RESOLVER_CACHE_DIR`, shared with
+    /// the vLLM container): the sidecar links each catalogue adapter's served name there to
+    /// its source (local absolute paths), for an EPP with `--lora-copy-names versioned`.
+    /// Links it no longer wants are removed; other entries are never touched.
+    #[arg(long, env = "LORA_RESOLVER_DIR")]
+    pub lora_resolver_dir: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -232,6 +238,25 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
         metrics.clone(),
     )
     .start();
+    let links = match (&args.lora_resolver_dir, &args.placement_url) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(SidecarError::Placement(
+                "--lora-resolver-dir serves LoRA placement: add --placement-url, or drop it".into(),
+            ));
+        }
+        (Some(dir), Some(_)) if !dir.is_dir() => {
+            return Err(SidecarError::Placement(format!(
+                "--lora-resolver-dir {}: not a folder; mount the volume vLLM's VLLM_LORA_RESOLVER_CACHE_DIR names there",
+                dir.display()
+            )));
+        }
+        (Some(dir), Some(_)) => Some(
+            crate::actors::resolver_links::ResolverLinks::new(dir.clone())
+                .start()
+                .recipient(),
+        ),
+    };
     let reconciler = match &args.placement_url {
         None => reconciler.recipient(),
         Some(url) => {
@@ -256,6 +281,7 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
                 },
                 http_client(&args)?,
                 reconciler.recipient(),
+                links,
             )
             .start()
             .recipient()

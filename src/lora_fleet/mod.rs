@@ -44,10 +44,26 @@ pub struct Target {
     pub on_demand: bool,
 }
 
+/// How long after a source change on-demand copies are still asked for under the old
+/// version's name (`--lora-copy-names versioned`): the sidecars link the new name when
+/// kubelet brings them the changed ConfigMap, up to a minute or two after this EPP read it,
+/// and keep the old link for [`inferlane_sidecar::links::VERSION_GRACE`].
+pub const COPY_NAME_LAG: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// An adapter's current served name, since when this EPP has seen it, and the one before.
+#[derive(Debug, Clone)]
+struct Version {
+    served: String,
+    since: Instant,
+    before: Option<String>,
+}
+
 /// A table with its routes by adapter, built once per tick.
 #[derive(Debug, Default)]
 pub struct Routed {
     pub table: Table,
+    /// Per adapter id, its version as this EPP first saw it (carried from table to table).
+    versions: HashMap<String, Version>,
     routes: HashMap<String, Route>,
     /// Per server address, the served names placed there and when each first appeared in a
     /// table here: only a model list read after that shows its sidecar has loaded it (an
@@ -101,11 +117,40 @@ impl Routed {
                 }
             }
         }
+        let versions = table
+            .served
+            .iter()
+            .map(|(id, served)| {
+                let was = before.and_then(|b| b.versions.get(id));
+                let v = match was {
+                    Some(v) if v.served == *served => v.clone(),
+                    _ => Version {
+                        served: served.clone(),
+                        since: now,
+                        before: was.map(|v| v.served.clone()),
+                    },
+                };
+                (id.clone(), v)
+            })
+            .collect();
         Self {
             table,
+            versions,
             routes,
             placed,
             captive,
+        }
+    }
+
+    /// The served name a server's resolver is asked for to make a copy of `id`: its
+    /// current version's, or for [`COPY_NAME_LAG`] after a change the previous one's.
+    pub fn copy_name<'a>(&'a self, id: &'a str, now: Instant) -> &'a str {
+        let Some(v) = self.versions.get(id) else {
+            return self.table.served.get(id).map_or(id, String::as_str);
+        };
+        match &v.before {
+            Some(b) if now.saturating_duration_since(v.since) < COPY_NAME_LAG => b,
+            _ => &v.served,
         }
     }
 
@@ -153,6 +198,13 @@ impl Routed {
     pub fn route(&self, id: &str) -> Option<&Route> {
         self.routes.get(id)
     }
+
+    /// Adapter `id` has `name` homed or draining on `address`.
+    fn holds(&self, id: &str, name: &str, address: &str) -> bool {
+        let here = |(a, s): &(String, String)| a == address && s == name;
+        self.route(id)
+            .is_some_and(|r| r.homes.iter().any(here) || r.draining.iter().any(here))
+    }
 }
 
 /// The fleet's shared state: the request path reads the table and bumps counters; the
@@ -168,6 +220,11 @@ pub struct FleetState {
     /// `--lora-cold-adapters resolver`: adapters without a home are served by the servers'
     /// LoRA resolver, and the copies it makes for our requests are unloaded once done.
     pub resolver: std::sync::atomic::AtomicBool,
+    /// `--lora-copy-names versioned`: on-demand copies are asked for under the adapter's
+    /// served name (`id@tag`, which the sidecars link into the resolver's folder), so a
+    /// copy is the version a home would load: placement adopts it as a home without a
+    /// second read, and a dropped home serves on as a copy until idle.
+    pub versioned_copies: std::sync::atomic::AtomicBool,
     /// This replica decides placement (it adopts on-demand copies found with no record).
     pub deciding: std::sync::atomic::AtomicBool,
     /// `--lora-max-cpu-loras` as placement reads it (0: unknown): a server with fewer
@@ -286,21 +343,37 @@ impl FleetState {
             .collect()
     }
 
-    /// `name`, listed on `address`, is an on-demand copy: resolver mode, a catalogue id
-    /// served under its plain id, which the table neither homes nor drains there.
+    /// `name`, listed on `address`, is an on-demand copy: resolver mode, a catalogue
+    /// adapter under its plain id or (`--lora-copy-names versioned`) its current served
+    /// name or the one copies are asked for ([`Routed::copy_name`]), which the table
+    /// neither homes nor drains there.
     pub fn adoptable(&self, name: &str, address: &str) -> bool {
-        if !self.resolver.load(Ordering::Relaxed) || !self.counters.load().by_id.contains_key(name)
-        {
+        if !self.resolver.load(Ordering::Relaxed) {
             return false;
         }
         let table = self.table.load();
         let Some(routed) = table.as_ref() else {
             return false;
         };
-        let here = |(a, s): &(String, String)| a == address && s == name;
-        routed
-            .route(name)
-            .is_none_or(|r| !r.homes.iter().any(here) && !r.draining.iter().any(here))
+        let id = routed.table.id_of(name);
+        if !self.counters.load().by_id.contains_key(id) {
+            return false;
+        }
+        let copy_name = name == id
+            || (self.versioned_copies.load(Ordering::Relaxed)
+                && (routed.table.served.get(id).is_some_and(|s| s == name)
+                    || routed.copy_name(id, Instant::now()) == name));
+        copy_name && !routed.holds(id, name, address)
+    }
+
+    /// The placement table homes `name` (a served name of adapter `id`) on `address`, or
+    /// drains it there: the sidecar's, not an on-demand copy.
+    pub fn homed(&self, name: &str, address: &str) -> bool {
+        let table = self.table.load();
+        table.as_ref().is_some_and(|routed| {
+            let id = routed.table.id_of(name);
+            routed.holds(id, name, address)
+        })
     }
 
     /// Placement has homes for `id` (a catalogue adapter, perhaps still loading).
@@ -328,12 +401,22 @@ impl FleetState {
         if !self.counters.load().by_id.contains_key(id) {
             return None;
         }
-        let (found, targets) = lock(&self.flights).targets(id, view, |a| routed.quietest(a));
+        let name = self.copy_name(routed, id);
+        let (found, targets) = lock(&self.flights).targets(name, view, |a| routed.quietest(a));
         let copy = |a: &str| Target {
             on_demand: found != Found::Borrowed,
-            ..target(a, id)
+            ..target(a, name)
         };
         (!targets.is_empty()).then(|| targets.into_iter().map(copy).collect())
+    }
+
+    /// The name on-demand copies of `id` are asked for under: its plain id, or with
+    /// `--lora-copy-names versioned` its served name ([`Routed::copy_name`]).
+    fn copy_name<'a>(&self, routed: &'a Routed, id: &'a str) -> &'a str {
+        if !self.versioned_copies.load(Ordering::Relaxed) {
+            return id;
+        }
+        routed.copy_name(id, Instant::now())
     }
 
     /// Whether the sidecar of `address` is loading an adapter placed there (never in lazy
@@ -555,6 +638,101 @@ mod tests {
         let mut two = vec![addrs[0], addrs[1]];
         routed.quietest(&mut two);
         assert_eq!(two, vec![addrs[0], addrs[1]]);
+    }
+
+    /// Servers that list nothing, all with room for a copy.
+    struct Open(Vec<&'static str>);
+
+    impl Servers for Open {
+        fn listed(&self, _: &str, _: &str) -> Option<Instant> {
+            None
+        }
+        fn read_at(&self, _: &str) -> Option<Instant> {
+            None
+        }
+        fn addresses(&self) -> impl Iterator<Item = &str> + Clone {
+            self.0.iter().copied()
+        }
+    }
+
+    #[test]
+    fn versioned_copies_go_by_served_name_and_only_a_name_no_home_holds_is_a_copy() {
+        let (s1, s2) = ("10.0.0.1:8000", "10.0.0.2:8000");
+        let (old, cur) = ("a@00000001", "a@00000002");
+        let table = |home_on_s2: bool| {
+            let mut t = Table {
+                resolver: true,
+                ..Table::default()
+            };
+            for (s, addr) in [("s1", s1), ("s2", s2)] {
+                let mut part = wire::ServerPart {
+                    address: addr.into(),
+                    ..Default::default()
+                };
+                if home_on_s2 && s == "s2" {
+                    part.homes.insert("a".into(), Role::Warm);
+                }
+                t.servers.insert(s.into(), part);
+            }
+            t.served.insert("a".into(), cur.into());
+            Arc::new(Routed::new(t, None))
+        };
+        let f = FleetState::default();
+        f.resolver.store(true, Ordering::Relaxed);
+        f.count_only(["a".to_string()]);
+        f.table.store(Some(table(false)));
+        let view = Open(vec![s1, s2]);
+        let copy = |a: &str, name: &str| Target {
+            on_demand: true,
+            ..target(a, name)
+        };
+        // Plain copies by default; the served name with versioned copies.
+        assert_eq!(
+            f.allowed("a", &view),
+            Some(vec![copy(s1, "a"), copy(s2, "a")])
+        );
+        assert!(f.adoptable("a", s1) && !f.adoptable(cur, s1));
+        f.versioned_copies.store(true, Ordering::Relaxed);
+        assert_eq!(
+            f.allowed("a", &view),
+            Some(vec![copy(s1, cur), copy(s2, cur)])
+        );
+        // The current version where no home holds it is a copy (a dropped home too); an
+        // older version is its sidecar's to unload; a plain copy left from before, ours.
+        assert!(f.adoptable(cur, s1) && f.adoptable(cur, s2));
+        assert!(!f.adoptable(old, s1));
+        assert!(f.adoptable("a", s1));
+        assert!(!f.adoptable("made-up@00000002", s1));
+        // Placement made s2 a home: its name there is the sidecar's, never unloaded as a copy.
+        f.table.store(Some(table(true)));
+        assert!(f.homed(cur, s2) && !f.homed(cur, s1));
+        assert!(!f.adoptable(cur, s2) && f.adoptable(cur, s1));
+    }
+
+    #[test]
+    fn after_a_source_change_copies_keep_the_old_name_until_the_sidecars_link_the_new() {
+        let table = |served: &str| {
+            let mut t = Table::default();
+            t.served.insert("a".into(), served.into());
+            t
+        };
+        let first = Routed::new(table("a@00000001"), None);
+        let now = Instant::now();
+        // Nothing seen before: the current name at once.
+        assert_eq!(first.copy_name("a", now), "a@00000001");
+        assert_eq!(
+            first.copy_name("b", now),
+            "b",
+            "not in the table: its plain id"
+        );
+        let changed = Routed::new(table("a@00000002"), Some(&first));
+        assert_eq!(changed.copy_name("a", now), "a@00000001");
+        let later = now + COPY_NAME_LAG + std::time::Duration::from_secs(1);
+        assert_eq!(changed.copy_name("a", later), "a@00000002");
+        // The change is remembered from table to table, not restarted by each.
+        let next = Routed::new(table("a@00000002"), Some(&changed));
+        assert_eq!(next.copy_name("a", now), "a@00000001");
+        assert_eq!(next.copy_name("a", later), "a@00000002");
     }
 
     #[test]

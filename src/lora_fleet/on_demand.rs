@@ -173,21 +173,22 @@ impl Flights {
     /// waiting on its server (`busy`: another replica's request may be), is chosen; one
     /// chosen a grace ago with nothing in flight, ours or on its server, is returned to be
     /// unloaded (one busy again lives on); unloaded copies are forgotten once their server's
-    /// list no longer shows them (or after `forget`); copies on servers gone from the pool
-    /// (`present`) are forgotten.
+    /// list no longer shows them (or after `forget`); copies no longer `ours` (`(address,
+    /// name)`: its server left the pool, or placement made the copy a home, whose sidecar
+    /// keeps it) are forgotten.
     pub fn due(
         &mut self,
         now: Instant,
         t: Timing,
         servers: &impl Servers,
-        present: impl Fn(&str) -> bool,
+        ours: impl Fn(&str, &str) -> bool,
         busy: impl Fn(&str, &str) -> bool,
     ) -> Vec<(String, String)> {
         let counts = &self.counts;
         let mut out = Vec::new();
         self.copies.retain(|key, c| {
             let (id, addr) = (key.0.as_str(), key.1.as_str());
-            if !present(addr) {
+            if !ours(addr, id) {
                 return false;
             }
             let idle = !counts.contains_key(key);
@@ -319,19 +320,19 @@ mod tests {
         f.end(&key, ms(t0, 100));
         let never_busy = |_: &str, _: &str| false;
         assert!(
-            f.due(ms(t0, 300), T, &view, |_| true, never_busy)
+            f.due(ms(t0, 300), T, &view, |_, _| true, never_busy)
                 .is_empty(),
             "lingers"
         );
         assert!(
-            f.due(ms(t0, 700), T, &view, |_| true, never_busy)
+            f.due(ms(t0, 700), T, &view, |_, _| true, never_busy)
                 .is_empty(),
             "chosen"
         );
         // Chosen: no request goes to it; another server resolves it.
         assert_eq!(f.targets("x", &view, |_| {}).1, vec![s1]);
         assert_eq!(
-            f.due(ms(t0, 950), T, &view, |_| true, never_busy),
+            f.due(ms(t0, 950), T, &view, |_, _| true, never_busy),
             vec![key.clone()]
         );
         f.unloaded(&key, ms(t0, 960));
@@ -346,7 +347,7 @@ mod tests {
         );
         view.read = Some(ms(t0, 1000));
         assert_eq!(f.targets("x", &view, |_| {}).1, vec![s2]);
-        f.due(ms(t0, 1100), T, &view, |_| true, never_busy);
+        f.due(ms(t0, 1100), T, &view, |_, _| true, never_busy);
         assert!(f.copies.is_empty(), "forgotten once gone");
     }
 
@@ -363,40 +364,40 @@ mod tests {
         let b = f.begin("x", s1, true);
         f.end(&a, ms(t0, 10));
         assert!(
-            f.due(ms(t0, 5000), T, &view, |_| true, |_, _| false)
+            f.due(ms(t0, 5000), T, &view, |_, _| true, |_, _| false)
                 .is_empty()
         );
         f.end(&b, ms(t0, 5000));
         // Another replica's request runs there: the server reports it running.
         assert!(
-            f.due(ms(t0, 6000), T, &view, |_| true, |_, _| true)
+            f.due(ms(t0, 6000), T, &view, |_, _| true, |_, _| true)
                 .is_empty()
         );
         assert!(matches!(f.copies[&b], Copy::Live { .. }));
         // Chosen, then a request begins during the grace: it lives on.
-        f.due(ms(t0, 6000), T, &view, |_| true, |_, _| false);
+        f.due(ms(t0, 6000), T, &view, |_, _| true, |_, _| false);
         let c = f.begin("x", s1, true);
         assert!(
-            f.due(ms(t0, 6300), T, &view, |_| true, |_, _| false)
+            f.due(ms(t0, 6300), T, &view, |_, _| true, |_, _| false)
                 .is_empty()
         );
         f.end(&c, ms(t0, 6300));
         // Chosen, then another replica's request shows on the server during the grace: it
         // lives on, and lingers again once that is done.
-        f.due(ms(t0, 6900), T, &view, |_| true, |_, _| false);
+        f.due(ms(t0, 6900), T, &view, |_, _| true, |_, _| false);
         assert!(matches!(f.copies[&c], Copy::Unloading { .. }));
         assert!(
-            f.due(ms(t0, 7000), T, &view, |_| true, |_, _| true)
+            f.due(ms(t0, 7000), T, &view, |_, _| true, |_, _| true)
                 .is_empty()
         );
         assert!(matches!(f.copies[&c], Copy::Live { .. }));
         // A failed unload is tried again after the linger; a server gone is forgotten.
-        f.due(ms(t0, 7600), T, &view, |_| true, |_, _| false);
-        let due = f.due(ms(t0, 7900), T, &view, |_| true, |_, _| false);
+        f.due(ms(t0, 7600), T, &view, |_, _| true, |_, _| false);
+        let due = f.due(ms(t0, 7900), T, &view, |_, _| true, |_, _| false);
         assert_eq!(due, vec![c.clone()]);
         f.unload_failed(&c, ms(t0, 7900));
         assert!(matches!(f.copies[&c], Copy::Live { .. }));
-        f.due(ms(t0, 8000), T, &view, |_| false, |_, _| false);
+        f.due(ms(t0, 8000), T, &view, |_, _| false, |_, _| false);
         assert!(f.copies.is_empty());
     }
 
@@ -421,14 +422,14 @@ mod tests {
         assert!(f.copies.is_empty(), "its maker unloads it");
         f.end(&key, ms(t0, 10));
         assert!(
-            f.due(ms(t0, 5000), T, &view, |_| true, |_, _| false)
+            f.due(ms(t0, 5000), T, &view, |_, _| true, |_, _| false)
                 .is_empty()
         );
         // A copy of ours comes first; one of ours being unloaded is not borrowed back.
         let ours = f.begin("x", s1, true);
         assert_eq!(f.targets("x", &view, |_| {}), (Found::Ours, vec![s1]));
         f.end(&ours, ms(t0, 5000));
-        f.due(ms(t0, 5600), T, &view, |_| true, |_, _| false);
+        f.due(ms(t0, 5600), T, &view, |_, _| true, |_, _| false);
         view.resident = vec![(s1, "x")];
         assert_eq!(f.targets("x", &view, |_| {}), (Found::New, vec![s2, s3]));
         // Gone from the server's report: nothing to borrow.

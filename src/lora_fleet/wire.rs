@@ -26,6 +26,11 @@ pub struct Table {
     /// plain ids, which the EPP unloads (sidecars leave them alone).
     #[serde(default)]
     pub resolver: bool,
+    /// `--lora-copy-names versioned`: on-demand copies are served under the current
+    /// version's name, which sidecars then leave loaded where it is no home (the EPP
+    /// unloads it once idle).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub versioned_copies: bool,
 }
 
 /// One server's part.
@@ -78,6 +83,10 @@ pub struct ServerSet {
     /// them (`--lora-cold-adapters resolver`).
     #[serde(default)]
     pub resolver: bool,
+    /// Copies are served under the current version's name too: leave it loaded where it
+    /// is no home (`--lora-copy-names versioned`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub versioned_copies: bool,
 }
 
 impl Table {
@@ -131,6 +140,7 @@ impl Table {
                 .collect(),
             draining: part.draining.iter().map(|n| placed(n)).collect(),
             resolver: self.resolver,
+            versioned_copies: self.versioned_copies,
         })
     }
 }

@@ -44,6 +44,10 @@ pub struct Placer {
     /// What a new decider found, kept for `grace` more ticks.
     found: Homes,
     grace: u32,
+    /// Per server id, adapters it holds as they would be loaded there but not as a home
+    /// (an on-demand copy under the current version's name): a new home goes there first,
+    /// where it needs no read.
+    pub holding: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// An adapter cached now keeps its entry against a challenger with less than this many times
@@ -193,7 +197,12 @@ impl Placer {
                 .map(|&i| budget.keep(order[i].0, order[i].1, servers, current))
                 .collect();
             for (&i, p) in mine.iter().zip(placed.iter_mut()) {
-                budget.add(order[i].0, order[i].1, servers, p, fresh);
+                let held = |s: usize| {
+                    self.holding
+                        .get(&servers[s].id)
+                        .is_some_and(|h| h.contains(order[i].0))
+                };
+                budget.add(order[i].0, order[i].1, servers, p, fresh, held);
             }
             for (&i, p) in mine.iter().zip(placed) {
                 // Without cold homes, a home the budget left no cache entry for goes: the
@@ -419,9 +428,9 @@ impl Budget {
     }
 
     /// Kept homes move up to the wanted role where the budget allows, then new homes up to
-    /// `want.replicas` by rendezvous weight; a home the role's budget cannot take is
-    /// offered the next role down. Every adapter ends with at least one home (one cold
-    /// home, which takes no slot).
+    /// `want.replicas`, servers that hold the adapter already (`held`) first, then by
+    /// rendezvous weight; a home the role's budget cannot take is offered the next role
+    /// down. Every adapter ends with at least one home (one cold home, which takes no slot).
     fn add(
         &mut self,
         id: &str,
@@ -429,6 +438,7 @@ impl Budget {
         servers: &[Server],
         placed: &mut Vec<(usize, Role)>,
         fresh: bool,
+        held: impl Fn(usize) -> bool,
     ) {
         for p in placed.iter_mut() {
             if p.1 < want.role {
@@ -455,7 +465,7 @@ impl Budget {
         }
         let key = endpoint_key(id);
         let mut order: Vec<usize> = (0..servers.len()).collect();
-        order.sort_by_key(|&s| std::cmp::Reverse(weight(key, servers[s].key)));
+        order.sort_by_key(|&s| std::cmp::Reverse((held(s), weight(key, servers[s].key))));
         let mut role = want.role;
         loop {
             let room = if role == Role::Cold { 1 } else { want.replicas };

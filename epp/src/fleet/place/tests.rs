@@ -426,3 +426,38 @@ fn without_cold_homes_adapters_past_the_cache_have_none() {
     let next = p.place(&cat, &servers, &demand, &held(&h));
     assert_eq!(sets(&next), sets(&h));
 }
+
+#[test]
+fn a_new_home_goes_where_the_adapter_is_held_already() {
+    let servers: Vec<Server> = (0..4).map(|i| server(i, 4, 16)).collect();
+    let cat = catalogue(8, &[], &[]);
+    let demand: BTreeMap<String, f64> = (0..8).map(|i| (format!("a{i}"), 1.0)).collect();
+    let params = Params {
+        cold_homes: false,
+        ..Params::default()
+    };
+    let only = |h: &Homes, id: &str| -> Vec<String> {
+        homes_of(h, id).into_iter().map(|(s, _)| s).collect()
+    };
+    let h = Placer::new(params.clone()).place(&cat, &servers, &demand, &BTreeMap::new());
+    let by_weight = only(&h, "a0");
+    assert_eq!(by_weight.len(), 1, "{h:?}");
+    // A server a0's rendezvous order puts last holds it (an on-demand copy under the name
+    // a home loads): the new home goes there, where it needs no read.
+    let key = endpoint_key("a0");
+    let last = servers
+        .iter()
+        .min_by_key(|s| weight(key, s.key))
+        .unwrap()
+        .id
+        .clone();
+    assert_ne!(by_weight, vec![last.clone()]);
+    let mut p = Placer::new(params);
+    p.holding.insert(last.clone(), ["a0".to_string()].into());
+    let h2 = p.place(&cat, &servers, &demand, &BTreeMap::new());
+    assert_eq!(only(&h2, "a0"), vec![last]);
+    check_budgets_with(&h2, &servers, &cat, false).unwrap();
+    // Homes it has stay where they are, held elsewhere or not.
+    let h3 = p.place(&cat, &servers, &demand, &held(&h));
+    assert_eq!(only(&h3, "a0"), by_weight);
+}

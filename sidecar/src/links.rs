@@ -1,0 +1,152 @@
+//! The links a sidecar keeps in its server's LoRA resolver folder: each catalogue adapter's served name pointing at its source.
+//!
+//! vLLM's filesystem resolver loads `<dir>/<model>` for a model it does not know. With
+//! `--lora-copy-names versioned` the EPP asks it for `id@tag` (the name a home would load),
+//! so the folder must hold that name: the sidecar links it to the catalogue's source, and a
+//! changed source is a new name beside the old, never new weights under a name in use.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+
+use crate::LoraConfig;
+use crate::version::{id_of, served_name};
+
+/// How long a link, and a copy loaded under it, stay after the catalogue stops naming it
+/// (its source changed): the EPP asks for the old name for two minutes after it sees a
+/// change, and it may see the change up to a few minutes after this sidecar does (kubelet
+/// brings ConfigMap volumes up to date within its sync period).
+pub const VERSION_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// What a name in the folder is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Existing {
+    /// A symbolic link to this target.
+    Link(PathBuf),
+    /// Anything else (an operator's folder or file): never touched.
+    Other,
+}
+
+/// Changes that bring the folder to the wanted links.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LinkOps {
+    /// Names to (re)link to a target.
+    pub link: Vec<(String, PathBuf)>,
+    /// Links to remove: served names no catalogue adapter has any more.
+    pub remove: Vec<String>,
+    /// Wanted names held by something that is not a link (left as they are).
+    pub blocked: Vec<String>,
+}
+
+/// Served name -> source for every catalogue (`onDemand`) adapter whose source is an
+/// absolute local path without `..` (a hub id or URL has no folder to link; the resolver
+/// cannot read it either) and whose served name is one path component.
+pub fn wanted(cfg: &LoraConfig) -> BTreeMap<String, PathBuf> {
+    cfg.on_demand
+        .iter()
+        .filter(|a| local(&a.source))
+        .map(|a| (served_name(&a.id, &a.source), PathBuf::from(&a.source)))
+        .filter(|(name, _)| one_component(name))
+        .collect()
+}
+
+/// The operations from `have` (the folder's entries) to `want`. Only links under served
+/// names are ever removed, and not those in `keep` (wanted until lately): whatever else the
+/// folder holds is the operator's.
+pub fn ops(
+    want: &BTreeMap<String, PathBuf>,
+    have: &BTreeMap<String, Existing>,
+    keep: &BTreeSet<String>,
+) -> LinkOps {
+    let mut out = LinkOps::default();
+    for (name, target) in want {
+        match have.get(name) {
+            Some(Existing::Link(t)) if t == target => {}
+            Some(Existing::Other) => out.blocked.push(name.clone()),
+            _ => out.link.push((name.clone(), target.clone())),
+        }
+    }
+    for (name, e) in have {
+        if matches!(e, Existing::Link(_))
+            && id_of(name).is_some()
+            && !want.contains_key(name)
+            && !keep.contains(name)
+        {
+            out.remove.push(name.clone());
+        }
+    }
+    out
+}
+
+fn local(source: &str) -> bool {
+    let p = Path::new(source);
+    p.is_absolute() && !p.components().any(|c| c == Component::ParentDir)
+}
+
+fn one_component(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CFG: &str = "vLLMLoRAConfig:\n  ensureNotExist:\n    models:\n    - id: bad\n      source: /a/bad\n  onDemand:\n    models:\n    - id: x\n      source: /a/x\n    - id: hub\n      source: org/hub-adapter\n    - id: up\n      source: /a/../etc\n    - id: bad\n      source: /a/bad\n    - id: y\n      source: /a/y\n";
+
+    #[test]
+    fn catalogue_sources_are_linked_under_served_names_and_only_our_links_go() {
+        let cfg = crate::parse(CFG, true).unwrap();
+        let want = wanted(&cfg);
+        let (x, y) = (served_name("x", "/a/x"), served_name("y", "/a/y"));
+        assert_eq!(
+            want.keys().collect::<Vec<_>>(),
+            {
+                let mut v = vec![&x, &y];
+                v.sort();
+                v
+            },
+            "hub ids, `..` paths and ensureNotExist are not linked"
+        );
+        let old_x = served_name("x", "/a/x-old");
+        let have: BTreeMap<String, Existing> = [
+            (x.clone(), Existing::Link("/elsewhere".into())),
+            (y.clone(), Existing::Other),
+            (old_x.clone(), Existing::Link("/a/x-old".into())),
+            ("x".into(), Existing::Link("/a/x".into())),
+            ("notes".into(), Existing::Other),
+        ]
+        .into_iter()
+        .collect();
+        let o = ops(&want, &have, &BTreeSet::new());
+        assert_eq!(o.link, vec![(x.clone(), PathBuf::from("/a/x"))]);
+        assert_eq!(o.remove, vec![old_x.clone()], "an old version's link goes");
+        // Within its grace it stays.
+        let kept = ops(&want, &have, &[old_x].into());
+        assert!(kept.remove.is_empty());
+        assert_eq!(o.blocked, vec![y.clone()], "an operator's folder stays");
+        // Applied, nothing is left to do.
+        let done: BTreeMap<String, Existing> = want
+            .iter()
+            .map(|(n, t)| (n.clone(), Existing::Link(t.clone())))
+            .collect();
+        assert_eq!(ops(&want, &done, &BTreeSet::new()), LinkOps::default());
+    }
+
+    proptest! {
+        #[test]
+        fn a_link_name_is_one_path_component(id in "[a-z0-9./_-]{1,12}", src in "/[a-z0-9./]{0,20}") {
+            let cfg = crate::parse(
+                &format!("vLLMLoRAConfig:\n  onDemand:\n    models:\n    - id: {id:?}\n      source: {src:?}\n"),
+                false,
+            );
+            if let Ok(cfg) = cfg {
+                for (name, target) in wanted(&cfg) {
+                    prop_assert!(one_component(&name), "{name}");
+                    prop_assert!(Path::new(&name).components().count() == 1, "{name}");
+                    prop_assert!(target.is_absolute());
+                    prop_assert!(!target.components().any(|c| c == Component::ParentDir));
+                }
+            }
+        }
+    }
+}
