@@ -34,6 +34,9 @@ fn catalogue(port: u16, dir: &Path) -> String {
 struct Rig {
     /// `--lora-cold-adapters resolver`, the servers with a LoRA resolver.
     resolver: bool,
+    /// `--lora-copy-names versioned`: the servers' resolver folder holds only the links the
+    /// sidecars make (`--lora-resolver-dir`).
+    versioned: bool,
     dir: tempfile::TempDir,
     sims: Vec<Proc>,
     sidecars: Vec<Option<Proc>>,
@@ -50,10 +53,19 @@ impl Rig {
     }
 
     async fn start_with(resolver: bool) -> Rig {
+        Self::start_rig(resolver, false).await
+    }
+
+    async fn start_rig(resolver: bool, versioned: bool) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let adapters = dir.path().join("adapters");
         std::fs::create_dir_all(&adapters).unwrap();
-        let adapters_arg = adapters.to_string_lossy().into_owned();
+        std::fs::create_dir_all(dir.path().join("resolver")).unwrap();
+        let adapters_arg = if versioned {
+            dir.path().join("resolver").to_string_lossy().into_owned()
+        } else {
+            adapters.to_string_lossy().into_owned()
+        };
         let mut args = vec![
             "--enable-lora",
             "--max-loras",
@@ -87,6 +99,7 @@ impl Rig {
         let (grpc_port, metrics_port) = (free_port(), free_port());
         let mut rig = Rig {
             resolver,
+            versioned,
             sims,
             sidecars: Vec::new(),
             epp: None,
@@ -127,6 +140,9 @@ impl Rig {
         if self.resolver {
             args.extend(["--lora-cold-adapters", "resolver"]);
         }
+        if self.versioned {
+            args.extend(["--lora-copy-names", "versioned"]);
+        }
         self.epp = Some(spawn_epp(&pool, &args, self.dir.path()));
     }
 
@@ -147,18 +163,19 @@ impl Rig {
     fn start_sidecar(&self, i: usize) -> Proc {
         let cfg = self.dir.path().join(format!("sidecar{i}.yaml"));
         let url = format!("http://127.0.0.1:{}/lora/v1/placement", self.metrics_port);
-        spawn_sidecar(
-            &cfg,
-            &[
-                "--placement-url",
-                &url,
-                "--placement-server",
-                &self.sims[i].addr,
-                "--placement-interval",
-                "150ms",
-            ],
-            self.dir.path(),
-        )
+        let links = self.dir.path().join("resolver");
+        let mut args = vec![
+            "--placement-url",
+            &url,
+            "--placement-server",
+            &self.sims[i].addr,
+            "--placement-interval",
+            "150ms",
+        ];
+        if self.versioned {
+            args.extend(["--lora-resolver-dir", links.to_str().unwrap()]);
+        }
+        spawn_sidecar(&cfg, &args, self.dir.path())
     }
 
     /// What the EPP drained and the sidecars did, for a failure's message.
@@ -734,6 +751,93 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
         .await
         .unwrap();
     assert!(metric(&page, "inferlane_epp_lora_on_demand_unloads_total").unwrap() >= first);
+    assert_eq!(
+        metric(&page, "inferlane_epp_lora_on_demand_unload_failures_total"),
+        Some(0.0)
+    );
+}
+
+/// `--lora-copy-names versioned`: the sidecars link each catalogue adapter's served name
+/// to its source in the servers' resolver folder (which holds nothing else); an adapter
+/// without a home is read through it under that name, the version a home would load, and
+/// its copy unloaded once done; gaining a home under traffic fails no request, and no
+/// sidecar reads a version again that a server holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn versioned_copies_are_linked_and_served_under_the_versions_name() {
+    let rig = Arc::new(Rig::start_rig(true, true).await);
+    let links = rig.dir.path().join("resolver");
+    // a0..a6: a7 is ensureNotExist, never linked.
+    let linked = wait_for(
+        "the sidecars to link every catalogue adapter",
+        T,
+        || async {
+            let names: BTreeSet<String> = std::fs::read_dir(&links)
+                .ok()?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect();
+            (names.len() == ADAPTERS - 1).then_some(names)
+        },
+    )
+    .await;
+    assert!(
+        linked.iter().all(|n| id_of(n) != *n && id_of(n) != "a7"),
+        "{linked:?}"
+    );
+    let cold = homeless(&rig).await;
+    let t = rig.table().await.expect("the placement table");
+    let served = t["served"][cold.as_str()].as_str().unwrap().to_string();
+    assert!(linked.contains(&served), "{served} not in {linked:?}");
+    let (code, body) = rig.complete(&cold).await;
+    assert_eq!(code, 200, "{body}");
+    let mut ran = 0;
+    for sim in &rig.sims {
+        let by_name = sim_requests(&rig.c, sim).await;
+        assert!(!by_name.contains_key(&cold), "asked under its plain id");
+        ran += by_name.get(&served).copied().unwrap_or(0);
+    }
+    assert_eq!(
+        ran, 1,
+        "one server ran {served}, read through its resolver's link"
+    );
+    wait_for("the EPP to unload the copy once done", T, || {
+        let (rig, served) = (rig.clone(), served.clone());
+        async move { (!rig.listed_names().await.contains_key(&served)).then_some(()) }
+    })
+    .await;
+    // Busy now: it gains a home while requests keep working.
+    let mut traffic = Traffic::default();
+    traffic.start(&rig, vec![cold.clone()], 2);
+    wait_for("a home for the busy adapter", T, || {
+        let (rig, cold) = (rig.clone(), cold.clone());
+        async move {
+            let t = rig.table().await?;
+            homes(&t).contains_key(&cold).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // traffic runs on over the new home a while
+    let done = traffic.stop_and_check(&rig).await;
+    assert!(done > 5, "{done} requests");
+    for s in &rig.sims {
+        let st = sim_stats(&rig.c, s).await;
+        let loads = st["load_attempts"][&served].as_array().map_or(0, Vec::len);
+        assert!(
+            loads <= 1,
+            "{served} loaded {loads} times on {}: {st}",
+            s.addr
+        );
+    }
+    let page = rig
+        .c
+        .get(format!("http://127.0.0.1:{}/metrics", rig.metrics_port))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(
         metric(&page, "inferlane_epp_lora_on_demand_unload_failures_total"),
         Some(0.0)
