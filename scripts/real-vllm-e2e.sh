@@ -92,9 +92,10 @@ start_chain() {
   local epp; epp=$(grep EPP_LISTENING "$R/epp-$name.out")
   EPP_GRPC=$(echo "$epp" | sed -n 's/.*grpc=127.0.0.1:\([0-9]*\).*/\1/p')
   EPP_METRICS=$(echo "$epp" | sed -n 's/.*metrics=\([^ ]*\).*/\1/p')
+  # shellcheck disable=SC2086 # SIDECAR_EXTRA: extra sidecar flags, split on spaces
   target/debug/lora-sidecar --config "$cat" --metrics-host 127.0.0.1 --metrics-port 0 \
     --reconcile-trigger 1s --placement-url "http://$EPP_METRICS/lora/v1/placement" \
-    --placement-server "127.0.0.1:$port" --placement-interval 500ms > "$R/sidecar-$name.out" 2> "$R/sidecar-$name.log" &
+    --placement-server "127.0.0.1:$port" --placement-interval 500ms ${SIDECAR_EXTRA:-} > "$R/sidecar-$name.out" 2> "$R/sidecar-$name.log" &
   pids+=($!)
   sed -e "s/\${LISTEN_PORT}/0/; s/\${EPP_PORT}/$EPP_GRPC/; s/\${BODY_MODE}/BUFFERED/; s/\${TRAILER_MODE}/SKIP/; s/\${FAILURE_MODE_ALLOW}/false/" \
     deploy/envoy/envoy-epp.yaml.tmpl > "$R/envoy-$name.yaml"
@@ -208,4 +209,37 @@ placed3() { ids3 | tr ',' '\n' | grep -c '@' || true; }
 for _ in $(seq 1 200); do [ "$(unloads)" -ge 1 ] 2>/dev/null && [ "$(copies3)" = 0 ] && [ "$(placed3)" = 3 ] && break; sleep 0.1; done
 check "resolver: the EPP unloaded r4's copy once done" "$( [ "$(unloads)" -ge 1 ] 2>/dev/null && [ "$(copies3)" = 0 ] && echo yes)" "yes"
 check "resolver: the server keeps three placed adapters" "$(placed3)" "3"
+
+# Versioned copies (--lora-copy-names versioned): this server's resolver folder holds only
+# the links its sidecar makes (--lora-resolver-dir), one per catalogue adapter's served name
+# (<id>@<tag> -> its source). r4, without a home, is read through its link under that name
+# (no folder r4 exists: a request under the plain id could not be resolved), and the EPP
+# unloads the copy once done.
+rm -rf "$R/links" && mkdir -p "$R/links"
+PORT4=$((PORT + 3))
+export VLLM_PLUGINS=lora_filesystem_resolver VLLM_LORA_RESOLVER_CACHE_DIR="$R/links"
+start_vllm "$PORT4" "$R/vllm4.log" --max-cpu-loras 3
+unset VLLM_PLUGINS VLLM_LORA_RESOLVER_CACHE_DIR
+BASE4=http://127.0.0.1:$PORT4
+sed "s/port: $PORT3\$/port: $PORT4/" "$R/resolver.yaml" > "$R/versioned.yaml"
+printf 'pool: {name: real4}\nendpoints:\n- address: 127.0.0.1:%s\n' "$PORT4" > "$R/pool4.yaml"
+SIDECAR_EXTRA="--lora-resolver-dir $R/links" start_chain real4 "$R/pool4.yaml" "$R/versioned.yaml" "$PORT4" \
+  --lora-max-cpu-loras 3 --lora-cold-adapters resolver --lora-copy-names versioned
+links4() { find "$R/links" -maxdepth 1 -type l -name '*@*' -printf '%f\n' | sed -E 's/@[0-9a-f]{8}$//' | sort | paste -sd, -; }
+for _ in $(seq 1 100); do [ "$(links4)" = "r1,r2,r3,r4" ] && break; sleep 0.1; done
+check "versioned: the sidecar linked every catalogue adapter's served name" "$(links4)" "r1,r2,r3,r4"
+ids4() { curl -s "$BASE4/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))'; }
+plain4() { ids4 | sed -E 's/@[0-9a-f]{8}//g'; }
+for _ in $(seq 1 300); do [ "$(plain4)" = "r1,r2,r3" ] && break; sleep 0.1; done
+check "versioned: r1-r3 placed in the cache, r4 without a home" "$(plain4)" "r1,r2,r3"
+codes=""
+for _ in 1 2 3; do codes="$codes$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/v1/completions" \
+  -H 'content-type: application/json' -d '{"model":"r4","prompt":"hi","max_tokens":2}')"; done
+check "versioned: requests for r4 served through its resolver's link" "$codes" "200200200"
+grep -q "r4@" "$R/vllm4.log" && echo "PASS versioned: vLLM resolved r4 under its served name" || { echo "FAIL versioned: no r4@ in $R/vllm4.log"; fail=1; }
+# Copies and homes share names now: what the server lists must be the table's homes (r4 may
+# have gained one from its demand, and an idle adapter drained to make room).
+homes4() { curl -s "http://$EPP_METRICS/lora/v1/placement" | python3 -c 'import json,sys; t=json.load(sys.stdin); print(",".join(sorted(t["served"][i] for p in t["servers"].values() for i in p["homes"])))'; }
+for _ in $(seq 1 300); do [ "$(unloads)" -ge 1 ] 2>/dev/null && [ "$(ids4)" = "$(homes4)" ] && break; sleep 0.1; done
+check "versioned: the EPP unloaded r4's copy once done; the server lists its homes only" "$( [ "$(unloads)" -ge 1 ] 2>/dev/null && [ "$(ids4)" = "$(homes4)" ] && echo yes)" "yes"
 exit $fail
