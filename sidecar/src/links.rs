@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 
-use crate::LoraConfig;
 use crate::version::{id_of, served_name};
+use crate::{LoraConfig, SourcePolicy};
 
 /// How long a link, and a copy loaded under it, stay after the catalogue stops naming it
 /// (its source changed): the EPP asks for the old name for two minutes after it sees a
@@ -39,11 +39,13 @@ pub struct LinkOps {
 
 /// Served name -> source for every catalogue (`onDemand`) adapter whose source is an
 /// absolute local path without `..` (a hub id or URL has no folder to link; the resolver
-/// cannot read it either) and whose served name is one path component.
-pub fn wanted(cfg: &LoraConfig) -> BTreeMap<String, PathBuf> {
+/// cannot read it either) that `policy` allows (`--allowed-source`: a link lets the
+/// resolver load it as surely as a load call would), and whose served name is one path
+/// component.
+pub fn wanted(cfg: &LoraConfig, policy: &SourcePolicy) -> BTreeMap<String, PathBuf> {
     cfg.on_demand
         .iter()
-        .filter(|a| local(&a.source))
+        .filter(|a| local(&a.source) && policy.check(&a.source).is_ok())
         .map(|a| (served_name(&a.id, &a.source), PathBuf::from(&a.source)))
         .filter(|(name, _)| one_component(name))
         .collect()
@@ -96,7 +98,7 @@ mod tests {
     #[test]
     fn catalogue_sources_are_linked_under_served_names_and_only_our_links_go() {
         let cfg = crate::parse(CFG, true).unwrap();
-        let want = wanted(&cfg);
+        let want = wanted(&cfg, &SourcePolicy::default());
         let (x, y) = (served_name("x", "/a/x"), served_name("y", "/a/y"));
         assert_eq!(
             want.keys().collect::<Vec<_>>(),
@@ -107,6 +109,9 @@ mod tests {
             },
             "hub ids, `..` paths and ensureNotExist are not linked"
         );
+        // Sources --allowed-source refuses are not linked either.
+        let only_y = wanted(&cfg, &SourcePolicy::new(vec!["/a/y".into()]));
+        assert_eq!(only_y.keys().collect::<Vec<_>>(), vec![&y]);
         let old_x = served_name("x", "/a/x-old");
         let have: BTreeMap<String, Existing> = [
             (x.clone(), Existing::Link("/elsewhere".into())),
@@ -140,7 +145,7 @@ mod tests {
                 false,
             );
             if let Ok(cfg) = cfg {
-                for (name, target) in wanted(&cfg) {
+                for (name, target) in wanted(&cfg, &SourcePolicy::default()) {
                     prop_assert!(one_component(&name), "{name}");
                     prop_assert!(Path::new(&name).components().count() == 1, "{name}");
                     prop_assert!(target.is_absolute());

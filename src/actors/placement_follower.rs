@@ -55,6 +55,8 @@ pub struct PlacementFollower {
     copies: Copies,
     sent: Option<Arc<LoraConfig>>,
     generation: u64,
+    /// Warned once that the EPP wants versioned copies and nothing links them here.
+    warned_links: bool,
     asking: bool,
 }
 
@@ -77,6 +79,7 @@ impl PlacementFollower {
             copies: Copies::None,
             sent: None,
             generation: 0,
+            warned_links: false,
             asking: false,
         }
     }
@@ -143,6 +146,10 @@ impl PlacementFollower {
                     a.leaving
                         .update(a.placed.as_ref(), &ids, std::time::Instant::now());
                     a.placed = Some(ids);
+                    if set.versioned_copies && a.links.is_none() && !a.warned_links {
+                        a.warned_links = true;
+                        tracing::warn!("the EPP asks this server's LoRA resolver for served names (--lora-copy-names versioned), but this sidecar links none: start it with --lora-resolver-dir (the folder in VLLM_LORA_RESOLVER_CACHE_DIR), or requests for adapters without a home fail here");
+                    }
                     a.copies = match (set.resolver, set.versioned_copies) {
                         (false, _) => Copies::None,
                         (true, false) => Copies::Plain,

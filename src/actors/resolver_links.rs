@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use inferlane_sidecar::LoraConfig;
 use inferlane_sidecar::links::{Existing, LinkOps, VERSION_GRACE, ops, wanted};
 use inferlane_sidecar::placed::Leaving;
+use inferlane_sidecar::{LoraConfig, SourcePolicy};
 
 use crate::actors::messages::ConfigChanged;
 
@@ -23,6 +23,8 @@ const RESYNC: Duration = Duration::from_secs(30);
 /// The links actor: syncs the folder on every config the sidecar works to.
 pub struct ResolverLinks {
     dir: PathBuf,
+    /// `--allowed-source`: what may be linked (the resolver loads whatever a link names).
+    policy: SourcePolicy,
     want: Option<BTreeMap<String, PathBuf>>,
     /// Names the catalogue stopped naming, kept [`VERSION_GRACE`] longer.
     leaving: Leaving,
@@ -32,9 +34,10 @@ pub struct ResolverLinks {
 }
 
 impl ResolverLinks {
-    pub fn new(dir: PathBuf) -> Self {
+    pub fn new(dir: PathBuf, policy: SourcePolicy) -> Self {
         Self {
             dir,
+            policy,
             want: None,
             leaving: Leaving::default(),
             running: false,
@@ -128,7 +131,7 @@ impl Handler<ConfigChanged<LoraConfig>> for ResolverLinks {
     type Result = ();
 
     fn handle(&mut self, msg: ConfigChanged<LoraConfig>, ctx: &mut Context<Self>) {
-        let want = wanted(&msg.config);
+        let want = wanted(&msg.config, &self.policy);
         let names = |w: &BTreeMap<String, PathBuf>| w.keys().cloned().collect::<BTreeSet<_>>();
         let old = self.want.as_ref().map(names);
         self.leaving

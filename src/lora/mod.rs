@@ -252,9 +252,12 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
             )));
         }
         (Some(dir), Some(_)) => Some(
-            crate::actors::resolver_links::ResolverLinks::new(dir.clone())
-                .start()
-                .recipient(),
+            crate::actors::resolver_links::ResolverLinks::new(
+                dir.clone(),
+                inferlane_sidecar::SourcePolicy::new(args.allowed_source.clone()),
+            )
+            .start()
+            .recipient(),
         ),
     };
     let reconciler = match &args.placement_url {
