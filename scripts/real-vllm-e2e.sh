@@ -194,14 +194,17 @@ BASE3=http://127.0.0.1:$PORT3
   for a in r1 r2 r3 r4; do printf '    - id: %s\n      source: %s\n' "$a" "$R/resolver/$a"; done; } > "$R/resolver.yaml"
 printf 'pool: {name: real3}\nendpoints:\n- address: 127.0.0.1:%s\n' "$PORT3" > "$R/pool3.yaml"
 start_chain real3 "$R/pool3.yaml" "$R/resolver.yaml" "$PORT3" --lora-max-cpu-loras 3 --lora-cold-adapters resolver
-ids3() { curl -s "$BASE3/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))'; }
-plain3() { ids3 | sed -E 's/@[0-9a-f]{8}//g'; }
+# ids_at URL: the adapters a server lists; plain_at: without version tags.
+ids_at() { curl -s "$1/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))'; }
+plain_at() { ids_at "$1" | sed -E 's/@[0-9a-f]{8}//g'; }
+# r4_thrice: the status codes of three requests for r4 through the gateway.
+r4_thrice() { local c=""; for _ in 1 2 3; do c="$c$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/v1/completions" \
+  -H 'content-type: application/json' -d '{"model":"r4","prompt":"hi","max_tokens":2}')"; done; echo "$c"; }
+ids3() { ids_at "$BASE3"; }
+plain3() { plain_at "$BASE3"; }
 for _ in $(seq 1 300); do [ "$(plain3)" = "r1,r2,r3" ] && break; sleep 0.1; done
 check "resolver: r1-r3 placed in the cache, r4 without a home" "$(plain3)" "r1,r2,r3"
-codes=""
-for _ in 1 2 3; do codes="$codes$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/v1/completions" \
-  -H 'content-type: application/json' -d '{"model":"r4","prompt":"hi","max_tokens":2}')"; done
-check "resolver: requests for r4 served through its resolver" "$codes" "200200200"
+check "resolver: requests for r4 served through its resolver" "$(r4_thrice)" "200200200"
 unloads() { curl -s "http://$EPP_METRICS/metrics" | sed -n 's/^inferlane_epp_lora_on_demand_unloads_total \([0-9]*\).*/\1/p'; }
 # Placed adapters carry a version tag (<id>@<tag>); the copy is the plain id.
 copies3() { ids3 | tr ',' '\n' | grep -vc '@' || true; }
@@ -228,14 +231,11 @@ SIDECAR_EXTRA="--lora-resolver-dir $R/links" start_chain real4 "$R/pool4.yaml" "
 links4() { find "$R/links" -maxdepth 1 -type l -name '*@*' -printf '%f\n' | sed -E 's/@[0-9a-f]{8}$//' | sort | paste -sd, -; }
 for _ in $(seq 1 100); do [ "$(links4)" = "r1,r2,r3,r4" ] && break; sleep 0.1; done
 check "versioned: the sidecar linked every catalogue adapter's served name" "$(links4)" "r1,r2,r3,r4"
-ids4() { curl -s "$BASE4/v1/models" | python3 -c 'import json,sys; print(",".join(sorted(m["id"] for m in json.load(sys.stdin)["data"] if m["parent"])))'; }
-plain4() { ids4 | sed -E 's/@[0-9a-f]{8}//g'; }
+ids4() { ids_at "$BASE4"; }
+plain4() { plain_at "$BASE4"; }
 for _ in $(seq 1 300); do [ "$(plain4)" = "r1,r2,r3" ] && break; sleep 0.1; done
 check "versioned: r1-r3 placed in the cache, r4 without a home" "$(plain4)" "r1,r2,r3"
-codes=""
-for _ in 1 2 3; do codes="$codes$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/v1/completions" \
-  -H 'content-type: application/json' -d '{"model":"r4","prompt":"hi","max_tokens":2}')"; done
-check "versioned: requests for r4 served through its resolver's link" "$codes" "200200200"
+check "versioned: requests for r4 served through its resolver's link" "$(r4_thrice)" "200200200"
 grep -q "r4@" "$R/vllm4.log" && echo "PASS versioned: vLLM resolved r4 under its served name" || { echo "FAIL versioned: no r4@ in $R/vllm4.log"; fail=1; }
 # Copies and homes share names now: what the server lists must be the table's homes (r4 may
 # have gained one from its demand, and an idle adapter drained to make room).

@@ -235,6 +235,12 @@ impl Rig {
             .sum()
     }
 
+    /// The deciding EPP's `/metrics` page.
+    async fn metrics_page(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        self.c.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
     async fn complete(&self, model: &str) -> (u16, String) {
         complete_at(&self.c, self.envoy.port, model).await
     }
@@ -741,15 +747,7 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
         async move { (!rig.listed_names().await.contains_key(&cold)).then_some(()) }
     })
     .await;
-    let page = rig
-        .c
-        .get(&unloads)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = rig.metrics_page().await;
     assert!(metric(&page, "inferlane_epp_lora_on_demand_unloads_total").unwrap() >= first);
     assert_eq!(
         metric(&page, "inferlane_epp_lora_on_demand_unload_failures_total"),
@@ -829,15 +827,7 @@ async fn versioned_copies_are_linked_and_served_under_the_versions_name() {
             s.addr
         );
     }
-    let page = rig
-        .c
-        .get(format!("http://127.0.0.1:{}/metrics", rig.metrics_port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = rig.metrics_page().await;
     assert_eq!(
         metric(&page, "inferlane_epp_lora_on_demand_unload_failures_total"),
         Some(0.0)
