@@ -20,6 +20,9 @@ const MAX_ENTRIES: usize = 100_000;
 /// and a link someone removed comes back.
 const RESYNC: Duration = Duration::from_secs(30);
 
+/// Syncs so far in this process (names its temporary links).
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The links actor: syncs the folder on every config the sidecar works to.
 pub struct ResolverLinks {
     dir: PathBuf,
@@ -74,7 +77,7 @@ impl ResolverLinks {
                             }
                         }
                         Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "resolver folder not updated; trying again at the next config")
+                            tracing::warn!(error = %e, "resolver folder not updated; trying again within 30 s")
                         }
                         Err(e) => tracing::warn!(error = %e, "resolver folder sync stopped"),
                     }
@@ -99,22 +102,34 @@ fn apply(
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
-        let e = if entry.file_type()?.is_symlink() {
-            Existing::Link(std::fs::read_link(entry.path())?)
-        } else {
-            Existing::Other
+        // An entry gone since the listing (another sidecar sharing the folder) is skipped.
+        let e = match entry.file_type() {
+            Ok(t) if t.is_symlink() => match std::fs::read_link(entry.path()) {
+                Ok(target) => Existing::Link(target),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            },
+            Ok(_) => Existing::Other,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
         };
         have.insert(name, e);
     }
     let o = ops(want, &have, keep);
+    // Unique per process and call: sidecars of several servers may share one folder.
+    let pid = std::process::id();
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for (name, target) in &o.link {
-        let tmp = dir.join(format!(".{name}.tmp"));
+        let tmp = dir.join(format!(".{name}.{pid}.{call}.tmp"));
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(target, &tmp)?;
         std::fs::rename(&tmp, dir.join(name))?;
     }
     for name in &o.remove {
-        std::fs::remove_file(dir.join(name))?;
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
     Ok(o)
 }
@@ -179,5 +194,37 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    }
+
+    #[test]
+    fn sidecars_sharing_a_folder_do_not_trip_over_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let want: BTreeMap<String, PathBuf> = (0..20)
+            .map(|i| (format!("a{i}@0000abcd"), PathBuf::from(format!("/a/{i}"))))
+            .collect();
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let (d, want) = (dir.path().to_path_buf(), want.clone());
+                std::thread::spawn(move || {
+                    // Bounded: 25 syncs each, half of them dropping the links again.
+                    for i in 0..25 {
+                        let w2 = if (i + w) % 2 == 0 {
+                            want.clone()
+                        } else {
+                            BTreeMap::new()
+                        };
+                        apply(&d, &w2, &BTreeSet::new())?;
+                    }
+                    io::Result::Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap().unwrap();
+        }
+        apply(dir.path(), &want, &BTreeSet::new()).unwrap();
+        for (name, target) in &want {
+            assert_eq!(&std::fs::read_link(dir.path().join(name)).unwrap(), target);
+        }
     }
 }
