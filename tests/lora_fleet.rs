@@ -60,13 +60,17 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let adapters = dir.path().join("adapters");
         std::fs::create_dir_all(&adapters).unwrap();
-        std::fs::create_dir_all(dir.path().join("resolver")).unwrap();
-        let adapters_arg = if versioned {
-            dir.path().join("resolver").to_string_lossy().into_owned()
-        } else {
-            adapters.to_string_lossy().into_owned()
+        // Versioned: each server's own folder, holding only its sidecar's links.
+        let resolver_dir = |i: usize| {
+            if versioned {
+                let d = dir.path().join(format!("resolver{i}"));
+                std::fs::create_dir_all(&d).unwrap();
+                d.to_string_lossy().into_owned()
+            } else {
+                adapters.to_string_lossy().into_owned()
+            }
         };
-        let mut args = vec![
+        let args = vec![
             "--enable-lora",
             "--max-loras",
             "2",
@@ -75,10 +79,16 @@ impl Rig {
             "--lora-residency-metrics",
             "--lora-unload-frees",
         ];
-        if resolver {
-            args.extend(["--lora-resolver-dir", &adapters_arg]);
-        }
-        let sims: Vec<Proc> = (0..3).map(|_| spawn_sim(&args, dir.path())).collect();
+        let sims: Vec<Proc> = (0..3)
+            .map(|i| {
+                let d = resolver_dir(i);
+                let mut args = args.clone();
+                if resolver {
+                    args.extend(["--lora-resolver-dir", &d]);
+                }
+                spawn_sim(&args, dir.path())
+            })
+            .collect();
         let mut pool = String::from("pool: {name: test-pool}\nendpoints:\n");
         for s in &sims {
             pool.push_str(&format!("- address: {}\n", s.addr));
@@ -163,7 +173,7 @@ impl Rig {
     fn start_sidecar(&self, i: usize) -> Proc {
         let cfg = self.dir.path().join(format!("sidecar{i}.yaml"));
         let url = format!("http://127.0.0.1:{}/lora/v1/placement", self.metrics_port);
-        let links = self.dir.path().join("resolver");
+        let links = self.dir.path().join(format!("resolver{i}"));
         let mut args = vec![
             "--placement-url",
             &url,
@@ -763,19 +773,16 @@ async fn cold_adapters_go_through_the_resolver_and_their_copies_are_unloaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn versioned_copies_are_linked_and_served_under_the_versions_name() {
     let rig = Arc::new(Rig::start_rig(true, true).await);
-    let links = rig.dir.path().join("resolver");
     // a0..a6: a7 is ensureNotExist, never linked.
     let linked = wait_for(
         "the sidecars to link every catalogue adapter",
         T,
         || async {
-            let names: BTreeSet<String> = std::fs::read_dir(&links)
-                .ok()?
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
-                .filter_map(|e| e.file_name().into_string().ok())
+            let all: Vec<BTreeSet<String>> = (0..rig.sims.len())
+                .map(|i| links_in(&rig.dir.path().join(format!("resolver{i}"))))
                 .collect();
-            (names.len() == ADAPTERS - 1).then_some(names)
+            let first = all[0].clone();
+            (first.len() == ADAPTERS - 1 && all.iter().all(|l| *l == first)).then_some(first)
         },
     )
     .await;
@@ -832,6 +839,71 @@ async fn versioned_copies_are_linked_and_served_under_the_versions_name() {
         metric(&page, "inferlane_epp_lora_on_demand_unload_failures_total"),
         Some(0.0)
     );
+    new_adapter_is_asked_only_of_servers_that_linked_it(&rig).await;
+}
+
+/// The served names a resolver folder holds as links.
+fn links_in(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// A new catalogue adapter the EPP knows before two of the three sidecars (their
+/// ConfigMaps lag, as kubelet's volumes do): its copies are asked only of the server whose
+/// sidecar reported linking it, where the others' resolvers would answer 404.
+async fn new_adapter_is_asked_only_of_servers_that_linked_it(rig: &Arc<Rig>) {
+    let adapters = rig.dir.path().join("adapters");
+    let extra = format!(
+        "    - id: a8\n      source: {}\n      rank: 8\n",
+        adapter(&adapters, "a8", 8)
+    );
+    let one = &rig.sims[1].addr;
+    let cfg1 = rig.dir.path().join("sidecar1.yaml");
+    let body = std::fs::read_to_string(&cfg1).unwrap() + &extra;
+    std::fs::write(&cfg1, body).unwrap();
+    let cat = rig.dir.path().join("catalogue.yaml");
+    let body = std::fs::read_to_string(&cat).unwrap() + &extra;
+    std::fs::write(&cat, body).unwrap();
+    let served = wait_for("the table to show who linked a8", T, || async {
+        let t = rig.table().await?;
+        let served = t["served"]["a8"].as_str()?.to_string();
+        let lacks = |p: &Value| p["copy_names"]["a8"] == "";
+        let parts = t["servers"].as_object()?;
+        let ok = parts
+            .values()
+            .all(|p| lacks(p) == (p["address"] != one.as_str()));
+        ok.then_some(served)
+    })
+    .await;
+    assert!(links_in(&rig.dir.path().join("resolver1")).contains(&served));
+    assert!(!links_in(&rig.dir.path().join("resolver0")).contains(&served));
+    for _ in 0..4 {
+        let (code, body) = rig.complete("a8").await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let t = rig.table().await.expect("the placement table");
+    for sim in &rig.sims {
+        let ran = sim_requests(&rig.c, sim)
+            .await
+            .get(&served)
+            .copied()
+            .unwrap_or(0);
+        let homed = t["servers"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|p| p["address"] == sim.addr.as_str() && p["homes"].get("a8").is_some());
+        assert!(
+            ran == 0 || sim.addr == *one || homed,
+            "{} ran {served} {ran} times without a link or a home",
+            sim.addr
+        );
+    }
 }
 
 /// One short completion for `model` through the Envoy on `port`: status and body (0 and

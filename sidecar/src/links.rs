@@ -12,10 +12,22 @@ use crate::version::{id_of, served_name};
 use crate::{LoraConfig, SourcePolicy};
 
 /// How long a link, and a copy loaded under it, stay after the catalogue stops naming it
-/// (its source changed): the EPP asks for the old name for two minutes after it sees a
-/// change, and it may see the change up to a few minutes after this sidecar does (kubelet
-/// brings ConfigMap volumes up to date within its sync period).
+/// (its source changed): the EPP asks for the old name where the new one is not linked
+/// yet (by each sidecar's report), and its requests may still be running there.
 pub const VERSION_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// An old version's link stops being reported this long before it is removed: the EPP
+/// stops asking for it (its table follows reports within a few placement ticks) before
+/// the name is gone.
+pub const REPORT_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A report is sent again this often (the EPP forgets one after 90 s: a restarted EPP, or
+/// a new decider, learns it again).
+pub const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// After a failed report, or while the EPP's table does not show the last one yet (a
+/// follower forwards it on its next tick), the next try waits this long.
+pub const REPORT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What a name in the folder is now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +91,37 @@ pub fn ops(
     out
 }
 
+/// The names a sidecar reports its resolver can load: what it links for the catalogue it
+/// read (a name the operator's own entry holds too: the resolver loads that), and old
+/// versions' links with more than [`REPORT_MARGIN`] of their [`VERSION_GRACE`] left
+/// (`kept`).
+pub fn reported(want: &BTreeMap<String, PathBuf>, kept: BTreeSet<String>) -> BTreeSet<String> {
+    let mut names = kept;
+    names.extend(want.keys().cloned());
+    names
+}
+
+/// Whether to report `now_linked` (`last`: what was reported and when; `table_shows`: the
+/// EPP's table has a report from this server; `not_before`: no try until then): the first
+/// time, when it changed, every [`REPORT_EVERY`], and while the table lacks it.
+pub fn report_due(
+    last: Option<(&BTreeSet<String>, std::time::Instant)>,
+    now_linked: &BTreeSet<String>,
+    table_shows: bool,
+    not_before: Option<std::time::Instant>,
+    now: std::time::Instant,
+) -> bool {
+    if not_before.is_some_and(|t| now < t) {
+        return false;
+    }
+    match last {
+        None => true,
+        Some((names, at)) => {
+            names != now_linked || !table_shows || now.saturating_duration_since(at) >= REPORT_EVERY
+        }
+    }
+}
+
 fn local(source: &str) -> bool {
     let p = Path::new(source);
     p.is_absolute() && !p.components().any(|c| c == Component::ParentDir)
@@ -135,6 +178,32 @@ mod tests {
             .map(|(n, t)| (n.clone(), Existing::Link(t.clone())))
             .collect();
         assert_eq!(ops(&want, &done, &BTreeSet::new()), LinkOps::default());
+    }
+
+    #[test]
+    fn reports_go_when_new_changed_due_or_missing_and_never_before_their_time() {
+        let t0 = std::time::Instant::now();
+        let a: BTreeSet<String> = ["a@1".to_string()].into();
+        let b: BTreeSet<String> = ["a@2".to_string()].into();
+        assert!(report_due(None, &a, false, None, t0), "first");
+        let last = Some((&a, t0));
+        assert!(!report_due(last, &a, true, None, t0), "unchanged and shown");
+        assert!(report_due(last, &b, true, None, t0), "changed");
+        assert!(report_due(last, &a, false, None, t0), "the table lacks it");
+        assert!(
+            report_due(last, &a, true, None, t0 + REPORT_EVERY),
+            "refresh"
+        );
+        let later = Some(t0 + REPORT_RETRY);
+        assert!(
+            !report_due(last, &b, true, later, t0),
+            "not before the retry"
+        );
+        assert!(report_due(last, &b, true, later, t0 + REPORT_RETRY));
+        // An old version's link is reported while kept, with the wanted names.
+        let want: BTreeMap<String, PathBuf> = [("a@2".to_string(), PathBuf::from("/a"))].into();
+        let r = reported(&want, ["a@1".to_string()].into());
+        assert_eq!(r, ["a@1".to_string(), "a@2".to_string()].into());
     }
 
     proptest! {

@@ -91,6 +91,15 @@ impl Leaving {
         self.since.retain(|_, at| now.duration_since(*at) < grace);
         self.since.keys().cloned().collect()
     }
+
+    /// The names dropped less than `age` ago, forgetting none.
+    pub fn within(&self, now: Instant, age: Duration) -> BTreeSet<String> {
+        self.since
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) < age)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -232,6 +232,12 @@ impl LoraPlacer {
         // what this decider does not keep there drains before its sidecar unloads it.
         let mut current = Homes::new();
         let mut told = self.told.clone();
+        {
+            // Reports are for this decider's tables; a server that left is forgotten.
+            let mut links = crate::lora_fleet::lock_links(&self.shared.fleet.links);
+            links.take_fresh();
+            links.retain(|id| servers.iter().any(|(s, _)| s.id == id));
+        }
         let copies = self.shared.fleet.resolver.load(Ordering::Relaxed);
         for (s, h) in servers {
             let held = match (self.told.contains_key(&s.id), self.homes.get(&s.id)) {
@@ -394,6 +400,7 @@ impl LoraPlacer {
                     .get(s.id.as_str())
                     .map(|ids| ids.iter().map(|i| i.to_string()).collect())
                     .unwrap_or_default(),
+                copy_names: None,
             };
             for id in part.homes.keys() {
                 if let Some(e) = cat.on_demand.get(id) {
@@ -416,7 +423,42 @@ impl LoraPlacer {
                 t.served.insert(e.id.clone(), e.served.clone());
             }
         }
+        if t.versioned_copies {
+            self.copy_names(&mut t, previous);
+        }
         t
+    }
+
+    /// Each server's names its resolver lacks, by its sidecar's link report.
+    fn copy_names(&self, t: &mut Table, previous: Option<&Routed>) {
+        // The version before the current one: the previous table's, if that one differs.
+        let before = |id: &str| {
+            let p = previous?;
+            let was = p.table.served.get(id)?;
+            match t.served.get(id) {
+                Some(now) if now != was => Some(was.as_str()),
+                _ => p.before(id),
+            }
+        };
+        let now = Instant::now();
+        let links = crate::lora_fleet::lock_links(&self.shared.fleet.links);
+        let names: Vec<(String, Option<BTreeMap<String, String>>)> = t
+            .servers
+            .keys()
+            .map(|s| {
+                let l = links.linked(s, now);
+                (
+                    s.clone(),
+                    crate::lora_fleet::links::copy_names(l, &t.served, before),
+                )
+            })
+            .collect();
+        drop(links);
+        for (s, c) in names {
+            if let Some(p) = t.servers.get_mut(&s) {
+                p.copy_names = c;
+            }
+        }
     }
 
     fn count_moves(&mut self, table: &Table, sets: &BTreeMap<String, BTreeSet<String>>) {
@@ -480,7 +522,11 @@ impl LoraPlacer {
         counts: Vec<(String, u64, u64)>,
         ctx: &mut Context<Self>,
     ) {
-        if counts.is_empty() || self.posting {
+        if self.posting {
+            return;
+        }
+        let links = crate::lora_fleet::lock_links(&self.shared.fleet.links).take_fresh();
+        if counts.is_empty() && links.is_empty() {
             return;
         }
         let Ok(mut url) = reqwest::Url::parse(placement_url) else {
@@ -497,6 +543,7 @@ impl LoraPlacer {
                     tokens,
                 })
                 .collect(),
+            links,
         };
         self.posting = true;
         let req = self.client.post(url).json(&post);

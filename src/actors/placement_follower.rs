@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use inferlane_sidecar::LoraConfig;
-use inferlane_sidecar::links::VERSION_GRACE;
+use inferlane_sidecar::links::{REPORT_EVERY, REPORT_RETRY, VERSION_GRACE, report_due};
 use inferlane_sidecar::placed::{Copies, Leaving, merge};
 use inferlane_sidecar::version::served_name;
 
 use crate::actors::messages::ConfigChanged;
-use crate::lora_fleet::wire::ServerSet;
+use crate::actors::resolver_links::Linked;
+use crate::lora_fleet::wire::{LinksReport, ServerSet};
 use crate::net::bearer::with_token;
 use crate::net::capped::json_capped;
 
@@ -58,6 +59,13 @@ pub struct PlacementFollower {
     /// Warned once that the EPP wants versioned copies and nothing links them here.
     warned_links: bool,
     asking: bool,
+    /// `--lora-resolver-dir`: what the links actor left loadable, reported to the EPP.
+    linked: Option<Linked>,
+    /// What was last reported, and when.
+    reported: Option<(Arc<BTreeSet<String>>, std::time::Instant)>,
+    /// No report before then (after a failure, or until the EPP's table can show it).
+    report_not_before: Option<std::time::Instant>,
+    reporting: bool,
 }
 
 impl PlacementFollower {
@@ -65,8 +73,9 @@ impl PlacementFollower {
         opts: FollowerOptions,
         client: reqwest::Client,
         reconciler: Recipient<ConfigChanged<LoraConfig>>,
-        links: Option<Recipient<ConfigChanged<LoraConfig>>>,
+        links: Option<(Recipient<ConfigChanged<LoraConfig>>, Linked)>,
     ) -> Self {
+        let (links, linked) = links.unzip();
         Self {
             opts,
             client,
@@ -81,7 +90,73 @@ impl PlacementFollower {
             generation: 0,
             warned_links: false,
             asking: false,
+            linked,
+            reported: None,
+            report_not_before: None,
+            reporting: false,
         }
+    }
+
+    /// Tells the EPP which served names this server's resolver can load, when due
+    /// ([`report_due`]; only while it asks for versioned copies).
+    fn report(&mut self, table_shows: bool, ctx: &mut Context<Self>) {
+        let Some(now_linked) = self.linked.as_ref().and_then(|l| l.load_full()) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let last = self.reported.as_ref().map(|(s, at)| (&**s, *at));
+        if self.reporting
+            || !report_due(last, &now_linked, table_shows, self.report_not_before, now)
+        {
+            return;
+        }
+        let Ok(mut url) = reqwest::Url::parse(&self.opts.url) else {
+            return;
+        };
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop().push("links");
+        }
+        url.set_query(None);
+        self.reporting = true;
+        let body = LinksReport {
+            server: self.opts.server.clone(),
+            linked: now_linked.iter().cloned().collect(),
+        };
+        let req = self
+            .client
+            .post(url)
+            .json(&body)
+            .timeout(Duration::from_secs(5));
+        let token = self.opts.token_file.clone();
+        let fut = async move {
+            let r = with_token(req, token)
+                .await
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status().is_success() {
+                return Ok(());
+            }
+            let code = r.status();
+            Err(format!(
+                "{code}: {}",
+                r.text().await.unwrap_or_default().trim()
+            ))
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, a, _| {
+            a.reporting = false;
+            match res {
+                Ok(()) => {
+                    tracing::debug!(names = now_linked.len(), "resolver links reported");
+                    a.reported = Some((now_linked, now));
+                    a.report_not_before = Some(now + REPORT_RETRY);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "resolver links not reported; the EPP asks this server for no on-demand copy until it has them (trying again in 30 s)");
+                    a.report_not_before = Some(now + REPORT_EVERY);
+                }
+            }
+        }));
     }
 
     /// Sends the merged config when it differs from the last one sent.
@@ -130,7 +205,7 @@ impl PlacementFollower {
                 .await
                 .map_err(|e| e.to_string())
         };
-        ctx.spawn(fut.into_actor(self).map(|res, a, _| {
+        ctx.spawn(fut.into_actor(self).map(|res, a, ctx| {
             a.asking = false;
             match res {
                 Ok(set) => {
@@ -156,6 +231,9 @@ impl PlacementFollower {
                         (true, true) => Copies::Versioned,
                     };
                     a.forward();
+                    if set.versioned_copies {
+                        a.report(set.links_reported, ctx);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(url = %a.opts.url, server = %a.opts.server, error = %e, "placement not read; keeping the last set");

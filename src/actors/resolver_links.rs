@@ -3,10 +3,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use inferlane_sidecar::links::{Existing, LinkOps, VERSION_GRACE, ops, wanted};
+use inferlane_sidecar::links::{
+    Existing, LinkOps, REPORT_MARGIN, VERSION_GRACE, ops, reported, wanted,
+};
 use inferlane_sidecar::placed::Leaving;
 use inferlane_sidecar::{LoraConfig, SourcePolicy};
 
@@ -19,6 +22,10 @@ const MAX_ENTRIES: usize = 100_000;
 /// How often the folder is synced without a config change: links past their grace go,
 /// and a link someone removed comes back.
 const RESYNC: Duration = Duration::from_secs(30);
+
+/// What the resolver can load, as the last sync left the folder (`None` before the first):
+/// the placement follower reports it to the EPP.
+pub type Linked = Arc<arc_swap::ArcSwapOption<BTreeSet<String>>>;
 
 /// Syncs so far in this process (names its temporary links).
 static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -34,10 +41,11 @@ pub struct ResolverLinks {
     /// One sync at a time; a config that arrives meanwhile is synced after it.
     running: bool,
     again: bool,
+    linked: Linked,
 }
 
 impl ResolverLinks {
-    pub fn new(dir: PathBuf, policy: SourcePolicy) -> Self {
+    pub fn new(dir: PathBuf, policy: SourcePolicy, linked: Linked) -> Self {
         Self {
             dir,
             policy,
@@ -45,7 +53,22 @@ impl ResolverLinks {
             leaving: Leaving::default(),
             running: false,
             again: false,
+            linked,
         }
+    }
+
+    /// Publishes what the folder now lets the resolver load: after a failed sync, only
+    /// names reported before that are still wanted (a new one may not be linked).
+    fn publish(&self, want: &BTreeMap<String, PathBuf>, synced: bool) {
+        let kept = self
+            .leaving
+            .within(Instant::now(), VERSION_GRACE.saturating_sub(REPORT_MARGIN));
+        let mut names = reported(want, kept);
+        if !synced {
+            let before = self.linked.load_full().unwrap_or_default();
+            names.retain(|n| before.contains(n));
+        }
+        self.linked.store(Some(Arc::new(names)));
     }
 
     fn sync(&mut self, ctx: &mut Context<Self>) {
@@ -61,12 +84,14 @@ impl ResolverLinks {
         let keep = self.leaving.names(Instant::now(), VERSION_GRACE);
         let dir = self.dir.clone();
         let span = tracing::info_span!("resolver_links", dir = %dir.display(), links = want.len());
+        let applied = want.clone();
         let fut = tokio::task::spawn_blocking(move || apply(&dir, &want, &keep));
         ctx.spawn(
             tracing::Instrument::instrument(fut, span)
                 .into_actor(self)
-                .map(|res, a, ctx| {
+                .map(move |res, a, ctx| {
                     a.running = false;
+                    a.publish(&applied, matches!(res, Ok(Ok(_))));
                     match res {
                         Ok(Ok(o)) => {
                             if !o.link.is_empty() || !o.remove.is_empty() {

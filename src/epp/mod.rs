@@ -2,6 +2,7 @@
 
 mod args;
 pub mod health;
+mod link_reports;
 mod pages;
 mod placement_election;
 

@@ -164,6 +164,7 @@ async fn demand(
     for c in &post.counts {
         shared.fleet.add(&c.id, c.requests, c.tokens);
     }
+    super::link_reports::forwarded(&shared, post.links);
     StatusCode::NO_CONTENT
 }
 
@@ -207,10 +208,24 @@ pub fn router(p: Pages, auth: Option<Arc<crate::net::metrics_auth::MetricsAuth>>
     if auth.is_none() {
         demand_post = demand_post.layer(axum::middleware::from_fn(loopback_only));
     }
+    // Sidecars report their links from their own pods (checked without auth).
+    let links_post = Router::new()
+        .route(
+            "/lora/v1/links",
+            axum::routing::post(super::link_reports::links),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(
+            super::link_reports::MAX_LINKS_POST,
+        ))
+        .with_state(super::link_reports::LinksState {
+            shared: p.shared.clone(),
+            peer_must_match: auth.is_none(),
+        });
     let lora = Router::new()
         .route("/lora/v1/placement", get(placement))
         .with_state(p.shared.clone())
-        .merge(demand_post);
+        .merge(demand_post)
+        .merge(links_post);
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .with_state(p)

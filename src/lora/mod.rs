@@ -251,14 +251,15 @@ pub async fn start(args: SidecarArgs) -> Result<SidecarHandle, SidecarError> {
                 dir.display()
             )));
         }
-        (Some(dir), Some(_)) => Some(
-            crate::actors::resolver_links::ResolverLinks::new(
+        (Some(dir), Some(_)) => {
+            let linked = crate::actors::resolver_links::Linked::default();
+            let actor = crate::actors::resolver_links::ResolverLinks::new(
                 dir.clone(),
                 inferlane_sidecar::SourcePolicy::new(args.allowed_source.clone()),
-            )
-            .start()
-            .recipient(),
-        ),
+                linked.clone(),
+            );
+            Some((actor.start().recipient(), linked))
+        }
     };
     let reconciler = match &args.placement_url {
         None => reconciler.recipient(),

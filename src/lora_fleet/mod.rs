@@ -1,6 +1,7 @@
 //! The LoRA fleet on the EPP's side: demand counters the request path bumps, and the placement table it routes by.
 
 pub mod catalogue;
+pub mod links;
 pub mod on_demand;
 pub mod wire;
 
@@ -44,17 +45,10 @@ pub struct Target {
     pub on_demand: bool,
 }
 
-/// How long after a source change on-demand copies are still asked for under the old
-/// version's name (`--lora-copy-names versioned`): the sidecars link the new name when
-/// kubelet brings them the changed ConfigMap, up to a minute or two after this EPP read it,
-/// and keep the old link for [`inferlane_sidecar::links::VERSION_GRACE`].
-pub const COPY_NAME_LAG: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// An adapter's current served name, since when this EPP has seen it, and the one before.
+/// An adapter's current served name and the one before.
 #[derive(Debug, Clone)]
 struct Version {
     served: String,
-    since: Instant,
     before: Option<String>,
 }
 
@@ -62,8 +56,10 @@ struct Version {
 #[derive(Debug, Default)]
 pub struct Routed {
     pub table: Table,
-    /// Per adapter id, its version as this EPP first saw it (carried from table to table).
+    /// Per adapter id, its version and the one before (carried from table to table).
     versions: HashMap<String, Version>,
+    /// Which name each server's resolver is asked for (`--lora-copy-names versioned`).
+    copy: links::CopyNames,
     routes: HashMap<String, Route>,
     /// Per server address, the served names placed there and when each first appeared in a
     /// table here: only a model list read after that shows its sidecar has loaded it (an
@@ -126,32 +122,39 @@ impl Routed {
                     Some(v) if v.served == *served => v.clone(),
                     _ => Version {
                         served: served.clone(),
-                        since: now,
                         before: was.map(|v| v.served.clone()),
                     },
                 };
                 (id.clone(), v)
             })
             .collect();
+        let copy = links::CopyNames::new(
+            table
+                .servers
+                .values()
+                .map(|p| (p.address.as_str(), &p.copy_names)),
+        );
         Self {
             table,
             versions,
+            copy,
             routes,
             placed,
             captive,
         }
     }
 
-    /// The served name a server's resolver is asked for to make a copy of `id`: its
-    /// current version's, or for [`COPY_NAME_LAG`] after a change the previous one's.
-    pub fn copy_name<'a>(&'a self, id: &'a str, now: Instant) -> &'a str {
-        let Some(v) = self.versions.get(id) else {
-            return self.table.served.get(id).map_or(id, String::as_str);
-        };
-        match &v.before {
-            Some(b) if now.saturating_duration_since(v.since) < COPY_NAME_LAG => b,
-            _ => &v.served,
-        }
+    /// The served name `address`'s resolver is asked for to make a copy of `id`: its
+    /// current version's where its sidecar linked it, else the previous one's where that
+    /// is still linked; `None` where neither is ([`links`]).
+    pub fn copy_name<'a>(&'a self, id: &'a str, address: &str) -> Option<&'a str> {
+        let current = self.table.served.get(id).map_or(id, String::as_str);
+        self.copy.at(id, current, address)
+    }
+
+    /// The served name of `id`'s previous version, once its source changed.
+    pub fn before(&self, id: &str) -> Option<&str> {
+        self.versions.get(id)?.before.as_deref()
     }
 
     /// Keeps the quieter half (at least two) of `addresses` for an on-demand read, by the
@@ -234,6 +237,8 @@ pub struct FleetState {
     /// none is left, including those still on their way to the server; and the on-demand
     /// copies.
     pub flights: Arc<Mutex<Flights>>,
+    /// Sidecars' reports of what their servers' resolvers can load (`POST /lora/v1/links`).
+    pub links: Mutex<links::LinkReports>,
     /// `--lora-placement-election`: this replica holds the placement lease and decides.
     pub elected: Arc<std::sync::atomic::AtomicBool>,
     /// `--lora-placement-election`: the deciding replica's `/lora/v1/placement` URL, read
@@ -257,6 +262,11 @@ impl Drop for Flight {
 
 /// The flights, whatever a panicking holder left (counts stay usable).
 pub fn lock(m: &Mutex<Flights>) -> std::sync::MutexGuard<'_, Flights> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The link reports, whatever a panicking holder left.
+pub fn lock_links(m: &Mutex<links::LinkReports>) -> std::sync::MutexGuard<'_, links::LinkReports> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -344,9 +354,9 @@ impl FleetState {
     }
 
     /// `name`, listed on `address`, is an on-demand copy: resolver mode, a catalogue
-    /// adapter under its plain id or (`--lora-copy-names versioned`) its current served
-    /// name or the one copies are asked for ([`Routed::copy_name`]), which the table
-    /// neither homes nor drains there.
+    /// adapter under its plain id or (`--lora-copy-names versioned`) its current or
+    /// previous version's served name (what copies are asked for, [`Routed::copy_name`]),
+    /// which the table neither homes nor drains there.
     pub fn adoptable(&self, name: &str, address: &str) -> bool {
         if !self.resolver.load(Ordering::Relaxed) {
             return false;
@@ -362,7 +372,7 @@ impl FleetState {
         let copy_name = name == id
             || (self.versioned_copies.load(Ordering::Relaxed)
                 && (routed.table.served.get(id).is_some_and(|s| s == name)
-                    || routed.copy_name(id, Instant::now()) == name));
+                    || routed.before(id) == Some(name)));
         copy_name && !routed.holds(id, name, address)
     }
 
@@ -401,22 +411,35 @@ impl FleetState {
         if !self.counters.load().by_id.contains_key(id) {
             return None;
         }
-        let name = self.copy_name(routed, id);
+        if !self.versioned_copies.load(Ordering::Relaxed) {
+            return self.copies(routed, id, view);
+        }
+        // Versioned: each server is asked for a name its sidecar linked, the current
+        // version's first (a lagging ConfigMap may link only an older one, or none).
+        let mut names: Vec<&str> = Vec::new();
+        for a in view.addresses() {
+            if let Some(n) = routed.copy_name(id, a)
+                && !names.contains(&n)
+            {
+                names.push(n);
+            }
+        }
+        let current = routed.table.served.get(id).map(String::as_str);
+        names.sort_by_key(|n| Some(*n) != current);
+        names.into_iter().find_map(|name| {
+            let keep = |a: &str| routed.copy_name(id, a) == Some(name);
+            self.copies(routed, name, &links::Only { view, keep: &keep })
+        })
+    }
+
+    /// On-demand copies under `name` on `view`'s servers, or servers to make one on.
+    fn copies(&self, routed: &Routed, name: &str, view: &impl Servers) -> Option<Vec<Target>> {
         let (found, targets) = lock(&self.flights).targets(name, view, |a| routed.quietest(a));
         let copy = |a: &str| Target {
             on_demand: found != Found::Borrowed,
             ..target(a, name)
         };
         (!targets.is_empty()).then(|| targets.into_iter().map(copy).collect())
-    }
-
-    /// The name on-demand copies of `id` are asked for under: its plain id, or with
-    /// `--lora-copy-names versioned` its served name ([`Routed::copy_name`]).
-    fn copy_name<'a>(&self, routed: &'a Routed, id: &'a str) -> &'a str {
-        if !self.versioned_copies.load(Ordering::Relaxed) {
-            return id;
-        }
-        routed.copy_name(id, Instant::now())
     }
 
     /// Whether the sidecar of `address` is loading an adapter placed there (never in lazy
@@ -710,29 +733,69 @@ mod tests {
     }
 
     #[test]
-    fn after_a_source_change_copies_keep_the_old_name_until_the_sidecars_link_the_new() {
-        let table = |served: &str| {
-            let mut t = Table::default();
-            t.served.insert("a".into(), served.into());
+    fn copies_are_asked_only_under_a_name_the_servers_sidecar_reported_linked() {
+        let (s1, s2, s3) = ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000");
+        let (old, cur) = ("a@00000001", "a@00000002");
+        let served = |name: &str| {
+            let mut t = Table {
+                resolver: true,
+                versioned_copies: true,
+                ..Table::default()
+            };
+            t.served.insert("a".into(), name.into());
             t
         };
-        let first = Routed::new(table("a@00000001"), None);
-        let now = Instant::now();
-        // Nothing seen before: the current name at once.
-        assert_eq!(first.copy_name("a", now), "a@00000001");
+        let first = Routed::new(served(old), None);
+        assert_eq!(first.before("a"), None);
+        // The source changed: s1's ConfigMap lags (only the old version is linked there),
+        // s2 links the new one, s3 links neither.
+        let mut t = served(cur);
+        let exceptions: [(&str, &str, Option<&str>); 3] = [
+            ("s1", s1, Some(old)),
+            ("s2", s2, None),
+            ("s3", s3, Some("")),
+        ];
+        for (id, addr, ex) in exceptions {
+            let part = wire::ServerPart {
+                address: addr.into(),
+                copy_names: Some(
+                    ex.map(|n| ("a".to_string(), n.to_string()))
+                        .into_iter()
+                        .collect(),
+                ),
+                ..Default::default()
+            };
+            t.servers.insert(id.into(), part);
+        }
+        let changed = Routed::new(t.clone(), Some(&first));
+        assert_eq!(changed.before("a"), Some(old));
+        assert_eq!(changed.copy_name("a", s1), Some(old));
+        assert_eq!(changed.copy_name("a", s2), Some(cur));
+        assert_eq!(changed.copy_name("a", s3), None);
+        // Remembered from table to table.
+        assert_eq!(Routed::new(t, Some(&changed)).before("a"), Some(old));
+        let f = FleetState::default();
+        f.resolver.store(true, Ordering::Relaxed);
+        f.versioned_copies.store(true, Ordering::Relaxed);
+        f.count_only(["a".to_string()]);
+        f.table.store(Some(Arc::new(changed)));
+        let copy = |a: &str, name: &str| Target {
+            on_demand: true,
+            ..target(a, name)
+        };
+        // The current version where it is linked; else the old one where that is; never a
+        // server that links neither.
         assert_eq!(
-            first.copy_name("b", now),
-            "b",
-            "not in the table: its plain id"
+            f.allowed("a", &Open(vec![s1, s2, s3])),
+            Some(vec![copy(s2, cur)])
         );
-        let changed = Routed::new(table("a@00000002"), Some(&first));
-        assert_eq!(changed.copy_name("a", now), "a@00000001");
-        let later = now + COPY_NAME_LAG + std::time::Duration::from_secs(1);
-        assert_eq!(changed.copy_name("a", later), "a@00000002");
-        // The change is remembered from table to table, not restarted by each.
-        let next = Routed::new(table("a@00000002"), Some(&changed));
-        assert_eq!(next.copy_name("a", now), "a@00000001");
-        assert_eq!(next.copy_name("a", later), "a@00000002");
+        assert_eq!(
+            f.allowed("a", &Open(vec![s1, s3])),
+            Some(vec![copy(s1, old)])
+        );
+        assert_eq!(f.allowed("a", &Open(vec![s3])), None);
+        // The old name is a copy too (ours to unload once idle).
+        assert!(f.adoptable(old, s1) && f.adoptable(cur, s2));
     }
 
     #[test]

@@ -43,6 +43,12 @@ pub struct ServerPart {
     /// Served names of dropped homes and replaced versions, still registered until
     /// nothing runs there for them.
     pub draining: BTreeSet<String>,
+    /// `--lora-copy-names versioned`: `None` while its sidecar has not reported the links
+    /// in its resolver folder (no copy is asked of that resolver once any sidecar has);
+    /// else the adapters whose current served name it has not linked, each with the name
+    /// it has linked (an older version's), or empty for none. Empty in a steady pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_names: Option<BTreeMap<String, String>>,
 }
 
 /// A follower's demand since its last post (`POST /lora/v1/demand` to the decider): the
@@ -50,6 +56,21 @@ pub struct ServerPart {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DemandPost {
     pub counts: Vec<DemandCount>,
+    /// Sidecars' link reports this follower took since its last post.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinksReport>,
+}
+
+/// What a sidecar's server can load on demand (`POST /lora/v1/links`,
+/// `--lora-copy-names versioned`): the served names its sidecar links in the resolver
+/// folder for the catalogue it has read. The EPP asks a resolver for a copy only under a
+/// name its sidecar reported, so a server whose ConfigMap lags gets no request it cannot
+/// serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinksReport {
+    /// The server's id in the pool (pod name, else `ip:port`).
+    pub server: String,
+    pub linked: Vec<String>,
 }
 
 /// Requests and prompt tokens for one catalogue adapter.
@@ -87,6 +108,9 @@ pub struct ServerSet {
     /// is no home (`--lora-copy-names versioned`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub versioned_copies: bool,
+    /// The table shows this server's link report (a sidecar re-sends one it does not).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub links_reported: bool,
 }
 
 impl Table {
@@ -141,6 +165,7 @@ impl Table {
             draining: part.draining.iter().map(|n| placed(n)).collect(),
             resolver: self.resolver,
             versioned_copies: self.versioned_copies,
+            links_reported: part.copy_names.is_some(),
         })
     }
 }
