@@ -386,12 +386,12 @@ impl FleetState {
         })
     }
 
-    /// Placement has homes for `id` (a catalogue adapter, perhaps still loading).
+    /// `id` is a catalogue adapter placement knows: with homes (perhaps still loading), or
+    /// counted (one no server can load yet, as a new adapter no sidecar has linked: the
+    /// pool serves it soon, so it is unavailable, not unknown).
     pub fn knows(&self, id: &str) -> bool {
-        self.table
-            .load()
-            .as_ref()
-            .is_some_and(|r| r.route(id).is_some())
+        self.table.load().as_ref().is_some_and(|r| r.route(id).is_some())
+            || self.counters.load().by_id.contains_key(id)
     }
 
     /// Where a request for `id` may go, and under which name: its homes whose model list,
@@ -794,6 +794,7 @@ mod tests {
             Some(vec![copy(s1, old)])
         );
         assert_eq!(f.allowed("a", &Open(vec![s3])), None);
+        assert!(f.knows("a") && !f.knows("zz"), "unavailable, not unknown");
         // The old name is a copy too (ours to unload once idle).
         assert!(f.adoptable(old, s1) && f.adoptable(cur, s2));
     }

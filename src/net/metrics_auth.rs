@@ -210,7 +210,7 @@ impl MetricsAuth {
             Verdict::Unauthenticated => Err(refuse(StatusCode::UNAUTHORIZED, "token not valid")),
             Verdict::Forbidden => Err(refuse(
                 StatusCode::FORBIDDEN,
-                "this identity may not use this path (grant nonResourceURLs with the request's verb: get, or post to /lora/v1/demand)",
+                "this identity may not use this path (grant nonResourceURLs with the request's verb: get, or post to /lora/v1/demand and /lora/v1/links)",
             )),
         }
     }
