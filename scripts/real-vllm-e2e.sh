@@ -231,6 +231,10 @@ SIDECAR_EXTRA="--lora-resolver-dir $R/links" start_chain real4 "$R/pool4.yaml" "
 links4() { find "$R/links" -maxdepth 1 -type l -name '*@*' -printf '%f\n' | sed -E 's/@[0-9a-f]{8}$//' | sort | paste -sd, -; }
 for _ in $(seq 1 100); do [ "$(links4)" = "r1,r2,r3,r4" ] && break; sleep 0.1; done
 check "versioned: the sidecar linked every catalogue adapter's served name" "$(links4)" "r1,r2,r3,r4"
+# Its report (POST /lora/v1/links): the table shows the server lacking nothing.
+lacks4() { curl -s "http://$EPP_METRICS/lora/v1/placement" | python3 -c 'import json,sys; t=json.load(sys.stdin); print(json.dumps([p.get("copy_names") for p in t["servers"].values()]))'; }
+for _ in $(seq 1 100); do [ "$(lacks4)" = "[{}]" ] && break; sleep 0.1; done
+check "versioned: the sidecar reported its links; the table shows nothing missing" "$(lacks4)" "[{}]"
 ids4() { ids_at "$BASE4"; }
 plain4() { plain_at "$BASE4"; }
 for _ in $(seq 1 300); do [ "$(plain4)" = "r1,r2,r3" ] && break; sleep 0.1; done

@@ -880,6 +880,19 @@ async fn new_adapter_is_asked_only_of_servers_that_linked_it(rig: &Arc<Rig>) {
         ok.then_some(served)
     })
     .await;
+    let page = rig.metrics_page().await;
+    let servers = |state: &str| {
+        metric(
+            &page,
+            &format!("inferlane_epp_lora_link_reports{{state=\"{state}\"}}"),
+        )
+    };
+    assert_eq!(
+        (servers("current"), servers("lagging")),
+        (Some(1.0), Some(2.0)),
+        "{page}"
+    );
+    assert_eq!(servers("missing"), Some(0.0));
     assert!(links_in(&rig.dir.path().join("resolver1")).contains(&served));
     assert!(!links_in(&rig.dir.path().join("resolver0")).contains(&served));
     for _ in 0..4 {

@@ -15,7 +15,7 @@ use crate::lora_fleet::catalogue::{catalogue, catalogue_id};
 use crate::lora_fleet::wire::{DemandCount, DemandPost, ServerPart, Table};
 use crate::net::bearer::with_token;
 use crate::net::capped::json_capped;
-use crate::pool::metrics::{AdapterHomeLabels, EppMetrics};
+use crate::pool::metrics::{AdapterHomeLabels, EppMetrics, LinkStateLabels};
 use crate::pool::state::{EndpointHandle, Shared};
 
 /// Largest placement table a follower reads (a thousand servers with a hundred homes each
@@ -454,6 +454,21 @@ impl LoraPlacer {
             })
             .collect();
         drop(links);
+        let mut names = names;
+        let mut parts: Vec<&mut Option<BTreeMap<String, String>>> =
+            names.iter_mut().map(|(_, c)| c).collect();
+        t.uncopyable = crate::lora_fleet::links::uncopyable(&mut parts);
+        let mut by_state = [("current", 0), ("lagging", 0), ("missing", 0)];
+        for (_, c) in &names {
+            let i = c.as_ref().map_or(2, |m| usize::from(!m.is_empty()));
+            by_state[i].1 += 1;
+        }
+        for (state, n) in by_state {
+            let labels = LinkStateLabels {
+                state: state.into(),
+            };
+            self.metrics.lora_link_reports.get_or_create(&labels).set(n);
+        }
         for (s, c) in names {
             if let Some(p) = t.servers.get_mut(&s) {
                 p.copy_names = c;

@@ -198,10 +198,11 @@ mod tests {
             linked: vec!["b@00000001".into()],
         };
         forwarded(&s, vec![report("10.0.0.7:8000"), report("vllm-9")]);
-        let links = lock_links(&s.fleet.links);
-        assert!(links.linked("vllm-0", Instant::now()).is_some());
-        assert!(links.linked("vllm-9", Instant::now()).is_none());
-        drop(links);
+        {
+            let links = lock_links(&s.fleet.links);
+            assert!(links.linked("vllm-0", Instant::now()).is_some());
+            assert!(links.linked("vllm-9", Instant::now()).is_none());
+        }
         let old: crate::lora_fleet::wire::DemandPost =
             serde_json::from_str(r#"{"counts":[]}"#).unwrap();
         assert!(old.links.is_empty());

@@ -82,6 +82,28 @@ pub fn copy_names<'a>(
     )
 }
 
+/// Takes out of every reported server's exceptions the adapters none of them links (a hub
+/// id, a source `--allowed-source` refuses: no resolver can load them) and returns them,
+/// so each server's part lists only what it lags behind the others in, and stays small.
+pub fn uncopyable(parts: &mut [&mut Option<BTreeMap<String, String>>]) -> BTreeSet<String> {
+    let mut reported = parts.iter().filter_map(|p| p.as_ref());
+    let Some(first) = reported.next() else {
+        return BTreeSet::new();
+    };
+    let mut none: BTreeSet<String> = first
+        .iter()
+        .filter(|(_, n)| n.is_empty())
+        .map(|(id, _)| id.clone())
+        .collect();
+    for p in reported {
+        none.retain(|id| p.get(id).is_some_and(String::is_empty));
+    }
+    for p in parts.iter_mut().filter_map(|p| p.as_mut()) {
+        p.retain(|id, _| !none.contains(id));
+    }
+    none
+}
+
 /// The per-address view of the table's copy names the request path reads.
 #[derive(Debug, Default)]
 pub struct CopyNames {
@@ -90,21 +112,31 @@ pub struct CopyNames {
     /// Some sidecar reported: a server without a report gets no copy. Until then (sidecars
     /// from before link reports, or a decider just started) every resolver is asked.
     strict: bool,
+    /// Adapters no server's sidecar links.
+    uncopyable: BTreeSet<String>,
 }
 
 impl CopyNames {
     pub fn new<'a>(
         parts: impl Iterator<Item = (&'a str, &'a Option<BTreeMap<String, String>>)>,
+        uncopyable: &BTreeSet<String>,
     ) -> Self {
         let by_address: HashMap<String, Option<BTreeMap<String, String>>> =
             parts.map(|(a, c)| (a.to_string(), c.clone())).collect();
         let strict = by_address.values().any(Option::is_some);
-        Self { by_address, strict }
+        Self {
+            by_address,
+            strict,
+            uncopyable: uncopyable.clone(),
+        }
     }
 
     /// The name `address`'s resolver is asked for to copy `id` (`current`: its current
     /// served name); `None` where it has no link for any version.
     pub fn at<'a>(&'a self, id: &str, current: &'a str, address: &str) -> Option<&'a str> {
+        if self.uncopyable.contains(id) {
+            return None;
+        }
         match self.by_address.get(address) {
             Some(Some(ex)) => match ex.get(id) {
                 None => Some(current),
@@ -177,6 +209,7 @@ mod tests {
                 ("s3:1", &None),
             ]
             .into_iter(),
+            &BTreeSet::new(),
         );
         assert_eq!(names.at("a", "a@new", "s1:1"), Some("a@old"));
         assert_eq!(
@@ -192,8 +225,36 @@ mod tests {
         );
         assert_eq!(names.at("b", "b@1", "s9:1"), None, "not in the table");
         // Nobody reports (older sidecars, a decider just started): every resolver is asked.
-        let legacy = CopyNames::new([("s3:1", &None)].into_iter());
+        let legacy = CopyNames::new([("s3:1", &None)].into_iter(), &BTreeSet::new());
         assert_eq!(legacy.at("b", "b@1", "s3:1"), Some("b@1"));
+    }
+
+    #[test]
+    fn adapters_no_server_links_leave_the_servers_parts() {
+        let ex = |pairs: &[(&str, &str)]| -> Option<BTreeMap<String, String>> {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(i, n)| (i.to_string(), n.to_string()))
+                    .collect(),
+            )
+        };
+        // hub is linked nowhere; new only on s2; a's old version on s1.
+        let (mut s1, mut s2, mut s3) = (
+            ex(&[("hub", ""), ("new", ""), ("a", "a@old")]),
+            ex(&[("hub", "")]),
+            None,
+        );
+        let none = uncopyable(&mut [&mut s1, &mut s2, &mut s3]);
+        assert_eq!(none, set(&["hub"]));
+        assert_eq!(s1, ex(&[("new", ""), ("a", "a@old")]));
+        assert_eq!(s2, ex(&[]));
+        assert_eq!(s3, None);
+        let names = CopyNames::new([("s2:1", &s2)].into_iter(), &none);
+        assert_eq!(names.at("hub", "hub@1", "s2:1"), None);
+        assert_eq!(names.at("new", "new@1", "s2:1"), Some("new@1"));
+        // Nobody reported: nothing to take out.
+        assert!(uncopyable(&mut [&mut None]).is_empty());
     }
 
     #[test]

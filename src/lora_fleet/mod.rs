@@ -133,6 +133,7 @@ impl Routed {
                 .servers
                 .values()
                 .map(|p| (p.address.as_str(), &p.copy_names)),
+            &table.uncopyable,
         );
         Self {
             table,
@@ -390,7 +391,10 @@ impl FleetState {
     /// counted (one no server can load yet, as a new adapter no sidecar has linked: the
     /// pool serves it soon, so it is unavailable, not unknown).
     pub fn knows(&self, id: &str) -> bool {
-        self.table.load().as_ref().is_some_and(|r| r.route(id).is_some())
+        self.table
+            .load()
+            .as_ref()
+            .is_some_and(|r| r.route(id).is_some())
             || self.counters.load().by_id.contains_key(id)
     }
 

@@ -31,6 +31,11 @@ pub struct Table {
     /// unloads it once idle).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub versioned_copies: bool,
+    /// Versioned copies: catalogue adapters no reporting sidecar links (a hub id, a source
+    /// `--allowed-source` refuses), left out of every server's `copy_names`: no resolver is
+    /// asked for them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub uncopyable: BTreeSet<String>,
 }
 
 /// One server's part.

@@ -80,6 +80,14 @@ pub struct TierLabels {
     pub tier: String,
 }
 
+/// Servers by their sidecar's resolver link report.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkStateLabels {
+    /// `current` (links every current version), `lagging` (lacks some), `missing` (no
+    /// report in 90 s).
+    pub state: String,
+}
+
 /// One catalogue adapter's homes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdapterHomeLabels {
@@ -154,6 +162,7 @@ pub struct EppMetrics {
     pub lora_copy_unloads: Counter,
     pub lora_copy_unload_failures: Counter,
     pub lora_homes: Family<AdapterHomeLabels, Gauge>,
+    pub lora_link_reports: Family<LinkStateLabels, Gauge>,
 }
 
 impl EppMetrics {
@@ -189,6 +198,7 @@ impl EppMetrics {
             lora_copy_unloads: Counter::default(),
             lora_copy_unload_failures: Counter::default(),
             lora_homes: Family::default(),
+            lora_link_reports: Family::default(),
         };
         r.register(
             "inference_objective_request",
@@ -324,6 +334,11 @@ impl EppMetrics {
             "inferlane_epp_lora_on_demand_unload_failures",
             "Unloads of on-demand adapter copies that failed (tried again)",
             m.lora_copy_unload_failures.clone(),
+        );
+        r.register(
+            "inferlane_epp_lora_link_reports",
+            "Servers by their sidecar's resolver link report, on the deciding replica with --lora-copy-names versioned: current, lagging (lacks some current version), missing (none in 90 s: no copies there)",
+            m.lora_link_reports.clone(),
         );
         r.register(
             "inferlane_epp_lora_adapter_homes",
