@@ -171,8 +171,13 @@ impl Rig {
     }
 
     fn start_sidecar(&self, i: usize) -> Proc {
+        self.start_sidecar_at(i, &format!("127.0.0.1:{}", self.metrics_port))
+    }
+
+    /// Sidecar `i` asking the EPP whose metrics address is `epp`.
+    fn start_sidecar_at(&self, i: usize, epp: &str) -> Proc {
         let cfg = self.dir.path().join(format!("sidecar{i}.yaml"));
-        let url = format!("http://127.0.0.1:{}/lora/v1/placement", self.metrics_port);
+        let url = format!("http://{epp}/lora/v1/placement");
         let links = self.dir.path().join(format!("resolver{i}"));
         let mut args = vec![
             "--placement-url",
@@ -840,6 +845,46 @@ async fn versioned_copies_are_linked_and_served_under_the_versions_name() {
         Some(0.0)
     );
     new_adapter_is_asked_only_of_servers_that_linked_it(&rig).await;
+}
+
+/// A sidecar that reaches only a follower replica (as a Service may send it) still has its
+/// link report in the decider's table: the follower forwards it with its demand. Shown
+/// after a decider restart, which starts with no report at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn link_reports_reach_the_decider_through_a_follower() {
+    let mut rig = Rig::start_rig(true, true).await;
+    let sims = rig.sims.len();
+    let reported = move |t: &Value| {
+        let parts = t["servers"].as_object()?;
+        (parts.len() == sims && parts.values().all(|p| p["copy_names"] == json!({}))).then_some(())
+    };
+    wait_for("every sidecar's report in the table", T, || async {
+        reported(&rig.table().await?)
+    })
+    .await;
+    let follower = rig.spawn_follower(&[
+        "--lora-cold-adapters",
+        "resolver",
+        "--lora-copy-names",
+        "versioned",
+    ]);
+    rig.sidecars[2] = None;
+    rig.sidecars[2] = Some(rig.start_sidecar_at(2, &follower.metrics));
+    rig.epp = None;
+    rig.start_epp();
+    // The restarted decider knows no report until the sidecars send theirs again.
+    wait_for("the restarted decider's table", T, || async {
+        let t = rig.table().await?;
+        (t["tick"].as_u64()? < 20).then_some(())
+    })
+    .await;
+    wait_for(
+        "every report, sidecar 2's through the follower",
+        T,
+        || async { reported(&rig.table().await?) },
+    )
+    .await;
+    drop(follower);
 }
 
 /// The served names a resolver folder holds as links.

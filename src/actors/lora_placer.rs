@@ -191,6 +191,10 @@ impl LoraPlacer {
             .store(deciding, Ordering::Relaxed);
         if let Some(url) = self.follow_url() {
             self.following = true;
+            if let Some(routed) = self.shared.fleet.table.load_full() {
+                let mut links = crate::lora_fleet::lock_links(&self.shared.fleet.links);
+                links.retain(|id| routed.table.servers.contains_key(id));
+            }
             self.post_demand(&url, counts, ctx);
             self.follow(url, ctx);
             return;

@@ -114,7 +114,7 @@ impl PlacementFollower {
             return;
         };
         if let Ok(mut path) = url.path_segments_mut() {
-            path.pop().push("links");
+            path.pop_if_empty().pop().push("links");
         }
         url.set_query(None);
         self.reporting = true;
