@@ -82,14 +82,17 @@ pub async fn prepare(
     w: &Workload,
     policy: Policy,
     fleet: &SimFleet,
-    epp: Option<&Epp>,
+    epps: &[Epp],
     dir: &Path,
 ) -> Result<Prepared, FleetError> {
     let mut out = Prepared::default();
+    let epp = epps.first();
     match (policy.adapters(), epp) {
-        (AdapterSetup::Sidecars | AdapterSetup::SidecarsAndResolver, Some(epp)) => {
-            let url = format!("http://{}/lora/v1/placement", epp.metrics);
+        (AdapterSetup::Sidecars | AdapterSetup::SidecarsAndResolver, Some(_)) => {
             for (i, addr) in fleet.addrs.iter().enumerate() {
+                // Spread over the replicas, as a Service would: a follower serves its copy of
+                // the table and forwards what the sidecar reports.
+                let url = format!("http://{}/lora/v1/placement", epps[i % epps.len()].metrics);
                 let port = addr
                     .rsplit(':')
                     .next()

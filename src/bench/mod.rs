@@ -172,7 +172,7 @@ async fn run_one(
             epps.push(fleet::start_epp(bins, w, policy, &fleet, extra, &d).await?);
         }
     }
-    let lora = lora::prepare(bins, w, policy, &fleet, epps.first(), dir).await?;
+    let lora = lora::prepare(bins, w, policy, &fleet, &epps, dir).await?;
     let ports: Vec<u16> = epps.iter().map(|e| e.grpc_port).collect();
     let cfg = fleet::envoy_config(&ports, &fleet.addrs);
     let envoy = fleet::start_envoy(bins, &cfg, dir).await?;
