@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::Routed;
 use super::on_demand::Servers;
-use super::wire::LinksReport;
+use super::wire::{LinksReport, Table};
 
 /// A report older than this no longer counts (sidecars send one every 30 s, and at once
 /// when what they link changes).
@@ -102,6 +103,47 @@ pub fn uncopyable(parts: &mut [&mut Option<BTreeMap<String, String>>]) -> BTreeS
         p.retain(|id, _| !none.contains(id));
     }
     none
+}
+
+/// Fills each server's `copy_names` in `t`, and `t.uncopyable`, from the reports
+/// (`previous`: the last table, whose versions give each adapter's one before the current);
+/// returns how many servers link every current version, lack some, have no report.
+pub fn fill(
+    t: &mut Table,
+    previous: Option<&Routed>,
+    reports: &LinkReports,
+    now: Instant,
+) -> [(&'static str, i64); 3] {
+    let before = |id: &str| {
+        let p = previous?;
+        let was = p.table.served.get(id)?;
+        match t.served.get(id) {
+            Some(cur) if cur != was => Some(was.as_str()),
+            _ => p.before(id),
+        }
+    };
+    let mut names: Vec<(String, Option<BTreeMap<String, String>>)> = t
+        .servers
+        .keys()
+        .map(|s| {
+            (
+                s.clone(),
+                copy_names(reports.linked(s, now), &t.served, before),
+            )
+        })
+        .collect();
+    let mut parts: Vec<&mut Option<BTreeMap<String, String>>> =
+        names.iter_mut().map(|(_, c)| c).collect();
+    t.uncopyable = uncopyable(&mut parts);
+    let mut by_state = [("current", 0), ("lagging", 0), ("missing", 0)];
+    for (s, c) in names {
+        let i = c.as_ref().map_or(2, |m| usize::from(!m.is_empty()));
+        by_state[i].1 += 1;
+        if let Some(p) = t.servers.get_mut(&s) {
+            p.copy_names = c;
+        }
+    }
+    by_state
 }
 
 /// The per-address view of the table's copy names the request path reads.

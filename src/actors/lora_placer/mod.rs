@@ -1,5 +1,7 @@
 //! The LoRA placer: every tick turns demand and what the servers hold into homes per server (or copies the decider's table), and publishes the table routing reads.
 
+mod follow;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,9 +14,7 @@ use inferlane_sidecar::LoraConfig;
 use crate::actors::messages::ConfigChanged;
 use crate::lora_fleet::Routed;
 use crate::lora_fleet::catalogue::{catalogue, catalogue_id};
-use crate::lora_fleet::wire::{DemandCount, DemandPost, ServerPart, Table};
-use crate::net::bearer::with_token;
-use crate::net::capped::json_capped;
+use crate::lora_fleet::wire::{ServerPart, Table};
 use crate::pool::metrics::{AdapterHomeLabels, EppMetrics, LinkStateLabels};
 use crate::pool::state::{EndpointHandle, Shared};
 
@@ -435,48 +435,14 @@ impl LoraPlacer {
 
     /// Each server's names its resolver lacks, by its sidecar's link report.
     fn copy_names(&self, t: &mut Table, previous: Option<&Routed>) {
-        // The version before the current one: the previous table's, if that one differs.
-        let before = |id: &str| {
-            let p = previous?;
-            let was = p.table.served.get(id)?;
-            match t.served.get(id) {
-                Some(now) if now != was => Some(was.as_str()),
-                _ => p.before(id),
-            }
-        };
-        let now = Instant::now();
         let links = crate::lora_fleet::lock_links(&self.shared.fleet.links);
-        let names: Vec<(String, Option<BTreeMap<String, String>>)> = t
-            .servers
-            .keys()
-            .map(|s| {
-                let l = links.linked(s, now);
-                (
-                    s.clone(),
-                    crate::lora_fleet::links::copy_names(l, &t.served, before),
-                )
-            })
-            .collect();
+        let by_state = crate::lora_fleet::links::fill(t, previous, &links, Instant::now());
         drop(links);
-        let mut names = names;
-        let mut parts: Vec<&mut Option<BTreeMap<String, String>>> =
-            names.iter_mut().map(|(_, c)| c).collect();
-        t.uncopyable = crate::lora_fleet::links::uncopyable(&mut parts);
-        let mut by_state = [("current", 0), ("lagging", 0), ("missing", 0)];
-        for (_, c) in &names {
-            let i = c.as_ref().map_or(2, |m| usize::from(!m.is_empty()));
-            by_state[i].1 += 1;
-        }
         for (state, n) in by_state {
             let labels = LinkStateLabels {
                 state: state.into(),
             };
             self.metrics.lora_link_reports.get_or_create(&labels).set(n);
-        }
-        for (s, c) in names {
-            if let Some(p) = t.servers.get_mut(&s) {
-                p.copy_names = c;
-            }
         }
     }
 
@@ -530,94 +496,6 @@ impl LoraPlacer {
                     .set(n as i64);
             }
         }
-    }
-
-    /// A follower sends the decider its demand, so placement follows every replica's
-    /// traffic. Best effort: counts are dropped while the decider is away or the last post
-    /// is still on its way.
-    fn post_demand(
-        &mut self,
-        placement_url: &str,
-        counts: Vec<(String, u64, u64)>,
-        ctx: &mut Context<Self>,
-    ) {
-        if self.posting {
-            return;
-        }
-        let links = crate::lora_fleet::lock_links(&self.shared.fleet.links).take_fresh();
-        if counts.is_empty() && links.is_empty() {
-            return;
-        }
-        let Ok(mut url) = reqwest::Url::parse(placement_url) else {
-            return;
-        };
-        url.set_path("/lora/v1/demand");
-        url.set_query(None);
-        let post = DemandPost {
-            counts: counts
-                .into_iter()
-                .map(|(id, requests, tokens)| DemandCount {
-                    id,
-                    requests,
-                    tokens,
-                })
-                .collect(),
-            links,
-        };
-        self.posting = true;
-        let req = self.client.post(url).json(&post);
-        let token = self.opts.token_file.clone();
-        let fut = async move {
-            let r = with_token(req, token).await.send().await;
-            match r {
-                Ok(r) if r.status().is_success() => Ok(()),
-                Ok(r) => Err(format!("answered {}", r.status())),
-                Err(e) => Err(e.to_string()),
-            }
-        };
-        ctx.spawn(fut.into_actor(self).map(|res, a, _| {
-            a.posting = false;
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "demand not posted to the decider");
-            }
-        }));
-    }
-
-    /// A follower's tick: the decider's table, kept as it was while the decider is away.
-    fn follow(&mut self, url: String, ctx: &mut Context<Self>) {
-        if self.fetching {
-            return;
-        }
-        self.fetching = true;
-        let req = self.client.get(&url);
-        let token = self.opts.token_file.clone();
-        let fut = async move {
-            let r = with_token(req, token)
-                .await
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !r.status().is_success() {
-                return Err(format!("{url} answered {}", r.status()));
-            }
-            json_capped::<Table>(r, MAX_TABLE_BYTES)
-                .await
-                .map_err(|e| format!("{url}: {e}"))
-        };
-        ctx.spawn(fut.into_actor(self).map(|res, a, _| {
-            a.fetching = false;
-            match res {
-                Ok(t) => {
-                    // A follower without the catalogue counts what the table places.
-                    if a.catalogue.is_none() {
-                        a.shared.fleet.count_only_if_changed(t.served.keys());
-                    }
-                    let routed = Routed::new(t, a.shared.fleet.table.load().as_deref());
-                    a.shared.fleet.table.store(Some(Arc::new(routed)));
-                }
-                Err(e) => tracing::debug!(error = %e, "placement table not fetched; routing keeps the last one"),
-            }
-        }));
     }
 }
 
