@@ -14,7 +14,7 @@ use inferlane_sidecar::version::served_name;
 use crate::actors::messages::ConfigChanged;
 use crate::actors::resolver_links::Linked;
 use crate::lora_fleet::wire::{LinksReport, ServerSet};
-use crate::net::bearer::with_token;
+use crate::net::bearer::send_ok;
 use crate::net::capped::json_capped;
 
 /// Largest set a sidecar reads: its server's homes, a few hundred entries at most.
@@ -128,21 +128,7 @@ impl PlacementFollower {
             .json(&body)
             .timeout(Duration::from_secs(5));
         let token = self.opts.token_file.clone();
-        let fut = async move {
-            let r = with_token(req, token)
-                .await
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if r.status().is_success() {
-                return Ok(());
-            }
-            let code = r.status();
-            Err(format!(
-                "{code}: {}",
-                r.text().await.unwrap_or_default().trim()
-            ))
-        };
+        let fut = async move { send_ok(req, token).await.map(drop) };
         ctx.spawn(fut.into_actor(self).map(move |res, a, _| {
             a.reporting = false;
             match res {
@@ -191,16 +177,7 @@ impl PlacementFollower {
                 reqwest::Url::parse(&opts.url).map_err(|e| format!("--placement-url: {e}"))?;
             url.query_pairs_mut().append_pair("server", &opts.server);
             let req = client.get(url).timeout(Duration::from_secs(5));
-            let r = with_token(req, opts.token_file.clone())
-                .await
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !r.status().is_success() {
-                let code = r.status();
-                let text = r.text().await.unwrap_or_default();
-                return Err(format!("{code}: {}", text.trim()));
-            }
+            let r = send_ok(req, opts.token_file.clone()).await?;
             json_capped::<ServerSet>(r, MAX_SET_BYTES)
                 .await
                 .map_err(|e| e.to_string())

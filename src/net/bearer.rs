@@ -13,3 +13,23 @@ pub async fn with_token(
         None => req,
     }
 }
+
+/// Sends `req` with the token from `file`; an answer other than 2xx is an error naming its
+/// status and body (the body's first 512 characters: an error page can be large).
+pub async fn send_ok(
+    req: reqwest::RequestBuilder,
+    file: Option<std::path::PathBuf>,
+) -> Result<reqwest::Response, String> {
+    let r = with_token(req, file)
+        .await
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status().is_success() {
+        return Ok(r);
+    }
+    let code = r.status();
+    let text = r.text().await.unwrap_or_default();
+    let short: String = text.chars().take(512).collect();
+    Err(format!("{code}: {}", short.trim()))
+}

@@ -7,7 +7,7 @@ use actix::prelude::*;
 use super::{LoraPlacer, MAX_TABLE_BYTES};
 use crate::lora_fleet::Routed;
 use crate::lora_fleet::wire::{DemandCount, DemandPost, Table};
-use crate::net::bearer::with_token;
+use crate::net::bearer::send_ok;
 use crate::net::capped::json_capped;
 
 impl LoraPlacer {
@@ -46,14 +46,7 @@ impl LoraPlacer {
         self.posting = true;
         let req = self.client.post(url).json(&post);
         let token = self.opts.token_file.clone();
-        let fut = async move {
-            let r = with_token(req, token).await.send().await;
-            match r {
-                Ok(r) if r.status().is_success() => Ok(()),
-                Ok(r) => Err(format!("answered {}", r.status())),
-                Err(e) => Err(e.to_string()),
-            }
-        };
+        let fut = async move { send_ok(req, token).await.map(drop) };
         ctx.spawn(fut.into_actor(self).map(|res, a, _| {
             a.posting = false;
             if let Err(e) = res {
@@ -71,14 +64,9 @@ impl LoraPlacer {
         let req = self.client.get(&url);
         let token = self.opts.token_file.clone();
         let fut = async move {
-            let r = with_token(req, token)
+            let r = send_ok(req, token)
                 .await
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !r.status().is_success() {
-                return Err(format!("{url} answered {}", r.status()));
-            }
+                .map_err(|e| format!("{url}: {e}"))?;
             json_capped::<Table>(r, MAX_TABLE_BYTES)
                 .await
                 .map_err(|e| format!("{url}: {e}"))
