@@ -887,6 +887,53 @@ async fn link_reports_reach_the_decider_through_a_follower() {
     drop(follower);
 }
 
+/// A follower copies the decider's table once a tick (here every 5 s); a sidecar that
+/// reaches it (as a Service spreads them) is answered from the decider's current table, so
+/// it loads a new home when the decider places it, not up to a tick later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_answers_a_sidecar_from_the_deciders_current_table() {
+    let rig = Rig::start().await;
+    let pool = rig.dir.path().join("pool.yaml");
+    let from = format!("http://127.0.0.1:{}/lora/v1/placement", rig.metrics_port);
+    let args = [
+        "--lora-placement-from",
+        &from,
+        "--lora-placement-interval",
+        "5s",
+    ];
+    let follower = spawn_epp(&pool, &args, rig.dir.path());
+    let server = rig.sims[0].addr.clone();
+    let theirs = format!("{from}?server={server}");
+    let mine = format!("http://{}/lora/v1/placement", follower.metrics);
+    let ours = format!("{mine}?server={server}");
+    let tick = |v: &Value| v["tick"].as_u64();
+    wait_for("the follower's first copy", T, || async {
+        tick(&try_json(&rig.c, &mine).await?)
+    })
+    .await;
+    let mut copy_lagged = false;
+    for _ in 0..12 {
+        let before = tick(&try_json(&rig.c, &theirs).await.unwrap()).unwrap();
+        let set = tick(&try_json(&rig.c, &ours).await.unwrap()).unwrap();
+        let after = tick(&try_json(&rig.c, &theirs).await.unwrap()).unwrap();
+        assert!(
+            (before..=after).contains(&set),
+            "{before} <= {set} <= {after}"
+        );
+        let copy = tick(&try_json(&rig.c, &mine).await.unwrap()).unwrap();
+        copy_lagged |= copy + 2 < before;
+        tokio::time::sleep(Duration::from_millis(250)).await; // sampling over 3 s
+    }
+    assert!(copy_lagged, "the copy never lagged: the test shows nothing");
+    // The decider gone: the follower answers from its copy.
+    drop(rig);
+    let set = wait_for("the follower's own answer", T, || async {
+        try_json(&reqwest::Client::new(), &ours).await
+    })
+    .await;
+    assert_eq!(set["server"], server.as_str());
+}
+
 /// The served names a resolver folder holds as links.
 fn links_in(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)

@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// Kill (SIGKILL) the first EPP replica this many seconds into each run.
     #[arg(long)]
     pub kill_replica_at: Option<f64>,
+    /// With several replicas, every sidecar asks the first (deciding) one instead of sidecar
+    /// `i` asking replica `i mod N` as a Service would spread them.
+    #[arg(long)]
+    pub sidecars_ask_decider: bool,
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
@@ -152,6 +156,7 @@ async fn run_one(
     timeout: Duration,
     replicas: u16,
     kill_at: Option<f64>,
+    ask_decider: bool,
 ) -> Result<(Vec<driver::Outcome>, Option<lora::EngineCounts>), BenchError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let fleet = fleet::start_fleet(bins, w, w.fleet.servers, dir, policy.adapters()).await?;
@@ -172,7 +177,12 @@ async fn run_one(
             epps.push(fleet::start_epp(bins, w, policy, &fleet, extra, &d).await?);
         }
     }
-    let lora = lora::prepare(bins, w, policy, &fleet, &epps, dir).await?;
+    let asked = if ask_decider {
+        &epps[..epps.len().min(1)]
+    } else {
+        &epps[..]
+    };
+    let lora = lora::prepare(bins, w, policy, &fleet, asked, dir).await?;
     let ports: Vec<u16> = epps.iter().map(|e| e.grpc_port).collect();
     let cfg = fleet::envoy_config(&ports, &fleet.addrs);
     let envoy = fleet::start_envoy(bins, &cfg, dir).await?;
@@ -241,6 +251,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<RunSummary>, BenchError> {
                     timeout,
                     args.epp_replicas,
                     args.kill_replica_at,
+                    args.sidecars_ask_decider,
                 )
                 .instrument(span.clone())
                 .await?;

@@ -125,12 +125,25 @@ struct ServerQuery {
     server: Option<String>,
 }
 
+/// Marks a request one replica made to another for a sidecar's set: answered from that
+/// replica's own table, never passed on again (two followers misconfigured to follow each
+/// other make no loop).
+const PROXIED: &str = "x-inferlane-placement-proxied";
+
 /// The placement table, or one server's part of it (what its sidecar loads). 503 until a
-/// table exists, 404 for a server it does not name.
+/// table exists, 404 for a server it does not name. A follower answers a server's part
+/// from the decider's current table when it can reach it, else from its copy.
 async fn placement(
     State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
     axum::extract::Query(q): axum::extract::Query<ServerQuery>,
 ) -> axum::response::Response {
+    if let (Some(up), Some(server)) = (shared.fleet.upstream.load_full(), &q.server)
+        && !headers.contains_key(PROXIED)
+        && let Some(set) = upstream_set(&up, server).await
+    {
+        return axum::Json(set).into_response();
+    }
     let table = shared.fleet.table.load_full();
     let Some(routed) = table else {
         return (
@@ -150,6 +163,28 @@ async fn placement(
                 .into_response(),
         },
     }
+}
+
+/// `server`'s set from the replica this one follows (`None` if it cannot be had within a
+/// second: the caller answers from its copy).
+async fn upstream_set(
+    up: &crate::lora_fleet::Upstream,
+    server: &str,
+) -> Option<crate::lora_fleet::wire::ServerSet> {
+    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
+        reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(1))
+            .build()
+            .unwrap_or_default()
+    });
+    let mut url = reqwest::Url::parse(&up.url).ok()?;
+    url.query_pairs_mut().append_pair("server", server);
+    let req = CLIENT.get(url).header(PROXIED, "1");
+    let r = crate::net::bearer::send_ok(req, up.token_file.clone())
+        .await
+        .map_err(|e| tracing::debug!(error = %e, "sidecar's set not read from the decider; answering from this replica's copy"))
+        .ok()?;
+    crate::net::capped::json_capped(r, 4 << 20).await.ok()
 }
 
 /// Largest demand post read (a count per catalogue adapter).

@@ -245,6 +245,17 @@ pub struct FleetState {
     /// `--lora-placement-election`: the deciding replica's `/lora/v1/placement` URL, read
     /// from its lease (`None` while this replica decides or none is known).
     pub decider: Arc<ArcSwapOption<String>>,
+    /// While this replica follows: the table it copies, which it asks for a sidecar's set
+    /// (a sidecar that reaches a follower, as a Service spreads them, gets the decider's
+    /// current set, not a copy up to a tick old).
+    pub upstream: ArcSwapOption<Upstream>,
+}
+
+/// The deciding replica's `/lora/v1/placement`, and the token its pages may want.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub url: String,
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// One request in flight for a catalogue adapter on a server; counted down when dropped.
