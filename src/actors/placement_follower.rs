@@ -137,6 +137,12 @@ impl PlacementFollower {
                     a.reported = Some((now_linked, now));
                     a.report_not_before = Some(now + REPORT_RETRY);
                 }
+                // An EPP without a table yet (just started, or a follower that has not
+                // copied one) takes it shortly.
+                Err(e) if e.status == Some(503) => {
+                    tracing::debug!(error = %e, "resolver links not reported yet");
+                    a.report_not_before = Some(now + REPORT_RETRY);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "resolver links not reported; the EPP asks this server for no on-demand copy until it has them (trying again in 30 s)");
                     a.report_not_before = Some(now + REPORT_EVERY);
