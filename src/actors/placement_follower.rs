@@ -13,12 +13,9 @@ use inferlane_sidecar::version::served_name;
 
 use crate::actors::messages::ConfigChanged;
 use crate::actors::resolver_links::Linked;
-use crate::lora_fleet::wire::{LinksReport, ServerSet};
+use crate::lora_fleet::wire::{LinksReport, MAX_SET_BYTES, ServerSet};
 use crate::net::bearer::send_ok;
 use crate::net::capped::json_capped;
-
-/// Largest set a sidecar reads: its server's homes, a few hundred entries at most.
-const MAX_SET_BYTES: usize = 4 << 20;
 
 /// Where and how to ask.
 #[derive(Debug, Clone)]

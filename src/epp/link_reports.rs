@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::lora_fleet::links::MAX_LINKED;
 use crate::lora_fleet::lock_links;
-use crate::lora_fleet::wire::{LinksReport, Table};
+use crate::lora_fleet::wire::LinksReport;
 use crate::pool::state::Shared;
 
 /// Largest report read (a served name per catalogue adapter).
@@ -40,7 +40,7 @@ pub async fn links(
         )
             .into_response();
     };
-    let Some(id) = server_of(&routed.table, &r.server) else {
+    let Some((id, part)) = routed.table.part(&r.server) else {
         return (
             StatusCode::NOT_FOUND,
             format!(
@@ -57,7 +57,7 @@ pub async fn links(
         )
             .into_response();
     }
-    let address = &routed.table.servers[id].address;
+    let address = &part.address;
     if st.peer_must_match && !peer.ip().is_loopback() && !same_host(address, &peer) {
         return (
             StatusCode::FORBIDDEN,
@@ -84,19 +84,10 @@ pub fn forwarded(shared: &Shared, reports: Vec<LinksReport>) {
     let now = Instant::now();
     let mut links = lock_links(&shared.fleet.links);
     for r in reports.into_iter().filter(|r| r.linked.len() <= MAX_LINKED) {
-        if let Some(id) = server_of(&routed.table, &r.server) {
+        if let Some((id, _)) = routed.table.part(&r.server) {
             links.record(id, Arc::new(r.linked.into_iter().collect()), now);
         }
     }
-}
-
-/// The table's id for `server` (its id or address).
-fn server_of<'t>(table: &'t Table, server: &str) -> Option<&'t str> {
-    table
-        .servers
-        .get_key_value(server)
-        .or_else(|| table.servers.iter().find(|(_, p)| p.address == server))
-        .map(|(id, _)| id.as_str())
 }
 
 fn same_host(address: &str, peer: &SocketAddr) -> bool {
@@ -113,7 +104,7 @@ mod tests {
     use tower::ServiceExt;
 
     use crate::lora_fleet::Routed;
-    use crate::lora_fleet::wire::ServerPart;
+    use crate::lora_fleet::wire::{ServerPart, Table};
 
     fn shared(versioned: bool) -> Arc<Shared> {
         let shared = Arc::new(Shared::new(Default::default()));

@@ -184,7 +184,9 @@ async fn upstream_set(
         .await
         .map_err(|e| tracing::debug!(error = %e, "sidecar's set not read from the decider; answering from this replica's copy"))
         .ok()?;
-    crate::net::capped::json_capped(r, 4 << 20).await.ok()
+    crate::net::capped::json_capped(r, crate::lora_fleet::wire::MAX_SET_BYTES)
+        .await
+        .ok()
 }
 
 /// Largest demand post read (a count per catalogue adapter).

@@ -5,6 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use inferlane_epp::fleet::Role;
 use serde::{Deserialize, Serialize};
 
+/// Largest set a sidecar's part is read at (its server's homes, a few hundred entries at
+/// most): by the sidecar, and by a follower asking the decider for it.
+pub const MAX_SET_BYTES: usize = 4 << 20;
+
 /// The whole table (`GET /lora/v1/placement`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Table {
@@ -147,12 +151,16 @@ impl Table {
             .collect()
     }
 
+    /// The id and part of `server` (its id or its address).
+    pub fn part(&self, server: &str) -> Option<(&String, &ServerPart)> {
+        self.servers
+            .get_key_value(server)
+            .or_else(|| self.servers.iter().find(|(_, p)| p.address == server))
+    }
+
     /// The part for `server` (its id or its address).
     pub fn server_set(&self, server: &str) -> Option<ServerSet> {
-        let (id, part) = self
-            .servers
-            .get_key_value(server)
-            .or_else(|| self.servers.iter().find(|(_, p)| p.address == server))?;
+        let (id, part) = self.part(server)?;
         let placed = |name: &str| Placed {
             id: self.id_of(name).to_string(),
             name: name.to_string(),

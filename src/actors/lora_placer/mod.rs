@@ -189,14 +189,15 @@ impl LoraPlacer {
             .fleet
             .deciding
             .store(deciding, Ordering::Relaxed);
-        let upstream = self.follow_url().map(|url| crate::lora_fleet::Upstream {
+        let follow = self.follow_url();
+        let upstream = follow.clone().map(|url| crate::lora_fleet::Upstream {
             url,
             token_file: self.opts.token_file.clone(),
         });
         if self.shared.fleet.upstream.load().as_deref() != upstream.as_ref() {
             self.shared.fleet.upstream.store(upstream.map(Arc::new));
         }
-        if let Some(url) = self.follow_url() {
+        if let Some(url) = follow {
             self.following = true;
             if let Some(routed) = self.shared.fleet.table.load_full() {
                 let mut links = crate::lora_fleet::lock_links(&self.shared.fleet.links);
