@@ -14,8 +14,10 @@ use crate::lora_fleet::lock_links;
 use crate::lora_fleet::wire::LinksReport;
 use crate::pool::state::Shared;
 
-/// Largest report read (a served name per catalogue adapter).
-pub const MAX_LINKS_POST: usize = 8 << 20;
+/// Largest report read: a served name per catalogue adapter, and a ConfigMap (names and
+/// sources together) holds at most 1 MiB. Each server's last report is kept: this bounds
+/// what a sender can make the EPP hold per server.
+pub const MAX_LINKS_POST: usize = 1 << 20;
 
 /// The handler's state.
 #[derive(Clone)]

@@ -298,6 +298,29 @@ mod tests {
         app.oneshot(req).await.unwrap().status()
     }
 
+    /// A link report larger than any ConfigMap's names is refused before it is read.
+    #[tokio::test]
+    async fn an_oversized_link_report_is_refused() {
+        let pages = Pages {
+            metrics: EppMetrics::new(),
+            shared: Arc::new(Shared::new(Default::default())),
+            leader_election: false,
+            budget: MemoryBudget::new(64 << 20),
+            public_debug: false,
+        };
+        let peer: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let app = router(pages, None).layer(MockConnectInfo(peer));
+        let names = vec!["a@00000001"; 150_000];
+        let body = serde_json::json!({"server": "s", "linked": names}).to_string();
+        assert!(body.len() > super::super::link_reports::MAX_LINKS_POST);
+        let req = axum::http::Request::post("/lora/v1/links")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let code = app.oneshot(req).await.unwrap().status();
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
     /// Without auth the debug pages (pod names, addresses, weights) answer loopback only;
     /// /metrics answers everyone (Prometheus scrapes it from another pod).
     #[tokio::test]
